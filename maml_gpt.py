@@ -1,0 +1,1158 @@
+"""
+maml-gpt: first-order MAML interleaved with next-token pretraining of a small Llama-style decoder, in one file.
+A minimal reproduction of "Learning Dynamics of Meta-Learning in Small Model Pretraining" (arXiv 2508.02189).
+
+    python maml_gpt.py                                       # offline demo: toy world, tiny model, CPU, ~4 min
+    python maml_gpt.py --hybrid_ratio 0 --out_dir out/demo-vanilla   # its vanilla twin (same AR batches)
+    torchrun --nproc_per_node=2 maml_gpt.py --device cpu     # the demo under DDP (gloo) on a laptop
+    torchrun --nproc_per_node=4 maml_gpt.py --size large     # the paper's recipe at 570M on 4 GPUs
+    python maml_gpt.py --size tiny --data toy                # the paper's recipe, offline corpus
+    python maml_gpt.py --bench --size small                  # tokens/s, MFU, memory, meta/AR cost, dynamics cost
+
+Reading order follows the paper: config (§3.1, App. A) -> model (§3.1) -> data -> SMLMT episodes (§3.2) ->
+first-order MAML (§3.3, Algorithm 1) -> learning dynamics (§3.3, §6) -> training loop (App. A.1) -> main().
+Every optimizer step is one of two branches, chosen from (seed, step) so that all ranks agree:
+  AR   : next-token loss on a batch of corpus windows;
+  meta : an SMLMT episode; a small MLP head adapts to the support set in 10 SGD steps (no backbone gradient),
+         and the query loss at the adapted head trains the backbone and the head's initialisation (FOMAML).
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing file, corrupt checkpoint): printed without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config and presets (paper §3.1, App. A; pico-maml notes §6 for what the released runs actually used)
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304  # GPT-2's 50,257 tokens + [MASK] (50257), padded to a multiple of 64
+    d_model: int = 96
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int = 4  # grouped-query attention: every kv head serves 3 query heads
+    ffn_mult: int = 4  # SwiGLU hidden size = 4 d
+    norm_eps: float = 1e-6
+    rope_theta: float = 1e4
+    max_seq_len: int = 512
+
+
+SIZES = {"tiny": 96, "small": 384, "medium": 768, "large": 1536}  # width is the only thing that scales
+
+# `python maml_gpt.py` (no --size): an offline demo that finishes in minutes on a laptop CPU.
+DEMO = dict(size=None, data="toy", seq_len=128, batch_size=16, grad_accum=1, max_steps=200, lr=1e-3,
+            warmup_steps=20, lr_schedule="cosine", log_every=10, save_every=100, eval_every=50, eval_batches=2,
+            dynamics_every=25, eval_data="val")
+# `--size S`: what produced the released models (notes §6): seq 512, global batch 256 (8/GPU x 4 GPUs x 8 accum;
+# tiny 16 x 4 x 4), AdamW 3e-4, linear warm-up 2500, then effectively constant, 6000 steps, logs every 10.
+PAPER = dict(data="HuggingFaceFW/fineweb-edu:sample-10BT", seq_len=512, batch_size=8, global_batch=256,
+             max_steps=6000, lr=3e-4, warmup_steps=2500, lr_schedule="constant", log_every=10, save_every=100,
+             eval_every=100, eval_batches=16, dynamics_every=100, eval_data="paloma")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="FOMAML + next-token pretraining of a Llama-style decoder "
+                                "(arXiv 2508.02189).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--size", choices=list(SIZES), help="paper preset: model width and the released training recipe")
+    a("--data", help="'toy' (offline toy world), a local .txt / folder / .jsonl, or a hub dataset ID[:CONFIG]")
+    a("--data_dir", default=os.path.join(HERE, "data", "cache"), help="where prepared corpora are cached")
+    a("--max_tokens", type=int, default=1_000_000_000, help="tokens to take from a hub or local corpus")
+    a("--toy_docs", type=int, default=30_000, help="paragraphs in the toy world corpus (30k ~ 2.3M tokens)")
+    a("--d_model", type=int, help="override the preset's width (a multiple of 24: 12 heads, even head_dim)")
+    a("--n_layers", type=int, help="override the number of layers (12 in every paper size)")
+    a("--out_dir", help="run folder: ckpt.pt, metrics.jsonl, config.json (default out/demo or out/SIZE)")
+    # optimisation
+    a("--max_steps", type=int, help="optimizer steps")
+    a("--batch_size", type=int, help="sequences per micro-step per process")
+    a("--grad_accum", type=int, help="micro-steps per optimizer step (default: reach --global_batch)")
+    a("--global_batch", type=int, help="sequences per optimizer step, used when --grad_accum is not given")
+    a("--seq_len", type=int, help="tokens per training sequence (also the model's max length)")
+    a("--lr", type=float, help="peak AdamW learning rate")
+    a("--warmup_steps", type=int, help="linear warm-up steps")
+    a("--lr_schedule", choices=["constant", "cosine", "linear"],
+      help="after warm-up: constant (what the released runs effectively did), cosine (the paper's text) or "
+           "linear decay to --min_lr_frac x lr at --max_steps")
+    a("--min_lr_frac", type=float, default=0.1, help="final lr / peak lr for cosine and linear decay")
+    a("--weight_decay", type=float, default=0.01, help="AdamW weight decay (torch default)")
+    a("--grad_clip", type=float, default=0.0, help="clip the global grad norm (0 = off, as in the paper)")
+    a("--seed", type=int, default=1337, help="seeds everything; batches and episodes are functions of it")
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bf16 on CUDA)")
+    a("--compile", action="store_true", help="torch.compile the backbone")
+    a("--resume", action="store_true", help="continue the run in --out_dir from its ckpt.pt")
+    # logging and evaluation
+    a("--log_every", type=int, help="optimizer steps per logging window")
+    a("--save_every", type=int, help="steps between checkpoints (and at the end)")
+    a("--eval_every", type=int, help="steps between eval-perplexity measurements (0 = never)")
+    a("--eval_batches", type=int, help="fixed eval batches of --batch_size sequences")
+    a("--eval_data", choices=["paloma", "val"],
+      help="paloma: pico-lm/pretokenized-paloma-tinsy (falls back to val offline); val: held-out corpus split")
+    a("--dynamics_every", type=int, help="steps between learning-dynamics probes (PER, attention entropy; 0 = never)")
+    a("--dynamics_modules", default="attention.v_proj,attention.o_proj,swiglu.w_2",
+      help="comma-separated per-layer matrices whose weight/gradient PER is logged")
+    a("--probe_batch", type=int, default=4, help="sequences in the fixed probe batch for dynamics")
+    # the meta-learning branch (§3.2-3.3)
+    a("--hybrid_ratio", type=float, default=0.5, help="probability that an optimizer step is a meta step (0 = vanilla)")
+    a("--n_way", type=int, default=32, help="N: classes (content words) per episode")
+    a("--k_shot", type=int, default=4, help="K: support examples per class")
+    a("--q_query", type=int, default=4, help="query examples per class (disjoint from the support ones)")
+    a("--inner_steps", type=int, default=10, help="SGD steps of the head on the support set")
+    a("--inner_lr", type=float, default=0.01, help="inner SGD lr (released runs: 0.01; paper text: 0.001)")
+    a("--head_hidden", type=int, default=128, help="hidden width of the MLP head")
+    a("--head_layers", type=int, default=4, help="linear layers in the MLP head")
+    a("--head_dropout", type=float, default=0.1, help="dropout in the MLP head (the reference silently drops it)")
+    a("--smlmt_ctx", type=int, default=0,
+      help="tokens per episode example; 0 = size a meta micro-step like an AR one (min 16)")
+    a("--smlmt_skip_top", type=int, default=100, help="content words exclude the corpus's most frequent tokens")
+    a("--smlmt_min_count", type=int, default=20, help="content words need at least this many occurrences")
+    a("--smlmt_max_occ", type=int, default=1000, help="occurrences kept per word in the SMLMT index")
+    a("--bench", action="store_true", help="benchmark micro-steps and dynamics; print numbers; no training")
+    return p
+
+
+def parse_args(argv=None):
+    """Presets fill in whatever the command line left unset: explicit flags always win."""
+    args = build_parser().parse_args(argv)
+    preset = DEMO if args.size is None else dict(PAPER, size=args.size)
+    if args.size == "tiny":
+        preset = dict(preset, batch_size=16)
+    for k, v in preset.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.out_dir = args.out_dir or os.path.join("out", args.size or "demo")
+    for k in ("max_steps", "batch_size", "seq_len", "log_every", "save_every", "n_way", "k_shot", "q_query"):
+        if getattr(args, k) < 1:
+            raise UserError(f"--{k} must be >= 1 (got {getattr(args, k)})")
+    if not 0.0 <= args.hybrid_ratio <= 1.0:
+        raise UserError(f"--hybrid_ratio must be in [0, 1] (got {args.hybrid_ratio})")
+    return args
+
+
+def model_config(args):
+    cfg = ModelConfig(d_model=args.d_model or SIZES[args.size or "tiny"], n_layers=args.n_layers or 12,
+                      max_seq_len=args.seq_len)
+    if cfg.d_model % (2 * cfg.n_heads):
+        raise UserError(f"--d_model {cfg.d_model} must be a multiple of {2 * cfg.n_heads} (12 heads, even head_dim)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model (paper §3.1): pre-norm Llama decoder. RMSNorm, RoPE, grouped-query attention, SwiGLU, untied embeddings,
+# no biases, no dropout, PyTorch default init (as pico-decoder). Parameter names follow the reference code.
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # normalise in fp32 even under bf16 autocast, then cast back
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim, max_len, theta):
+    """cos/sin of shape (max_len, head_dim/2): pair i of position t is rotated by angle t * theta^(-2i/head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent pairs (x0,x1), (x2,x3)... (Meta-Llama convention, not HF's rotate_half).
+    x: (B, H, T, hd); cos, sin: (T, hd/2). Real arithmetic, so the tables can be ordinary (NCCL-safe) buffers."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, T, hd/2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        kv_dim = self.n_kv_heads * self.head_dim  # d/3: keys and values are shared by groups of 3 heads
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def qkv(self, x, cos, sin):
+        """x (B, T, d) -> q (B, H, T, hd), k and v (B, Hkv, T, hd), with RoPE applied to q and k."""
+        q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin):
+        q, k, v = self.qkv(x, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).flatten(-2))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        hidden = cfg.ffn_mult * cfg.d_model
+        self.w_0 = nn.Linear(cfg.d_model, hidden, bias=False)  # gate
+        self.w_1 = nn.Linear(cfg.d_model, hidden, bias=False)  # value
+        self.w_2 = nn.Linear(hidden, cfg.d_model, bias=False)  # down projection
+
+    def forward(self, x):
+        return self.w_2(F.silu(self.w_0(x)) * self.w_1(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.swiglu_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.swiglu = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.swiglu(self.swiglu_norm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding_proj = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.output_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.de_embedding_proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied from the input
+        cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        # Per-model, real, non-persistent: not in checkpoints, moved by .to(), safe to broadcast.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx, targets=None, return_hidden=False):
+        """idx (B, T) token ids. Returns the hidden states after output_norm (B, T, d) if return_hidden (the
+        features the MAML head and the NER head read), else (logits (B, T, V) fp32, mean loss or None)."""
+        T = idx.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens > max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embedding_proj(idx)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        x = self.output_norm(x)
+        if return_hidden:
+            return x
+        logits = self.de_embedding_proj(x).float()
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+
+def count_params(model, exclude_embedding=False):
+    n = sum(p.numel() for p in model.parameters())
+    return n - model.embedding_proj.weight.numel() if exclude_embedding else n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer: GPT-2 BPE via tiktoken, built offline from the merge ranks shipped in data/ (see data/README.md).
+
+EOT_ID = 50256  # <|endoftext|> separates documents
+MASK_ID = 50257  # [MASK]: one extra id after GPT-2's vocabulary; only SMLMT episodes use it
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_TOKENIZER = None
+
+
+def get_tokenizer():
+    """The tiktoken "gpt2" encoding (50,257 ids), built from data/gpt2.tiktoken.xz with no download."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        import base64
+        import lzma
+        import tiktoken
+        path = os.path.join(HERE, "data", "gpt2.tiktoken.xz")
+        with lzma.open(path, "rb") as f:
+            ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
+        _TOKENIZER = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                       special_tokens={"<|endoftext|>": EOT_ID})
+    return _TOKENIZER
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: every corpus is tokenized once into uint16 files (train.bin, val.bin) with a small header, then memmapped.
+
+BIN_MAGIC, BIN_VERSION, HEADER_INTS = 20250802, 1, 256
+VAL_EVERY = 50  # every 50th document goes to the held-out split (doc-level: no window straddles the split)
+
+
+def write_bin(path, tokens):
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = BIN_MAGIC, BIN_VERSION, len(tokens)
+    with open(path + ".tmp", "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+    os.replace(path + ".tmp", path)  # atomic: a half-written file never looks prepared
+
+
+def read_bin(path):
+    """The token array of a prepared split, memmapped (read-only). Validates the header and the file size."""
+    try:
+        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}")
+    n = int(header[2]) if len(header) == HEADER_INTS else -1
+    if len(header) < HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION \
+            or os.path.getsize(path) != HEADER_INTS * 4 + 2 * n:
+        raise UserError(f"{path} is not a valid token file (wrong header or size); delete its folder to re-prepare")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
+
+
+def tokenize_documents(docs, out_dir, max_tokens, desc):
+    """Stream documents -> out_dir/{train,val}.bin, each document followed by <|endoftext|>."""
+    from tqdm import tqdm
+    enc = get_tokenizer()
+    parts = {"train": [], "val": []}
+    n_total, n_doc, batch = 0, 0, []
+    bar = tqdm(total=max_tokens if max_tokens < 1 << 40 else None, desc=f"tokenizing {desc}", unit="tok",
+               unit_scale=True, leave=False)
+
+    def flush():
+        nonlocal n_total, n_doc
+        for ids in enc.encode_ordinary_batch(batch):
+            split = "val" if n_doc % VAL_EVERY == 0 else "train"
+            parts[split].append(np.array(ids + [EOT_ID], dtype=np.uint16))
+            n_total += len(ids) + 1
+            n_doc += 1
+            bar.update(len(ids) + 1)
+        batch.clear()
+
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == 1024:
+            flush()
+            if n_total >= max_tokens:
+                break
+    flush()
+    bar.close()
+    os.makedirs(out_dir, exist_ok=True)
+    for split, chunks in parts.items():
+        toks = np.concatenate(chunks) if chunks else np.zeros(0, np.uint16)
+        write_bin(os.path.join(out_dir, f"{split}.bin"), toks[:max_tokens] if split == "train" else toks)
+
+
+def local_documents(path):
+    """Documents from a .txt file (paragraphs split on blank lines), a folder of .txt files, or .jsonl {"text"}."""
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
+                   if f.endswith((".txt", ".jsonl"))) if os.path.isdir(path) else [path]
+    if not files:
+        raise UserError(f"--data {path}: folder has no .txt or .jsonl files")
+    for fp in files:
+        with open(fp, encoding="utf-8", errors="replace") as f:
+            if fp.endswith(".jsonl"):
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise UserError(f"{fp}:{i}: expected a JSON object with a \"text\" field")
+            else:
+                yield from (p for p in re.split(r"\n\s*\n", f.read()) if p.strip())
+
+
+def hub_documents(spec, split="train", field="text"):
+    """Stream documents of a Hugging Face hub dataset "ID[:CONFIG]" (imports `datasets` only here)."""
+    name, _, config = spec.partition(":")
+    offline = "set HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE") == "1" else None
+    if offline is None:
+        import socket
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=5).close()
+        except OSError:
+            offline = "huggingface.co is unreachable"
+    if offline:
+        raise UserError(f"cannot stream hub dataset {name!r} ({offline}). Offline, use --data toy (the built-in "
+                        "toy world) or --data PATH (a .txt file, a folder of them, or a .jsonl with a text field)")
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("hub corpora need the datasets package: pip install datasets")
+    ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
+    return (row[field] for row in ds)
+
+
+def prepare_corpus(args, rank_is_local_zero=True):
+    """Tokenize the chosen corpus once into args.data_dir/<name>/ and return that folder. Only local rank 0 writes;
+    other ranks wait for the files (no collective, so a long download cannot hit a distributed timeout)."""
+    data = args.data
+    if data == "toy":
+        name, docs = f"toy-{args.toy_docs}", None
+    elif os.path.exists(data):
+        st = os.stat(data)
+        h = hashlib.sha1(f"{os.path.abspath(data)}|{st.st_size}|{st.st_mtime}".encode()).hexdigest()[:8]
+        name = f"local-{os.path.basename(os.path.normpath(data))}-{h}-{args.max_tokens}"
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", data):
+        name = "hub-" + data.replace("/", "_").replace(":", "_") + f"-{args.max_tokens}"
+    else:
+        raise UserError(f"--data {data!r}: no such file or folder (and not a hub ID like org/name). "
+                        "Use --data toy, a local path, or a hub dataset ID")
+    out = os.path.join(args.data_dir, name)
+    done = os.path.join(out, "val.bin")
+    if not os.path.exists(done):
+        if not rank_is_local_zero:
+            while not os.path.exists(done):
+                time.sleep(2)
+            return out
+        if data == "toy":
+            sys.path.insert(0, os.path.join(HERE, "data"))
+            import toyworld
+            docs = toyworld.documents(seed=1337, n_docs=args.toy_docs)
+        elif os.path.exists(data):
+            docs = local_documents(data)
+        else:
+            docs = hub_documents(data)
+        tokenize_documents(docs, out, args.max_tokens if data != "toy" else 1 << 62, name)
+    need = args.seq_len + 2
+    for split in ("train", "val"):
+        if len(read_bin(os.path.join(out, f"{split}.bin"))) < need:
+            raise UserError(f"--data {data}: the {split} split has fewer than {need} tokens; the corpus is empty or "
+                            f"too small (every {VAL_EVERY}th document is held out for validation)")
+    return out
+
+
+def batch_indices(seed, step, n_tokens, seq_len, global_batch):
+    """Start offsets of the `global_batch` windows of optimizer step `step`: a pure function of (seed, step)."""
+    rng = np.random.default_rng([seed, step, 0])
+    return rng.integers(0, n_tokens - seq_len - 1, size=global_batch)
+
+
+def get_batch(tokens, starts, seq_len, device):
+    """Windows starting at `starts` -> x, y of shape (len(starts), seq_len), y shifted by one token."""
+    idx = starts[:, None] + np.arange(seq_len + 1)
+    buf = torch.from_numpy(tokens[idx].astype(np.int64))
+    return buf[:, :-1].to(device, non_blocking=True), buf[:, 1:].to(device, non_blocking=True)
+
+
+def micro_slice(starts, micro, rank, world, batch_size):
+    """Micro-step m on rank r takes slice j = m * world + r of the global batch, so 2 processes x 1 micro-step see
+    exactly what 1 process x 2 micro-steps sees (j = 0, 1 in both)."""
+    j = micro * world + rank
+    return starts[j * batch_size:(j + 1) * batch_size]
+
+
+def fixed_windows(n_tokens, seq_len, count):
+    """Evenly spaced window starts: the same eval / probe windows for every seed, step and run."""
+    return np.linspace(0, n_tokens - seq_len - 1, num=count).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SMLMT episodes (paper §3.2): N content words, K support + Q query contexts each, the word replaced by [MASK].
+
+def content_word_ids(counts, skip_top, min_count):
+    """A content word is a GPT-2 token that is a whole word (leading space + >= 3 ASCII letters), not among the
+    corpus's `skip_top` most frequent tokens (function words), and seen at least `min_count` times."""
+    enc = get_tokenizer()
+    frequent = set(np.argsort(-counts)[:skip_top].tolist())
+    return np.array([i for i in np.flatnonzero(counts >= min_count)
+                     if i < EOT_ID and i not in frequent
+                     and re.fullmatch(rb" [A-Za-z]{3,}", enc.decode_single_token_bytes(int(i)))], dtype=np.int64)
+
+
+SMLMT_MARGIN = 256  # indexed occurrences keep this many tokens of room on both sides (so --smlmt_ctx <= 256)
+
+
+def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True):
+    """{word id -> occurrence positions in train.bin}, capped at --smlmt_max_occ per word; cached as .npz."""
+    path = os.path.join(corpus_dir, f"smlmt-{args.smlmt_skip_top}-{args.smlmt_min_count}-{args.smlmt_max_occ}.npz")
+    if not os.path.exists(path) and not rank_is_local_zero:
+        while not os.path.exists(path):
+            time.sleep(2)
+    if not os.path.exists(path):
+        tokens = read_bin(os.path.join(corpus_dir, "train.bin"))
+        chunk = 1 << 24
+        counts = sum(np.bincount(tokens[i:i + chunk], minlength=1 << 16) for i in range(0, len(tokens), chunk))
+        words = content_word_ids(counts, args.smlmt_skip_top, args.smlmt_min_count)
+        is_word = np.zeros(1 << 16, dtype=bool)
+        is_word[words] = True
+        found = {int(w): [] for w in words}
+        have = dict.fromkeys(found, 0)
+        lo, hi = SMLMT_MARGIN, len(tokens) - SMLMT_MARGIN
+        for start in range(lo, hi, chunk):  # chunked, so a 1B-token corpus needs no 1B-entry temporaries
+            seg = np.asarray(tokens[start:min(start + chunk, hi)])
+            pos = np.flatnonzero(is_word[seg])
+            ids = seg[pos]
+            order = np.argsort(ids, kind="stable")
+            ids, pos = ids[order], pos[order] + start
+            bounds = np.flatnonzero(np.diff(ids)) + 1
+            for grp_ids, grp_pos in zip(np.split(ids, bounds), np.split(pos, bounds)):
+                w = int(grp_ids[0]) if len(grp_ids) else None
+                if w is not None and have[w] < args.smlmt_max_occ:
+                    take = grp_pos[:args.smlmt_max_occ - have[w]]
+                    found[w].append(take)
+                    have[w] += len(take)
+        keep = [w for w in found if have[w] >= args.smlmt_min_count]
+        positions = [np.concatenate(found[w]) for w in keep]
+        offsets = np.cumsum([0] + [len(p) for p in positions])
+        np.savez(path + ".tmp.npz", words=np.array(keep, dtype=np.int64), offsets=offsets,
+                 positions=np.concatenate(positions) if positions else np.zeros(0, np.int64))
+        os.replace(path + ".tmp.npz", path)
+    z = np.load(path)
+    return {"words": z["words"], "offsets": z["offsets"], "positions": z["positions"]}
+
+
+def smlmt_ctx(args):
+    """Tokens per episode example. Auto: a meta micro-step reads about as many backbone tokens as an AR one,
+    N * (K + Q) * ctx ~ batch_size * seq_len, but never fewer than 16 (8 tokens of context on each side)."""
+    ctx = args.smlmt_ctx or args.batch_size * args.seq_len // (args.n_way * (args.k_shot + args.q_query))
+    return int(min(max(ctx, 16), args.seq_len, SMLMT_MARGIN))
+
+
+def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key):
+    """One N-way K-shot episode, a pure function of `key` = (seed, step, j).
+
+    Returns support_x (N*K, ctx), support_y (N*K,), query_x (N*Q, ctx), query_y (N*Q,) as int64 numpy arrays, and
+    the class word ids (N,): label c means word classes[c]. Each example is a corpus window around one occurrence
+    of its word, with that occurrence replaced by [MASK] at a position with >= ctx/4 tokens of context on each side.
+    Support and query occurrences are distinct positions, and every query label is one of the N classes."""
+    rng = np.random.default_rng(key)
+    counts = np.diff(index["offsets"])
+    eligible = np.flatnonzero(counts >= k_shot + q_query)
+    if len(eligible) < n_way:
+        raise UserError(f"only {len(eligible)} content words have >= K+Q = {k_shot + q_query} occurrences; "
+                        f"need N = {n_way}. Use a larger corpus, lower --n_way, or relax --smlmt_min_count")
+    chosen = rng.choice(eligible, size=n_way, replace=False)  # word slots in the index
+    labels = rng.permutation(n_way)  # a fresh class order per episode: labels carry no word identity
+    per_class = k_shot + q_query
+    occ = np.stack([index["positions"][index["offsets"][w] + rng.choice(counts[w], per_class, replace=False)]
+                    for w in chosen])  # (N, K+Q) distinct corpus positions of each word
+    mask_at = rng.integers(ctx // 4, ctx - ctx // 4, size=occ.shape)  # where [MASK] sits in each window
+    windows = np.asarray(tokens[(occ - mask_at)[..., None] + np.arange(ctx)], dtype=np.int64)  # (N, K+Q, ctx)
+    np.put_along_axis(windows, mask_at[..., None], MASK_ID, axis=-1)
+    y = np.repeat(labels[:, None], per_class, axis=1)  # (N, K+Q)
+    classes = np.empty(n_way, dtype=np.int64)
+    classes[labels] = index["words"][chosen]
+    return dict(support_x=windows[:, :k_shot].reshape(-1, ctx), support_y=y[:, :k_shot].reshape(-1),
+                query_x=windows[:, k_shot:].reshape(-1, ctx), query_y=y[:, k_shot:].reshape(-1),
+                classes=classes, mask_at=mask_at, positions=occ)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# First-order MAML (paper §3.3, Algorithm 1): an MLP head adapts to the support set; the query loss at the adapted
+# head trains the backbone and the head's (meta-learned) initialisation.
+
+def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.1):
+    """d -> 128 -> 128 -> 128 -> N: 4 linear layers, ReLU, dropout, Xavier-uniform weights (biases: torch default)."""
+    layers, width = [], d_model
+    for _ in range(n_layers - 1):
+        layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+        width = hidden
+    head = nn.Sequential(*layers, nn.Linear(width, n_way))
+    for p in head.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+    return head
+
+
+def inner_loop(head, support_feats, support_labels, steps, lr):
+    """`steps` plain SGD steps of the head on the support set, in fp32, on a functional copy of its parameters.
+
+    Returns {name: tensor} for torch.func.functional_call(head, params, (feats,)). First order: each step's gradient
+    comes from torch.autograd.grad (never .backward(): under DDP that would all-reduce support gradients across
+    ranks, i.e. across different tasks) and no graph links the steps. The returned tensors equal the adapted weights
+    phi_T, written as phi_0 + (phi_T - phi_0).detach(): a loss computed with them back-propagates d loss / d phi_T
+    straight into phi_0.grad, which is exactly the FOMAML meta-gradient."""
+    feats = support_feats.detach().float()  # (N*K, d): no gradient reaches the backbone from the support set
+    fast = {k: p.detach().clone().requires_grad_() for k, p in head.named_parameters()}
+    with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(head, fast, (feats,)), support_labels)
+            grads = torch.autograd.grad(loss, list(fast.values()))
+            fast = {k: (w - lr * g).detach().requires_grad_() for (k, w), g in zip(fast.items(), grads)}
+    return {k: p + (fast[k] - p).detach() for k, p in head.named_parameters()}
+
+
+def accuracy(logits, labels):
+    return (logits.argmax(-1) == labels).float().mean()
+
+
+def meta_micro_step(model, head, ep, args, scale, amp):
+    """One SMLMT episode: support features (no grad) -> inner loop -> query loss, back-propagated (x scale) into
+    the backbone and the head's initialisation. `model` may be compiled; `ep` holds tensors on the device.
+
+    The head reads the hidden state of each window's LAST token, not of the [MASK] position: the decoder is causal,
+    so the mask position sees only the left context, while the last token has attended to both sides of the mask."""
+    with torch.no_grad(), amp:
+        hs = model(ep["support_x"], return_hidden=True)[:, -1].float()  # (N*K, d)
+    adapted = inner_loop(head, hs, ep["support_y"], args.inner_steps, args.inner_lr)
+    with amp:
+        hq = model(ep["query_x"], return_hidden=True)[:, -1].float()  # (N*Q, d), with grad
+    loss = F.cross_entropy(functional_call(head, adapted, (hq,)), ep["query_y"])
+    (loss * scale).backward()
+    with torch.no_grad():  # accuracies without dropout, before and after adaptation
+        head.eval()
+        hq = hq.detach()
+        stats = dict(loss_query=loss.detach(),
+                     acc_support_pre=accuracy(head(hs), ep["support_y"]),
+                     acc_support_post=accuracy(functional_call(head, adapted, (hs,)), ep["support_y"]),
+                     acc_query_pre=accuracy(head(hq), ep["query_y"]),
+                     acc_query_post=accuracy(functional_call(head, adapted, (hq,)), ep["query_y"]))
+        head.train()
+    return stats
+
+
+def episode_tensors(tokens, index, args, key, device):
+    ep = sample_episode(tokens, index, args.n_way, args.k_shot, args.q_query, smlmt_ctx(args), key)
+    return {k: torch.from_numpy(ep[k]).to(device) for k in ("support_x", "support_y", "query_x", "query_y")}
+
+
+def is_meta_step(seed, step, ratio):
+    """The branch of an optimizer step: a pure function of (seed, step), so every rank agrees without talking."""
+    return bool(ratio > 0 and np.random.default_rng([seed, step, 1]).random() < ratio)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning dynamics (paper §3.3 "every 100 steps ... singular values", §6): proportional effective rank (PER) of
+# weights and gradients, attention-head entropy, on a fixed probe batch. Computed on the raw model.
+
+def effective_rank(W):
+    """ER = exp(H(p)), p = sigma / sum(sigma) over W's singular values (Roy & Vetterli 2007). Zero singular values
+    contribute 0 (entr(0) = 0); an all-zero matrix has ER 0."""
+    s = torch.linalg.svdvals(W.detach().float())
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    return math.exp(torch.special.entr(s / total).sum().item())
+
+
+def proportional_effective_rank(W):
+    """PER = ER / min(W.shape), in (0, 1]: 1 for a flat spectrum, 1/min(shape) for rank one."""
+    return effective_rank(W) / min(W.shape)
+
+
+@torch.no_grad()
+def attention_entropy(model, idx):
+    """(n_layers, n_heads) tensor: for each head, the mean over query positions (and the batch) of the Shannon
+    entropy -sum_j a_ij log a_ij (nats) of its causal attention distribution on `idx`. Uniform attention over the
+    t+1 visible keys gives log(t+1); attending to a single key gives 0. Recomputes attention explicitly, because
+    scaled_dot_product_attention never materialises the probabilities."""
+    T = idx.shape[1]
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    x, out = model.embedding_proj(idx), []
+    for layer in model.layers:
+        attn = layer.attention
+        q, k, _ = attn.qkv(layer.attention_norm(x), cos, sin)
+        k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # (B, H, T, hd): kv head g serves 3 q heads
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(attn.head_dim)
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, H, T, T)
+        out.append(torch.special.entr(probs).sum(-1).mean(dim=(0, 2)))  # (H,)
+        x = layer(x, cos, sin)
+    return torch.stack(out)
+
+
+def learning_dynamics(model, probe_x, probe_y, modules, amp):
+    """Flat dict of dynamics metrics on the probe batch. Uses .grad of the model: call it with grads cleared."""
+    names = [f"layers.{i}.{m}" for i in range(model.cfg.n_layers) for m in modules]
+    mats = dict(model.named_parameters())
+    out = {}
+    model.zero_grad(set_to_none=True)
+    with amp:
+        _, loss = model(probe_x, probe_y)
+    loss.backward()  # the gradient of the next-token loss (RoPE on, the model's own context length)
+    for n in names:
+        W, G = mats[n + ".weight"], mats[n + ".weight"].grad
+        out[f"per_weight/{n}"] = proportional_effective_rank(W)
+        out[f"per_grad/{n}"] = proportional_effective_rank(G)
+        out[f"er_weight/{n}"] = effective_rank(W)
+        out[f"er_grad/{n}"] = effective_rank(G)
+    # The reference analysis: mean over every q/k/v/o matrix, gradient of logits.mean() (not the loss).
+    model.zero_grad(set_to_none=True)
+    with amp:
+        logits, _ = model(probe_x)
+    logits.mean().backward()
+    attn = [p for n, p in mats.items() if ".attention." in n]
+    for kind, tensors in (("weight", attn), ("grad", [p.grad for p in attn])):
+        out[f"ref/per_{kind}_attn"] = float(np.mean([proportional_effective_rank(t) for t in tensors]))
+        out[f"ref/er_{kind}_attn"] = float(np.mean([effective_rank(t) for t in tensors]))
+    model.zero_grad(set_to_none=True)
+    ent = attention_entropy(model, probe_x)
+    out["attn_entropy"] = [[round(v, 5) for v in row] for row in ent.tolist()]  # (layers, heads)
+    out["attn_entropy_mean"] = ent.mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop (Algorithm 1, App. A.1). No DDP wrapper: each rank accumulates its own gradients and one explicit
+# all-reduce per optimizer step averages them, over exactly the parameters the branch used (the same set on every
+# rank, because the branch is). Unused parameters keep grad None, so AdamW leaves them untouched.
+
+def setup_distributed(device_arg):
+    """-> (rank, local_rank, world, device). torchrun sets RANK; nccl on CUDA, gloo on CPU."""
+    ddp = "RANK" in os.environ
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda but no CUDA device is available; use --device cpu")
+        device = torch.device("cuda", local_rank if ddp else (torch.device(device_arg).index or 0))
+        torch.cuda.set_device(device)
+    elif device_arg == "cpu":
+        device = torch.device("cpu")
+    else:
+        raise UserError(f"--device {device_arg!r}: use auto, cpu, cuda or cuda:N")
+    if ddp and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, local_rank, world, device
+
+
+def all_reduce_(tensors, world):
+    """Average a list of tensors across ranks in place, through one flat buffer per ~64M elements."""
+    if world == 1 or not tensors:
+        return
+    bucket, size = [], 0
+    for t in tensors + [None]:
+        if t is not None:
+            bucket.append(t)
+            size += t.numel()
+        if bucket and (t is None or size >= 1 << 26):
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat)
+            flat /= world
+            for b, v in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(v.view_as(b))
+            bucket, size = [], 0
+
+
+def lr_at(step, args):
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_schedule == "constant":
+        return args.lr
+    frac = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    lo = args.min_lr_frac
+    decay = 0.5 * (1 + math.cos(math.pi * frac)) if args.lr_schedule == "cosine" else 1 - frac
+    return args.lr * (lo + (1 - lo) * decay)
+
+
+def autocast_ctx(device, dtype_arg):
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_arg]
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+RUN_KEYS = ("seed", "seq_len", "global_batch", "hybrid_ratio", "n_way", "k_shot", "q_query", "head_hidden",
+            "head_layers", "smlmt_ctx", "data", "toy_docs")  # what a resumed run must agree on to continue exactly
+
+
+def save_checkpoint(path, model, head, optimizer, step, args, counters, world):
+    """Everything needed to continue exactly, as tensors and plain containers (torch.load(weights_only=True)).
+    The data position is `step` itself: batches and episodes are functions of (seed, step)."""
+    run = dict(vars(args), global_batch=args.batch_size * args.grad_accum * world)
+    state = dict(format="maml-gpt/1", model=model.state_dict(), head=head.state_dict(),
+                 optimizer=optimizer.state_dict(), step=step, model_config=asdict(model.cfg), args=vars(args),
+                 run={k: run[k] for k in RUN_KEYS}, counters=dict(counters),
+                 rng=dict(torch=torch.get_rng_state(),
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load and sanity-check a maml-gpt checkpoint; a clear UserError for anything unreadable."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; train one first (python maml_gpt.py) or fix the path")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, unsafe pickle...
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); it is corrupt or not a "
+                        "maml-gpt checkpoint")
+    if not isinstance(ck, dict) or ck.get("format") != "maml-gpt/1":
+        raise UserError(f"{path} is not a maml-gpt checkpoint")
+    return ck
+
+
+def model_from_checkpoint(ck, device="cpu"):
+    model = Decoder(ModelConfig(**ck["model_config"]))
+    model.load_state_dict(ck["model"])
+    return model.to(device)
+
+
+class Window:
+    """Sums and counts of per-micro-step statistics over one logging window, kept on the device (no sync per step)."""
+
+    def __init__(self, device):
+        self.device, self.sums, self.counts = device, {}, {}
+
+    def add(self, key, value):
+        self.sums[key] = self.sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64, device=self.device)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self, world, keys):
+        """Means over the window and over ranks (every rank calls this with the same keys); absent keys -> None."""
+        sums = torch.stack([torch.as_tensor(self.sums.get(k, 0.0), dtype=torch.float64, device=self.device)
+                            for k in keys])
+        counts = torch.tensor([float(self.counts.get(k, 0)) for k in keys], dtype=torch.float64, device=self.device)
+        both = torch.stack([sums, counts])
+        if world > 1:
+            dist.all_reduce(both)
+        self.sums, self.counts = {}, {}
+        return {k: (s / c).item() if c > 0 else None for k, s, c in zip(keys, both[0], both[1])}
+
+
+def evaluate(model, batches, amp, rank, world):
+    """Mean next-token loss over fixed batches, sharded over ranks and all-reduced; -> (loss, perplexity)."""
+    model.eval()
+    tot = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device if batches else "cpu")
+    with torch.no_grad(), amp:
+        for i in range(rank, len(batches), world):
+            x, y = batches[i]
+            _, loss = model(x, y)
+            tot += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), dtype=torch.float64,
+                                                                         device=tot.device)])
+    if world > 1:
+        dist.all_reduce(tot)
+    model.train()
+    mean = (tot[0] / tot[1]).item()
+    return mean, math.exp(min(mean, 50.0))
+
+
+def eval_batches(args, corpus_dir, device, is_local_zero):
+    """Fixed eval batches at the training context length (the same for every arm). Paloma-tinsy when requested
+    and reachable, else the corpus's held-out split."""
+    tokens, source = None, "val"
+    if args.eval_data == "paloma":
+        path = os.path.join(args.data_dir, f"paloma-tinsy-{args.seq_len}.bin")
+        try:
+            if not os.path.exists(path) and is_local_zero:
+                enc = get_tokenizer()
+                rows = [ids[:args.seq_len + 1] for ids in enc.encode_ordinary_batch(
+                    list(hub_documents("pico-lm/pretokenized-paloma-tinsy", split="val")))]
+                rows = [r for r in rows if len(r) == args.seq_len + 1]
+                os.makedirs(args.data_dir, exist_ok=True)
+                write_bin(path, np.concatenate(rows))
+            while not os.path.exists(path):
+                time.sleep(2)
+            tokens, source = read_bin(path), "paloma"
+        except UserError as e:
+            print(f"note: Paloma is unavailable, evaluating on the held-out split instead ({e})")
+    if tokens is None:
+        tokens = read_bin(os.path.join(corpus_dir, "val.bin"))
+        starts = fixed_windows(len(tokens), args.seq_len, args.eval_batches * args.batch_size)
+    else:  # Paloma rows are back to back: score the first eval_batches * batch_size of them, each from its start
+        n_rows = len(tokens) // (args.seq_len + 1)
+        starts = np.arange(min(n_rows, args.eval_batches * args.batch_size)) * (args.seq_len + 1)
+    return [get_batch(tokens, s, args.seq_len, device) for s in np.array_split(starts, args.eval_batches)
+            if len(s)], source
+
+
+def check_out_dir(out_dir):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write-test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to --out_dir {out_dir} ({e.strerror}); choose a writable folder")
+
+
+def run_header(args, cfg, model, device, world, extra):
+    import tiktoken
+    return dict(args=vars(args), model_config=asdict(cfg), n_params=count_params(model), world_size=world,
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                versions=dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
+                              tiktoken=tiktoken.__version__), command=" ".join(sys.argv),
+                started=time.strftime("%Y-%m-%d %H:%M:%S"), **extra)
+
+
+def setup(args, for_bench=False):
+    """Everything the loop and the benchmark share: processes, data, model, head, optimizer."""
+    rank, local_rank, world, device = setup_distributed(args.device)
+    if args.grad_accum is None:
+        args.grad_accum = max(1, args.global_batch // (args.batch_size * world))
+    if not for_bench:
+        check_out_dir(args.out_dir)
+    corpus = prepare_corpus(args, local_rank == 0)
+    tokens = read_bin(os.path.join(corpus, "train.bin"))
+    index = build_smlmt_index(corpus, args, local_rank == 0) if args.hybrid_ratio > 0 or for_bench else None
+    torch.manual_seed(args.seed)
+    cfg = model_config(args)
+    model = Decoder(cfg).to(device)
+    head = make_head(cfg.d_model, args.n_way, args.head_hidden, args.head_layers, args.head_dropout).to(device)
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    fwd = torch.compile(model) if args.compile else model  # compile the backbone only; `model` is for saving
+    return dict(rank=rank, world=world, device=device, corpus=corpus, tokens=tokens, index=index, model=model,
+                head=head, optimizer=optimizer, fwd=fwd, amp=autocast_ctx(device, args.dtype), cfg=cfg,
+                local_rank=local_rank)
+
+
+def micro_seed(seed, step, j):
+    """Seeds torch (the head's dropout) per micro-step: a resumed or re-sharded run draws the same masks."""
+    return int(np.random.SeedSequence([seed, step, j]).generate_state(1)[0])
+
+
+def train_step(s, args, step, window):
+    """One optimizer step: choose the branch, run grad_accum micro-steps, average gradients, AdamW."""
+    model, head, fwd, opt, amp = s["model"], s["head"], s["fwd"], s["optimizer"], s["amp"]
+    rank, world, device = s["rank"], s["world"], s["device"]
+    meta = is_meta_step(args.seed, step, args.hybrid_ratio)
+    scale = 1.0 / (args.grad_accum * world)  # so the all-reduced SUM of grads is the mean over the global batch
+    global_batch = args.batch_size * args.grad_accum * world
+    starts = None if meta else batch_indices(args.seed, step, len(s["tokens"]), args.seq_len, global_batch)
+    for micro in range(args.grad_accum):
+        j = micro * world + rank  # this micro-step's index in the global batch: keys its data and its dropout
+        torch.manual_seed(micro_seed(args.seed, step, j))
+        if meta:
+            ep = episode_tensors(s["tokens"], s["index"], args, [args.seed, step, j, 2], device)
+            st = meta_micro_step(fwd, head, ep, args, scale, amp)
+            for k, v in st.items():
+                window.add(k, v)
+        else:
+            x, y = get_batch(s["tokens"], micro_slice(starts, micro, rank, world, args.batch_size), args.seq_len,
+                             device)
+            with amp:
+                _, loss = fwd(x, y)
+            (loss * scale).backward()
+            window.add("loss_ar", loss.detach())
+    params = [p for p in list(model.parameters()) + list(head.parameters()) if p.grad is not None]
+    all_reduce_([p.grad for p in params], world)
+    if meta:  # the FOMAML meta-gradient of the head init, measured before clipping and zeroing
+        window.add("head_grad_norm", torch.linalg.vector_norm(torch.stack(
+            [p.grad.norm() for p in head.parameters()])))
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, args)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ctx = smlmt_ctx(args)
+    per_micro = args.n_way * (args.k_shot + args.q_query) * ctx if meta else args.batch_size * args.seq_len
+    return meta, per_micro * args.grad_accum * world
+
+
+LOG_KEYS = ["loss_ar", "loss_query", "acc_support_pre", "acc_support_post", "acc_query_pre", "acc_query_post",
+            "head_grad_norm"]
+
+
+def train(args):
+    from tqdm import tqdm
+    s = setup(args)
+    model, head, rank, world, device = s["model"], s["head"], s["rank"], s["world"], s["device"]
+    master = rank == 0
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    counters = dict(tokens=0, tokens_ar=0, tokens_meta=0)
+    start = 0
+    if args.resume:
+        ck = load_checkpoint(ckpt_path, device)
+        mine = dict(vars(args), global_batch=args.batch_size * args.grad_accum * world)
+        diff = [k for k in RUN_KEYS if mine.get(k) != ck["run"].get(k)]
+        if ck["model_config"] != asdict(s["cfg"]) or diff:
+            raise UserError(f"{ckpt_path} was trained with different settings ({', '.join(diff) or 'model size'}); "
+                            "resume with the same flags, or use a new --out_dir")
+        model.load_state_dict(ck["model"])
+        head.load_state_dict(ck["head"])
+        s["optimizer"].load_state_dict(ck["optimizer"])
+        start, counters = ck["step"], ck["counters"]
+        torch.set_rng_state(ck["rng"]["torch"].cpu())
+        if master and os.path.exists(metrics_path):  # drop log lines written after the checkpoint
+            with open(metrics_path) as f:
+                keep = [ln for ln in f if json.loads(ln).get("step", 0) <= start]
+            with open(metrics_path, "w") as f:
+                f.writelines(keep)
+    elif master and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    evals, eval_source = eval_batches(args, s["corpus"], device, s["local_rank"] == 0) if args.eval_every else ([], "")
+    val = read_bin(os.path.join(s["corpus"], "val.bin"))
+    probe = get_batch(val, fixed_windows(len(val), args.seq_len, args.probe_batch), args.seq_len, device)
+    modules = [m.strip() for m in args.dynamics_modules.split(",") if m.strip()]
+    if master:
+        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+            json.dump(run_header(args, s["cfg"], model, device, world,
+                                 dict(corpus=s["corpus"], eval_source=eval_source, smlmt_ctx=smlmt_ctx(args),
+                                      global_batch=args.batch_size * args.grad_accum * world)), f, indent=1)
+        print(f"model {count_params(model) / 1e6:.1f}M params | {world} process(es) on {device} | global batch "
+              f"{args.batch_size * args.grad_accum * world} x {args.seq_len} | hybrid ratio {args.hybrid_ratio}")
+    window = Window(device)
+    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master,
+               dynamic_ncols=True)
+    t0, last, n_branch = time.time(), None, {True: 0, False: 0}
+    for step in bar:
+        meta, n_tok = train_step(s, args, step, window)
+        counters["tokens"] += n_tok
+        counters["tokens_meta" if meta else "tokens_ar"] += n_tok
+        n_branch[meta] += 1  # the branch is the same on every rank: no reduction needed
+        done = step + 1
+        if done % args.log_every == 0 or done == args.max_steps:
+            rec = dict(step=done, lr=lr_at(step, args), **counters, n_meta_steps=n_branch[True],
+                       n_ar_steps=n_branch[False])
+            n_branch = {True: 0, False: 0}
+            m = window.means(world, LOG_KEYS)
+            for k in ("loss_ar", "loss_query"):
+                if m[k] is not None and not math.isfinite(m[k]):
+                    raise UserError(f"non-finite {k} ({m[k]}) at step {done}; the last good checkpoint is kept. "
+                                    "Lower --lr, enable --grad_clip, or use --dtype float32")
+            rec.update({k: v for k, v in m.items() if v is not None})
+            with torch.no_grad():
+                hp = torch.cat([p.detach().flatten() for p in head.parameters()])
+            rec["head_weight_mean"], rec["head_weight_std"] = hp.mean().item(), hp.std().item()
+            rec["sec"] = round(time.time() - t0, 3)
+            if args.eval_every and (done % args.eval_every == 0 or done == args.max_steps):
+                rec["eval_loss"], rec["eval_ppl"] = evaluate(model, evals, s["amp"], rank, world)
+            if master and args.dynamics_every and (done % args.dynamics_every == 0 or done == args.max_steps):
+                rec.update(learning_dynamics(model, *probe, modules, s["amp"]))
+            if master:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                last = rec
+                bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_ar", "loss_query", "acc_query_post")
+                                 if k in rec})
+        if done % args.save_every == 0 or done == args.max_steps:
+            if master:
+                save_checkpoint(ckpt_path, model, head, s["optimizer"], done, args, counters, world)
+            if world > 1:
+                dist.barrier()
+    bar.close()
+    if master:
+        print(f"done: {args.max_steps} steps, {counters['tokens'] / 1e6:.2f}M tokens "
+              f"({counters['tokens_ar'] / 1e6:.2f}M AR, {counters['tokens_meta'] / 1e6:.2f}M meta) in "
+              f"{time.time() - t0:.0f}s; checkpoint {ckpt_path}")
+        if last:
+            print("last window: " + ", ".join(f"{k} {last[k]:.3f}" for k in
+                                              ("loss_ar", "eval_loss", "acc_query_pre", "acc_query_post")
+                                              if k in last))
+        print(f"next: python finetune_ner.py --ckpt {ckpt_path}   |   python analyze.py {args.out_dir}")
+    return s
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark: seconds per backbone token of AR and meta micro-steps, tokens/s, MFU, memory, dynamics overhead.
+
+PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                   "A100": 312e12}  # dense bf16 tensor-core peaks from NVIDIA datasheets; others: unknown
+
+
+def peak_flops(device, amp):
+    if device.type != "cuda" or isinstance(amp, nullcontext):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(cfg, T, backward=True, lm_head=True):
+    """6N per token (2N forward + 4N backward) for the matmul weights, plus attention scores (nanoGPT's estimate)."""
+    n = cfg.n_layers * cfg.d_model ** 2 * (8 / 3 + 3 * cfg.ffn_mult) + lm_head * cfg.d_model * cfg.vocab_size
+    f = 6 * n + 12 * cfg.n_layers * cfg.d_model * T
+    return f if backward else f / 3
+
+
+def bench(args, iters=5):
+    s = setup(args, for_bench=True)
+    model, head, fwd, amp, device, cfg = s["model"], s["head"], s["fwd"], s["amp"], s["device"], s["cfg"]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def timed(fn):
+        for _ in range(2):  # warm-up (and compilation)
+            fn(0)
+        sync()
+        t = time.perf_counter()
+        for i in range(iters):
+            fn(i + 1)
+        sync()
+        return (time.perf_counter() - t) / iters
+
+    def ar(i):
+        x, y = get_batch(s["tokens"], batch_indices(args.seed, i, len(s["tokens"]), args.seq_len,
+                                                    args.batch_size), args.seq_len, device)
+        with amp:
+            _, loss = fwd(x, y)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def meta(i):
+        ep = episode_tensors(s["tokens"], s["index"], args, [args.seed, i, 0, 2], device)
+        meta_micro_step(fwd, head, ep, args, 1.0, amp)
+        model.zero_grad(set_to_none=True)
+        head.zero_grad(set_to_none=True)
+
+    ctx = smlmt_ctx(args)
+    ar_tok, meta_tok = args.batch_size * args.seq_len, args.n_way * (args.k_shot + args.q_query) * ctx
+    t_ar, t_meta = timed(ar), timed(meta)
+    val = read_bin(os.path.join(s["corpus"], "val.bin"))
+    probe = get_batch(val, fixed_windows(len(val), args.seq_len, args.probe_batch), args.seq_len, device)
+    modules = [m.strip() for m in args.dynamics_modules.split(",")]
+    t = time.perf_counter()
+    learning_dynamics(model, *probe, modules, amp)
+    sync()
+    t_dyn = time.perf_counter() - t
+    step_time = args.grad_accum * (args.hybrid_ratio * t_meta + (1 - args.hybrid_ratio) * t_ar)
+    peak = peak_flops(device, amp)
+    f_ar = flops_per_token(cfg, args.seq_len) * ar_tok
+    n_sup = args.n_way * args.k_shot * ctx
+    f_meta = (flops_per_token(cfg, ctx, backward=False, lm_head=False) * n_sup  # support: forward, no grad
+              + flops_per_token(cfg, ctx, lm_head=False) * (meta_tok - n_sup))  # query: forward + backward
+    mem = (f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB (CUDA peak allocated)"
+           if device.type == "cuda" else f"{_max_rss_gib():.2f} GiB (process max RSS)")
+    print(f"bench: {args.size or 'demo'} ({count_params(model) / 1e6:.1f}M params) on {device}, "
+          f"{'bf16' if not isinstance(amp, nullcontext) else 'fp32'}, compile={args.compile}")
+    print(f"  AR micro-step   {ar_tok:6d} tokens  {t_ar * 1e3:8.1f} ms  {ar_tok / t_ar:10.0f} tok/s  "
+          f"{t_ar / ar_tok * 1e6:7.2f} us/token")
+    print(f"  meta micro-step {meta_tok:6d} tokens  {t_meta * 1e3:8.1f} ms  {meta_tok / t_meta:10.0f} tok/s  "
+          f"{t_meta / meta_tok * 1e6:7.2f} us/token  (support {n_sup} no-grad + query {meta_tok - n_sup}; "
+          f"ctx {ctx})")
+    print(f"  meta / AR cost per backbone token: {(t_meta / meta_tok) / (t_ar / ar_tok):.3f}")
+    if peak:
+        print(f"  MFU: AR {f_ar / t_ar / peak * 100:.1f}%  meta {f_meta / t_meta / peak * 100:.1f}%  "
+              f"(peak {peak / 1e12:.0f} TFLOPS bf16)")
+    else:
+        print("  MFU: unknown (no known bf16 peak for this device/dtype)")
+    print(f"  peak memory: {mem}")
+    print(f"  dynamics probe: {t_dyn:.2f} s every {args.dynamics_every} steps = "
+          f"{t_dyn / (t_dyn + args.dynamics_every * step_time) * 100:.2f}% of training time "
+          f"(est. step {step_time:.2f} s at grad_accum {args.grad_accum})")
+    return dict(t_ar=t_ar, t_meta=t_meta, ar_tok=ar_tok, meta_tok=meta_tok, t_dyn=t_dyn)
+
+
+def _max_rss_gib():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        bench(args) if args.bench else train(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
