@@ -726,7 +726,8 @@ def setup_distributed(device_arg):
 
 
 def all_reduce_(tensors, world):
-    """Average a list of tensors across ranks in place, through one flat buffer per ~64M elements."""
+    """Sum a list of tensors across ranks in place, through one flat buffer per ~64M elements. Each rank scaled
+    its losses by 1 / (grad_accum * world), so the sum of the gradients is the global-batch mean."""
     if world == 1 or not tensors:
         return
     bucket, size = [], 0
@@ -737,7 +738,6 @@ def all_reduce_(tensors, world):
         if bucket and (t is None or size >= 1 << 26):
             flat = torch.cat([b.reshape(-1) for b in bucket])
             dist.all_reduce(flat)
-            flat /= world
             for b, v in zip(bucket, flat.split([b.numel() for b in bucket])):
                 b.copy_(v.view_as(b))
             bucket, size = [], 0
@@ -1030,6 +1030,9 @@ def train(args):
                 bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_ar", "loss_query", "acc_query_post")
                                  if k in rec})
         if done % args.save_every == 0 or done == args.max_steps:
+            if not all(torch.isfinite(p).all() for p in list(model.parameters()) + list(head.parameters())):
+                raise UserError(f"non-finite weights at step {done}; the last good checkpoint is kept. "
+                                "Lower --lr, enable --grad_clip, or use --dtype float32")
             if master:
                 save_checkpoint(ckpt_path, model, head, s["optimizer"], done, args, counters, world)
             if world > 1:

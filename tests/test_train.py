@@ -1,0 +1,153 @@
+"""The training loop: checkpoints, exact resume, DDP == gradient accumulation, user errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import maml_gpt as mg
+
+
+def run(argv):
+    """Run the CLI in-process; returns the exit code (0 on success)."""
+    try:
+        mg.main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def load(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def assert_same_weights(a, b):
+    for part in ("model", "head"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+
+
+def test_checkpoint_round_trip_and_logged_keys(small_args, tmp_path):
+    out = str(tmp_path / "run")
+    assert run(small_args + ["--max_steps", "4", "--dynamics_every", "2", "--eval_every", "2"]) == 0
+    ck = load(out)  # weights_only=True: plain containers and tensors only
+    assert ck["step"] == 4 and ck["model_config"]["d_model"] == 24 and "exp_avg" in str(ck["optimizer"]["state"])
+    model = mg.model_from_checkpoint(ck)
+    assert all(torch.equal(v, ck["model"][k]) for k, v in model.state_dict().items())
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert sum(r["n_meta_steps"] + r["n_ar_steps"] for r in rows) == 4
+    assert rows[-1]["tokens"] == rows[-1]["tokens_ar"] + rows[-1]["tokens_meta"]
+    meta_rows = [r for r in rows if r["n_meta_steps"]]
+    ar_rows = [r for r in rows if r["n_ar_steps"]]
+    assert meta_rows and ar_rows
+    assert all("loss_query" in r and "loss_ar" not in r and "acc_query_post" in r for r in meta_rows)
+    assert all("loss_ar" in r and "loss_query" not in r for r in ar_rows)
+    assert "eval_ppl" in rows[1] and "per_grad/layers.1.swiglu.w_2" in rows[1] and "ref/per_grad_attn" in rows[1]
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["versions"]["torch"] == torch.__version__ and cfg["args"]["max_steps"] == 4
+
+
+def test_resume_is_exact(small_args, tmp_path):
+    full = str(tmp_path / "full")
+    base = [a for a in small_args]
+    base[base.index("--out_dir") + 1] = full
+    assert run(base + ["--max_steps", "6"]) == 0
+    assert run(small_args + ["--max_steps", "3"]) == 0
+    assert run(small_args + ["--max_steps", "6", "--resume"]) == 0
+    part = str(tmp_path / "run")
+    assert_same_weights(load(full), load(part))
+    assert load(full)["optimizer"]["state"][0]["exp_avg"].equal(load(part)["optimizer"]["state"][0]["exp_avg"])
+    assert metrics(full) == [{**r, "sec": metrics(full)[i]["sec"]} for i, r in enumerate(metrics(part))]
+
+
+def test_vanilla_twin_sees_the_same_ar_batches(small_args, tmp_path):
+    """--hybrid_ratio 0 takes an AR step at every step, with the batch the hybrid run uses at that step."""
+    args = mg.parse_args(small_args)
+    a = mg.batch_indices(args.seed, 5, 10_000, 32, 4)
+    assert (a == mg.batch_indices(args.seed, 5, 10_000, 32, 4)).all()  # independent of the branch / ratio
+    assert run(small_args + ["--max_steps", "3", "--hybrid_ratio", "0"]) == 0
+    assert all(r["n_ar_steps"] == 1 and "loss_query" not in r for r in metrics(str(tmp_path / "run")))
+
+
+def launch(argv, nproc):
+    """Run maml_gpt.py in fresh processes (torchrun when nproc > 1), one thread each so both runs use the same
+    kernels and reduction orders."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable] + launcher + [os.path.join(mg.HERE, "maml_gpt.py")] + argv
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_ddp_two_processes_equal_one_process_with_grad_accum(small_args, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    argv = [a for a in small_args]
+    i = argv.index("--out_dir")
+    common = argv[:i] + argv[i + 2:] + ["--max_steps", "6", "--device", "cpu", "--hybrid_ratio", "0.5",
+                                        "--head_dropout", "0.1"]
+    launch(common + ["--out_dir", one, "--grad_accum", "2"], nproc=1)
+    launch(common + ["--out_dir", two, "--grad_accum", "1"], nproc=2)
+    a, b = load(one), load(two)
+    assert_same_weights(a, b)  # bitwise: the all-reduced sum of two halves is the accumulated sum
+    ma, mb = metrics(one), metrics(two)
+    assert [r["n_meta_steps"] for r in ma] == [r["n_meta_steps"] for r in mb]  # same branch sequence
+    assert 0 < sum(r["n_meta_steps"] for r in ma) < 6
+    for ra, rb in zip(ma, mb):
+        for k in ("loss_ar", "loss_query", "acc_query_post", "tokens"):
+            assert (k in ra) == (k in rb) and (k not in ra or abs(ra[k] - rb[k]) < 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors a user can cause: one clear message, no traceback, non-zero exit, the checkpoint kept.
+
+def test_bad_size_is_rejected(capsys):
+    assert run(["--size", "huge"]) == 2
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_missing_data_path(small_args, capsys, tmp_path):
+    assert run(small_args + ["--data", str(tmp_path / "nope.txt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "no such file" in err and "Traceback" not in err
+
+
+def test_unwritable_out_dir(small_args, capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert run(small_args + ["--out_dir", str(blocker / "sub")]) == 1
+    assert "cannot write to --out_dir" in capsys.readouterr().err
+
+
+def test_corrupt_or_mismatched_checkpoint(small_args, capsys, tmp_path):
+    out = tmp_path / "run"
+    assert run(small_args + ["--resume", "--max_steps", "2"]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+    assert run(small_args + ["--max_steps", "2"]) == 0
+    assert run(small_args + ["--max_steps", "4", "--resume", "--seed", "7"]) == 1
+    assert "different settings (seed)" in capsys.readouterr().err
+    assert run(small_args + ["--max_steps", "4", "--resume", "--d_model", "48"]) == 1
+    assert "different settings" in capsys.readouterr().err
+    good = (out / "ckpt.pt").read_bytes()
+    (out / "ckpt.pt").write_bytes(good[: len(good) // 2])
+    assert run(small_args + ["--max_steps", "4", "--resume"]) == 1
+    assert "corrupt" in capsys.readouterr().err
+    assert (out / "ckpt.pt").read_bytes() == good[: len(good) // 2]  # never overwritten by the failed run
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(small_args, capsys, tmp_path):
+    out = tmp_path / "run"
+    assert run(small_args + ["--max_steps", "2", "--hybrid_ratio", "0"]) == 0
+    good = (out / "ckpt.pt").read_bytes()
+    assert run(small_args + ["--max_steps", "8", "--hybrid_ratio", "0", "--resume", "--lr", "1e30",
+                             "--save_every", "100"]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "Traceback" not in err
+    assert (out / "ckpt.pt").read_bytes() == good
