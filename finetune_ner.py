@@ -1,0 +1,489 @@
+"""
+finetune_ner.py: Universal NER fine-tuning of a maml_gpt.py checkpoint (paper §3.4, §5, App. B).
+
+    python finetune_ner.py                                           # demo checkpoint, toy NER set, offline
+    python finetune_ner.py --ckpt out/small/ckpt.pt --train_on en_ewt --regime head   # one cell of the grid
+    python finetune_ner.py --sweep --ckpt out/small/ckpt.pt out/small-vanilla/ckpt.pt  # the paper's grid
+    python finetune_ner.py --data_dir ../shared/uner --train_on da_ddt                # local .iob2 files
+
+A fresh nn.Linear(d_model, 7) reads the final hidden states. --regime head freezes the backbone (the NER analogue
+of the inner loop); --regime full trains everything. AdamW, lr 3e-5, batch 16, at most 10 epochs, early stopping
+on dev entity micro-F1 (the best epoch's weights are tested). Each run evaluates in-language and zero-shot on every
+test-only set available, writes results.json and prints a table.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from maml_gpt import EOT_ID, HERE, UserError, get_tokenizer, load_checkpoint, model_from_checkpoint
+
+LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
+LABEL_ID = {t: i for i, t in enumerate(LABELS)}
+# config -> (GitHub repository under UniversalNER, branch). Train/dev/test configs first, then test-only ones.
+TRAIN_CONFIGS = {"da_ddt": ("UNER_Danish-DDT", "main"), "en_ewt": ("UNER_English-EWT", "master"),
+                 "hr_set": ("UNER_Croatian-SET", "main"), "pt_bosque": ("UNER_Portuguese-Bosque", "master"),
+                 "sk_snk": ("UNER_Slovak-SNK", "master"), "sr_set": ("UNER_Serbian-SET", "main"),
+                 "sv_talbanken": ("UNER_Swedish-Talbanken", "master"), "zh_gsd": ("UNER_Chinese-GSD", "master"),
+                 "zh_gsdsimp": ("UNER_Chinese-GSDSIMP", "master")}
+TEST_CONFIGS = {"de_pud": ("UNER_German-PUD", "master"), "en_pud": ("UNER_English-PUD", "master"),
+                "pt_pud": ("UNER_Portuguese-PUD", "master"), "ru_pud": ("UNER_Russian-PUD", "master"),
+                "sv_pud": ("UNER_Swedish-PUD", "master"), "zh_pud": ("UNER_Chinese-PUD", "master"),
+                "ceb_gja": ("UNER_Cebuano-GJA", "master"), "tl_trg": ("UNER_Tagalog-TRG", "master"),
+                "tl_ugnayan": ("UNER_Tagalog-Ugnayan", "master")}
+URL = "https://raw.githubusercontent.com/UniversalNER/{repo}/{branch}/{cfg}-ud-{split}.iob2"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: UNER .iob2 files (downloaded and cached, or local), or the toy world's tagged sentences
+
+def read_iob2(path):
+    """-> list of (tokens, tags). `#` comments, 5 TAB columns per token line (id, token, tag, misc, annotator),
+    blank lines between sentences. *OTH* tags and B-O become O."""
+    sents, words, tags = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n").rstrip("\r")
+            if line.startswith("#"):
+                continue
+            if not line.strip():
+                if words:
+                    sents.append((words, tags))
+                words, tags = [], []
+                continue
+            cols = line.split("\t")
+            if len(cols) != 5:
+                raise UserError(f"{path}:{n}: expected 5 TAB-separated columns (id, token, tag, misc, annotator), "
+                                f"got {len(cols)}: {line[:60]!r}")
+            tag = "O" if cols[2].endswith("OTH") or cols[2] == "B-O" else cols[2]
+            if tag not in LABEL_ID:
+                raise UserError(f"{path}:{n}: unknown tag {cols[2]!r}; expected one of {', '.join(LABELS)}")
+            words.append(cols[1])
+            tags.append(tag)
+    if words:
+        sents.append((words, tags))
+    return sents
+
+
+def uner_file(cfg, split, data_dir, cache_dir):
+    """Path of <cfg>-ud-<split>.iob2: in --data_dir if given, else cached, else downloaded (None if absent)."""
+    name = f"{cfg}-ud-{split}.iob2"
+    if data_dir:
+        p = os.path.join(data_dir, name)
+        return p if os.path.exists(p) else None
+    p = os.path.join(cache_dir, name)
+    if os.path.exists(p):
+        return p
+    repo, branch = {**TRAIN_CONFIGS, **TEST_CONFIGS}[cfg]
+    try:
+        with urllib.request.urlopen(URL.format(repo=repo, branch=branch, cfg=cfg, split=split), timeout=20) as r:
+            body = r.read()
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None  # this config has no such split
+        raise UserError(f"downloading {name} failed (HTTP {e.code}); use --data_dir with local .iob2 files")
+    except OSError as e:
+        raise UserError(f"cannot download {name} from GitHub ({e}). Offline, run without --train_on (the toy NER "
+                        "set) or pass --data_dir with local UNER .iob2 files")
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(p + ".tmp", "wb") as f:
+        f.write(body)
+    os.replace(p + ".tmp", p)
+    return p
+
+
+def load_splits(args):
+    """-> dict(train, dev, test: {name: sentences}) for args.train_on."""
+    if args.train_on == "toy":
+        sys.path.insert(0, os.path.join(HERE, "data"))
+        import toyworld
+        data = toyworld.ner_sentences(seed=1337, n=args.toy_sentences + 2 * args.toy_sentences // 4)
+        n_dev = args.toy_sentences // 4
+        return dict(train=data[:args.toy_sentences], dev=data[args.toy_sentences:args.toy_sentences + n_dev],
+                    test={"toy": data[args.toy_sentences + n_dev:],  # same world, unseen sentences
+                          "toy_heldout": toyworld.ner_sentences(seed=1337, n=n_dev, heldout=True)})  # unseen names
+    cfgs = list(TRAIN_CONFIGS) if args.train_on == "all" else [args.train_on]
+    if args.train_on not in TRAIN_CONFIGS and args.train_on != "all":
+        raise UserError(f"--train_on {args.train_on!r}: choose toy, all, or one of {', '.join(TRAIN_CONFIGS)}")
+
+    def read(cfg, split):
+        p = uner_file(cfg, split, args.data_dir, args.cache_dir)
+        return read_iob2(p) if p else None
+
+    train, dev = [], []
+    for cfg in cfgs:
+        tr, dv = read(cfg, "train"), read(cfg, "dev")
+        if tr is None or dv is None:
+            raise UserError(f"{cfg}: no {'train' if tr is None else 'dev'} split found"
+                            f"{' in ' + args.data_dir if args.data_dir else ''}")
+        train += tr
+        dev += dv
+    test = {}  # in-language test sets first, then every other available one (zero-shot)
+    for cfg in cfgs + [c for c in list(TRAIN_CONFIGS) + list(TEST_CONFIGS) if c not in cfgs]:
+        sents = read(cfg, "test")
+        if sents:
+            test[cfg] = sents
+    if args.max_train_sentences:
+        train = train[:args.max_train_sentences]
+    return dict(train=train, dev=dev, test=test)
+
+
+def encode(sentences, max_len=128):
+    """Words -> GPT-2 ids the way pretraining text is tokenized (a leading space before every word but the first).
+    Only the first sub-token of each word carries its label; others get -100. -> (list of (ids, labels,
+    first-token positions), number of truncated words)."""
+    enc = get_tokenizer()
+    out, truncated = [], 0
+    for words, tags in sentences:
+        ids, labels, first = [], [], []
+        for i, (w, t) in enumerate(zip(words, tags)):
+            pieces = enc.encode_ordinary((" " if i else "") + w) or [EOT_ID]
+            if len(ids) + 1 > max_len:
+                truncated += len(words) - i
+                break
+            first.append(len(ids))
+            labels += [LABEL_ID[t]] + [-100] * (len(pieces) - 1)
+            ids += pieces
+        out.append((ids[:max_len], labels[:max_len], first))
+    return out, truncated
+
+
+def batches(items, batch_size, shuffle_rng=None):
+    """Right-padded (EOT) batches: x (B, T), y (B, T) with -100 on padding. Right padding is safe for a causal
+    model: no real position attends to the pads."""
+    order = shuffle_rng.permutation(len(items)) if shuffle_rng is not None else np.arange(len(items))
+    for i in range(0, len(order), batch_size):
+        chunk = [items[j] for j in order[i:i + batch_size]]
+        T = max(len(c[0]) for c in chunk)
+        x = torch.full((len(chunk), T), EOT_ID, dtype=torch.long)
+        y = torch.full((len(chunk), T), -100, dtype=torch.long)
+        for b, (ids, labels, _) in enumerate(chunk):
+            x[b, :len(ids)] = torch.tensor(ids)
+            y[b, :len(labels)] = torch.tensor(labels)
+        yield x, y, chunk
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metric: entity-level micro P/R/F1, as seqeval's default (IOB2, non-strict) mode
+
+def entities(tags):
+    """Entity spans (type, start, end) of one IOB2 sequence, seqeval's lenient rules: an I- tag after O or after
+    another type starts a new entity; B- always starts one; O and a type change end one."""
+    spans, start, typ = [], None, None
+    for i, t in enumerate(list(tags) + ["O"]):
+        prefix, ty = (t[0], t[2:]) if t != "O" else ("O", None)
+        if start is not None and (prefix in ("B", "O") or ty != typ):
+            spans.append((typ, start, i - 1))
+            start = None
+        if prefix in ("B", "I") and start is None:
+            start, typ = i, ty
+    return spans
+
+
+def entity_f1(gold, pred):
+    """gold, pred: lists of tag sequences. -> dict(precision, recall, f1, per_type={TYPE: dict(..., support)})."""
+    g = {(s,) + e for s, tags in enumerate(gold) for e in entities(tags)}
+    p = {(s,) + e for s, tags in enumerate(pred) for e in entities(tags)}
+
+    def prf(gs, ps):
+        tp = len(gs & ps)
+        pr = tp / len(ps) if ps else 0.0
+        rc = tp / len(gs) if gs else 0.0
+        return dict(precision=pr, recall=rc, f1=2 * pr * rc / (pr + rc) if pr + rc else 0.0, support=len(gs))
+
+    types = sorted({e[1] for e in g | p})
+    return dict(**prf(g, p), per_type={t: prf({e for e in g if e[1] == t}, {e for e in p if e[1] == t})
+                                       for t in types})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning
+
+def features(model, items, batch_size, device):
+    """Hidden states of the frozen backbone at each word's first sub-token: list of (n_words, d) tensors."""
+    out = []
+    with torch.no_grad():
+        for x, _, chunk in batches(items, batch_size):
+            h = model(x.to(device), return_hidden=True).float()
+            out += [h[b, c[2]].cpu() for b, c in enumerate(chunk)]
+    return out
+
+
+def predict(model, clf, items, batch_size, device, feats=None):
+    """Predicted tag sequences (truncated words predicted O)."""
+    preds = []
+    with torch.no_grad():
+        if feats is not None:
+            for f in feats:
+                preds.append(clf(f.to(device)).argmax(-1).tolist())
+        else:
+            for x, _, chunk in batches(items, batch_size):
+                logits = clf(model(x.to(device), return_hidden=True).float())
+                preds += [logits[b, c[2]].argmax(-1).tolist() for b, c in enumerate(chunk)]
+    return [[LABELS[i] for i in p] for p in preds]
+
+
+def score(preds, sentences):
+    gold = [t for _, t in sentences]
+    preds = [p + ["O"] * (len(g) - len(p)) for p, g in zip(preds, gold)]
+    return entity_f1(gold, preds)
+
+
+def finetune(model, splits, args, device, log=print):
+    """Train a fresh linear head (and the backbone if --regime full); early stopping on dev micro-F1.
+    -> (classifier, history). The model and classifier hold the best dev epoch's weights on return."""
+    torch.manual_seed(args.seed)
+    clf = nn.Linear(model.cfg.d_model, len(LABELS)).to(device)
+    head_only = args.regime == "head"
+    for p in model.parameters():
+        p.requires_grad_(not head_only)
+    model.train(not head_only)
+    train, _ = encode(splits["train"], args.max_len)
+    dev, _ = encode(splits["dev"], args.max_len)
+    params = list(clf.parameters()) + ([] if head_only else list(model.parameters()))
+    lr = args.lr or (3e-5 if args.train_on != "toy" else (1e-3 if head_only else 1e-4))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if head_only:  # the backbone is frozen and deterministic: compute its features once
+        tr_f, dev_f = features(model, train, args.batch_size, device), features(model, dev, args.batch_size, device)
+        tr_y = [torch.tensor([LABEL_ID[t] for t in tags[:len(f)]]) for (_, tags), f in zip(splits["train"], tr_f)]
+    total = args.epochs * ((len(train) + args.batch_size - 1) // args.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total)  # linear decay to 0 (HF default)
+    rng = np.random.default_rng(args.seed)
+    best, best_state, history, bad = -1.0, None, [], 0
+    for epoch in range(1, args.epochs + 1):
+        t0, losses = time.time(), []
+        if head_only:
+            order = rng.permutation(len(tr_f))
+            for i in range(0, len(order), args.batch_size):
+                idx = order[i:i + args.batch_size]
+                x = torch.cat([tr_f[j] for j in idx]).to(device)
+                y = torch.cat([tr_y[j] for j in idx]).to(device)
+                loss = F.cross_entropy(clf(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+        else:
+            for x, y, _ in batches(train, args.batch_size, rng):
+                logits = clf(model(x.to(device), return_hidden=True))
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=-100)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+            model.eval()
+        f1 = score(predict(model, clf, dev, args.batch_size, device, dev_f if head_only else None),
+                   splits["dev"])["f1"]
+        model.train(not head_only)
+        history.append(dict(epoch=epoch, train_loss=float(np.mean(losses)), dev_f1=f1, sec=time.time() - t0))
+        log(f"  epoch {epoch:2d}  train loss {history[-1]['train_loss']:.4f}  dev F1 {f1:.4f}"
+            f"{'  *' if f1 > best else ''}")
+        if f1 > best:
+            best, bad = f1, 0
+            best_state = ({k: v.clone() for k, v in clf.state_dict().items()},
+                          None if head_only else {k: v.clone() for k, v in model.state_dict().items()})
+        else:
+            bad += 1
+            if bad >= args.patience:
+                log(f"  early stop: no dev improvement for {args.patience} epochs; best epoch "
+                    f"{max(history, key=lambda h: h['dev_f1'])['epoch']}")
+                break
+    clf.load_state_dict(best_state[0])  # the best dev epoch's weights are the ones tested
+    if best_state[1] is not None:
+        model.load_state_dict(best_state[1])
+    model.eval()
+    return clf, history
+
+
+def run_one(args, ckpt_path=None, log=print):
+    """Fine-tune one checkpoint on one config in one regime; evaluate; -> results dict (also results.json)."""
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    ck = load_checkpoint(ckpt_path or args.ckpt[0], device)
+    model = model_from_checkpoint(ck, device)
+    if args.max_len > model.cfg.max_seq_len:
+        args.max_len = model.cfg.max_seq_len
+    splits = load_splits(args)
+    t0 = time.time()
+    log(f"fine-tuning {ckpt_path or args.ckpt[0]} ({args.regime}) on {args.train_on}: "
+        f"{len(splits['train'])} train / {len(splits['dev'])} dev sentences")
+    clf, history = finetune(model, splits, args, device, log)
+    res = dict(ckpt=ckpt_path or args.ckpt[0], regime=args.regime, train_on=args.train_on, history=history,
+               hybrid_ratio=ck["args"].get("hybrid_ratio"), step=ck["step"], eval={})
+    for name, sents in splits["test"].items():
+        items, truncated = encode(sents, args.max_len)
+        res["eval"][name] = dict(**score(predict(model, clf, items, args.batch_size, device), sents),
+                                 sentences=len(sents), truncated_words=truncated)
+    res["sec"] = time.time() - t0
+    return res
+
+
+def print_table(res, log=print):
+    log(f"{'eval set':14s} {'P':>7s} {'R':>7s} {'F1':>7s}   " + "  ".join(f"{t:>6s}" for t in ("PER", "ORG", "LOC"))
+        + "   truncated words")
+    for name, r in res["eval"].items():
+        per = "  ".join(f"{r['per_type'].get(t, {}).get('f1', 0):6.3f}" for t in ("PER", "ORG", "LOC"))
+        log(f"{name:14s} {r['precision']:7.3f} {r['recall']:7.3f} {r['f1']:7.3f}   {per}   {r['truncated_words']}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The grid (paper Figures 13-28, Tables 3-5)
+
+GROUPS = {"seen": list(TRAIN_CONFIGS) + ["toy"], "pud": [c for c in TEST_CONFIGS if c.endswith("_pud")],
+          "other": ["ceb_gja", "tl_trg", "tl_ugnayan", "toy_heldout"]}
+
+
+def sweep(args):
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "grid.csv")
+    done = set()
+    if os.path.exists(path):  # resume: skip cells already in the CSV
+        with open(path) as f:
+            done = {(r["ckpt"], r["regime"], r["train_on"]) for r in csv.DictReader(f)}
+    configs = ["toy"] if args.train_on == "toy" else \
+        [c for c in list(TRAIN_CONFIGS) + ["all"] if c == "all" or args.data_dir is None or
+         uner_file(c, "train", args.data_dir, args.cache_dir)]
+    fields = ["ckpt", "hybrid_ratio", "regime", "train_on", "eval_on", "precision", "recall", "f1"]
+    for ckpt in args.ckpt:
+        for regime in ("head", "full"):
+            for cfg in configs:
+                if (ckpt, regime, cfg) in done:
+                    continue
+                cell = argparse.Namespace(**{**vars(args), "regime": regime, "train_on": cfg})
+                res = run_one(cell, ckpt, log=lambda *_: None)
+                print(f"{ckpt} {regime:4s} {cfg:12s} " + " ".join(f"{k}={v['f1']:.3f}" for k, v in res["eval"].items()))
+                new = not os.path.exists(path)
+                with open(path, "a", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=fields)
+                    if new:
+                        w.writeheader()
+                    for name, r in res["eval"].items():
+                        w.writerow(dict(ckpt=ckpt, hybrid_ratio=res["hybrid_ratio"], regime=regime, train_on=cfg,
+                                        eval_on=name, precision=r["precision"], recall=r["recall"], f1=r["f1"]))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    write_grid_outputs(rows, args.out)
+
+
+def write_grid_outputs(rows, out):
+    """grid.md (every cell), one heatmap per checkpoint and regime, and MAML-vs-vanilla relative improvements."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lines = ["# NER fine-tuning grid (entity micro-F1)", ""]
+    for ckpt in dict.fromkeys(r["ckpt"] for r in rows):
+        for regime in ("head", "full"):
+            cells = [r for r in rows if r["ckpt"] == ckpt and r["regime"] == regime]
+            if not cells:
+                continue
+            tr = list(dict.fromkeys(r["train_on"] for r in cells))
+            ev = list(dict.fromkeys(r["eval_on"] for r in cells))
+            grid = np.full((len(tr), len(ev)), np.nan)
+            for r in cells:
+                grid[tr.index(r["train_on"]), ev.index(r["eval_on"])] = float(r["f1"])
+            lines += [f"## {ckpt} ({regime})", "", "| fine-tuned on | " + " | ".join(ev) + " |",
+                      "|---" * (len(ev) + 1) + "|"]
+            lines += [f"| {t} | " + " | ".join("-" if np.isnan(v) else f"{v:.3f}" for v in grid[i]) + " |"
+                      for i, t in enumerate(tr)]
+            lines.append("")
+            fig, ax = plt.subplots(figsize=(1 + 0.7 * len(ev), 1 + 0.45 * len(tr)))
+            im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(0.01, np.nanmax(grid)))
+            ax.set_xticks(range(len(ev)), ev, rotation=60, ha="right")
+            ax.set_yticks(range(len(tr)), tr)
+            for i in range(len(tr)):
+                for j in range(len(ev)):
+                    if not np.isnan(grid[i, j]):
+                        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+            ax.set_title(f"micro-F1: {os.path.basename(os.path.dirname(ckpt)) or ckpt} ({regime})")
+            fig.colorbar(im)
+            fig.tight_layout()
+            fig.savefig(os.path.join(out, f"heatmap_{os.path.basename(os.path.dirname(ckpt)) or 'model'}_{regime}.png"),
+                        dpi=110)
+            plt.close(fig)
+    maml = [c for c in dict.fromkeys(r["ckpt"] for r in rows) if float(next(
+        r["hybrid_ratio"] for r in rows if r["ckpt"] == c) or 0) > 0]
+    vanilla = [c for c in dict.fromkeys(r["ckpt"] for r in rows) if c not in maml]
+    if maml and vanilla:
+        def mean_f1(ckpt, regime, evs):
+            v = [float(r["f1"]) for r in rows if r["ckpt"] == ckpt and r["regime"] == regime and r["eval_on"] in evs]
+            return float(np.mean(v)) if v else None
+
+        def rel(m, v):
+            return "-" if m is None or v is None or v == 0 else f"{(m - v) / v * 100:+.1f}%"
+        m, v = maml[0], vanilla[0]
+        lines += [f"## Relative improvement of MAML ({m}) over vanilla ({v}), % of vanilla micro-F1 (Table 3)", "",
+                  "| regime | seen | PUD | other |", "|---|---|---|---|"]
+        for regime in ("head", "full"):
+            lines.append(f"| {regime} | " + " | ".join(rel(mean_f1(m, regime, GROUPS[g]), mean_f1(v, regime, GROUPS[g]))
+                                                      for g in ("seen", "pud", "other")) + " |")
+        evs = list(dict.fromkeys(r["eval_on"] for r in rows))
+        lines += ["", "## Per evaluation set (Tables 4-5), averaged over fine-tuning configs", "",
+                  "| regime | " + " | ".join(evs) + " |", "|---" * (len(evs) + 1) + "|"]
+        for regime in ("head", "full"):
+            lines.append(f"| {regime} | " + " | ".join(rel(mean_f1(m, regime, [e]), mean_f1(v, regime, [e]))
+                                                      for e in evs) + " |")
+    with open(os.path.join(out, "grid.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"grid: {os.path.join(out, 'grid.csv')}, {os.path.join(out, 'grid.md')}, heatmaps in {out}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Universal NER fine-tuning of maml_gpt.py checkpoints.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--ckpt", nargs="+", default=["out/demo/ckpt.pt"], help="checkpoint(s); --sweep takes several")
+    a("--train_on", help="toy, all, or a UNER config (da_ddt, en_ewt, ...); default toy offline, en_ewt with "
+      "--data_dir")
+    a("--regime", choices=["head", "full"], default="head", help="head: frozen backbone; full: train everything")
+    a("--data_dir", help="local folder of <cfg>-ud-<split>.iob2 files (no download)")
+    a("--cache_dir", default=os.path.join(HERE, "data", "cache", "uner"), help="where downloads are cached")
+    a("--lr", type=float, help="AdamW learning rate (default 3e-5 as in the paper; the short toy demo uses 1e-3 "
+      "for the head and 1e-4 for full fine-tuning)")
+    a("--batch_size", type=int, default=16)
+    a("--epochs", type=int, default=10, help="maximum epochs")
+    a("--patience", type=int, default=3, help="stop after this many epochs without a better dev F1")
+    a("--max_len", type=int, default=128, help="tokens per sentence (longer sentences are truncated)")
+    a("--max_train_sentences", type=int, default=0, help="use only the first N training sentences (0 = all)")
+    a("--toy_sentences", type=int, default=2000, help="training sentences of the toy NER set")
+    a("--seed", type=int, default=0)
+    a("--device", default="auto")
+    a("--out", help="output folder (default: next to the checkpoint, ner/ or ner-grid/)")
+    a("--sweep", action="store_true", help="the paper's grid: every config x {head, full} for each --ckpt")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.train_on is None:
+        args.train_on = "en_ewt" if args.data_dir else "toy"
+    args.out = args.out or os.path.join(os.path.dirname(args.ckpt[0]) or ".",
+                                        "ner-grid" if args.sweep else f"ner-{args.train_on}-{args.regime}")
+    try:
+        if args.sweep:
+            sweep(args)
+            return
+        res = run_one(args)
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "results.json")
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+        print_table(res)
+        print(f"results: {path} ({res['sec']:.0f}s). Next: python finetune_ner.py --regime "
+              f"{'full' if args.regime == 'head' else 'head'}   |   python finetune_ner.py --sweep --ckpt CKPT ...")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

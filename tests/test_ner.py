@@ -1,0 +1,147 @@
+"""finetune_ner.py: IOB2 parsing, alignment, the seqeval-compatible metric, regimes, early stopping, end to end."""
+import json
+import os
+
+import pytest
+import torch
+
+import finetune_ner as fn
+import maml_gpt as mg
+
+UNER = os.path.join(os.path.dirname(mg.HERE), "shared", "uner")
+
+
+def test_read_iob2_comments_oth_and_blank_lines(tmp_path):
+    p = tmp_path / "x-ud-test.iob2"
+    p.write_text("# sent_id = 1\n# text = Ann went\n1\tAnn\tB-PER\t-\t-\n2\twent\tO\t-\t-\n\n"
+                 "# sent_id = 2\n1\tBelgrade\tB-OTH\t-\t-\n2\tCity\tI-OTH\t-\t-\n3\tx\tB-O\t-\t-\n\n\n")
+    assert fn.read_iob2(str(p)) == [(["Ann", "went"], ["B-PER", "O"]), (["Belgrade", "City", "x"], ["O", "O", "O"])]
+
+
+def test_read_iob2_malformed_lines(tmp_path):
+    p = tmp_path / "bad.iob2"
+    p.write_text("1\tAnn\tB-PER\t-\t-\n2 went O - -\n")
+    with pytest.raises(mg.UserError, match=r"bad.iob2:2: expected 5 TAB-separated columns"):
+        fn.read_iob2(str(p))
+    p.write_text("1\tAnn\tB-MISC\t-\t-\n")
+    with pytest.raises(mg.UserError, match=r"bad.iob2:1: unknown tag 'B-MISC'"):
+        fn.read_iob2(str(p))
+
+
+def test_label_alignment_on_multi_token_words():
+    enc = mg.get_tokenizer()
+    words, tags = ["Xanthippe", "visited", "Ouagadougou", "."], ["B-PER", "O", "B-LOC", "O"]
+    (ids, labels, first), = fn.encode([(words, tags)])[0]
+    assert ids == enc.encode("Xanthippe visited Ouagadougou .")  # words joined by spaces, as running text
+    assert len(enc.encode("Xanthippe")) > 1 and len(enc.encode(" Ouagadougou")) > 1
+    assert [labels[i] for i in first] == [fn.LABEL_ID[t] for t in tags]
+    assert sum(l != -100 for l in labels) == 4 and len(labels) == len(ids)
+    items, truncated = fn.encode([(words * 20, tags * 20)], max_len=16)
+    assert len(items[0][0]) <= 16 and truncated > 0 and len(items[0][2]) + truncated == 80
+
+
+@pytest.mark.parametrize("gold,pred,p,r", [
+    ([["B-PER", "I-PER", "O", "B-LOC"]], [["B-PER", "I-PER", "O", "B-LOC"]], 1.0, 1.0),
+    ([["B-PER", "I-PER", "O"]], [["B-PER", "O", "O"]], 0.0, 0.0),  # boundary error: no credit
+    ([["O", "I-PER", "I-PER"]], [["B-PER", "I-PER", "O"]], 0.0, 0.0),  # I after O starts an entity (1..2)
+    ([["O", "I-PER", "I-PER"]], [["O", "B-PER", "I-PER"]], 1.0, 1.0),  # ... equal to B-PER I-PER
+    ([["B-PER", "I-LOC"]], [["B-PER", "B-LOC"]], 1.0, 1.0),  # a type change splits: PER(0) + LOC(1)
+    ([["B-ORG", "B-ORG"]], [["B-ORG", "I-ORG"]], 0.0, 0.0),  # two entities vs one
+    ([["B-PER", "O"], ["B-LOC", "O"]], [["B-PER", "O"], ["O", "O"]], 1.0, 0.5),
+    ([["O", "O"]], [["O", "O"]], 0.0, 0.0),
+])
+def test_entity_f1_hand_worked(gold, pred, p, r):
+    res = fn.entity_f1(gold, pred)
+    assert res["precision"] == pytest.approx(p) and res["recall"] == pytest.approx(r)
+    assert res["f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
+
+
+def test_entity_f1_per_type_and_micro():
+    gold = [["B-PER", "I-PER", "O", "B-LOC", "O", "B-ORG"]]
+    pred = [["B-PER", "I-PER", "O", "B-ORG", "O", "B-ORG"]]
+    res = fn.entity_f1(gold, pred)
+    assert res["precision"] == pytest.approx(2 / 3) and res["recall"] == pytest.approx(2 / 3)
+    assert res["per_type"]["PER"]["f1"] == 1.0 and res["per_type"]["LOC"]["f1"] == 0.0
+    assert res["per_type"]["ORG"] == dict(precision=0.5, recall=1.0, f1=pytest.approx(2 / 3), support=1)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, data_dir):
+    from conftest import SMALL
+    out = str(tmp_path_factory.mktemp("pre") / "run")
+    mg.main(SMALL + ["--data_dir", data_dir, "--out_dir", out, "--max_steps", "30", "--hybrid_ratio", "0"])
+    return os.path.join(out, "ckpt.pt")
+
+
+def args_for(ckpt, tmp_path, *extra):
+    return fn.build_parser().parse_args(["--ckpt", ckpt, "--out", str(tmp_path / "ner"), "--toy_sentences", "200",
+                                         "--epochs", "3", "--train_on", "toy"] + list(extra))
+
+
+def test_head_only_leaves_the_backbone_bit_identical(ckpt, tmp_path):
+    args = args_for(ckpt, tmp_path, "--regime", "head", "--lr", "1e-2")
+    ck = mg.load_checkpoint(ckpt)
+    model = mg.model_from_checkpoint(ck)
+    splits = fn.load_splits(args)
+    clf, hist = fn.finetune(model, splits, args, torch.device("cpu"), log=lambda *_: None)
+    assert all(torch.equal(v, ck["model"][k]) for k, v in model.state_dict().items())
+    args.regime = "full"
+    model = mg.model_from_checkpoint(ck)
+    fn.finetune(model, splits, args, torch.device("cpu"), log=lambda *_: None)
+    assert any(not torch.equal(v, ck["model"][k]) for k, v in model.state_dict().items())
+
+
+def test_early_stopping_restores_the_best_dev_epoch(ckpt, tmp_path, monkeypatch):
+    args = args_for(ckpt, tmp_path, "--regime", "head", "--epochs", "6", "--patience", "2")
+    dev_f1 = iter([0.1, 0.5, 0.2, 0.3, 0.9, 0.9])  # best at epoch 2; stops after epoch 4
+    snapshots = []
+    real_score = fn.score
+
+    def fake_score(preds, sentences):
+        snapshots.append({k: v.clone() for k, v in clf_ref[-1].state_dict().items()})
+        return dict(real_score(preds, sentences), f1=next(dev_f1))
+
+    clf_ref = []
+    real_linear = torch.nn.Linear
+
+    def make_linear(*a, **k):
+        clf_ref.append(real_linear(*a, **k))
+        return clf_ref[-1]
+
+    monkeypatch.setattr(fn, "score", fake_score)
+    monkeypatch.setattr(fn.nn, "Linear", make_linear)
+    model = mg.model_from_checkpoint(mg.load_checkpoint(ckpt))
+    clf, hist = fn.finetune(model, fn.load_splits(args), args, torch.device("cpu"), log=lambda *_: None)
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    assert all(torch.equal(v, snapshots[1][k]) for k, v in clf.state_dict().items())
+    assert not torch.equal(clf.weight, snapshots[3]["weight"])
+
+
+def test_offline_end_to_end_beats_all_o(ckpt, tmp_path, capsys):
+    out = tmp_path / "ner"
+    fn.main(["--ckpt", ckpt, "--out", str(out), "--toy_sentences", "300", "--epochs", "4", "--regime", "head"])
+    res = json.load(open(out / "results.json"))
+    assert set(res["eval"]) == {"toy", "toy_heldout"}
+    assert res["eval"]["toy"]["f1"] > 0.0  # predicting O everywhere finds no entity: F1 = 0
+    assert "toy_heldout" in capsys.readouterr().out
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fn.main(["--ckpt", str(tmp_path / "none.pt")])
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.isdir(UNER), reason="shared/uner not present")
+def test_integration_real_uner_da_ddt(ckpt, tmp_path):
+    for name in os.listdir(UNER):
+        if name.endswith(".iob2"):
+            assert fn.read_iob2(os.path.join(UNER, name))  # every real file parses
+    out = tmp_path / "ner"
+    fn.main(["--ckpt", ckpt, "--data_dir", UNER, "--train_on", "da_ddt", "--out", str(out), "--epochs", "1",
+             "--max_train_sentences", "200", "--regime", "head", "--lr", "1e-3"])
+    res = json.load(open(out / "results.json"))
+    assert list(res["eval"])[0] == "da_ddt"  # in-language first, then zero-shot
+    assert {"en_ewt", "sr_set", "en_pud", "ceb_gja", "tl_trg"} <= set(res["eval"])
+    assert res["eval"]["da_ddt"]["sentences"] == 565
+    assert all(0.0 <= r["f1"] <= 1.0 for r in res["eval"].values())
