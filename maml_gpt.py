@@ -868,7 +868,7 @@ def eval_batches(args, corpus_dir, device, is_local_zero):
 def check_out_dir(out_dir):
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, ".write-test")
+        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")  # per process: ranks share the folder
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
@@ -995,6 +995,9 @@ def train(args):
                                       global_batch=args.batch_size * args.grad_accum * world)), f, indent=1)
         print(f"model {count_params(model) / 1e6:.1f}M params | {world} process(es) on {device} | global batch "
               f"{args.batch_size * args.grad_accum * world} x {args.seq_len} | hybrid ratio {args.hybrid_ratio}")
+    if master and start == 0 and args.dynamics_every:  # step 0: the dynamics of the initialisation
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(dict(step=0, **counters, **learning_dynamics(model, *probe, modules, s["amp"]))) + "\n")
     window = Window(device)
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master,
                dynamic_ncols=True)
@@ -1005,7 +1008,9 @@ def train(args):
         counters["tokens_meta" if meta else "tokens_ar"] += n_tok
         n_branch[meta] += 1  # the branch is the same on every rank: no reduction needed
         done = step + 1
-        if done % args.log_every == 0 or done == args.max_steps:
+        evaluate_now = args.eval_every and (done % args.eval_every == 0 or done == args.max_steps)
+        dynamics_now = args.dynamics_every and (done % args.dynamics_every == 0 or done == args.max_steps)
+        if done % args.log_every == 0 or done == args.max_steps or evaluate_now or dynamics_now:
             rec = dict(step=done, lr=lr_at(step, args), **counters, n_meta_steps=n_branch[True],
                        n_ar_steps=n_branch[False])
             n_branch = {True: 0, False: 0}
@@ -1019,9 +1024,9 @@ def train(args):
                 hp = torch.cat([p.detach().flatten() for p in head.parameters()])
             rec["head_weight_mean"], rec["head_weight_std"] = hp.mean().item(), hp.std().item()
             rec["sec"] = round(time.time() - t0, 3)
-            if args.eval_every and (done % args.eval_every == 0 or done == args.max_steps):
+            if evaluate_now:
                 rec["eval_loss"], rec["eval_ppl"] = evaluate(model, evals, s["amp"], rank, world)
-            if master and args.dynamics_every and (done % args.dynamics_every == 0 or done == args.max_steps):
+            if master and dynamics_now:
                 rec.update(learning_dynamics(model, *probe, modules, s["amp"]))
             if master:
                 with open(metrics_path, "a") as f:
