@@ -248,9 +248,10 @@ def figures(runs, out, results):
         if rows:
             picks = sorted({0, len(rows) // 2, len(rows) - 1})
             fig, ax = plt.subplots(1, len(picks) + 1, figsize=(4.5 * (len(picks) + 1), 3.8))
+            vmin = min(np.min(r["attn_entropy"]) for r in rows)  # a shared colour scale across the snapshots
             vmax = max(np.max(r["attn_entropy"]) for r in rows)
             for a, i in zip(ax, picks):
-                im = a.imshow(np.array(rows[i]["attn_entropy"]), aspect="auto", origin="lower", vmin=0, vmax=vmax)
+                im = a.imshow(np.array(rows[i]["attn_entropy"]), aspect="auto", origin="lower", vmin=vmin, vmax=vmax)
                 a.set(title=f"attention entropy, step {rows[i]['step']}", xlabel="head", ylabel="layer")
             fig.colorbar(im, ax=ax[len(picks) - 1])
             steps = [r["step"] for r in rows]

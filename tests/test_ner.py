@@ -145,3 +145,20 @@ def test_integration_real_uner_da_ddt(ckpt, tmp_path):
     assert {"en_ewt", "sr_set", "en_pud", "ceb_gja", "tl_trg"} <= set(res["eval"])
     assert res["eval"]["da_ddt"]["sentences"] == 565
     assert all(0.0 <= r["f1"] <= 1.0 for r in res["eval"].values())
+
+
+def test_sweep_grid_tables_and_resume(ckpt, data_dir, tmp_path):
+    from conftest import SMALL
+    maml = str(tmp_path / "maml")
+    mg.main(SMALL + ["--data_dir", data_dir, "--out_dir", maml, "--max_steps", "4"])
+    out = tmp_path / "grid"
+    argv = ["--sweep", "--ckpt", os.path.join(maml, "ckpt.pt"), ckpt, "--out", str(out), "--toy_sentences", "100",
+            "--epochs", "1"]
+    fn.main(argv)
+    rows = (out / "grid.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2 * 2  # header + 2 checkpoints x 2 regimes x 2 eval sets (toy, toy_heldout)
+    md = (out / "grid.md").read_text()
+    assert "Relative improvement of MAML" in md and "| head |" in md and "| full |" in md
+    assert len([p for p in os.listdir(out) if p.startswith("heatmap_")]) == 4
+    fn.main(argv)  # resumes: every cell is already done, nothing is re-run or duplicated
+    assert (out / "grid.csv").read_text().splitlines() == rows
