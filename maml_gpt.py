@@ -842,19 +842,23 @@ def eval_batches(args, corpus_dir, device, is_local_zero):
     tokens, source = None, "val"
     if args.eval_data == "paloma":
         path = os.path.join(args.data_dir, f"paloma-tinsy-{args.seq_len}.bin")
-        try:
-            if not os.path.exists(path) and is_local_zero:
+        ok = torch.tensor([1], device=device)
+        if not os.path.exists(path) and is_local_zero:  # one download per machine; the others wait below
+            try:
                 enc = get_tokenizer()
                 rows = [ids[:args.seq_len + 1] for ids in enc.encode_ordinary_batch(
                     list(hub_documents("pico-lm/pretokenized-paloma-tinsy", split="val")))]
-                rows = [r for r in rows if len(r) == args.seq_len + 1]
                 os.makedirs(args.data_dir, exist_ok=True)
-                write_bin(path, np.concatenate(rows))
+                write_bin(path, np.concatenate([r for r in rows if len(r) == args.seq_len + 1]))
+            except UserError as e:
+                ok.zero_()
+                print(f"note: Paloma is unavailable, evaluating on the held-out split instead ({e})")
+        if dist.is_initialized():  # every rank learns whether every machine got it: all fall back together
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item():
             while not os.path.exists(path):
                 time.sleep(2)
             tokens, source = read_bin(path), "paloma"
-        except UserError as e:
-            print(f"note: Paloma is unavailable, evaluating on the held-out split instead ({e})")
     if tokens is None:
         tokens = read_bin(os.path.join(corpus_dir, "val.bin"))
         starts = fixed_windows(len(tokens), args.seq_len, args.eval_batches * args.batch_size)

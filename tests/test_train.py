@@ -152,3 +152,10 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(small_args, capsys, tmp_
     err = capsys.readouterr().err
     assert "non-finite" in err and "Traceback" not in err
     assert (out / "ckpt.pt").read_bytes() == good
+
+
+def test_paloma_eval_falls_back_to_held_out_split_offline(small_args, tmp_path, capsys):
+    assert run(small_args + ["--max_steps", "2", "--eval_every", "2", "--eval_data", "paloma"]) == 0
+    assert "Paloma is unavailable" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "run" / "config.json"))["eval_source"] == "val"
+    assert "eval_ppl" in metrics(str(tmp_path / "run"))[-1]
