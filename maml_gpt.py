@@ -268,9 +268,8 @@ class Decoder(nn.Module):
         return logits, loss
 
 
-def count_params(model, exclude_embedding=False):
-    n = sum(p.numel() for p in model.parameters())
-    return n - model.embedding_proj.weight.numel() if exclude_embedding else n
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------------------
