@@ -169,23 +169,28 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()  # normalise in fp32 even under bf16 autocast, then cast back
+        # x / rms(x) over the feature dimension, then a learned per-feature gain. No mean subtraction, no bias
+        # (unlike LayerNorm). Computed in fp32 even under bf16 autocast: the mean of squares loses precision in bf16.
+        xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def rope_tables(head_dim, max_len, theta):
     """cos/sin of shape (max_len, head_dim/2): pair i of position t is rotated by angle t * theta^(-2i/head_dim)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    # Pair 0 turns fastest (1 rad per position), the last pair slowest (~theta^-1): a spectrum of "clock hands".
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hd/2)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
     """Rotate adjacent pairs (x0,x1), (x2,x3)... (Meta-Llama convention, not HF's rotate_half).
     x: (B, H, T, hd); cos, sin: (T, hd/2). Real arithmetic, so the tables can be ordinary (NCCL-safe) buffers."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, T, hd/2)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    # Each pair is a complex number x0 + i x1 multiplied by e^(i angle): a 2-D rotation. Rotating q at position m
+    # and k at position n makes q.k depend on m - n only: attention sees relative positions.
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, T, hd/2): even and odd features
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, H, T, hd/2, 2)
+    return out.flatten(-2).type_as(x)  # interleave back: (B, H, T, hd)
 
 
 class Attention(nn.Module):
@@ -200,7 +205,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def qkv(self, x, cos, sin):
-        """x (B, T, d) -> q (B, H, T, hd), k and v (B, Hkv, T, hd), with RoPE applied to q and k."""
+        """x (B, T, d) -> q (B, H, T, hd), k and v (B, Hkv, T, hd), with RoPE applied to q and k.
+        A separate method so that attention_entropy() can recompute the attention probabilities explicitly."""
         q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
         k = self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
@@ -208,8 +214,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin):
         q, k, v = self.qkv(x, cos, sin)
+        # enable_gqa: query head h reads kv head h // 3 without materialising repeated k/v (torch >= 2.5).
+        # is_causal: position t attends to 0..t; SDPA picks a fused kernel (flash / memory-efficient) when it can.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).flatten(-2))
+        return self.o_proj(y.transpose(1, 2).flatten(-2))  # heads back side by side: (B, T, d)
 
 
 class SwiGLU(nn.Module):
@@ -221,6 +229,7 @@ class SwiGLU(nn.Module):
         self.w_2 = nn.Linear(hidden, cfg.d_model, bias=False)  # down projection
 
     def forward(self, x):
+        # A gated MLP: silu(w_0 x) decides, per hidden unit, how much of w_1 x passes. (B, T, d) -> (B, T, 4d) -> d
         return self.w_2(F.silu(self.w_0(x)) * self.w_1(x))
 
 
@@ -233,6 +242,8 @@ class Block(nn.Module):
         self.swiglu = SwiGLU(cfg)
 
     def forward(self, x, cos, sin):
+        # Pre-norm residual block: each sub-layer reads a normalised copy and adds to the residual stream, which
+        # itself is never normalised in place (stable at depth without warm-up tricks).
         x = x + self.attention(self.attention_norm(x), cos, sin)
         return x + self.swiglu(self.swiglu_norm(x))
 
@@ -256,14 +267,14 @@ class Decoder(nn.Module):
         T = idx.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens > max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        x = self.embedding_proj(idx)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # any length 1..max_seq_len: slice the tables
+        x = self.embedding_proj(idx)  # (B, T, d); no position embedding: RoPE carries position
         for layer in self.layers:
             x = layer(x, cos, sin)
-        x = self.output_norm(x)
+        x = self.output_norm(x)  # (B, T, d)
         if return_hidden:
-            return x
-        logits = self.de_embedding_proj(x).float()
+            return x  # meta and NER steps stop here: the 50,304-way LM head is the costliest matmul at small d
+        logits = self.de_embedding_proj(x).float()  # (B, T, V), fp32 for a stable softmax
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
 
@@ -304,6 +315,8 @@ VAL_EVERY = 50  # every 50th document goes to the held-out split (doc-level: no 
 
 
 def write_bin(path, tokens):
+    # uint16 holds every GPT-2 id (< 65,536) in half the bytes of int32; the 1 KiB header makes a truncated or
+    # foreign file detectable before it silently trains on garbage.
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = BIN_MAGIC, BIN_VERSION, len(tokens)
     with open(path + ".tmp", "wb") as f:
@@ -322,6 +335,7 @@ def read_bin(path):
     if len(header) < HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION \
             or os.path.getsize(path) != HEADER_INTS * 4 + 2 * n:
         raise UserError(f"{path} is not a valid token file (wrong header or size); delete its folder to re-prepare")
+    # A memmap reads only the pages a batch touches: a 1B-token corpus costs no RAM until used.
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
 
 
@@ -334,9 +348,9 @@ def tokenize_documents(docs, out_dir, max_tokens, desc):
     bar = tqdm(total=max_tokens if max_tokens < 1 << 40 else None, desc=f"tokenizing {desc}", unit="tok",
                unit_scale=True, leave=False)
 
-    def flush():
+    def flush():  # tiktoken encodes a batch of documents on several threads
         nonlocal n_total, n_doc
-        for ids in enc.encode_ordinary_batch(batch):
+        for ids in enc.encode_ordinary_batch(batch):  # "ordinary": text that looks like <|endoftext|> stays text
             split = "val" if n_doc % VAL_EVERY == 0 else "train"
             parts[split].append(np.array(ids + [EOT_ID], dtype=np.uint16))
             n_total += len(ids) + 1
@@ -344,7 +358,7 @@ def tokenize_documents(docs, out_dir, max_tokens, desc):
             bar.update(len(ids) + 1)
         batch.clear()
 
-    for doc in docs:
+    for doc in docs:  # docs may be an endless stream (the hub): stop once max_tokens are in
         batch.append(doc)
         if len(batch) == 1024:
             flush()
@@ -381,6 +395,7 @@ def local_documents(path):
 def hub_documents(spec, split="train", field="text"):
     """Stream documents of a Hugging Face hub dataset "ID[:CONFIG]" (imports `datasets` only here)."""
     name, _, config = spec.partition(":")
+    # Fail in seconds, not after `datasets` retries for minutes: honour HF_HUB_OFFLINE, then probe the host.
     offline = "set HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE") == "1" else None
     if offline is None:
         import socket
@@ -403,8 +418,10 @@ def prepare_corpus(args, rank_is_local_zero=True):
     """Tokenize the chosen corpus once into args.data_dir/<name>/ and return that folder. Only local rank 0 writes;
     other ranks wait for the files (no collective, so a long download cannot hit a distributed timeout)."""
     data = args.data
+    # The cache folder's name identifies its content: the toy size, a local path's identity (path, size, mtime),
+    # or the hub ID and token budget. Change any of them and the corpus is prepared again, never reused stale.
     if data == "toy":
-        name, docs = f"toy-{args.toy_docs}", None
+        name = f"toy-{args.toy_docs}"
     elif os.path.exists(data):
         st = os.stat(data)
         h = hashlib.sha1(f"{os.path.abspath(data)}|{st.st_size}|{st.st_mtime}".encode()).hexdigest()[:8]
@@ -430,7 +447,7 @@ def prepare_corpus(args, rank_is_local_zero=True):
         else:
             docs = hub_documents(data)
         tokenize_documents(docs, out, args.max_tokens if data != "toy" else 1 << 62, name)
-    need = args.seq_len + 2
+    need = args.seq_len + 2  # at least one window (seq_len inputs + 1 target) and room to draw its start
     for split in ("train", "val"):
         if len(read_bin(os.path.join(out, f"{split}.bin"))) < need:
             raise UserError(f"--data {data}: the {split} split has fewer than {need} tokens; the corpus is empty or "
@@ -440,14 +457,16 @@ def prepare_corpus(args, rank_is_local_zero=True):
 
 def batch_indices(seed, step, n_tokens, seq_len, global_batch):
     """Start offsets of the `global_batch` windows of optimizer step `step`: a pure function of (seed, step)."""
+    # Random windows with replacement (nanoGPT style) rather than epochs: no loader state to save, and the vanilla
+    # twin (--hybrid_ratio 0) draws exactly the batch the hybrid run draws at every AR step. Key slot 0 = "data".
     rng = np.random.default_rng([seed, step, 0])
     return rng.integers(0, n_tokens - seq_len - 1, size=global_batch)
 
 
 def get_batch(tokens, starts, seq_len, device):
     """Windows starting at `starts` -> x, y of shape (len(starts), seq_len), y shifted by one token."""
-    idx = starts[:, None] + np.arange(seq_len + 1)
-    buf = torch.from_numpy(tokens[idx].astype(np.int64))
+    idx = starts[:, None] + np.arange(seq_len + 1)  # (B, seq_len + 1) positions into the memmap
+    buf = torch.from_numpy(tokens[idx].astype(np.int64))  # embedding lookups need int64
     return buf[:, :-1].to(device, non_blocking=True), buf[:, 1:].to(device, non_blocking=True)
 
 
@@ -486,30 +505,34 @@ def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True):
         while not os.path.exists(path):
             time.sleep(2)
     if not os.path.exists(path):
-        tokens = read_bin(os.path.join(corpus_dir, "train.bin"))
+        tokens = read_bin(os.path.join(corpus_dir, "train.bin"))  # episodes never see the held-out split
         chunk = 1 << 24
+        # Pass 1: token frequencies (the rule's "most frequent" and "too rare" bounds need corpus counts).
         counts = sum(np.bincount(tokens[i:i + chunk], minlength=1 << 16) for i in range(0, len(tokens), chunk))
         words = content_word_ids(counts, args.smlmt_skip_top, args.smlmt_min_count)
-        is_word = np.zeros(1 << 16, dtype=bool)
+        is_word = np.zeros(1 << 16, dtype=bool)  # a lookup table: is_word[token id] -> content word?
         is_word[words] = True
         found = {int(w): [] for w in words}
         have = dict.fromkeys(found, 0)
         lo, hi = SMLMT_MARGIN, len(tokens) - SMLMT_MARGIN
-        for start in range(lo, hi, chunk):  # chunked, so a 1B-token corpus needs no 1B-entry temporaries
+        # Pass 2: positions, in corpus order, up to the cap (web corpora are document-shuffled, so the first
+        # 1,000 occurrences are as good a sample as any). Chunked: a 1B-token corpus needs no 1B-entry arrays.
+        for start in range(lo, hi, chunk):
             seg = np.asarray(tokens[start:min(start + chunk, hi)])
-            pos = np.flatnonzero(is_word[seg])
+            pos = np.flatnonzero(is_word[seg])  # offsets of content words in this chunk
             ids = seg[pos]
-            order = np.argsort(ids, kind="stable")
+            order = np.argsort(ids, kind="stable")  # group by word, keeping corpus order within a word
             ids, pos = ids[order], pos[order] + start
-            bounds = np.flatnonzero(np.diff(ids)) + 1
+            bounds = np.flatnonzero(np.diff(ids)) + 1  # where one word's group ends and the next begins
             for grp_ids, grp_pos in zip(np.split(ids, bounds), np.split(pos, bounds)):
                 w = int(grp_ids[0]) if len(grp_ids) else None
                 if w is not None and have[w] < args.smlmt_max_occ:
                     take = grp_pos[:args.smlmt_max_occ - have[w]]
                     found[w].append(take)
                     have[w] += len(take)
-        keep = [w for w in found if have[w] >= args.smlmt_min_count]
+        keep = [w for w in found if have[w] >= args.smlmt_min_count]  # enough occurrences away from the edges
         positions = [np.concatenate(found[w]) for w in keep]
+        # CSR layout: word i's positions are positions[offsets[i]:offsets[i + 1]] (one flat array, fast to load)
         offsets = np.cumsum([0] + [len(p) for p in positions])
         np.savez(path + ".tmp.npz", words=np.array(keep, dtype=np.int64), offsets=offsets,
                  positions=np.concatenate(positions) if positions else np.zeros(0, np.int64))
@@ -532,8 +555,8 @@ def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key):
     the class word ids (N,): label c means word classes[c]. Each example is a corpus window around one occurrence
     of its word, with that occurrence replaced by [MASK] at a position with >= ctx/4 tokens of context on each side.
     Support and query occurrences are distinct positions, and every query label is one of the N classes."""
-    rng = np.random.default_rng(key)
-    counts = np.diff(index["offsets"])
+    rng = np.random.default_rng(key)  # every random choice below comes from this one generator
+    counts = np.diff(index["offsets"])  # occurrences indexed per word
     eligible = np.flatnonzero(counts >= k_shot + q_query)
     if len(eligible) < n_way:
         raise UserError(f"only {len(eligible)} content words have >= K+Q = {k_shot + q_query} occurrences; "
@@ -543,12 +566,16 @@ def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key):
     per_class = k_shot + q_query
     occ = np.stack([index["positions"][index["offsets"][w] + rng.choice(counts[w], per_class, replace=False)]
                     for w in chosen])  # (N, K+Q) distinct corpus positions of each word
-    mask_at = rng.integers(ctx // 4, ctx - ctx // 4, size=occ.shape)  # where [MASK] sits in each window
+    # A random mask offset per example, so the model cannot learn "the answer is always at position 8".
+    mask_at = rng.integers(ctx // 4, ctx - ctx // 4, size=occ.shape)  # (N, K+Q) where [MASK] sits in each window
     windows = np.asarray(tokens[(occ - mask_at)[..., None] + np.arange(ctx)], dtype=np.int64)  # (N, K+Q, ctx)
+    # Only this occurrence is masked: if the word also appears elsewhere in the window it stays visible (a
+    # shortcut; see the README's exercises).
     np.put_along_axis(windows, mask_at[..., None], MASK_ID, axis=-1)
-    y = np.repeat(labels[:, None], per_class, axis=1)  # (N, K+Q)
+    y = np.repeat(labels[:, None], per_class, axis=1)  # (N, K+Q): row i is word i's label, support and query alike
     classes = np.empty(n_way, dtype=np.int64)
-    classes[labels] = index["words"][chosen]
+    classes[labels] = index["words"][chosen]  # invert the permutation: classes[label] = that word's token id
+    # The first K occurrences of each word are its support set, the remaining Q its query set.
     return dict(support_x=windows[:, :k_shot].reshape(-1, ctx), support_y=y[:, :k_shot].reshape(-1),
                 query_x=windows[:, k_shot:].reshape(-1, ctx), query_y=y[:, k_shot:].reshape(-1),
                 classes=classes, mask_at=mask_at, positions=occ)
@@ -560,6 +587,8 @@ def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key):
 
 def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.1):
     """d -> 128 -> 128 -> 128 -> N: 4 linear layers, ReLU, dropout, Xavier-uniform weights (biases: torch default)."""
+    # The last layer has N outputs, not the vocabulary: labels are re-drawn per episode, so the head's
+    # initialisation can only learn what helps *any* 32-way task adapt quickly (the point of MAML).
     layers, width = [], d_model
     for _ in range(n_layers - 1):
         layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
@@ -580,12 +609,17 @@ def inner_loop(head, support_feats, support_labels, steps, lr):
     phi_T, written as phi_0 + (phi_T - phi_0).detach(): a loss computed with them back-propagates d loss / d phi_T
     straight into phi_0.grad, which is exactly the FOMAML meta-gradient."""
     feats = support_feats.detach().float()  # (N*K, d): no gradient reaches the backbone from the support set
+    # phi_0: fresh leaf copies of the head's weights. The module itself is never modified, so there is nothing to
+    # snapshot and restore (the reference's state_dict dance), and its .grad is left for the outer update alone.
     fast = {k: p.detach().clone().requires_grad_() for k, p in head.named_parameters()}
+    # fp32 even under bf16 autocast: 10 small SGD steps on a 4-layer MLP are cheap, and bf16 would round them away.
     with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
         for _ in range(steps):
-            loss = F.cross_entropy(functional_call(head, fast, (feats,)), support_labels)
-            grads = torch.autograd.grad(loss, list(fast.values()))
+            loss = F.cross_entropy(functional_call(head, fast, (feats,)), support_labels)  # the head as a function
+            grads = torch.autograd.grad(loss, list(fast.values()))  # local to this rank: no DDP hook, no .grad
+            # phi_t = phi_{t-1} - lr * grad; detach() is what makes it first order (no graph through the steps)
             fast = {k: (w - lr * g).detach().requires_grad_() for (k, w), g in zip(fast.items(), grads)}
+    # Value phi_T, gradient path to phi_0 with Jacobian I: the straight-through form of the FOMAML approximation.
     return {k: p + (fast[k] - p).detach() for k, p in head.named_parameters()}
 
 
@@ -599,12 +633,17 @@ def meta_micro_step(model, head, ep, args, scale, amp):
 
     The head reads the hidden state of each window's LAST token, not of the [MASK] position: the decoder is causal,
     so the mask position sees only the left context, while the last token has attended to both sides of the mask."""
+    # Support: ONE forward, no graph. The backbone is fixed during adaptation and has no dropout, so the reference's
+    # 10 recomputations (one per inner step) would produce these same features 10 times.
     with torch.no_grad(), amp:
         hs = model(ep["support_x"], return_hidden=True)[:, -1].float()  # (N*K, d)
-    adapted = inner_loop(head, hs, ep["support_y"], args.inner_steps, args.inner_lr)
+    adapted = inner_loop(head, hs, ep["support_y"], args.inner_steps, args.inner_lr)  # phi_T, see inner_loop
+    # Query: a forward WITH a graph; its loss at the adapted head is the meta-objective.
     with amp:
         hq = model(ep["query_x"], return_hidden=True)[:, -1].float()  # (N*Q, d), with grad
-    loss = F.cross_entropy(functional_call(head, adapted, (hq,)), ep["query_y"])
+    loss = F.cross_entropy(functional_call(head, adapted, (hq,)), ep["query_y"])  # scalar, N-way CE
+    # Backbone.grad += d loss / d backbone (through hq); head.grad += d loss / d phi_T (through `adapted`).
+    # Scaled by 1 / (grad_accum * world) so that gradients summed over micro-steps and ranks are a mean.
     (loss * scale).backward()
     with torch.no_grad():  # accuracies without dropout, before and after adaptation
         head.eval()
@@ -635,10 +674,11 @@ def is_meta_step(seed, step, ratio):
 def effective_rank(W):
     """ER = exp(H(p)), p = sigma / sum(sigma) over W's singular values (Roy & Vetterli 2007). Zero singular values
     contribute 0 (entr(0) = 0); an all-zero matrix has ER 0."""
-    s = torch.linalg.svdvals(W.detach().float())
+    s = torch.linalg.svdvals(W.detach().float())  # (min(m, n),), descending, >= 0
     total = s.sum()
     if total <= 0:
         return 0.0
+    # entr(p) = -p log p with entr(0) = 0: exactly-zero singular values add nothing instead of NaN.
     return math.exp(torch.special.entr(s / total).sum().item())
 
 
@@ -653,9 +693,11 @@ def attention_entropy(model, idx):
     entropy -sum_j a_ij log a_ij (nats) of its causal attention distribution on `idx`. Uniform attention over the
     t+1 visible keys gives log(t+1); attending to a single key gives 0. Recomputes attention explicitly, because
     scaled_dot_product_attention never materialises the probabilities."""
+    # The probe walks the model layer by layer: attention probabilities are recomputed from each layer's own
+    # q and k (same RoPE, same GQA grouping), then the real block runs to produce the next layer's input.
     T = idx.shape[1]
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T): query t sees keys 0..t
     x, out = model.embedding_proj(idx), []
     for layer in model.layers:
         attn = layer.attention
@@ -663,7 +705,8 @@ def attention_entropy(model, idx):
         k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # (B, H, T, hd): kv head g serves 3 q heads
         scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(attn.head_dim)
         probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, H, T, T)
-        out.append(torch.special.entr(probs).sum(-1).mean(dim=(0, 2)))  # (H,)
+        # entropy of each row (B, H, T), then the mean over batch and query positions -> (H,)
+        out.append(torch.special.entr(probs).sum(-1).mean(dim=(0, 2)))
         x = layer(x, cos, sin)
     return torch.stack(out)
 
@@ -673,6 +716,7 @@ def learning_dynamics(model, probe_x, probe_y, modules, amp):
     names = [f"layers.{i}.{m}" for i in range(model.cfg.n_layers) for m in modules]
     mats = dict(model.named_parameters())
     out = {}
+    # Called after the optimizer step (grads already None), so probing never touches the training gradients.
     model.zero_grad(set_to_none=True)
     with amp:
         _, loss = model(probe_x, probe_y)
@@ -729,6 +773,8 @@ def all_reduce_(tensors, world):
     its losses by 1 / (grad_accum * world), so the sum of the gradients is the global-batch mean."""
     if world == 1 or not tensors:
         return
+    # One all-reduce per bucket instead of one per tensor (latency), but never one buffer the size of the whole
+    # model (memory). The None sentinel flushes the last bucket. Every rank passes the same list: same branch.
     bucket, size = [], 0
     for t in tensors + [None]:
         if t is not None:
@@ -743,6 +789,7 @@ def all_reduce_(tensors, world):
 
 
 def lr_at(step, args):
+    """Linear warm-up from lr/warmup to lr, then constant, cosine or linear decay to min_lr_frac * lr."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
     if args.lr_schedule == "constant":
@@ -920,14 +967,16 @@ def train_step(s, args, step, window):
     """One optimizer step: choose the branch, run grad_accum micro-steps, average gradients, AdamW."""
     model, head, fwd, opt, amp = s["model"], s["head"], s["fwd"], s["optimizer"], s["amp"]
     rank, world, device = s["rank"], s["world"], s["device"]
+    # One branch for the whole step (all micro-steps, all ranks): the set of parameters with gradients is then
+    # identical everywhere, which is what makes one plain all-reduce correct.
     meta = is_meta_step(args.seed, step, args.hybrid_ratio)
     scale = 1.0 / (args.grad_accum * world)  # so the all-reduced SUM of grads is the mean over the global batch
     global_batch = args.batch_size * args.grad_accum * world
     starts = None if meta else batch_indices(args.seed, step, len(s["tokens"]), args.seq_len, global_batch)
-    for micro in range(args.grad_accum):
+    for micro in range(args.grad_accum):  # gradients accumulate in .grad across micro-steps
         j = micro * world + rank  # this micro-step's index in the global batch: keys its data and its dropout
         torch.manual_seed(micro_seed(args.seed, step, j))
-        if meta:
+        if meta:  # one SMLMT episode per micro-step per rank: the meta-batch is grad_accum x world episodes
             ep = episode_tensors(s["tokens"], s["index"], args, [args.seed, step, j, 2], device)
             st = meta_micro_step(fwd, head, ep, args, scale, amp)
             for k, v in st.items():
@@ -939,6 +988,7 @@ def train_step(s, args, step, window):
                 _, loss = fwd(x, y)
             (loss * scale).backward()
             window.add("loss_ar", loss.detach())
+    # Only parameters this branch used have a .grad (the LM head is idle on meta steps, the MLP head on AR steps).
     params = [p for p in list(model.parameters()) + list(head.parameters()) if p.grad is not None]
     all_reduce_([p.grad for p in params], world)
     if meta:  # the FOMAML meta-gradient of the head init, measured before clipping and zeroing
@@ -948,8 +998,9 @@ def train_step(s, args, step, window):
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     for group in opt.param_groups:
         group["lr"] = lr_at(step, args)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    opt.step()  # AdamW skips parameters whose .grad is None: no momentum or weight-decay drift while idle
+    opt.zero_grad(set_to_none=True)  # None, not zeros: a zero gradient would still move them through momentum
+    # Backbone tokens this step processed, over all ranks: the honest x-axis for "equal compute".
     ctx = smlmt_ctx(args)
     per_micro = args.n_way * (args.k_shot + args.q_query) * ctx if meta else args.batch_size * args.seq_len
     return meta, per_micro * args.grad_accum * world
@@ -968,7 +1019,7 @@ def train(args):
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     counters = dict(tokens=0, tokens_ar=0, tokens_meta=0)
     start = 0
-    if args.resume:
+    if args.resume:  # restore everything; the data position is the step itself (batches are functions of it)
         ck = load_checkpoint(ckpt_path, device)
         mine = dict(vars(args), global_batch=args.batch_size * args.grad_accum * world)
         diff = [k for k in RUN_KEYS if mine.get(k) != ck["run"].get(k)]
@@ -987,6 +1038,7 @@ def train(args):
                 f.writelines(keep)
     elif master and os.path.exists(metrics_path):
         os.remove(metrics_path)
+    # Fixed eval batches and probe batch, built once: every eval / dynamics point uses identical inputs.
     evals, eval_source = eval_batches(args, s["corpus"], device, s["local_rank"] == 0) if args.eval_every else ([], "")
     val = read_bin(os.path.join(s["corpus"], "val.bin"))
     probe = get_batch(val, fixed_windows(len(val), args.seq_len, args.probe_batch), args.seq_len, device)
@@ -1041,10 +1093,10 @@ def train(args):
             if not all(torch.isfinite(p).all() for p in list(model.parameters()) + list(head.parameters())):
                 raise UserError(f"non-finite weights at step {done}; the last good checkpoint is kept. "
                                 "Lower --lr, enable --grad_clip, or use --dtype float32")
-            if master:
+            if master:  # the weights are identical on every rank: one writer
                 save_checkpoint(ckpt_path, model, head, s["optimizer"], done, args, counters, world)
             if world > 1:
-                dist.barrier()
+                dist.barrier()  # nobody races ahead (or exits) while rank 0 is still writing
     bar.close()
     if master:
         print(f"done: {args.max_steps} steps, {counters['tokens'] / 1e6:.2f}M tokens "

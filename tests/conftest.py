@@ -23,7 +23,7 @@ SMALL = ["--data", "toy", "--toy_docs", "2000", "--d_model", "24", "--n_layers",
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """One prepared toy corpus (and SMLMT index) shared by the whole session."""
+    """One prepared toy corpus (and SMLMT index) shared by every test."""
     d = str(tmp_path_factory.mktemp("data"))
     import maml_gpt
     args = maml_gpt.parse_args(SMALL + ["--data_dir", d])
