@@ -64,6 +64,7 @@ def smooth(y, k=5):
 
 def first_reach(x, y, level):
     """First x at which the smoothed, running-minimum loss is <= level (linear interpolation between log points)."""
+    # Smooth first (AR losses are noisy), then take the running minimum so "reached" is monotone in time.
     best = np.minimum.accumulate(smooth(y))
     hit = np.flatnonzero(best <= level)
     if not len(hit):
@@ -77,6 +78,7 @@ def first_reach(x, y, level):
 
 def speedup(vanilla, maml, axis="step", n_levels=50):
     """-> dict(levels, ratios, max, max_level, at_final): ratios = x_vanilla(L) / x_maml(L)."""
+    # Only loss_ar: the query loss is a 32-way CE on another task and must never be compared with next-token loss.
     xv, yv = series(vanilla, "loss_ar", axis)
     xm, ym = series(maml, "loss_ar", axis)
     if len(yv) < 2 or len(ym) < 2:
@@ -110,7 +112,7 @@ def speedup(vanilla, maml, axis="step", n_levels=50):
 def per_knee(x, y, min_drop=0.05):
     if len(y) < 4:
         return None
-    s = smooth(y, 3)
+    s = smooth(y, 3)  # PER is logged sparsely (every --dynamics_every steps): light smoothing only
     p = int(np.argmax(s))
     if p >= len(s) - 1 or (s[p] - s[p:].min()) < min_drop * s[p]:
         return None

@@ -64,6 +64,7 @@ def read_iob2(path):
             if len(cols) != 5:
                 raise UserError(f"{path}:{n}: expected 5 TAB-separated columns (id, token, tag, misc, annotator), "
                                 f"got {len(cols)}: {line[:60]!r}")
+            # As the hub configs do: OTHER entities (only in some sets) and the stray "B-O" are not entities.
             tag = "O" if cols[2].endswith("OTH") or cols[2] == "B-O" else cols[2]
             if tag not in LABEL_ID:
                 raise UserError(f"{path}:{n}: unknown tag {cols[2]!r}; expected one of {', '.join(LABELS)}")
@@ -146,12 +147,13 @@ def encode(sentences, max_len=128):
     for words, tags in sentences:
         ids, labels, first = [], [], []
         for i, (w, t) in enumerate(zip(words, tags)):
+            # " word" is how a word looks inside running text to GPT-2 BPE; an empty word still gets one slot.
             pieces = enc.encode_ordinary((" " if i else "") + w) or [EOT_ID]
             if len(ids) + 1 > max_len:
                 truncated += len(words) - i
                 break
-            first.append(len(ids))
-            labels += [LABEL_ID[t]] + [-100] * (len(pieces) - 1)
+            first.append(len(ids))  # where this word's prediction is read
+            labels += [LABEL_ID[t]] + [-100] * (len(pieces) - 1)  # -100: ignored by cross_entropy
             ids += pieces
         out.append((ids[:max_len], labels[:max_len], first))
     return out, truncated
@@ -179,7 +181,7 @@ def entities(tags):
     """Entity spans (type, start, end) of one IOB2 sequence, seqeval's lenient rules: an I- tag after O or after
     another type starts a new entity; B- always starts one; O and a type change end one."""
     spans, start, typ = [], None, None
-    for i, t in enumerate(list(tags) + ["O"]):
+    for i, t in enumerate(list(tags) + ["O"]):  # a trailing O closes an entity that runs to the end
         prefix, ty = (t[0], t[2:]) if t != "O" else ("O", None)
         if start is not None and (prefix in ("B", "O") or ty != typ):
             spans.append((typ, start, i - 1))
@@ -191,6 +193,7 @@ def entities(tags):
 
 def entity_f1(gold, pred):
     """gold, pred: lists of tag sequences. -> dict(precision, recall, f1, per_type={TYPE: dict(..., support)})."""
+    # An entity counts only if type, start and end all match (exact-span match), keyed by sentence index.
     g = {(s,) + e for s, tags in enumerate(gold) for e in entities(tags)}
     p = {(s,) + e for s, tags in enumerate(pred) for e in entities(tags)}
 
@@ -213,7 +216,7 @@ def features(model, items, batch_size, device):
     out = []
     with torch.no_grad():
         for x, _, chunk in batches(items, batch_size):
-            h = model(x.to(device), return_hidden=True).float()
+            h = model(x.to(device), return_hidden=True).float()  # (B, T, d)
             out += [h[b, c[2]].cpu() for b, c in enumerate(chunk)]
     return out
 
@@ -242,9 +245,9 @@ def finetune(model, splits, args, device, log=print):
     """Train a fresh linear head (and the backbone if --regime full); early stopping on dev micro-F1.
     -> (classifier, history). The model and classifier hold the best dev epoch's weights on return."""
     torch.manual_seed(args.seed)
-    clf = nn.Linear(model.cfg.d_model, len(LABELS)).to(device)
+    clf = nn.Linear(model.cfg.d_model, len(LABELS)).to(device)  # fresh per run, PyTorch default init
     head_only = args.regime == "head"
-    for p in model.parameters():
+    for p in model.parameters():  # head-only: the backbone gets no gradient and no optimizer state at all
         p.requires_grad_(not head_only)
     model.train(not head_only)
     train, _ = encode(splits["train"], args.max_len)
@@ -289,7 +292,7 @@ def finetune(model, splits, args, device, log=print):
         history.append(dict(epoch=epoch, train_loss=float(np.mean(losses)), dev_f1=f1, sec=time.time() - t0))
         log(f"  epoch {epoch:2d}  train loss {history[-1]['train_loss']:.4f}  dev F1 {f1:.4f}"
             f"{'  *' if f1 > best else ''}")
-        if f1 > best:
+        if f1 > best:  # keep a copy of the best epoch's weights: those are the ones tested
             best, bad = f1, 0
             best_state = ({k: v.clone() for k, v in clf.state_dict().items()},
                           None if head_only else {k: v.clone() for k, v in model.state_dict().items()})

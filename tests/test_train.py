@@ -159,3 +159,11 @@ def test_paloma_eval_falls_back_to_held_out_split_offline(small_args, tmp_path, 
     assert "Paloma is unavailable" in capsys.readouterr().out
     assert json.load(open(tmp_path / "run" / "config.json"))["eval_source"] == "val"
     assert "eval_ppl" in metrics(str(tmp_path / "run"))[-1]
+
+
+def test_bench_prints_costs_and_says_when_mfu_is_unknown(small_args, capsys):
+    assert run(small_args + ["--bench"]) == 0
+    out = capsys.readouterr().out
+    assert "AR micro-step" in out and "meta / AR cost per backbone token" in out
+    assert "MFU: unknown" in out and "peak memory" in out and "% of training time" in out
+    assert not os.path.exists(small_args[small_args.index("--out_dir") + 1])  # a benchmark writes no run
