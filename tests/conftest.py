@@ -21,15 +21,20 @@ SMALL = ["--data", "toy", "--toy_docs", "2000", "--d_model", "24", "--n_layers",
          "--smlmt_min_count", "8", "--smlmt_skip_top", "50"]
 
 
-@pytest.fixture(scope="session")
+_PREPARED = {}  # built once per pytest run, shared by every test
+
+
+@pytest.fixture
 def data_dir(tmp_path_factory):
     """One prepared toy corpus (and SMLMT index) shared by every test."""
-    d = str(tmp_path_factory.mktemp("data"))
-    import maml_gpt
-    args = maml_gpt.parse_args(SMALL + ["--data_dir", d])
-    corpus = maml_gpt.prepare_corpus(args)
-    maml_gpt.build_smlmt_index(corpus, args)
-    return d
+    if "data" not in _PREPARED:
+        d = str(tmp_path_factory.mktemp("data"))
+        import maml_gpt
+        args = maml_gpt.parse_args(SMALL + ["--data_dir", d])
+        corpus = maml_gpt.prepare_corpus(args)
+        maml_gpt.build_smlmt_index(corpus, args)
+        _PREPARED["data"] = d
+    return _PREPARED["data"]
 
 
 @pytest.fixture

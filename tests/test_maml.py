@@ -11,7 +11,7 @@ import maml_gpt as mg
 from conftest import SMALL
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def corpus(data_dir):
     args = mg.parse_args(SMALL + ["--data_dir", data_dir])
     d = mg.prepare_corpus(args)
