@@ -353,9 +353,11 @@ def sweep(args):
     if os.path.exists(path):  # resume: skip cells already in the CSV
         with open(path) as f:
             done = {(r["ckpt"], r["regime"], r["train_on"]) for r in csv.DictReader(f)}
-    configs = ["toy"] if args.train_on == "toy" else \
-        [c for c in list(TRAIN_CONFIGS) + ["all"] if c == "all" or args.data_dir is None or
-         uner_file(c, "train", args.data_dir, args.cache_dir)]
+    if args.train_on == "toy":
+        configs = ["toy"]
+    else:  # every fine-tuning config with local train files (all of them when downloading), then their union
+        configs = [c for c in TRAIN_CONFIGS if args.data_dir is None or uner_file(c, "train", args.data_dir, None)]
+        configs += ["all"] if len(configs) == len(TRAIN_CONFIGS) else []
     fields = ["ckpt", "hybrid_ratio", "regime", "train_on", "eval_on", "precision", "recall", "f1"]
     for ckpt in args.ckpt:
         for regime in ("head", "full"):

@@ -1,11 +1,9 @@
 """The training loop: checkpoints, exact resume, DDP == gradient accumulation, user errors."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
-import pytest
 import torch
 
 import maml_gpt as mg
