@@ -261,31 +261,27 @@ def finetune(model, splits, args, device, log=print):
     total = args.epochs * ((len(train) + args.batch_size - 1) // args.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total)  # linear decay to 0 (HF default)
     rng = np.random.default_rng(args.seed)
+    def head_batches():  # shuffled batches of cached features: only the classifier runs
+        order = rng.permutation(len(tr_f))
+        for i in range(0, len(order), args.batch_size):
+            idx = order[i:i + args.batch_size]
+            yield clf(torch.cat([tr_f[j] for j in idx]).to(device)), torch.cat([tr_y[j] for j in idx]).to(device)
+
+    def full_batches():  # padded sentence batches through the whole (trainable) model
+        for x, y, _ in batches(train, args.batch_size, rng):
+            yield clf(model(x.to(device), return_hidden=True)).flatten(0, 1).float(), y.to(device).flatten()
+
     best, best_state, history, bad = -1.0, None, [], 0
     for epoch in range(1, args.epochs + 1):
         t0, losses = time.time(), []
-        if head_only:
-            order = rng.permutation(len(tr_f))
-            for i in range(0, len(order), args.batch_size):
-                idx = order[i:i + args.batch_size]
-                x = torch.cat([tr_f[j] for j in idx]).to(device)
-                y = torch.cat([tr_y[j] for j in idx]).to(device)
-                loss = F.cross_entropy(clf(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-        else:
-            for x, y, _ in batches(train, args.batch_size, rng):
-                logits = clf(model(x.to(device), return_hidden=True))
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=-100)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-            model.eval()
+        for logits, y in (head_batches() if head_only else full_batches()):  # (n, 7) logits, (n,) labels
+            loss = F.cross_entropy(logits, y, ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        model.eval()
         f1 = score(predict(model, clf, dev, args.batch_size, device, dev_f if head_only else None),
                    splits["dev"])["f1"]
         model.train(not head_only)

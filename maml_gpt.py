@@ -948,14 +948,18 @@ def setup(args, for_bench=False):
     cfg = model_config(args)
     model = Decoder(cfg).to(device)
     head = make_head(cfg.d_model, args.n_way, args.head_hidden, args.head_layers, args.head_dropout).to(device)
-    optimizer = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=args.lr,
-                                  weight_decay=args.weight_decay)
+    params = list(model.parameters()) + list(head.parameters())  # backbone + the meta-learned head init
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    # The fixed probe batch for learning dynamics: evenly spaced held-out windows, the same for every run.
+    val = read_bin(os.path.join(corpus, "val.bin"))
+    probe = get_batch(val, fixed_windows(len(val), args.seq_len, args.probe_batch), args.seq_len, device)
+    modules = [m.strip() for m in args.dynamics_modules.split(",") if m.strip()]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     fwd = torch.compile(model) if args.compile else model  # compile the backbone only; `model` is for saving
     return dict(rank=rank, world=world, device=device, corpus=corpus, tokens=tokens, index=index, model=model,
-                head=head, optimizer=optimizer, fwd=fwd, amp=autocast_ctx(device, args.dtype), cfg=cfg,
-                local_rank=local_rank)
+                head=head, params=params, optimizer=optimizer, fwd=fwd, amp=autocast_ctx(device, args.dtype),
+                cfg=cfg, local_rank=local_rank, probe=probe, modules=modules)
 
 
 def micro_seed(seed, step, j):
@@ -965,7 +969,7 @@ def micro_seed(seed, step, j):
 
 def train_step(s, args, step, window):
     """One optimizer step: choose the branch, run grad_accum micro-steps, average gradients, AdamW."""
-    model, head, fwd, opt, amp = s["model"], s["head"], s["fwd"], s["optimizer"], s["amp"]
+    head, fwd, opt, amp = s["head"], s["fwd"], s["optimizer"], s["amp"]
     rank, world, device = s["rank"], s["world"], s["device"]
     # One branch for the whole step (all micro-steps, all ranks): the set of parameters with gradients is then
     # identical everywhere, which is what makes one plain all-reduce correct.
@@ -989,7 +993,7 @@ def train_step(s, args, step, window):
             (loss * scale).backward()
             window.add("loss_ar", loss.detach())
     # Only parameters this branch used have a .grad (the LM head is idle on meta steps, the MLP head on AR steps).
-    params = [p for p in list(model.parameters()) + list(head.parameters()) if p.grad is not None]
+    params = [p for p in s["params"] if p.grad is not None]
     all_reduce_([p.grad for p in params], world)
     if meta:  # the FOMAML meta-gradient of the head init, measured before clipping and zeroing
         window.add("head_grad_norm", torch.linalg.vector_norm(torch.stack(
@@ -1040,9 +1044,7 @@ def train(args):
         os.remove(metrics_path)
     # Fixed eval batches and probe batch, built once: every eval / dynamics point uses identical inputs.
     evals, eval_source = eval_batches(args, s["corpus"], device, s["local_rank"] == 0) if args.eval_every else ([], "")
-    val = read_bin(os.path.join(s["corpus"], "val.bin"))
-    probe = get_batch(val, fixed_windows(len(val), args.seq_len, args.probe_batch), args.seq_len, device)
-    modules = [m.strip() for m in args.dynamics_modules.split(",") if m.strip()]
+    probe, modules = s["probe"], s["modules"]
     if master:
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
             json.dump(run_header(args, s["cfg"], model, device, world,
@@ -1090,7 +1092,7 @@ def train(args):
                 bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_ar", "loss_query", "acc_query_post")
                                  if k in rec})
         if done % args.save_every == 0 or done == args.max_steps:
-            if not all(torch.isfinite(p).all() for p in list(model.parameters()) + list(head.parameters())):
+            if not all(torch.isfinite(p).all() for p in s["params"]):
                 raise UserError(f"non-finite weights at step {done}; the last good checkpoint is kept. "
                                 "Lower --lr, enable --grad_clip, or use --dtype float32")
             if master:  # the weights are identical on every rank: one writer
@@ -1165,11 +1167,8 @@ def bench(args, iters=5):
     ctx = smlmt_ctx(args)
     ar_tok, meta_tok = args.batch_size * args.seq_len, args.n_way * (args.k_shot + args.q_query) * ctx
     t_ar, t_meta = timed(ar), timed(meta)
-    val = read_bin(os.path.join(s["corpus"], "val.bin"))
-    probe = get_batch(val, fixed_windows(len(val), args.seq_len, args.probe_batch), args.seq_len, device)
-    modules = [m.strip() for m in args.dynamics_modules.split(",")]
     t = time.perf_counter()
-    learning_dynamics(model, *probe, modules, amp)
+    learning_dynamics(model, *s["probe"], s["modules"], amp)
     sync()
     t_dyn = time.perf_counter() - t
     step_time = args.grad_accum * (args.hybrid_ratio * t_meta + (1 - args.hybrid_ratio) * t_ar)
