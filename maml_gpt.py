@@ -123,6 +123,14 @@ def build_parser():
     a("--head_hidden", type=int, default=128, help="hidden width of the MLP head")
     a("--head_layers", type=int, default=4, help="linear layers in the MLP head")
     a("--head_dropout", type=float, default=0.1, help="dropout in the MLP head (the reference silently drops it)")
+    a("--head_init", default="proto", choices=["proto", "learned", "vocab"],
+      help="the head's last layer each episode: proto (from support class means, Proto-MAML), learned (meta-learned "
+           "N-way layer, the paper's text: collapses to uniform), vocab (the released code's token-id head)")
+    a("--read", default="mask", choices=["mask", "last"],
+      help="where the head reads the backbone: the [MASK] position (window = left context) or the window's last "
+           "token (the mask mid-window)")
+    a("--fewshot_episodes", type=int, default=8,
+      help="fixed held-out episodes scored with a fresh head at every --eval_every (0 = off)")
     a("--smlmt_ctx", type=int, default=0,
       help="tokens per episode example; 0 = size a meta micro-step like an AR one (min 16)")
     a("--smlmt_skip_top", type=int, default=100, help="content words exclude the corpus's most frequent tokens")
@@ -498,18 +506,22 @@ def content_word_ids(counts, skip_top, min_count):
 SMLMT_MARGIN = 256  # indexed occurrences keep this many tokens of room on both sides (so --smlmt_ctx <= 256)
 
 
-def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True):
-    """{word id -> occurrence positions in train.bin}, capped at --smlmt_max_occ per word; cached as .npz."""
-    path = os.path.join(corpus_dir, f"smlmt-{args.smlmt_skip_top}-{args.smlmt_min_count}-{args.smlmt_max_occ}.npz")
+def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True, split="train"):
+    """{word id -> occurrence positions in SPLIT.bin}, capped at --smlmt_max_occ per word; cached as .npz.
+    Training episodes come from train.bin only; the few-shot eval's from val.bin (its own word counts, and a word
+    needs only K+Q occurrences there)."""
+    min_count = args.smlmt_min_count if split == "train" else args.k_shot + args.q_query
+    prefix = "smlmt" if split == "train" else f"smlmt-{split}"
+    path = os.path.join(corpus_dir, f"{prefix}-{args.smlmt_skip_top}-{min_count}-{args.smlmt_max_occ}.npz")
     if not os.path.exists(path) and not rank_is_local_zero:
         while not os.path.exists(path):
             time.sleep(2)
     if not os.path.exists(path):
-        tokens = read_bin(os.path.join(corpus_dir, "train.bin"))  # episodes never see the held-out split
+        tokens = read_bin(os.path.join(corpus_dir, f"{split}.bin"))
         chunk = 1 << 24
         # Pass 1: token frequencies (the rule's "most frequent" and "too rare" bounds need corpus counts).
         counts = sum(np.bincount(tokens[i:i + chunk], minlength=1 << 16) for i in range(0, len(tokens), chunk))
-        words = content_word_ids(counts, args.smlmt_skip_top, args.smlmt_min_count)
+        words = content_word_ids(counts, args.smlmt_skip_top, min_count)
         is_word = np.zeros(1 << 16, dtype=bool)  # a lookup table: is_word[token id] -> content word?
         is_word[words] = True
         found = {int(w): [] for w in words}
@@ -530,7 +542,7 @@ def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True):
                     take = grp_pos[:args.smlmt_max_occ - have[w]]
                     found[w].append(take)
                     have[w] += len(take)
-        keep = [w for w in found if have[w] >= args.smlmt_min_count]  # enough occurrences away from the edges
+        keep = [w for w in found if have[w] >= min_count]  # enough occurrences away from the edges
         positions = [np.concatenate(found[w]) for w in keep]
         # CSR layout: word i's positions are positions[offsets[i]:offsets[i + 1]] (one flat array, fast to load)
         offsets = np.cumsum([0] + [len(p) for p in positions])
@@ -548,12 +560,16 @@ def smlmt_ctx(args):
     return int(min(max(ctx, 16), args.seq_len, SMLMT_MARGIN))
 
 
-def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key):
+def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key, read="mask"):
     """One N-way K-shot episode, a pure function of `key` = (seed, step, j).
 
     Returns support_x (N*K, ctx), support_y (N*K,), query_x (N*Q, ctx), query_y (N*Q,) as int64 numpy arrays, and
     the class word ids (N,): label c means word classes[c]. Each example is a corpus window around one occurrence
-    of its word, with that occurrence replaced by [MASK] at a position with >= ctx/4 tokens of context on each side.
+    of its word, with that occurrence replaced by [MASK]. The layout follows where the head reads (`read`):
+      mask: the [MASK] is the window's last token. The head reads the hidden state AT the [MASK]; in a causal
+            model nothing after it could reach that state, so the whole window is left context (no dead compute);
+      last: the [MASK] sits at a random offset with >= ctx/4 tokens on each side, and the head reads the window's
+            last token, which has attended to both sides of the mask.
     Support and query occurrences are distinct positions, and every query label is one of the N classes."""
     rng = np.random.default_rng(key)  # every random choice below comes from this one generator
     counts = np.diff(index["offsets"])  # occurrences indexed per word
@@ -566,8 +582,10 @@ def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key):
     per_class = k_shot + q_query
     occ = np.stack([index["positions"][index["offsets"][w] + rng.choice(counts[w], per_class, replace=False)]
                     for w in chosen])  # (N, K+Q) distinct corpus positions of each word
-    # A random mask offset per example, so the model cannot learn "the answer is always at position 8".
-    mask_at = rng.integers(ctx // 4, ctx - ctx // 4, size=occ.shape)  # (N, K+Q) where [MASK] sits in each window
+    if read == "mask":
+        mask_at = np.full(occ.shape, ctx - 1)  # (N, K+Q) where [MASK] sits in each window: the last token
+    else:  # a random offset per example, so a last-token reader cannot learn "the answer is always at position 8"
+        mask_at = rng.integers(ctx // 4, ctx - ctx // 4, size=occ.shape)
     windows = np.asarray(tokens[(occ - mask_at)[..., None] + np.arange(ctx)], dtype=np.int64)  # (N, K+Q, ctx)
     # Only this occurrence is masked: if the word also appears elsewhere in the window it stays visible (a
     # shortcut; see the README's exercises).
@@ -583,88 +601,172 @@ def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key):
 
 # ----------------------------------------------------------------------------------------------------------------
 # First-order MAML (paper §3.3, Algorithm 1): an MLP head adapts to the support set; the query loss at the adapted
-# head trains the backbone and the head's (meta-learned) initialisation.
+# head trains the backbone and the head's initialisation.
+#
+# Where the head's LAST layer starts each episode (--head_init) is the one place this code departs from the
+# paper's text on purpose. Labels are re-drawn every episode, so a meta-learned N-way last layer can at best learn
+# uniform logits, and 10 SGD steps at lr 0.01 cannot fix that within one episode: query accuracy stays at chance.
+#   proto   (default, Proto-MAML; Triantafillou et al. 2020): W_c = 2 mu_c, b_c = -||mu_c||^2 from the class means
+#           mu_c of the support set's layer-3 activations, so logit_c = -||z - mu_c||^2 + ||z||^2: nearest
+#           prototype before any step. The inner loop then fine-tunes all four layers from there.
+#   learned (the paper's text): an N-way last layer meta-learned like the other three. Kept to show the collapse.
+#   vocab   (the released code): a last layer over the whole vocabulary, of which each episode uses the rows of
+#           its N class words. Label-permutation-proof only because it is a next-token head in disguise.
 
-def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.1):
-    """d -> 128 -> 128 -> 128 -> N: 4 linear layers, ReLU, dropout, Xavier-uniform weights (biases: torch default)."""
-    # The last layer has N outputs, not the vocabulary: labels are re-drawn per episode, so the head's
-    # initialisation can only learn what helps *any* 32-way task adapt quickly (the point of MAML).
+def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.1, init="proto", vocab_size=None):
+    """`body`: d -> 128 -> 128 -> 128 (3 linear layers, ReLU, dropout), shared by all classes, so the label order
+    cannot hurt it; plus `out`, a learned last layer: N-way (init="learned"), over the vocabulary ("vocab"), or
+    none ("proto": built from the support set every episode). Xavier-uniform weights, torch-default biases."""
     layers, width = [], d_model
     for _ in range(n_layers - 1):
         layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
         width = hidden
-    head = nn.Sequential(*layers, nn.Linear(width, n_way))
+    head = nn.ModuleDict(dict(body=nn.Sequential(*layers)))
+    if init != "proto":
+        head["out"] = nn.Linear(width, n_way if init == "learned" else vocab_size)
     for p in head.parameters():
         if p.dim() > 1:
             nn.init.xavier_uniform_(p)
     return head
 
 
-def inner_loop(head, support_feats, support_labels, steps, lr):
-    """`steps` plain SGD steps of the head on the support set, in fp32, on a functional copy of its parameters.
+def episode_init(head, support_feats, support_labels, classes, init):
+    """phi_0, this episode's starting weights, as {name: tensor}: the body's parameters as they are, and a last
+    layer (out.weight (N, h), out.bias (N,)) set by `init`. Gradients flow back through every entry: into the body
+    directly, and for "proto" also through the prototypes (the support features carry no backbone graph)."""
+    phi = {f"body.{k}": p for k, p in head["body"].named_parameters()}
+    if init == "proto":
+        z = functional_call(head["body"], dict(head["body"].named_parameters()), (support_feats.float(),))
+        n_way = int(support_labels.max()) + 1  # labels are 0..N-1, each with K examples
+        mu = torch.zeros(n_way, z.shape[1], device=z.device).index_add(0, support_labels, z)
+        mu = mu / torch.bincount(support_labels, minlength=n_way)[:, None]  # (N, h): class means
+        phi["out.weight"], phi["out.bias"] = 2 * mu, -(mu * mu).sum(-1)
+    elif init == "learned":
+        phi["out.weight"], phi["out.bias"] = head["out"].weight, head["out"].bias
+    else:  # vocab: the rows of this episode's class words, in label order (classes[c] = word id of label c)
+        phi["out.weight"], phi["out.bias"] = head["out"].weight[classes], head["out"].bias[classes]
+    return phi
 
-    Returns {name: tensor} for torch.func.functional_call(head, params, (feats,)). First order: each step's gradient
-    comes from torch.autograd.grad (never .backward(): under DDP that would all-reduce support gradients across
-    ranks, i.e. across different tasks) and no graph links the steps. The returned tensors equal the adapted weights
-    phi_T, written as phi_0 + (phi_T - phi_0).detach(): a loss computed with them back-propagates d loss / d phi_T
-    straight into phi_0.grad, which is exactly the FOMAML meta-gradient."""
+
+def head_logits(head, phi, feats):
+    """The head as a function of its weights: feats (n, d) -> logits (n, N)."""
+    z = functional_call(head["body"], {k[5:]: v for k, v in phi.items() if k.startswith("body.")}, (feats,))
+    return F.linear(z, phi["out.weight"], phi["out.bias"])
+
+
+def inner_loop(head, phi0, support_feats, support_labels, steps, lr):
+    """`steps` plain SGD steps of the head on the support set, in fp32, starting from phi0 ({name: tensor}).
+
+    Returns phi_T as {name: tensor} for head_logits(). First order: each step's gradient comes from
+    torch.autograd.grad (never .backward(): under DDP that would all-reduce support gradients across ranks, i.e.
+    across different tasks) and no graph links the steps. The returned tensors equal the adapted weights phi_T,
+    written as phi_0 + (phi_T - phi_0).detach(): a loss computed with them back-propagates d loss / d phi_T
+    straight into phi_0 (and from there into the head's parameters), which is exactly the FOMAML meta-gradient."""
     feats = support_feats.detach().float()  # (N*K, d): no gradient reaches the backbone from the support set
-    # phi_0: fresh leaf copies of the head's weights. The module itself is never modified, so there is nothing to
-    # snapshot and restore (the reference's state_dict dance), and its .grad is left for the outer update alone.
-    fast = {k: p.detach().clone().requires_grad_() for k, p in head.named_parameters()}
+    # Fresh leaf copies: the head itself is never modified, so there is nothing to snapshot and restore (the
+    # reference's state_dict dance), and its .grad is left for the outer update alone.
+    fast = {k: p.detach().clone().requires_grad_() for k, p in phi0.items()}
     # fp32 even under bf16 autocast: 10 small SGD steps on a 4-layer MLP are cheap, and bf16 would round them away.
     with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
         for _ in range(steps):
-            loss = F.cross_entropy(functional_call(head, fast, (feats,)), support_labels)  # the head as a function
+            loss = F.cross_entropy(head_logits(head, fast, feats), support_labels)
             grads = torch.autograd.grad(loss, list(fast.values()))  # local to this rank: no DDP hook, no .grad
             # phi_t = phi_{t-1} - lr * grad; detach() is what makes it first order (no graph through the steps)
             fast = {k: (w - lr * g).detach().requires_grad_() for (k, w), g in zip(fast.items(), grads)}
     # Value phi_T, gradient path to phi_0 with Jacobian I: the straight-through form of the FOMAML approximation.
-    return {k: p + (fast[k] - p).detach() for k, p in head.named_parameters()}
+    return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}
 
 
 def accuracy(logits, labels):
     return (logits.argmax(-1) == labels).float().mean()
 
 
-def meta_micro_step(model, head, ep, args, scale, amp):
-    """One SMLMT episode: support features (no grad) -> inner loop -> query loss, back-propagated (x scale) into
-    the backbone and the head's initialisation. `model` may be compiled; `ep` holds tensors on the device.
+def read_features(model, x, mask_at, read):
+    """Hidden states (n, d) in fp32 at the position the head reads: the [MASK] (read="mask") or the last token."""
+    h = model(x, return_hidden=True)  # (n, ctx, d)
+    return (h[torch.arange(len(x), device=x.device), mask_at] if read == "mask" else h[:, -1]).float()
 
-    The head reads the hidden state of each window's LAST token, not of the [MASK] position: the decoder is causal,
-    so the mask position sees only the left context, while the last token has attended to both sides of the mask."""
+
+def meta_micro_step(model, head, ep, args, scale, amp):
+    """One SMLMT episode: support features (no grad) -> head init -> inner loop -> query loss, back-propagated
+    (x scale) into the backbone and the head's initialisation. `model` may be compiled; `ep` holds device tensors.
+    The [MASK] token's embedding gets gradients only here: AR batches never contain it."""
     # Support: ONE forward, no graph. The backbone is fixed during adaptation and has no dropout, so the reference's
     # 10 recomputations (one per inner step) would produce these same features 10 times.
     with torch.no_grad(), amp:
-        hs = model(ep["support_x"], return_hidden=True)[:, -1].float()  # (N*K, d)
-    adapted = inner_loop(head, hs, ep["support_y"], args.inner_steps, args.inner_lr)  # phi_T, see inner_loop
+        hs = read_features(model, ep["support_x"], ep["support_at"], args.read)  # (N*K, d)
+    phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init)
+    adapted = inner_loop(head, phi0, hs, ep["support_y"], args.inner_steps, args.inner_lr)  # phi_T
     # Query: a forward WITH a graph; its loss at the adapted head is the meta-objective.
     with amp:
-        hq = model(ep["query_x"], return_hidden=True)[:, -1].float()  # (N*Q, d), with grad
-    loss = F.cross_entropy(functional_call(head, adapted, (hq,)), ep["query_y"])  # scalar, N-way CE
-    # Backbone.grad += d loss / d backbone (through hq); head.grad += d loss / d phi_T (through `adapted`).
+        hq = read_features(model, ep["query_x"], ep["query_at"], args.read)  # (N*Q, d), with grad
+    loss = F.cross_entropy(head_logits(head, adapted, hq), ep["query_y"])  # scalar, N-way CE
+    # Backbone.grad += d loss / d backbone (through hq); head.grad += d loss / d phi_T (through `adapted` and phi0).
     # Scaled by 1 / (grad_accum * world) so that gradients summed over micro-steps and ranks are a mean.
     (loss * scale).backward()
     with torch.no_grad():  # accuracies without dropout, before and after adaptation
         head.eval()
         hq = hq.detach()
+        phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init)  # prototypes without dropout
         stats = dict(loss_query=loss.detach(),
-                     acc_support_pre=accuracy(head(hs), ep["support_y"]),
-                     acc_support_post=accuracy(functional_call(head, adapted, (hs,)), ep["support_y"]),
-                     acc_query_pre=accuracy(head(hq), ep["query_y"]),
-                     acc_query_post=accuracy(functional_call(head, adapted, (hq,)), ep["query_y"]))
+                     acc_support_pre=accuracy(head_logits(head, phi0, hs), ep["support_y"]),
+                     acc_support_post=accuracy(head_logits(head, adapted, hs), ep["support_y"]),
+                     acc_query_pre=accuracy(head_logits(head, phi0, hq), ep["query_y"]),
+                     acc_query_post=accuracy(head_logits(head, adapted, hq), ep["query_y"]))
         head.train()
     return stats
 
 
 def episode_tensors(tokens, index, args, key, device):
-    ep = sample_episode(tokens, index, args.n_way, args.k_shot, args.q_query, smlmt_ctx(args), key)
-    return {k: torch.from_numpy(ep[k]).to(device) for k in ("support_x", "support_y", "query_x", "query_y")}
+    ep = sample_episode(tokens, index, args.n_way, args.k_shot, args.q_query, smlmt_ctx(args), key, args.read)
+    at = ep["mask_at"]  # (N, K+Q)
+    ep = dict(ep, support_at=at[:, :args.k_shot].reshape(-1), query_at=at[:, args.k_shot:].reshape(-1))
+    return {k: torch.from_numpy(ep[k]).to(device) for k in ("support_x", "support_y", "query_x", "query_y",
+                                                            "classes", "support_at", "query_at")}
 
 
 def is_meta_step(seed, step, ratio):
     """The branch of an optimizer step: a pure function of (seed, step), so every rank agrees without talking."""
     return bool(ratio > 0 and np.random.default_rng([seed, step, 1]).random() < ratio)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Held-out few-shot eval ("learning to learn"): does the BACKBONE make new episodes easier? Fixed episodes from the
+# held-out split, a fresh head with a fixed seed, the same inner loop. Identical for every run, seed and resume, so
+# a MAML run and its vanilla twin are scored on the same tasks with the same head.
+
+FEWSHOT_KEY = 20250802  # episodes and the fresh head depend on this constant only, never on --seed
+
+
+def fewshot_eval(model, head_args, episodes, amp):
+    """{eval_fewshot_acc_pre, eval_fewshot_acc, eval_proto_acc_mask, eval_proto_acc_prev}: means over `episodes`.
+    The last two need no head: nearest class mean of the raw features (d) at the [MASK] and at the token before it
+    (what a next-token model reads naturally). Runs on the raw model, without dropout."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(FEWSHOT_KEY)
+        head = make_head(model.cfg.d_model, head_args.n_way, head_args.head_hidden, head_args.head_layers,
+                         head_args.head_dropout, head_args.head_init, model.cfg.vocab_size)
+    head = head.to(model.rope_cos.device).eval()
+    model.eval()
+    sums = dict(eval_fewshot_acc_pre=0.0, eval_fewshot_acc=0.0, eval_proto_acc_mask=0.0, eval_proto_acc_prev=0.0)
+    for ep in episodes:
+        with torch.no_grad(), amp:
+            hs, hq = (model(ep[f"{s}_x"], return_hidden=True).float() for s in ("support", "query"))
+        for name, shift in (("mask", 0), ("prev", 1)):  # nearest prototype on raw features, no training
+            rows_s, rows_q = torch.arange(len(hs)), torch.arange(len(hq))
+            fs, fq = hs[rows_s, ep["support_at"] - shift], hq[rows_q, ep["query_at"] - shift]
+            mu = torch.stack([fs[ep["support_y"] == c].mean(0) for c in range(head_args.n_way)])  # (N, d)
+            sums[f"eval_proto_acc_{name}"] += accuracy(-torch.cdist(fq, mu), ep["query_y"]).item()
+        read = (lambda h, at: h[torch.arange(len(h)), at]) if head_args.read == "mask" else (lambda h, at: h[:, -1])
+        fs, fq = read(hs, ep["support_at"]), read(hq, ep["query_at"])
+        phi0 = {k: v.detach() for k, v in episode_init(head, fs, ep["support_y"], ep["classes"],
+                                                       head_args.head_init).items()}
+        adapted = inner_loop(head, phi0, fs, ep["support_y"], head_args.inner_steps, head_args.inner_lr)
+        with torch.no_grad():
+            sums["eval_fewshot_acc_pre"] += accuracy(head_logits(head, phi0, fq), ep["query_y"]).item()
+            sums["eval_fewshot_acc"] += accuracy(head_logits(head, adapted, fq), ep["query_y"]).item()
+    model.train()
+    return {k: v / len(episodes) for k, v in sums.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -807,7 +909,7 @@ def autocast_ctx(device, dtype_arg):
 
 
 RUN_KEYS = ("seed", "seq_len", "global_batch", "hybrid_ratio", "n_way", "k_shot", "q_query", "head_hidden",
-            "head_layers", "smlmt_ctx", "data", "toy_docs")  # what a resumed run must agree on to continue exactly
+            "head_layers", "head_init", "read", "smlmt_ctx", "data", "toy_docs")  # what a resumed run must agree on to continue exactly
 
 
 def save_checkpoint(path, model, head, optimizer, step, args, counters, world):
@@ -915,6 +1017,20 @@ def eval_batches(args, corpus_dir, device, is_local_zero):
             if len(s)], source
 
 
+def fewshot_episodes(args, corpus_dir, device, is_local_zero):
+    """The held-out few-shot eval's fixed episodes (keys depend on FEWSHOT_KEY only), or [] with a note when the
+    held-out split is too small for N-way episodes."""
+    if not (args.eval_every and args.fewshot_episodes):
+        return []
+    val = read_bin(os.path.join(corpus_dir, "val.bin"))
+    index = build_smlmt_index(corpus_dir, args, is_local_zero, split="val")
+    try:
+        return [episode_tensors(val, index, args, [FEWSHOT_KEY, j], device) for j in range(args.fewshot_episodes)]
+    except UserError as e:
+        print(f"note: no held-out few-shot eval ({e})")
+        return []
+
+
 def check_out_dir(out_dir):
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -947,7 +1063,8 @@ def setup(args, for_bench=False):
     torch.manual_seed(args.seed)
     cfg = model_config(args)
     model = Decoder(cfg).to(device)
-    head = make_head(cfg.d_model, args.n_way, args.head_hidden, args.head_layers, args.head_dropout).to(device)
+    head = make_head(cfg.d_model, args.n_way, args.head_hidden, args.head_layers, args.head_dropout, args.head_init,
+                     cfg.vocab_size).to(device)
     params = list(model.parameters()) + list(head.parameters())  # backbone + the meta-learned head init
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     # The fixed probe batch for learning dynamics: evenly spaced held-out windows, the same for every run.
@@ -1045,6 +1162,7 @@ def train(args):
     # Fixed eval batches and probe batch, built once: every eval / dynamics point uses identical inputs.
     evals, eval_source = eval_batches(args, s["corpus"], device, s["local_rank"] == 0) if args.eval_every else ([], "")
     probe, modules = s["probe"], s["modules"]
+    fewshots = fewshot_episodes(args, s["corpus"], device, s["local_rank"] == 0)
     if master:
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
             json.dump(run_header(args, s["cfg"], model, device, world,
@@ -1083,6 +1201,8 @@ def train(args):
             rec["sec"] = round(time.time() - t0, 3)
             if evaluate_now:
                 rec["eval_loss"], rec["eval_ppl"] = evaluate(model, evals, s["amp"], rank, world)
+                if master and fewshots:
+                    rec.update(fewshot_eval(model, args, fewshots, s["amp"]))
             if master and dynamics_now:
                 rec.update(learning_dynamics(model, *probe, modules, s["amp"]))
             if master:
@@ -1106,7 +1226,8 @@ def train(args):
               f"{time.time() - t0:.0f}s; checkpoint {ckpt_path}")
         if last:
             print("last window: " + ", ".join(f"{k} {last[k]:.3f}" for k in
-                                              ("loss_ar", "eval_loss", "acc_query_pre", "acc_query_post")
+                                              ("loss_ar", "eval_loss", "acc_query_pre", "acc_query_post",
+                                               "eval_fewshot_acc")
                                               if k in last))
         print(f"next: python finetune_ner.py --ckpt {ckpt_path}   |   python analyze.py {args.out_dir}")
     return s

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 import maml_gpt as mg
 from conftest import SMALL
@@ -27,10 +26,11 @@ def test_content_words_follow_the_rule(corpus):
     assert enc.encode(" the")[0] not in set(index["words"].tolist())  # too frequent to be a content word
 
 
-def test_episode_invariants(corpus):
+@pytest.mark.parametrize("read", ["mask", "last"])
+def test_episode_invariants(corpus, read):
     tokens, index = corpus
     N, K, Q, ctx = 8, 3, 2, 24
-    ep = mg.sample_episode(tokens, index, N, K, Q, ctx, [1, 2, 3])
+    ep = mg.sample_episode(tokens, index, N, K, Q, ctx, [1, 2, 3], read)
     assert ep["support_x"].shape == (N * K, ctx) and ep["query_x"].shape == (N * Q, ctx)
     assert len(set(ep["classes"].tolist())) == N  # N distinct classes
     for y, n in ((ep["support_y"], K), (ep["query_y"], Q)):
@@ -40,7 +40,10 @@ def test_episode_invariants(corpus):
     x = np.concatenate([ep["support_x"].reshape(N, K, ctx), ep["query_x"].reshape(N, Q, ctx)], axis=1)
     assert ((x == mg.MASK_ID).sum(-1) == 1).all()  # exactly one [MASK] per example
     m = ep["mask_at"]
-    assert (m >= ctx // 4).all() and (m < ctx - ctx // 4).all()  # context on both sides of the mask
+    if read == "mask":  # the [MASK] closes the window: all left context, nothing after it
+        assert (m == ctx - 1).all()
+    else:  # context on both sides of the mask
+        assert (m >= ctx // 4).all() and (m < ctx - ctx // 4).all()
     for c in range(N):
         word = ep["classes"][ep["support_y"].reshape(N, K)[c, 0]]
         for j in range(K + Q):  # the masked token is that class's word, the rest is the corpus verbatim
@@ -65,43 +68,128 @@ def test_too_few_words_is_a_clear_error(corpus):
 
 
 def test_head_architecture():
-    head = mg.make_head(96, 32)
-    linears = [m for m in head if isinstance(m, torch.nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(96, 128), (128, 128), (128, 128), (128, 32)]
-    assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in head) == 3
+    for init, out in (("proto", None), ("learned", 32), ("vocab", 500)):
+        head = mg.make_head(96, 32, init=init, vocab_size=500)
+        linears = [m for m in head["body"] if isinstance(m, torch.nn.Linear)]
+        assert [(l.in_features, l.out_features) for l in linears] == [(96, 128), (128, 128), (128, 128)]
+        assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in head["body"]) == 3
+        assert (head["out"].out_features if "out" in head else None) == out  # proto builds its last layer per episode
 
 
-def test_inner_loop_lowers_support_loss_and_keeps_head():
+def body_by_hand(head, x):
+    """The head's 3 hidden layers written out with plain matmuls (no dropout)."""
+    lin = [m for m in head["body"] if isinstance(m, torch.nn.Linear)]
+    for l in lin:
+        x = torch.relu(x @ l.weight.T + l.bias)
+    return x
+
+
+def test_proto_init_equals_the_formula():
     torch.manual_seed(0)
-    head = mg.make_head(16, 4, dropout=0.0)
+    head = mg.make_head(6, 3, hidden=5, dropout=0.0)
+    feats, labels = torch.randn(6, 6), torch.tensor([2, 0, 1, 0, 2, 1])  # a hand-made 3-way 2-shot episode
+    phi = mg.episode_init(head, feats, labels, None, "proto")
+    z = body_by_hand(head, feats)
+    mu = torch.stack([(z[1] + z[3]) / 2, (z[2] + z[5]) / 2, (z[0] + z[4]) / 2])  # class means, by hand
+    torch.testing.assert_close(phi["out.weight"], 2 * mu)
+    torch.testing.assert_close(phi["out.bias"], -(mu ** 2).sum(1))
+    # and the logits are nearest-prototype: -||z - mu_c||^2 up to a per-row constant
+    logits = mg.head_logits(head, phi, feats)
+    torch.testing.assert_close(logits - (z ** 2).sum(1, keepdim=True), -torch.cdist(z, mu) ** 2, atol=1e-4, rtol=0)
+
+
+def test_proto_head_classifies_separated_features_before_any_step():
+    torch.manual_seed(0)
+    n, k, q, d = 8, 4, 4, 32
+    centres = 10 * torch.randn(n, d)
+    sy, qy = torch.arange(n).repeat_interleave(k), torch.arange(n).repeat_interleave(q)
+    sf, qf = centres[sy] + 0.1 * torch.randn(n * k, d), centres[qy] + 0.1 * torch.randn(n * q, d)
+    head = mg.make_head(d, n, dropout=0.0)
+    phi = mg.episode_init(head, sf, sy, None, "proto")
+    assert mg.accuracy(mg.head_logits(head, phi, qf), qy).item() == 1.0
+    learned = mg.episode_init(mg.make_head(d, n, dropout=0.0, init="learned"), sf, sy, None, "learned")
+    assert mg.accuracy(mg.head_logits(head, learned, qf), qy).item() < 0.5  # a random last layer is not
+
+
+def test_vocab_init_reads_the_class_word_rows():
+    torch.manual_seed(0)
+    head = mg.make_head(4, 3, hidden=5, dropout=0.0, init="vocab", vocab_size=20)
+    classes = torch.tensor([7, 2, 11])
+    phi = mg.episode_init(head, torch.randn(3, 4), torch.arange(3), classes, "vocab")
+    torch.testing.assert_close(phi["out.weight"], head["out"].weight[[7, 2, 11]])
+    torch.testing.assert_close(phi["out.bias"], head["out"].bias[[7, 2, 11]])
+
+
+def sgd_by_hand(head, w, sf, sy, steps, lr):
+    """`steps` explicit SGD steps on plain tensors: {name: tensor} -> {name: tensor}."""
+    for _ in range(steps):
+        w = {k: v.detach().requires_grad_() for k, v in w.items()}
+        g = torch.autograd.grad(F.cross_entropy(mg.head_logits(head, w, sf), sy), list(w.values()))
+        w = {k: (v - lr * gi).detach() for (k, v), gi in zip(w.items(), g)}
+    return w
+
+
+def test_inner_loop_is_plain_sgd_and_keeps_head():
+    torch.manual_seed(0)
+    head = mg.make_head(16, 4, dropout=0.0, init="learned")
     before = {k: v.clone() for k, v in head.state_dict().items()}
     feats, labels = torch.randn(12, 16), torch.arange(4).repeat(3)
-    adapted = mg.inner_loop(head, feats, labels, steps=10, lr=0.1)
-    loss0 = F.cross_entropy(head(feats), labels)
-    loss1 = F.cross_entropy(functional_call(head, adapted, (feats,)), labels)
-    assert loss1 < loss0 - 0.05
-    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())  # phi_0 untouched
+    phi0 = mg.episode_init(head, feats, labels, None, "learned")
+    adapted = mg.inner_loop(head, phi0, feats, labels, steps=10, lr=0.1)
+    # hand-written SGD: w <- w - lr * dL/dw with the loss written as relu matmuls, not through the head module
+    w = {k: v.detach().clone() for k, v in phi0.items()}
+    lin = [k for k in w if k.endswith(".weight") and k.startswith("body.")]
+    for _ in range(10):
+        w = {k: v.requires_grad_() for k, v in w.items()}
+        x = feats
+        for k in lin:
+            x = torch.relu(x @ w[k].T + w[k[:-6] + "bias"])
+        loss = F.cross_entropy(x @ w["out.weight"].T + w["out.bias"], labels)
+        g = torch.autograd.grad(loss, list(w.values()))
+        w = {k: (v - 0.1 * gi).detach() for (k, v), gi in zip(w.items(), g)}
+    for k in w:
+        torch.testing.assert_close(adapted[k].detach(), w[k])
+    loss0 = F.cross_entropy(mg.head_logits(head, phi0, feats), labels)
+    assert F.cross_entropy(mg.head_logits(head, adapted, feats), labels) < loss0 - 0.05
+    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())  # the head itself untouched
     assert all(p.grad is None for p in head.parameters())  # no .backward() inside the inner loop
 
 
-def test_fomaml_gradient_equals_manual_computation():
+@pytest.mark.parametrize("init", ["learned", "proto"])
+def test_fomaml_gradient_equals_manual_computation(init):
+    """head.grad after the query loss = d L_query / d phi_T, pulled back through phi_0 = init(head): for "learned"
+    the identity; for "proto" also through the prototypes W = 2 mu, b = -||mu||^2 into layers 1-3."""
     torch.manual_seed(0)
-    head = mg.make_head(16, 4, dropout=0.0)
+    head = mg.make_head(16, 4, dropout=0.0, init=init)
     sf, sy = torch.randn(8, 16), torch.arange(4).repeat(2)
     qf, qy = torch.randn(6, 16), torch.tensor([0, 1, 2, 3, 0, 1])
-    adapted = mg.inner_loop(head, sf, sy, steps=5, lr=0.5)
-    F.cross_entropy(functional_call(head, adapted, (qf,)), qy).backward()
-    # manual: 5 explicit SGD steps on plain tensors, then the query gradient AT the adapted weights
-    w = {k: p.detach().clone() for k, p in head.named_parameters()}
-    for _ in range(5):
-        w = {k: v.requires_grad_() for k, v in w.items()}
-        g = torch.autograd.grad(F.cross_entropy(functional_call(head, w, (sf,)), sy), list(w.values()))
-        w = {k: (v - 0.5 * gi).detach() for (k, v), gi in zip(w.items(), g)}
+    phi0 = mg.episode_init(head, sf, sy, None, init)
+    adapted = mg.inner_loop(head, phi0, sf, sy, steps=5, lr=0.5)
+    F.cross_entropy(mg.head_logits(head, adapted, qf), qy).backward()
+    # manual: 5 explicit SGD steps from phi_0's values, then the query gradient g_T AT the adapted weights
+    w = sgd_by_hand(head, {k: v.detach() for k, v in phi0.items()}, sf, sy, 5, 0.5)
     w = {k: v.requires_grad_() for k, v in w.items()}
-    g = torch.autograd.grad(F.cross_entropy(functional_call(head, w, (qf,)), qy), list(w.values()))
-    for (k, p), gi in zip(head.named_parameters(), g):
-        torch.testing.assert_close(p.grad, gi)
+    g_T = dict(zip(w, torch.autograd.grad(F.cross_entropy(mg.head_logits(head, w, qf), qy), list(w.values()))))
+    for k in w:
         torch.testing.assert_close(adapted[k].detach(), w[k].detach())
+    params = dict(head.named_parameters())
+    if init == "learned":  # phi_0 is the head itself: head.grad = g_T exactly
+        for k, p in params.items():
+            torch.testing.assert_close(p.grad, g_T[k])
+        return
+    # proto: body.grad = g_T[body] + d/d body of <g_T[out.weight], 2 mu(body)> + <g_T[out.bias], -||mu(body)||^2>,
+    # with mu computed by hand from relu matmuls
+    body = {k: p.detach().clone().requires_grad_() for k, p in params.items()}
+    lin = [k for k in body if k.endswith(".weight")]
+    x = sf
+    for k in lin:
+        x = torch.relu(x @ body[k].T + body[k[:-6] + "bias"])
+    mu = torch.stack([x[sy == c].mean(0) for c in range(4)])
+    through_protos = (g_T["out.weight"] * 2 * mu).sum() + (g_T["out.bias"] * -(mu ** 2).sum(1)).sum()
+    g_protos = dict(zip(body, torch.autograd.grad(through_protos, list(body.values()))))
+    for k, p in params.items():
+        assert g_protos[k].abs().sum() > 0  # the prototype path really carries gradient
+        torch.testing.assert_close(p.grad, g_T[k] + g_protos[k])
 
 
 def test_backbone_gradient_comes_from_the_query_only(corpus):
@@ -114,13 +202,16 @@ def test_backbone_gradient_comes_from_the_query_only(corpus):
     mg.meta_micro_step(model, head, ep, args, 1.0, mg.nullcontext())
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert "de_embedding_proj.weight" not in got  # the LM head is unused on meta steps
-    # expected: the query loss with the adapted head held fixed; no support term
+    assert got["embedding_proj.weight"][mg.MASK_ID].abs().sum() > 0  # the [MASK] embedding learns here
+    # expected: the query loss at the adapted head held fixed, read at the [MASK] (the last token); no support term
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         hs = model(ep["support_x"], return_hidden=True)[:, -1]
-    adapted = {k: v.detach() for k, v in mg.inner_loop(head, hs, ep["support_y"], 3, args.inner_lr).items()}
+    phi0 = mg.episode_init(head, hs, ep["support_y"], None, "proto")
+    adapted = {k: v.detach() for k, v in mg.inner_loop(head, phi0, hs, ep["support_y"], 3, args.inner_lr).items()}
     hq = model(ep["query_x"], return_hidden=True)[:, -1]
-    F.cross_entropy(functional_call(head, adapted, (hq,)), ep["query_y"]).backward()
+    assert (ep["query_x"][:, -1] == mg.MASK_ID).all()
+    F.cross_entropy(mg.head_logits(head, adapted, hq), ep["query_y"]).backward()
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(got[n], p.grad)
