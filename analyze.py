@@ -494,12 +494,14 @@ def figures(runs, out, results):
     has_fs = [r for r in runs if len(series(r, "eval_fewshot_acc")[0])]
     if meta or has_fs:
         fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        color = {run["name"]: f"C{i}" for i, run in enumerate(runs)}  # one colour per run, one style per series
         for run in meta:
             for part, style in (("support", ":"), ("query", "-")):
                 x, pre = series(run, f"acc_{part}_pre")
                 x2, post = series(run, f"acc_{part}_post")
                 if len(x) and np.array_equal(x, x2):
-                    ax[0].plot(x, smooth(post - pre, 3), style, label=f"{run['name']} {part}")
+                    ax[0].plot(x, smooth(post - pre, 3), style, color=color[run["name"]],
+                               label=f"{run['name']} {part}")
         ax[0].axhline(0, color="grey", lw=0.8)
         ax[0].set(title="adaptation gain: accuracy after - before the inner loop", xlabel="optimizer step",
                   ylabel="accuracy gain")
@@ -507,7 +509,7 @@ def figures(runs, out, results):
             for key, style in zip(FEWSHOT_KEYS, (":", "-", "--", "-.")):
                 x, y = series(run, key)
                 if len(x):
-                    ax[1].plot(x, y, style, marker=".", label=f"{run['name']} {key}")
+                    ax[1].plot(x, y, style, marker=".", color=color[run["name"]], label=f"{run['name']} {key}")
         n_way = (meta or runs)[0]["config"]["args"].get("n_way", 32)
         ax[1].axhline(1 / n_way, color="grey", lw=0.8, label=f"chance 1/{n_way}")
         if not has_fs:
