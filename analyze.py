@@ -1,12 +1,15 @@
 """
-analyze.py: figures and a report from maml_gpt.py runs (paper §4-§6: speed-up, meta-learning curves, PER, entropy).
+analyze.py: which of the paper's four claims hold on a MAML run and its vanilla twin, with figures and a report
+(paper §4-§6: speed-up, NER F1, PER and attention entropy, meta-learning curves).
 
     python analyze.py                                   # the demo run(s): out/demo [and out/demo-vanilla]
     python analyze.py out/small out/small-vanilla       # a MAML run and its vanilla twin
+    python analyze.py RUN_MAML RUN_VANILLA --ner GRID   # + the NER row, from `finetune_ner.py --sweep` output
     python analyze.py RUN [RUN ...] --out figures/      # choose the output folder (default RUN1/analysis)
 
-Reads RUN/metrics.jsonl and RUN/config.json, writes PNG figures and report.md, and prints the key numbers.
-Runs with --hybrid_ratio 0 are "vanilla"; "N x sooner" compares every other run against the first vanilla one.
+Reads RUN/metrics.jsonl and RUN/config.json; writes claims.json, report.md (the Claims table on top) and PNG
+figures, and prints the Claims table. Runs with --hybrid_ratio 0 are "vanilla"; the claims compare the first
+MAML run with the first vanilla one.
 """
 import argparse
 import json
@@ -88,8 +91,9 @@ def speedup(xv, yv, xm, ym, n_levels=50):
         return None
     bv, bm = np.minimum.accumulate(smooth(yv)), np.minimum.accumulate(smooth(ym))
     hi, lo = min(bv[0], bm[0]), max(bv[-1], bm[-1])  # the loss range both runs cover
-    # skip the top 10 % of that range: the first few log points, where both runs sit in warm-up and ratios are noise
-    levels = np.linspace(hi - 0.1 * (hi - lo), lo, n_levels)
+    # skip the top 10 % of that range: the first few log points, where both runs sit in warm-up and ratios are noise.
+    # No range (one run starts below where the other ends, as the mixed metric can): only the final level is shared.
+    levels = np.linspace(hi - 0.1 * (hi - lo), lo, n_levels) if hi > lo else np.array([lo])
     ratios = []
     for L in levels:
         a, b = first_reach(xv, yv, L), first_reach(xm, ym, L)
@@ -227,7 +231,9 @@ def claim_speedup(results, maml, van):
     c["final_loss_ar_maml"] = last(maml, "loss_ar") if maml else None
     c["final_loss_ar_vanilla"] = last(van, "loss_ar") if van else None
     c["final_loss_mixed_maml"] = float(mixed_series(maml)[1][-1]) if maml and len(mixed_series(maml)[1]) else None
-    x = lambda k: f"{c[k]:.2f}x" if c[k] is not None else "-"  # noqa: E731
+
+    def x(k):
+        return f"{c[k]:.2f}x" if c[k] is not None else "-"
     shows = (f"per step {x('speedup_step_ar')}, per backbone token {x('speedup_token_ar')}, per AR step "
              f"{x('speedup_arstep_ar')} (AR loss); per step on the reference's mixed train/loss "
              f"{x('speedup_step_mixed')}")
@@ -315,13 +321,10 @@ def claim_dynamics(maml, van):
             k = per_knee(*mean_per(run, "weight", mod))
             c[f"knee_weight_step_{tag}/{mod}"] = k["drop_step"] if k else None
         x, y = entropy_series(run) if run else (np.zeros(0), np.zeros(0))
-        k = per_knee(x, y)
-        s = smooth(y, 3) if len(y) else y
+        k, s = per_knee(x, y), smooth(y, 3)  # the same smoothing as the knee rule
         p = int(np.argmax(s)) if len(s) else 0
-        c[f"entropy_first_{tag}"] = float(s[0]) if len(s) else None
-        c[f"entropy_peak_{tag}"], c[f"entropy_peak_step_{tag}"] = (float(s[p]), float(x[p])) if len(s) else (None,
-                                                                                                            None)
-        c[f"entropy_last_{tag}"] = float(s[-1]) if len(s) else None
+        for name, v in (("first", s[:1]), ("peak", s[p:p + 1]), ("peak_step", x[p:p + 1]), ("last", s[-1:])):
+            c[f"entropy_{name}_{tag}"] = float(v[0]) if len(v) else None
         c[f"entropy_knee_step_{tag}"] = k["drop_step"] if k and k["rose"] else None
         c[f"rise_fall_entropy_{tag}"] = bool(k and k["rose"]) if len(y) else None
         if not run or not per_keys(run, "weight"):
@@ -368,8 +371,8 @@ def claim_jump(maml, van):
         if jumps:
             big = max(jumps, key=lambda j: j["rise"])
             c["jump_step"], c["jump_rise"] = big["step"], big["rise"]
-    steps = [set(series(r, "eval_fewshot_acc")[0]) for r in (maml, van) if r]
-    common = set.intersection(*steps) if steps and all(steps) else (steps[0] if steps else set())
+    steps = [s for s in (set(series(r, "eval_fewshot_acc")[0]) for r in (maml, van) if r) if s]
+    common = set.intersection(*steps) if steps else set()  # the eval steps of both runs (or of the one that has it)
     shows = []
     if c["n_jumps"] is not None:
         shows.append(f"query accuracy after adaptation, last window {c['acc_query_post_last']:.3f} (before "
