@@ -58,7 +58,7 @@ def test_checkpoint_round_trip_and_logged_keys(small_args, tmp_path):
 def test_loss_mixed_is_the_micro_step_mean_of_both_branches(small_args, tmp_path):
     """loss_mixed (the reference's train/loss) == the branch means weighted by their micro-step counts."""
     out = str(tmp_path / "run")
-    assert run(small_args + ["--max_steps", "12", "--log_every", "4", "--grad_accum", "2"]) == 0
+    assert run(small_args + ["--max_steps", "8", "--log_every", "4", "--grad_accum", "2"]) == 0
     rows = metrics(out)
     both = [r for r in rows if r["n_meta_steps"] and r["n_ar_steps"]]
     assert both  # windows that mix the two branches: the case that matters
