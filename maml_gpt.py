@@ -1102,6 +1102,7 @@ def train_step(s, args, step, window):
             st = meta_micro_step(fwd, head, ep, args, scale, amp)
             for k, v in st.items():
                 window.add(k, v)
+            window.add("loss_mixed", st["loss_query"])  # the reference's train/loss: see LOG_KEYS
         else:
             x, y = get_batch(s["tokens"], micro_slice(starts, micro, rank, world, args.batch_size), args.seq_len,
                              device)
@@ -1109,6 +1110,7 @@ def train_step(s, args, step, window):
                 _, loss = fwd(x, y)
             (loss * scale).backward()
             window.add("loss_ar", loss.detach())
+            window.add("loss_mixed", loss.detach())
     # Only parameters this branch used have a .grad (the LM head is idle on meta steps, the MLP head on AR steps).
     params = [p for p in s["params"] if p.grad is not None]
     all_reduce_([p.grad for p in params], world)
@@ -1127,8 +1129,12 @@ def train_step(s, args, step, window):
     return meta, per_micro * args.grad_accum * world
 
 
-LOG_KEYS = ["loss_ar", "loss_query", "acc_support_pre", "acc_support_post", "acc_query_pre", "acc_query_post",
-            "head_grad_norm"]
+# loss_mixed: the mean over the window's micro-steps of whichever loss each one computed (AR cross-entropy over the
+# vocabulary, or the N-way query cross-entropy), as the reference's `train/loss`. Never compare it with loss_ar:
+# the query part sits near log N (3.47 at chance for 32-way) or lower, below the AR loss for most of a run, so
+# mixing it in makes a hybrid run look ahead. It is logged so that analyze.py can measure that artifact.
+LOG_KEYS = ["loss_ar", "loss_query", "loss_mixed", "acc_support_pre", "acc_support_post", "acc_query_pre",
+            "acc_query_post", "head_grad_norm"]
 
 
 def train(args):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import maml_gpt as mg
@@ -53,6 +54,20 @@ def test_checkpoint_round_trip_and_logged_keys(small_args, tmp_path):
     assert "eval_ppl" in rows[1] and "per_grad/layers.1.swiglu.w_2" in rows[1] and "ref/per_grad_attn" in rows[1]
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["versions"]["torch"] == torch.__version__ and cfg["args"]["max_steps"] == 4
+
+
+def test_loss_mixed_is_the_micro_step_mean_of_both_branches(small_args, tmp_path):
+    """loss_mixed (the reference's train/loss) == the branch means weighted by their micro-step counts."""
+    out = str(tmp_path / "run")
+    assert run(small_args + ["--max_steps", "8", "--log_every", "4", "--grad_accum", "2"]) == 0
+    rows = metrics(out)
+    both = [r for r in rows if r["n_meta_steps"] and r["n_ar_steps"]]
+    assert both  # windows that mix the two branches: the case that matters
+    for r in rows:
+        n_ar, n_meta = r["n_ar_steps"], r["n_meta_steps"]
+        expected = (n_ar * r.get("loss_ar", 0.0) + n_meta * r.get("loss_query", 0.0)) / (n_ar + n_meta)
+        assert r["loss_mixed"] == pytest.approx(expected, rel=1e-9)
+    assert any(r["loss_mixed"] < r["loss_ar"] for r in both)  # the query CE (log 8 at chance) pulls it down
 
 
 def test_resume_is_exact(small_args, tmp_path):
