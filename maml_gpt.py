@@ -980,7 +980,8 @@ def start_mode(args):
             raise UserError(f"no checkpoint at {ckpt} to resume{hint}. Start a new run without --resume, or use "
                             "--resume auto (continue if there is a checkpoint, else start fresh)")
         return "resume"
-    held = [n for n in RUN_FILES[:2] + tuple(map(prev_name, RUN_FILES[:2])) if os.path.exists(os.path.join(out, n))]
+    held = any(os.path.exists(os.path.join(out, n)) for n in ("ckpt.pt", "metrics.jsonl", "ckpt.prev.pt",
+                                                             "metrics.prev.jsonl"))
     if held and not args.overwrite and args.resume != "auto":
         raise UserError(f"{out} already holds a run ({run_summary(out)}). Continue it with --resume, or start over "
                         "with --overwrite (the old ckpt.pt and metrics.jsonl are kept as ckpt.prev.pt and "
@@ -1021,15 +1022,18 @@ def resume_command(argv, world):
 
 @contextmanager
 def stop_signals(verbose=True):
-    """SIGTERM (a scheduler's notice before it kills: preemption, time limit) and SIGINT (Ctrl-C) only set a flag.
-    The loop reads it once per step: the step finishes, a checkpoint is written, the process exits 128 + signal.
+    """SIGTERM (a scheduler's notice before it kills: preemption, time limit) and SIGINT (Ctrl-C). Once the loop has
+    armed the flag, they only set it; the loop reads it once per step: the step finishes, a checkpoint is written,
+    the process exits 128 + signal. Before that (setup, data preparation) there is nothing to save: they exit at once.
     A second Ctrl-C quits at once; the last complete checkpoint stays valid because saves are atomic. A repeat
     within a second is a copy, not a second press: torchrun forwards to every worker the Ctrl-C the terminal already
     sent them (srun does the same with SIGTERM), and repeated SIGTERMs never cut the save short (SIGKILL follows)."""
-    stop = dict(signum=0, at=0.0)
+    stop = dict(signum=0, at=0.0, armed=False)
 
     def handler(signum, frame):
         now = time.monotonic()
+        if not stop["armed"]:
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
         if not stop["signum"]:
             stop.update(signum=signum, at=now)
             if verbose:  # os.write, not print: a handler may interrupt a print to the same stream (tqdm's)
@@ -1151,7 +1155,7 @@ LOG_KEYS = ["loss_ar", "loss_query", "acc_support_pre", "acc_support_post", "acc
 def train(args, stop=None, argv=()):
     """The run: `stop` is stop_signals()'s flag (main() installs the handlers), `argv` goes into the resume hint."""
     from tqdm import tqdm
-    stop = stop or dict(signum=0)
+    stop = stop or dict(signum=0, armed=False)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     resume = start_mode(args) == "resume"  # may refuse; nothing in --out_dir has been touched yet
@@ -1198,6 +1202,7 @@ def train(args, stop=None, argv=()):
                dynamic_ncols=True)
     t0, last, n_branch = time.time(), None, {True: 0, False: 0}
     done, stopping = start, 0
+    stop["armed"] = True  # from here on a signal means "finish the step and save" (stop_signals)
     for step in bar:
         meta, n_tok = train_step(s, args, step, window)
         counters["tokens"] += n_tok
@@ -1242,6 +1247,7 @@ def train(args, stop=None, argv=()):
                 dist.barrier()  # nobody races ahead (or exits) while rank 0 is still writing
         if stopping:
             break
+    stop["armed"] = False
     bar.close()
     if stopping and done < args.max_steps:
         if master:

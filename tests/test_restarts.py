@@ -98,8 +98,13 @@ def test_resume_auto_starts_fresh_then_continues_exactly(small_args, tmp_path, c
 
 
 def test_stop_signals_first_sets_the_flag_a_later_ctrl_c_quits():
+    """The handler's rules, in this process (the real runs are below)."""
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with mg.stop_signals(verbose=False) as stop:
+        with pytest.raises(SystemExit, match="143"):  # before the loop arms it: nothing to save, exit at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+        stop["armed"] = True
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop["signum"] == signal.SIGTERM
         os.kill(os.getpid(), signal.SIGTERM)  # SIGTERM again (srun + torchrun both forward it): ignored
