@@ -13,6 +13,7 @@ test-only set available, writes results.json and prints a table.
 """
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -342,13 +343,33 @@ GROUPS = {"seen": list(TRAIN_CONFIGS) + ["toy"], "pud": [c for c in TEST_CONFIGS
           "other": ["ceb_gja", "tl_trg", "tl_ugnayan", "toy_heldout"]}
 
 
+SWEEP_KEYS = ("lr", "batch_size", "epochs", "patience", "max_len", "max_train_sentences", "toy_sentences", "seed",
+              "data_dir")  # what the cells of one grid must share (grid.json); a different value is another grid
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w", newline="") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)  # a kill mid-write leaves the previous file whole
+
+
 def sweep(args):
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "grid.csv")
-    done = set()
-    if os.path.exists(path):  # resume: skip cells already in the CSV
-        with open(path) as f:
-            done = {(r["ckpt"], r["regime"], r["train_on"]) for r in csv.DictReader(f)}
+    path, settings_path = os.path.join(args.out, "grid.csv"), os.path.join(args.out, "grid.json")
+    settings = {k: getattr(args, k) for k in SWEEP_KEYS}
+    rows = []
+    if os.path.exists(path):  # resume: skip cells already in the CSV, if they were made the same way
+        if os.path.exists(settings_path):
+            with open(settings_path) as f:
+                old = json.load(f)
+            diff = [f"--{k} {old.get(k)} there, {settings[k]} now" for k in SWEEP_KEYS if old.get(k) != settings[k]]
+            if diff:
+                raise UserError(f"{path} holds cells fine-tuned with other settings ({'; '.join(diff)}). Give the "
+                                "same flags to add to that grid, or choose another --out")
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    write_atomic(settings_path, json.dumps(settings, indent=1))
+    done = {(r["ckpt"], r["regime"], r["train_on"]) for r in rows}
     if args.train_on == "toy":
         configs = ["toy"]
     else:  # every fine-tuning config with local train files (all of them when downloading), then their union
@@ -363,15 +384,16 @@ def sweep(args):
                 cell = argparse.Namespace(**{**vars(args), "regime": regime, "train_on": cfg})
                 res = run_one(cell, ckpt, log=lambda *_: None)
                 print(f"{ckpt} {regime:4s} {cfg:12s} " + " ".join(f"{k}={v['f1']:.3f}" for k, v in res["eval"].items()))
-                new = not os.path.exists(path)
-                with open(path, "a", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=fields)
-                    if new:
-                        w.writeheader()
-                    for name, r in res["eval"].items():
-                        w.writerow(dict(ckpt=ckpt, hybrid_ratio=res["hybrid_ratio"], regime=regime, train_on=cfg,
-                                        eval_on=name, precision=r["precision"], recall=r["recall"], f1=r["f1"]))
-    with open(path) as f:
+                rows += [dict(ckpt=ckpt, hybrid_ratio=res["hybrid_ratio"], regime=regime, train_on=cfg, eval_on=name,
+                              precision=r["precision"], recall=r["recall"], f1=r["f1"]) for name, r in res["eval"].items()]
+                # The whole CSV, rewritten atomically after each cell: a Ctrl-C or a kill mid-write could otherwise
+                # leave a half cell that a resumed sweep would count as done (and a half row it cannot parse).
+                buf = io.StringIO()
+                w = csv.DictWriter(buf, fieldnames=fields)
+                w.writeheader()
+                w.writerows(rows)
+                write_atomic(path, buf.getvalue())
+    with open(path, newline="") as f:  # read back: every value a string, as on a resumed sweep
         rows = list(csv.DictReader(f))
     write_grid_outputs(rows, args.out)
 
@@ -476,8 +498,7 @@ def main(argv=None):
         res = run_one(args)
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "results.json")
-        with open(path, "w") as f:
-            json.dump(res, f, indent=1)
+        write_atomic(path, json.dumps(res, indent=1))
         print_table(res)
         print(f"results: {path} ({res['sec']:.0f}s). Next: python finetune_ner.py --regime "
               f"{'full' if args.regime == 'head' else 'head'}   |   python finetune_ner.py --sweep --ckpt CKPT ...")

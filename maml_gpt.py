@@ -23,9 +23,12 @@ import math
 import os
 import platform
 import re
+import shlex
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -101,7 +104,12 @@ def build_parser():
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bf16 on CUDA)")
     a("--compile", action="store_true", help="torch.compile the backbone")
-    a("--resume", action="store_true", help="continue the run in --out_dir from its ckpt.pt")
+    a("--resume", nargs="?", const="continue", choices=["continue", "auto"],
+      help="continue the run in --out_dir from its ckpt.pt ('--resume' alone means 'continue'); 'auto': continue "
+           "if there is a checkpoint, else start fresh (one command line for the first start and every restart)")
+    a("--overwrite", action="store_true",
+      help="start over in an --out_dir that holds a run; its ckpt.pt, metrics.jsonl and config.json are kept as "
+           "*.prev.* until the new run writes its first checkpoint")
     # logging and evaluation
     a("--log_every", type=int, help="optimizer steps per logging window")
     a("--save_every", type=int, help="steps between checkpoints (and at the end)")
@@ -153,6 +161,8 @@ def parse_args(argv=None):
     for k in ("max_steps", "batch_size", "seq_len", "log_every", "save_every", "n_way", "k_shot", "q_query"):
         if getattr(args, k) < 1:
             raise UserError(f"--{k} must be >= 1 (got {getattr(args, k)})")
+    if args.overwrite and args.resume:
+        raise UserError("--overwrite starts over and --resume continues: give one of them")
     if not 0.0 <= args.hybrid_ratio <= 1.0:
         raise UserError(f"--hybrid_ratio must be in [0, 1] (got {args.hybrid_ratio})")
     return args
@@ -1041,6 +1051,134 @@ def check_out_dir(out_dir):
         raise UserError(f"cannot write to --out_dir {out_dir} ({e.strerror}); choose a writable folder")
 
 
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json")  # one run; --overwrite keeps them as *.prev.* for a while
+
+
+def prev_name(name):
+    return "{0}.prev{1}".format(*os.path.splitext(name))  # ckpt.pt -> ckpt.prev.pt
+
+
+def run_summary(out_dir):
+    """What the run in out_dir reached, for the refusal message: 'ckpt.pt at step 100 of 6000; ...'."""
+    parts = []
+    for name in ("ckpt.pt", prev_name("ckpt.pt")):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            try:  # mmap: unpickles the small fields without reading the weights (GBs at --size large)
+                ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                parts.append(f"{name} at step {ck['step']} of {ck['args']['max_steps']}")
+            except Exception:
+                parts.append(f"{name} (unreadable)")
+    for name in ("metrics.jsonl", prev_name("metrics.jsonl")):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            steps = []
+            with open(path) as f:
+                for line in f:
+                    try:
+                        steps.append(json.loads(line)["step"])
+                    except (ValueError, KeyError):  # a line cut short by a hard kill
+                        pass
+            parts.append(f"{name} up to step {max(steps, default=0)}")
+    return "; ".join(parts)
+
+
+def start_mode(args):
+    """-> 'resume' or 'fresh'. Refuses to start over an existing run unless told to (--resume, --overwrite).
+    Reads files only, before anything in --out_dir is written, so every rank reaches the same answer."""
+    out = args.out_dir
+    ckpt = os.path.join(out, "ckpt.pt")
+    if args.resume == "continue" or (args.resume == "auto" and os.path.exists(ckpt)):
+        if not os.path.exists(ckpt):
+            prev = os.path.join(out, prev_name("ckpt.pt"))
+            hint = (f"; {prev} is the run an --overwrite set aside: rename it to ckpt.pt to continue that run"
+                    if os.path.exists(prev) else "")
+            raise UserError(f"no checkpoint at {ckpt} to resume{hint}. Start a new run without --resume, or use "
+                            "--resume auto (continue if there is a checkpoint, else start fresh)")
+        return "resume"
+    held = any(os.path.exists(os.path.join(out, n)) for n in ("ckpt.pt", "metrics.jsonl", "ckpt.prev.pt",
+                                                             "metrics.prev.jsonl"))
+    if held and not args.overwrite and args.resume != "auto":
+        raise UserError(f"{out} already holds a run ({run_summary(out)}). Continue it with --resume, or start over "
+                        "with --overwrite (the old ckpt.pt and metrics.jsonl are kept as ckpt.prev.pt and "
+                        "metrics.prev.jsonl until the new run's first checkpoint), or choose another --out_dir")
+    return "fresh"
+
+
+def set_aside(out_dir):
+    """A fresh start in a folder that held a run: its files become *.prev.*, until our first checkpoint (drop_prev)."""
+    path = lambda name: os.path.join(out_dir, name)  # noqa: E731
+    if not os.path.exists(path("ckpt.pt")) and os.path.exists(path(prev_name("ckpt.pt"))):
+        # An earlier --overwrite stopped before its first checkpoint: the *.prev.* files are still the last run
+        # that has a checkpoint. What that attempt logged has no checkpoint behind it.
+        for name in RUN_FILES[1:]:
+            if os.path.exists(path(name)):
+                os.remove(path(name))
+        return
+    for name in RUN_FILES:
+        if os.path.exists(path(name)):
+            os.replace(path(name), path(prev_name(name)))
+
+
+def drop_prev(out_dir):
+    """The new run has a checkpoint of its own: the run it replaced goes."""
+    for name in map(prev_name, RUN_FILES):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+
+
+def resume_command(argv, world):
+    """The command that continues this run: the same flags, --resume instead of --overwrite."""
+    argv = [a for a in argv if a != "--overwrite"]
+    if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
+        argv.append("--resume")
+    launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}" if world > 1 else "python"
+    return f"{launcher} maml_gpt.py {shlex.join(argv)}"
+
+
+@contextmanager
+def stop_signals(verbose=True):
+    """SIGTERM (a scheduler's notice before it kills: preemption, time limit) and SIGINT (Ctrl-C). Once the loop has
+    armed the flag, they only set it; the loop reads it once per step: the step finishes, a checkpoint is written,
+    the process exits 128 + signal. Before that (setup, data preparation) there is nothing to save: they exit at once.
+    A second Ctrl-C quits at once; the last complete checkpoint stays valid because saves are atomic. A repeat
+    within a second is a copy, not a second press: torchrun forwards to every worker the Ctrl-C the terminal already
+    sent them (srun does the same with SIGTERM), and repeated SIGTERMs never cut the save short (SIGKILL follows)."""
+    stop = dict(signum=0, at=0.0, armed=False)
+
+    def handler(signum, frame):
+        now = time.monotonic()
+        if not stop["armed"]:
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        if not stop["signum"]:
+            stop.update(signum=signum, at=now)
+            if verbose:  # os.write, not print: a handler may interrupt a print to the same stream (tqdm's)
+                os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                            "(Ctrl-C again to quit at once)\n".encode())
+        elif signum == signal.SIGINT and now - stop["at"] > 1.0:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set from the main thread
+        yield stop
+        return
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def stop_requested(stop, world, device):
+    """The signal number if any rank was asked to stop, else 0. An all-reduce (MAX) once per step: a signal sent to
+    one rank stops every rank after the same step, and none is left waiting in a collective the others skip."""
+    if world == 1:
+        return stop["signum"]
+    flag = torch.tensor([stop["signum"]], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
 def run_header(args, cfg, model, device, world, extra):
     import tiktoken
     return dict(args=vars(args), model_config=asdict(cfg), n_params=count_params(model), world_size=world,
@@ -1137,16 +1275,19 @@ LOG_KEYS = ["loss_ar", "loss_query", "loss_mixed", "acc_support_pre", "acc_suppo
             "acc_query_post", "head_grad_norm"]
 
 
-def train(args):
+def train(args, stop=None, argv=()):
+    """The run: `stop` is stop_signals()'s flag (main() installs the handlers), `argv` goes into the resume hint."""
     from tqdm import tqdm
+    stop = stop or dict(signum=0, armed=False)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    resume = start_mode(args) == "resume"  # may refuse; nothing in --out_dir has been touched yet
     s = setup(args)
     model, head, rank, world, device = s["model"], s["head"], s["rank"], s["world"], s["device"]
     master = rank == 0
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     counters = dict(tokens=0, tokens_ar=0, tokens_meta=0)
     start = 0
-    if args.resume:  # restore everything; the data position is the step itself (batches are functions of it)
+    if resume:  # restore everything; the data position is the step itself (batches are functions of it)
         ck = load_checkpoint(ckpt_path, device)
         mine = dict(vars(args), global_batch=args.batch_size * args.grad_accum * world)
         diff = [k for k in RUN_KEYS if mine.get(k) != ck["run"].get(k)]
@@ -1160,11 +1301,12 @@ def train(args):
         torch.set_rng_state(ck["rng"]["torch"].cpu())
         if master and os.path.exists(metrics_path):  # drop log lines written after the checkpoint
             with open(metrics_path) as f:
-                keep = [ln for ln in f if json.loads(ln).get("step", 0) <= start]
-            with open(metrics_path, "w") as f:
+                keep = [ln for ln in f if ln.endswith("\n") and json.loads(ln).get("step", 0) <= start]
+            with open(metrics_path + ".tmp", "w") as f:
                 f.writelines(keep)
-    elif master and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+            os.replace(metrics_path + ".tmp", metrics_path)  # atomic, like the checkpoint
+    elif master:
+        set_aside(args.out_dir)  # the old run (if any) survives until this one's first checkpoint
     # Fixed eval batches and probe batch, built once: every eval / dynamics point uses identical inputs.
     evals, eval_source = eval_batches(args, s["corpus"], device, s["local_rank"] == 0) if args.eval_every else ([], "")
     probe, modules = s["probe"], s["modules"]
@@ -1183,15 +1325,18 @@ def train(args):
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master,
                dynamic_ncols=True)
     t0, last, n_branch = time.time(), None, {True: 0, False: 0}
+    done, stopping = start, 0
+    stop["armed"] = True  # from here on a signal means "finish the step and save" (stop_signals)
     for step in bar:
         meta, n_tok = train_step(s, args, step, window)
         counters["tokens"] += n_tok
         counters["tokens_meta" if meta else "tokens_ar"] += n_tok
         n_branch[meta] += 1  # the branch is the same on every rank: no reduction needed
         done = step + 1
+        stopping = stop_requested(stop, world, device)  # SIGTERM / Ctrl-C on any rank: log, save, exit at this step
         evaluate_now = args.eval_every and (done % args.eval_every == 0 or done == args.max_steps)
         dynamics_now = args.dynamics_every and (done % args.dynamics_every == 0 or done == args.max_steps)
-        if done % args.log_every == 0 or done == args.max_steps or evaluate_now or dynamics_now:
+        if done % args.log_every == 0 or done == args.max_steps or evaluate_now or dynamics_now or stopping:
             rec = dict(step=done, lr=lr_at(step, args), **counters, n_meta_steps=n_branch[True],
                        n_ar_steps=n_branch[False])
             n_branch = {True: 0, False: 0}
@@ -1217,15 +1362,24 @@ def train(args):
                 last = rec
                 bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_ar", "loss_query", "acc_query_post")
                                  if k in rec})
-        if done % args.save_every == 0 or done == args.max_steps:
+        if done % args.save_every == 0 or done == args.max_steps or stopping:
             if not all(torch.isfinite(p).all() for p in s["params"]):
                 raise UserError(f"non-finite weights at step {done}; the last good checkpoint is kept. "
                                 "Lower --lr, enable --grad_clip, or use --dtype float32")
             if master:  # the weights are identical on every rank: one writer
                 save_checkpoint(ckpt_path, model, head, s["optimizer"], done, args, counters, world)
+                drop_prev(args.out_dir)
             if world > 1:
                 dist.barrier()  # nobody races ahead (or exits) while rank 0 is still writing
+        if stopping:
+            break
+    stop["armed"] = False
     bar.close()
+    if stopping and done < args.max_steps:
+        if master:
+            print(f"stopped by {signal.Signals(stopping).name} after step {done} of {args.max_steps}; checkpoint "
+                  f"{ckpt_path}. Continue with:\n  {resume_command(list(argv), world)}", flush=True)
+        sys.exit(128 + stopping)  # the shell's code for "ended by this signal": wrappers see an unfinished run
     if master:
         print(f"done: {args.max_steps} steps, {counters['tokens'] / 1e6:.2f}M tokens "
               f"({counters['tokens_ar'] / 1e6:.2f}M AR, {counters['tokens_meta'] / 1e6:.2f}M meta) in "
@@ -1332,12 +1486,20 @@ def _max_rss_gib():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)
-        bench(args) if args.bench else train(args)
+        if args.bench:
+            bench(args)
+        else:
+            with stop_signals(verbose=os.environ.get("RANK", "0") == "0") as stop:
+                train(args, stop, argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C (or one outside the loop): no traceback, nothing half-written
+        print("interrupted; ckpt.pt (if any) is the last complete checkpoint", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -153,7 +153,7 @@ def test_integration_real_uner_da_ddt(ckpt, tmp_path):
     assert all(0.0 <= r["f1"] <= 1.0 for r in res["eval"].values())
 
 
-def test_sweep_grid_tables_and_resume(ckpt, data_dir, tmp_path):
+def test_sweep_grid_tables_and_resume(ckpt, data_dir, tmp_path, capsys):
     from conftest import SMALL
     maml = str(tmp_path / "maml")
     mg.main(SMALL + ["--data_dir", data_dir, "--out_dir", maml, "--max_steps", "4"])
@@ -167,4 +167,8 @@ def test_sweep_grid_tables_and_resume(ckpt, data_dir, tmp_path):
     assert "Relative improvement of MAML" in md and "| head |" in md and "| full |" in md
     assert len([p for p in os.listdir(out) if p.startswith("heatmap_")]) == 4
     fn.main(argv)  # resumes: every cell is already done, nothing is re-run or duplicated
+    assert (out / "grid.csv").read_text().splitlines() == rows
+    with pytest.raises(SystemExit):  # other settings would mix two grids in one table: refused, nothing touched
+        fn.main(argv[:-1] + ["2"])
+    assert "other settings (--epochs 1 there, 2 now)" in capsys.readouterr().err
     assert (out / "grid.csv").read_text().splitlines() == rows
