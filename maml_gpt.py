@@ -1065,6 +1065,27 @@ LOG_KEYS = ["loss_ar", "loss_query", "acc_support_pre", "acc_support_post", "acc
             "head_grad_norm"]
 
 
+def wandb_logger(args, header):
+    """--wandb (rank 0): starts a W&B run with the run header as its config; returns (run, log), where log(record)
+    mirrors one metrics.jsonl record. WANDB_MODE=offline (read by wandb itself) writes to OUT_DIR/wandb/ only."""
+    import matplotlib
+    import wandb  # optional, so imported only here (parse_args checked that it is installed)
+    run = wandb.init(project=args.wandb, name=os.path.basename(os.path.normpath(args.out_dir)), config=header,
+                     dir=args.out_dir)
+
+    def log(rec):
+        rec = dict(rec)
+        if "attn_entropy" in rec:  # (layers, heads): one heat-map and one histogram, not 144 separate curves
+            ent = np.array(rec.pop("attn_entropy"))
+            rgb = matplotlib.colormaps["viridis"](ent / math.log(args.seq_len))[..., :3]  # 1 = uniform over T keys
+            rec["attn_entropy"] = wandb.Image((rgb * 255).astype(np.uint8).repeat(16, 0).repeat(16, 1),
+                                              caption="rows: layers, columns: heads; colour: entropy / log(seq_len)")
+            rec["attn_entropy_hist"] = wandb.Histogram(ent.flatten())
+        run.log(rec, step=rec["step"])
+
+    return run, log
+
+
 def train(args):
     from tqdm import tqdm
     s = setup(args)
@@ -1096,16 +1117,26 @@ def train(args):
     # Fixed eval batches and probe batch, built once: every eval / dynamics point uses identical inputs.
     evals, eval_source = eval_batches(args, s["corpus"], device, s["local_rank"] == 0) if args.eval_every else ([], "")
     probe, modules = s["probe"], s["modules"]
+    wandb_run, wandb_log = None, None
     if master:
+        header = run_header(args, s["cfg"], model, device, world,
+                            dict(corpus=s["corpus"], eval_source=eval_source, smlmt_ctx=smlmt_ctx(args),
+                                 global_batch=args.batch_size * args.grad_accum * world))
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump(run_header(args, s["cfg"], model, device, world,
-                                 dict(corpus=s["corpus"], eval_source=eval_source, smlmt_ctx=smlmt_ctx(args),
-                                      global_batch=args.batch_size * args.grad_accum * world)), f, indent=1)
+            json.dump(header, f, indent=1)
+        if args.wandb:
+            wandb_run, wandb_log = wandb_logger(args, header)
         print(f"model {count_params(model) / 1e6:.1f}M params | {world} process(es) on {device} | global batch "
               f"{args.batch_size * args.grad_accum * world} x {args.seq_len} | hybrid ratio {args.hybrid_ratio}")
-    if master and start == 0 and args.dynamics_every:  # step 0: the dynamics of the initialisation
+
+    def write_record(rec):  # rank 0: one line of metrics.jsonl, mirrored to W&B with --wandb
         with open(metrics_path, "a") as f:
-            f.write(json.dumps(dict(step=0, **counters, **learning_dynamics(model, *probe, modules, s["amp"]))) + "\n")
+            f.write(json.dumps(rec) + "\n")
+        if wandb_log:
+            wandb_log(rec)
+
+    if master and start == 0 and args.dynamics_every:  # step 0: the dynamics of the initialisation
+        write_record(dict(step=0, **counters, **learning_dynamics(model, *probe, modules, s["amp"])))
     window = Window(device)
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master,
                dynamic_ncols=True)
@@ -1137,8 +1168,7 @@ def train(args):
             if master and dynamics_now:
                 rec.update(learning_dynamics(model, *probe, modules, s["amp"]))
             if master:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                write_record(rec)
                 last = rec
                 bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_ar", "loss_query", "acc_query_post")
                                  if k in rec})
@@ -1159,7 +1189,12 @@ def train(args):
             print("last window: " + ", ".join(f"{k} {last[k]:.3f}" for k in
                                               ("loss_ar", "eval_loss", "acc_query_pre", "acc_query_post")
                                               if k in last))
-        print(f"next: python finetune_ner.py --ckpt {ckpt_path}   |   python analyze.py {args.out_dir}")
+        text = SAMPLE_PROMPT + complete(model, SAMPLE_PROMPT, max_new_tokens=40, seed=args.seed)[0]
+        print(f"sample (40 tokens, temperature 0.8, top_k 200): {text!r}")
+        print(f"next: python maml_gpt.py --out_dir {args.out_dir} --sample \"{SAMPLE_PROMPT}\"   |   "
+              f"python finetune_ner.py --ckpt {ckpt_path}   |   python analyze.py {args.out_dir}")
+        if wandb_run:
+            wandb_run.finish()
     return s
 
 
