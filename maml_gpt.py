@@ -311,8 +311,8 @@ class Decoder(nn.Module):
         slides past max_seq_len; nanoGPT makes the same trade."""
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.max_seq_len:])  # a prompt longer than the context: keep its end
-            logits = logits[:, -1]  # (B, V): the next-token distribution after the last position
+            h = self(idx[:, -self.cfg.max_seq_len:], return_hidden=True)  # (B, T, d); a long prompt: keep its end
+            logits = self.de_embedding_proj(h[:, -1]).float()  # (B, V): only the last position predicts a new token
             logits[:, MASK_ID:] = float("-inf")  # [MASK] and padding ids: never trained as targets, never emitted
             if temperature == 0:
                 nxt = logits.argmax(-1)

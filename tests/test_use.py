@@ -63,14 +63,15 @@ def test_generate_is_deterministic_for_a_seed_and_top_k_1_is_greedy():
 
 
 def test_generate_never_emits_mask_or_padding(monkeypatch):
-    model, real = tiny(), tiny().forward
+    model = tiny()
+    lm_head = model.de_embedding_proj.forward
 
-    def rigged(idx, targets=None):  # [MASK] and every padding id far ahead: unmasked, they would always win
-        logits, _ = real(idx)
+    def rigged(h):  # [MASK] and every padding id far ahead: unmasked, they would always win
+        logits = lm_head(h)
         logits[..., mg.MASK_ID:] += 1e4
-        return logits, None
+        return logits
 
-    monkeypatch.setattr(model, "forward", rigged)
+    monkeypatch.setattr(model.de_embedding_proj, "forward", rigged)
     prompt = torch.randint(0, 50257, (4, 3), generator=gen(0))
     for temperature, top_k in ((1.0, None), (0.8, 200), (0, None)):
         new = model.generate(prompt, 10, temperature, top_k, gen(0))[:, 3:]
@@ -78,19 +79,19 @@ def test_generate_never_emits_mask_or_padding(monkeypatch):
 
 
 def test_generate_stops_at_endoftext_row_by_row(monkeypatch):
-    model = tiny()
-    stop_len = torch.tensor([5, 7])  # row r says <|endoftext|> once it holds stop_len[r] tokens
+    model, calls = tiny(), []
 
-    def scripted(idx, targets=None):
-        logits = torch.zeros(idx.shape[0], idx.shape[1], model.cfg.vocab_size)
-        logits[..., 11] = 1.0
-        logits[idx.shape[1] >= stop_len, -1, mg.EOT_ID] = 2.0
-        return logits, None
+    def scripted(h):  # the LM head, once per new token: token 11, and <|endoftext|> for row 0 from the 2nd call on,
+        logits = torch.zeros(h.shape[0], model.cfg.vocab_size)  # for row 1 from the 4th
+        logits[:, 11] = 1.0
+        logits[torch.tensor([1, 3]) <= len(calls), mg.EOT_ID] = 2.0
+        calls.append(h.shape)
+        return logits
 
-    monkeypatch.setattr(model, "forward", scripted)
+    monkeypatch.setattr(model.de_embedding_proj, "forward", scripted)
     out = model.generate(torch.full((2, 4), 3), max_new_tokens=20, temperature=0)
-    E = mg.EOT_ID  # row 0 stops after 2 new tokens and is padded with <|endoftext|>; generation ends with row 1
-    assert out[:, 4:].tolist() == [[11, E, E, E], [11, 11, 11, E]]
+    E = mg.EOT_ID  # row 0 is padded with <|endoftext|> once finished; generation ends when row 1 finishes too
+    assert out[:, 4:].tolist() == [[11, E, E, E], [11, 11, 11, E]] and len(calls) == 4
 
 
 def test_prompt_longer_than_the_context_is_cropped_from_the_left(capsys):
