@@ -8,9 +8,12 @@ A minimal reproduction of "Learning Dynamics of Meta-Learning in Small Model Pre
     torchrun --nproc_per_node=4 maml_gpt.py --size large     # the paper's recipe at 570M on 4 GPUs
     python maml_gpt.py --size tiny --data toy                # the paper's recipe, offline corpus
     python maml_gpt.py --bench --size small                  # tokens/s, MFU, memory, meta/AR cost, dynamics cost
+    python maml_gpt.py --sample "The main industry of"       # continuations by the model in out/demo
+    python maml_gpt.py --export_hf out/demo-hf               # a Hugging Face Llama folder (lm-eval, BLiMP...)
 
 Reading order follows the paper: config (§3.1, App. A) -> model (§3.1) -> data -> SMLMT episodes (§3.2) ->
-first-order MAML (§3.3, Algorithm 1) -> learning dynamics (§3.3, §6) -> training loop (App. A.1) -> main().
+first-order MAML (§3.3, Algorithm 1) -> learning dynamics (§3.3, §6) -> training loop (App. A.1) -> sampling and
+export -> main().
 Every optimizer step is one of two branches, chosen from (seed, step) so that all ranks agree:
   AR   : next-token loss on a batch of corpus windows;
   meta : an SMLMT episode; a small MLP head adapts to the support set in 10 SGD steps (no backbone gradient),
@@ -131,7 +134,7 @@ def build_parser():
     a("--bench", action="store_true", help="benchmark micro-steps and dynamics; print numbers; no training")
     a("--wandb", nargs="?", const="maml-gpt", metavar="PROJECT",
       help="also log every metrics.jsonl record and the run config to Weights & Biases project PROJECT "
-           "(pip install wandb; WANDB_MODE=offline writes locally)")
+           "(maml-gpt if not given; pip install wandb; WANDB_MODE=offline writes locally)")
     # using a trained model: these read --out_dir/ckpt.pt and do not train
     a("--sample", metavar="PROMPT", help="print continuations of PROMPT by the model in --out_dir "
       "('<|endoftext|>' for unconditional samples)")
