@@ -127,6 +127,7 @@ def test_bad_input_gets_one_clear_line(argv, message, run_dir, tmp_path, capsys)
     assert run(["--out_dir", out_dir] + argv) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "hf")  # a failed export leaves no folder behind
 
 
 # ------------------------------------------------------------------------------------------------ --export_hf
