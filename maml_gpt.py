@@ -8,9 +8,12 @@ A minimal reproduction of "Learning Dynamics of Meta-Learning in Small Model Pre
     torchrun --nproc_per_node=4 maml_gpt.py --size large     # the paper's recipe at 570M on 4 GPUs
     python maml_gpt.py --size tiny --data toy                # the paper's recipe, offline corpus
     python maml_gpt.py --bench --size small                  # tokens/s, MFU, memory, meta/AR cost, dynamics cost
+    python maml_gpt.py --sample "The main industry of"       # continuations by the model in out/demo
+    python maml_gpt.py --export_hf out/demo-hf               # a Hugging Face Llama folder (lm-eval, BLiMP...)
 
 Reading order follows the paper: config (§3.1, App. A) -> model (§3.1) -> data -> SMLMT episodes (§3.2) ->
-first-order MAML (§3.3, Algorithm 1) -> learning dynamics (§3.3, §6) -> training loop (App. A.1) -> main().
+first-order MAML (§3.3, Algorithm 1) -> learning dynamics (§3.3, §6) -> training loop (App. A.1) -> sampling and
+export -> main().
 Every optimizer step is one of two branches, chosen from (seed, step) so that all ranks agree:
   AR   : next-token loss on a batch of corpus windows;
   meta : an SMLMT episode; a small MLP head adapts to the support set in 10 SGD steps (no backbone gradient),
@@ -145,6 +148,19 @@ def build_parser():
     a("--smlmt_min_count", type=int, default=20, help="content words need at least this many occurrences")
     a("--smlmt_max_occ", type=int, default=1000, help="occurrences kept per word in the SMLMT index")
     a("--bench", action="store_true", help="benchmark micro-steps and dynamics; print numbers; no training")
+    a("--wandb", nargs="?", const="maml-gpt", metavar="PROJECT",
+      help="also log every metrics.jsonl record and the run config to Weights & Biases project PROJECT "
+           "(maml-gpt if not given; pip install wandb; WANDB_MODE=offline writes locally)")
+    # using a trained model: these read --out_dir/ckpt.pt and do not train
+    a("--sample", metavar="PROMPT", help="print continuations of PROMPT by the model in --out_dir "
+      "('<|endoftext|>' for unconditional samples)")
+    a("--num_samples", type=int, default=3, help="--sample: continuations to print")
+    a("--max_new_tokens", type=int, default=100,
+      help="--sample: tokens per continuation, unless <|endoftext|> comes first")
+    a("--temperature", type=float, default=0.8, help="--sample: softmax temperature (0 = greedy)")
+    a("--top_k", type=int, default=200, help="--sample: sample among the k most likely tokens (0 = all)")
+    a("--export_hf", metavar="DIR", help="write the model in --out_dir to DIR as a Hugging Face Llama folder "
+      "(config, weights, GPT-2 + [MASK] tokenizer); the meta-learning head stays in ckpt.pt")
     return p
 
 
@@ -165,6 +181,15 @@ def parse_args(argv=None):
         raise UserError("--overwrite starts over and --resume continues: give one of them")
     if not 0.0 <= args.hybrid_ratio <= 1.0:
         raise UserError(f"--hybrid_ratio must be in [0, 1] (got {args.hybrid_ratio})")
+    for k in ("num_samples", "max_new_tokens"):
+        if getattr(args, k) < 1:
+            raise UserError(f"--{k} must be >= 1 (got {getattr(args, k)})")
+    if args.temperature < 0 or args.top_k < 0:
+        raise UserError(f"--temperature and --top_k must be >= 0 (got {args.temperature}, {args.top_k})")
+    if args.wandb:  # checked on every rank, before any work: only rank 0 imports it, but all must stop together
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("--wandb needs the wandb package: pip install wandb (or run without --wandb)")
     return args
 
 
@@ -295,6 +320,35 @@ class Decoder(nn.Module):
         logits = self.de_embedding_proj(x).float()  # (B, T, V), fp32 for a stable softmax
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.8, top_k=None, generator=None):
+        """Sample continuations of idx (B, T) -> (B, T + n), n <= max_new_tokens. Deterministic for a `generator`
+        (temperature 0: greedy). A row that emits <|endoftext|> is finished: it is padded with <|endoftext|> until
+        every row is. [MASK] (50257) and the padding ids 50258..50303 are never sampled.
+
+        No KV cache: every new token re-runs the model on the whole (cropped) window. At these sizes that costs
+        little, and a cache would need a second attention path plus re-rotation of cached keys once the window
+        slides past max_seq_len; nanoGPT makes the same trade."""
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            h = self(idx[:, -self.cfg.max_seq_len:], return_hidden=True)  # (B, T, d); a long prompt: keep its end
+            logits = self.de_embedding_proj(h[:, -1]).float()  # (B, V): only the last position predicts a new token
+            logits[:, MASK_ID:] = float("-inf")  # [MASK] and padding ids: never trained as targets, never emitted
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                logits = logits / temperature
+                if top_k:  # keep the k most likely tokens: cuts the long tail of nonsense at small sizes
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
+            nxt = nxt.masked_fill(finished, EOT_ID)
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            finished |= nxt == EOT_ID
+            if finished.all():
+                break
+        return idx
 
 
 def count_params(model):
@@ -1275,6 +1329,27 @@ LOG_KEYS = ["loss_ar", "loss_query", "loss_mixed", "acc_support_pre", "acc_suppo
             "acc_query_post", "head_grad_norm"]
 
 
+def wandb_logger(args, header):
+    """--wandb (rank 0): starts a W&B run with the run header as its config; returns (run, log), where log(record)
+    mirrors one metrics.jsonl record. WANDB_MODE=offline (read by wandb itself) writes to OUT_DIR/wandb/ only."""
+    import matplotlib
+    import wandb  # optional, so imported only here (parse_args checked that it is installed)
+    run = wandb.init(project=args.wandb, name=os.path.basename(os.path.normpath(args.out_dir)), config=header,
+                     dir=args.out_dir)
+
+    def log(rec):
+        rec = dict(rec)
+        if "attn_entropy" in rec:  # (layers, heads): one heat-map and one histogram, not 144 separate curves
+            ent = np.array(rec.pop("attn_entropy"))
+            rgb = matplotlib.colormaps["viridis"](ent / math.log(args.seq_len))[..., :3]  # 1 = uniform over T keys
+            rec["attn_entropy"] = wandb.Image((rgb * 255).astype(np.uint8).repeat(16, 0).repeat(16, 1),
+                                              caption="rows: layers, columns: heads; colour: entropy / log(seq_len)")
+            rec["attn_entropy_hist"] = wandb.Histogram(ent.flatten())
+        run.log(rec, step=rec["step"])
+
+    return run, log
+
+
 def train(args, stop=None, argv=()):
     """The run: `stop` is stop_signals()'s flag (main() installs the handlers), `argv` goes into the resume hint."""
     from tqdm import tqdm
@@ -1311,16 +1386,26 @@ def train(args, stop=None, argv=()):
     evals, eval_source = eval_batches(args, s["corpus"], device, s["local_rank"] == 0) if args.eval_every else ([], "")
     probe, modules = s["probe"], s["modules"]
     fewshots = fewshot_episodes(args, s["corpus"], device, s["local_rank"] == 0)
+    wandb_run, wandb_log = None, None
     if master:
+        header = run_header(args, s["cfg"], model, device, world,
+                            dict(corpus=s["corpus"], eval_source=eval_source, smlmt_ctx=smlmt_ctx(args),
+                                 global_batch=args.batch_size * args.grad_accum * world))
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump(run_header(args, s["cfg"], model, device, world,
-                                 dict(corpus=s["corpus"], eval_source=eval_source, smlmt_ctx=smlmt_ctx(args),
-                                      global_batch=args.batch_size * args.grad_accum * world)), f, indent=1)
+            json.dump(header, f, indent=1)
+        if args.wandb:
+            wandb_run, wandb_log = wandb_logger(args, header)
         print(f"model {count_params(model) / 1e6:.1f}M params | {world} process(es) on {device} | global batch "
               f"{args.batch_size * args.grad_accum * world} x {args.seq_len} | hybrid ratio {args.hybrid_ratio}")
-    if master and start == 0 and args.dynamics_every:  # step 0: the dynamics of the initialisation
+
+    def write_record(rec):  # rank 0: one line of metrics.jsonl, mirrored to W&B with --wandb
         with open(metrics_path, "a") as f:
-            f.write(json.dumps(dict(step=0, **counters, **learning_dynamics(model, *probe, modules, s["amp"]))) + "\n")
+            f.write(json.dumps(rec) + "\n")
+        if wandb_log:
+            wandb_log(rec)
+
+    if master and start == 0 and args.dynamics_every:  # step 0: the dynamics of the initialisation
+        write_record(dict(step=0, **counters, **learning_dynamics(model, *probe, modules, s["amp"])))
     window = Window(device)
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master,
                dynamic_ncols=True)
@@ -1357,8 +1442,7 @@ def train(args, stop=None, argv=()):
             if master and dynamics_now:
                 rec.update(learning_dynamics(model, *probe, modules, s["amp"]))
             if master:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                write_record(rec)
                 last = rec
                 bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_ar", "loss_query", "acc_query_post")
                                  if k in rec})
@@ -1389,7 +1473,12 @@ def train(args, stop=None, argv=()):
                                               ("loss_ar", "eval_loss", "acc_query_pre", "acc_query_post",
                                                "eval_fewshot_acc")
                                               if k in last))
-        print(f"next: python finetune_ner.py --ckpt {ckpt_path}   |   python analyze.py {args.out_dir}")
+        text = SAMPLE_PROMPT + complete(model, SAMPLE_PROMPT, max_new_tokens=40, seed=args.seed)[0]
+        print(f"sample (40 tokens, temperature 0.8, top_k 200): {text!r}")
+        print(f"next: python maml_gpt.py --out_dir {args.out_dir} --sample \"{SAMPLE_PROMPT}\"   |   "
+              f"python finetune_ner.py --ckpt {ckpt_path}   |   python analyze.py {args.out_dir}")
+        if wandb_run:
+            wandb_run.finish()
     return s
 
 
@@ -1485,11 +1574,147 @@ def _max_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Using a trained model: sample text, export to Hugging Face (for lm-evaluation-harness, BLiMP, Paloma...).
+
+SAMPLE_PROMPT = "The main industry of"  # the end-of-training sample: sensible for the toy world and for web text
+
+
+def complete(model, prompt, num_samples=1, max_new_tokens=100, temperature=0.8, top_k=200, seed=1337):
+    """Continuations of `prompt` (strings, the prompt not included), cut at <|endoftext|>; deterministic for a seed."""
+    enc = get_tokenizer()
+    ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})  # "<|endoftext|>" alone: an unconditional sample
+    if not ids:
+        raise UserError("the prompt encodes to no tokens; give some text, or '<|endoftext|>' for unconditional samples")
+    T = model.cfg.max_seq_len
+    if len(ids) > T:
+        print(f"note: the prompt has {len(ids)} tokens and the model's context is {T}: it sees only the last {T}")
+        ids = ids[-T:]
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
+    out = model.generate(torch.tensor([ids] * num_samples, device=device), max_new_tokens, temperature, top_k, gen)
+    rows = out[:, len(ids):].tolist()
+    return [enc.decode(r[:r.index(EOT_ID)] if EOT_ID in r else r) for r in rows]
+
+
+def sample(args):
+    """--sample: print continuations of a prompt by the checkpoint in --out_dir."""
+    device = setup_distributed(args.device)[3]
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    ck = load_checkpoint(path, device)
+    model = model_from_checkpoint(ck, device).eval()
+    texts = complete(model, args.sample, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
+                     args.seed)
+    print(f"{path} (step {ck['step']}), temperature {args.temperature}, top_k {args.top_k}, seed {args.seed}")
+    for i, text in enumerate(texts, 1):
+        print(f"--- sample {i}/{len(texts)}\n{args.sample}{text}")
+
+
+def hf_state_dict(model):
+    """Our Decoder's weights under Hugging Face LlamaForCausalLM's names, fp32, q/k rows in rotate_half order."""
+    cfg = model.cfg
+    hd = cfg.d_model // cfg.n_heads
+
+    def rotate_half_rows(w, n_heads):
+        # We rotate adjacent features (2i, 2i+1) of each head as one pair; HF's rotate_half pairs (i, i + hd/2).
+        # Reordering each head's output rows evens-then-odds makes the same features rotate by the same angles,
+        # and since q and k are permuted alike, every q.k (hence the attention) is unchanged. (out, in) -> same.
+        return w.unflatten(0, (n_heads, hd // 2, 2)).transpose(1, 2).flatten(0, 2)
+
+    rename = {"embedding_proj": "model.embed_tokens", "layers": "model.layers", "output_norm": "model.norm",
+              "de_embedding_proj": "lm_head", "attention_norm": "input_layernorm", "attention": "self_attn",
+              "swiglu_norm": "post_attention_layernorm", "swiglu": "mlp", "w_0": "gate_proj", "w_1": "up_proj",
+              "w_2": "down_proj"}
+    out = {}
+    for name, w in model.state_dict().items():  # e.g. layers.3.swiglu.w_0.weight -> model.layers.3.mlp.gate_proj.weight
+        w = w.detach().float().cpu()
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = rotate_half_rows(w, cfg.n_heads if "q_proj" in name else cfg.n_kv_heads)
+        out[".".join(rename.get(part, part) for part in name.split("."))] = w.contiguous()
+    return out
+
+
+def hf_config(cfg):
+    """config.json for transformers.LlamaForCausalLM: the same architecture, hyper-parameter for hyper-parameter."""
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
+                hidden_size=cfg.d_model, intermediate_size=cfg.ffn_mult * cfg.d_model,
+                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                head_dim=cfg.d_model // cfg.n_heads, hidden_act="silu", rms_norm_eps=cfg.norm_eps,
+                rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False,
+                attention_bias=False, mlp_bias=False, bos_token_id=EOT_ID, eos_token_id=EOT_ID, torch_dtype="float32")
+
+
+def hf_tokenizer_files(model_max_length):
+    """{file name: content} for GPT-2 + [MASK] as a Hugging Face tokenizer, rebuilt from the tiktoken ranks (no
+    download): vocab.json + merges.txt (GPT-2's own format), tokenizer.json (the fast tokenizer), and its config."""
+    enc = get_tokenizer()
+    # Byte-level BPE files spell every byte as a printable character: bytes that are printable stand for
+    # themselves, the others are shifted to 256, 257, ... in order (bytes_to_unicode in GPT-2's encoder.py).
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    shifted = iter(range(256, 512))
+    char = {b: chr(b if b in printable else next(shifted)) for b in range(256)}
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(EOT_ID)}  # 256 single bytes, then 50,000 merges
+    merges = []
+    for tok, rank in ranks.items():  # rank order = merge order
+        if rank < 256:
+            continue
+        # tiktoken keeps no merge list: the merge that made `tok` is the last step of BPE on its own bytes, using
+        # only lower-ranked merges (tiktoken's educational bpe() with max_rank).
+        parts = [bytes([b]) for b in tok]
+        while len(parts) > 2:
+            _, i = min((ranks.get(a + b, 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append(" ".join("".join(char[b] for b in p) for p in parts))
+    vocab = {"".join(char[b] for b in tok): i for tok, i in ranks.items()}
+    special = {"<|endoftext|>": EOT_ID, "[MASK]": MASK_ID}
+    vocab.update(special)
+    fast = dict(version="1.0", truncation=None, padding=None, normalizer=None,
+                added_tokens=[dict(id=i, content=t, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                                   special=True) for t, i in special.items()],
+                pre_tokenizer=dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=True),
+                post_processor=dict(type="ByteLevel", add_prefix_space=True, trim_offsets=False, use_regex=True),
+                decoder=dict(type="ByteLevel", add_prefix_space=True, trim_offsets=True, use_regex=True),
+                model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix="",
+                           end_of_word_suffix="", fuse_unk=False, byte_fallback=False, vocab=vocab, merges=merges))
+    config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=model_max_length, bos_token="<|endoftext|>",
+                  eos_token="<|endoftext|>", unk_token="<|endoftext|>", mask_token="[MASK]", add_prefix_space=False,
+                  clean_up_tokenization_spaces=False)
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False), "merges.txt": "\n".join(["#version: 0.2", *merges]),
+            "tokenizer.json": json.dumps(fast, ensure_ascii=False), "tokenizer_config.json": json.dumps(config)}
+
+
+def export_hf(args):
+    """--export_hf DIR: the backbone of --out_dir/ckpt.pt as a folder LlamaForCausalLM.from_pretrained(DIR) loads."""
+    out = args.export_hf
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"--export_hf {out} already exists and is not an empty folder; choose a new one")
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    ck = load_checkpoint(path)
+    model = model_from_checkpoint(ck)
+    weights = hf_state_dict(model)
+    os.makedirs(out, exist_ok=True)
+    try:
+        from safetensors.torch import save_file
+        save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    except ImportError:
+        torch.save(weights, os.path.join(out, "pytorch_model.bin"))
+    files = {"config.json": json.dumps(hf_config(model.cfg), indent=1), **hf_tokenizer_files(model.cfg.max_seq_len)}
+    for name, text in files.items():
+        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    print(f"wrote {out}: LlamaForCausalLM ({count_params(model) / 1e6:.1f}M params, step {ck['step']} of {path}) "
+          f"and its tokenizer. The meta-learning head is not part of it (it stays in {path}).")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)
-        if args.bench:
+        if args.sample is not None:
+            sample(args)
+        elif args.export_hf:
+            export_hf(args)
+        elif args.bench:
             bench(args)
         else:
             with stop_signals(verbose=os.environ.get("RANK", "0") == "0") as stop:
