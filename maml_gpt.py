@@ -133,7 +133,9 @@ def build_parser():
     a("--inner_lr", type=float, default=0.01, help="inner SGD lr (released runs: 0.01; paper text: 0.001)")
     a("--head_hidden", type=int, default=128, help="hidden width of the MLP head")
     a("--head_layers", type=int, default=4, help="linear layers in the MLP head")
-    a("--head_dropout", type=float, default=0.1, help="dropout in the MLP head (the reference silently drops it)")
+    a("--head_dropout", type=float, default=0.0,
+      help="dropout in the MLP head: the paper says 0.1, the released code silently applies none, and with "
+           "prototypes 0.1 drowns the class differences (README)")
     a("--head_init", default="proto", choices=["proto", "learned", "vocab"],
       help="the head's last layer each episode: proto (from support class means, Proto-MAML), learned (meta-learned "
            "N-way layer, the paper's text: collapses to uniform), vocab (the released code's token-id head)")
@@ -677,7 +679,7 @@ def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key, read="mask")
 #   vocab   (the released code): a last layer over the whole vocabulary, of which each episode uses the rows of
 #           its N class words. Label-permutation-proof only because it is a next-token head in disguise.
 
-def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.1, init="proto", vocab_size=None):
+def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.0, init="proto", vocab_size=None):
     """`body`: d -> 128 -> 128 -> 128 (3 linear layers, ReLU, dropout), shared by all classes, so the label order
     cannot hurt it; plus `out`, a learned last layer: N-way (init="learned"), over the vocabulary ("vocab"), or
     none ("proto": built from the support set every episode). Xavier-uniform weights, torch-default biases."""

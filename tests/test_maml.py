@@ -69,7 +69,7 @@ def test_too_few_words_is_a_clear_error(corpus):
 
 def test_head_architecture():
     for init, out in (("proto", None), ("learned", 32), ("vocab", 500)):
-        head = mg.make_head(96, 32, init=init, vocab_size=500)
+        head = mg.make_head(96, 32, dropout=0.1, init=init, vocab_size=500)
         linears = [m for m in head["body"] if isinstance(m, torch.nn.Linear)]
         assert [(l.in_features, l.out_features) for l in linears] == [(96, 128), (128, 128), (128, 128)]
         assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in head["body"]) == 3
