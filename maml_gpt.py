@@ -248,6 +248,92 @@ class Block(nn.Module):
         return x + self.swiglu(self.swiglu_norm(x))
 
 
+# The LM-head loss, fused and chunked. At tiny width the (B*T, V) logits are the largest tensors of a step by far:
+# 16 x 512 x 50,304 fp32 is 1.6 GB, and a plain F.cross_entropy keeps several such copies alive (the logits, the
+# log-softmax, their gradients). The loss only needs, per row, log-sum-exp minus the target logit, and the backward
+# only needs d loss / d logits = softmax - one-hot, multiplied into two small matmuls. So we walk the rows in chunks:
+# for each chunk, compute its logits, its loss and its two gradient contributions, and throw the logits away.
+# Nothing of size (B*T, V) ever exists. (Liger-Kernel's FusedLinearCrossEntropy and Apple's Cut Cross-Entropy.)
+
+LOSS_CHUNK_ROWS = 1024  # rows per chunk: 1024 x 50,304 fp32 = 206 MB live at a time, large enough for fast matmuls
+
+
+def _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, want_h, want_w):
+    """Sum over rows of cross_entropy(h @ weight.T, targets), and (if asked) its gradients w.r.t. h and weight.
+    h (N, d), weight (V, d), targets (N,) int64. Rows whose target is ignore_index add 0 and get 0 gradient.
+    -> (loss_sum fp32 scalar, grad_h (N, d) fp32 or None, grad_w (V, d) fp32 or None, n_counted int64 scalar)."""
+    dev = h.device.type
+    # Under autocast the matmuls run in its dtype (bf16), as nn.Linear's would; the softmax, the loss and the sums
+    # of gradient contributions stay fp32. Autocast does not look inside an autograd.Function, so cast by hand.
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    with torch.autocast(dev, enabled=False):
+        hc, wc = h.to(dtype), weight.to(dtype)
+        counted = targets != ignore_index  # (N,) bool
+        safe_t = torch.where(counted, targets, 0)[:, None]  # (N, 1): a valid index even on ignored rows
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+        # One fp32 buffer reused by every chunk: a fresh 200 MB tensor per chunk would be returned to the OS and
+        # page-faulted back in each time on CPU (a third of the matmul's time).
+        buf = torch.empty(min(chunk_rows, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk_rows):
+            rows = slice(i, i + chunk_rows)
+            z = buf[:hc[rows].shape[0]]  # (n, V): this chunk's logits, the only large tensor
+            if dtype == torch.float32:
+                torch.mm(hc[rows], wc.T, out=z)
+            else:
+                z.copy_(hc[rows] @ wc.T)  # bf16 matmul, fp32 softmax
+            z -= z.amax(-1, keepdim=True)  # shift each row by its max: exp() below cannot overflow
+            z_t = z.gather(1, safe_t[rows]).squeeze(1)  # (n,) shifted target logits
+            e = z.exp_()  # (n, V), in place: z is not needed any more
+            sum_e = e.sum(-1)  # (n,)
+            # -log softmax at the target = log sum_j exp(z_j) - z_target (the max shift cancels)
+            loss += torch.where(counted[rows], sum_e.log() - z_t, 0.0).sum()
+            if not (want_h or want_w):
+                continue  # evaluation: the loss is all we need
+            # d loss_row / d logits = softmax - one_hot(target). Ignored rows divide by +inf: their softmax, and so
+            # their gradient, is exactly 0.
+            g = e.div_(torch.where(counted[rows], sum_e, torch.inf)[:, None])
+            g.scatter_add_(1, safe_t[rows], -counted[rows, None].float())  # (n, V)
+            g = g.to(dtype)
+            # Chain rule through logits = h @ W.T: d/dh = g @ W (n, d), d/dW = g.T @ h (V, d), summed over chunks.
+            if want_h:
+                grad_h[rows] = g @ wc
+            if want_w:
+                grad_w.addmm_(g.T, hc[rows]) if dtype == torch.float32 else grad_w.add_(g.T @ hc[rows])
+    return loss, grad_h, grad_w, counted.sum()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean over counted rows of cross_entropy(h @ weight.T, targets), with both gradients computed in the forward.
+    The backward has nothing left to do but scale them by the incoming gradient (a scalar: the loss is a mean)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index, chunk_rows):
+        want_h, want_w = ctx.needs_input_grad[:2]
+        loss, grad_h, grad_w, n = _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, want_h, want_w)
+        n = n.clamp(min=1)  # every row ignored: loss 0 and zero gradients rather than 0 / 0
+        ctx.save_for_backward(grad_h.div_(n).to(h.dtype) if want_h else None,
+                              grad_w.div_(n).to(weight.dtype) if want_w else None)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss,
+                None, None, None)
+
+
+def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_rows=LOSS_CHUNK_ROWS):
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=ignore_index) without the (N, V) logits.
+    h (N, d), weight (V, d), targets (N,). Without autograd (torch.no_grad, or nothing requires grad) it computes
+    the loss alone; an autograd.Function cannot tell by itself (needs_input_grad ignores no_grad)."""
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_rows)
+    loss, _, _, n = _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, False, False)
+    return loss / n.clamp(min=1)
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -263,7 +349,8 @@ class Decoder(nn.Module):
 
     def forward(self, idx, targets=None, return_hidden=False):
         """idx (B, T) token ids. Returns the hidden states after output_norm (B, T, d) if return_hidden (the
-        features the MAML head and the NER head read), else (logits (B, T, V) fp32, mean loss or None)."""
+        features the MAML head and the NER head read). Otherwise (logits, loss): with targets (B, T), (None, mean
+        next-token loss), the logits never materialised; without, (logits (B, T, V) fp32, None)."""
         T = idx.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens > max_seq_len {self.cfg.max_seq_len}")
@@ -274,9 +361,9 @@ class Decoder(nn.Module):
         x = self.output_norm(x)  # (B, T, d)
         if return_hidden:
             return x  # meta and NER steps stop here: the 50,304-way LM head is the costliest matmul at small d
-        logits = self.de_embedding_proj(x).float()  # (B, T, V), fp32 for a stable softmax
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        return logits, loss
+        if targets is not None:  # training and evaluation: the loss without ever building the logits
+            return None, linear_cross_entropy(x.flatten(0, 1), self.de_embedding_proj.weight, targets.flatten())
+        return self.de_embedding_proj(x).float(), None  # logits (B, T, V), fp32 for a stable softmax
 
 
 def count_params(model):
