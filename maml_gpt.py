@@ -100,7 +100,7 @@ def build_parser():
     a("--seed", type=int, default=1337, help="seeds everything; batches and episodes are functions of it")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bf16 on CUDA)")
-    a("--compile", action="store_true", help="torch.compile the backbone")
+    a("--compile", action="store_true", help="torch.compile the model: forward + loss of AR steps, backbone of meta steps")
     a("--resume", action="store_true", help="continue the run in --out_dir from its ckpt.pt")
     # logging and evaluation
     a("--log_every", type=int, help="optimizer steps per logging window")
@@ -255,7 +255,7 @@ class Block(nn.Module):
 # for each chunk, compute its logits, its loss and its two gradient contributions, and throw the logits away.
 # Nothing of size (B*T, V) ever exists. (Liger-Kernel's FusedLinearCrossEntropy and Apple's Cut Cross-Entropy.)
 
-LOSS_CHUNK_ROWS = 1024  # rows per chunk: 1024 x 50,304 fp32 = 206 MB live at a time, large enough for fast matmuls
+LOSS_CHUNK_ROWS = 256
 
 
 def _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, want_h, want_w):
@@ -1036,14 +1036,18 @@ def setup(args, for_bench=False):
     model = Decoder(cfg).to(device)
     head = make_head(cfg.d_model, args.n_way, args.head_hidden, args.head_layers, args.head_dropout).to(device)
     params = list(model.parameters()) + list(head.parameters())  # backbone + the meta-learned head init
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    # fused=True on CUDA: one kernel updates every parameter instead of a handful per tensor.
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     # The fixed probe batch for learning dynamics: evenly spaced held-out windows, the same for every run.
     val = read_bin(os.path.join(corpus, "val.bin"))
     probe = get_batch(val, fixed_windows(len(val), args.seq_len, args.probe_batch), args.seq_len, device)
     modules = [m.strip() for m in args.dynamics_modules.split(",") if m.strip()]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    fwd = torch.compile(model) if args.compile else model  # compile the backbone only; `model` is for saving
+    # --compile covers Decoder.forward: the AR branch's whole forward + fused loss (one graph, no break), and the
+    # meta branch's backbone forward (nearly all of its FLOPs). Not the meta branch's MLP head: its inner loop calls
+    # torch.autograd.grad, which torch.compile cannot put in a graph, and it is a few hundred K weights anyway.
+    fwd = torch.compile(model) if args.compile else model  # `model` (uncompiled, same weights) is for saving
     return dict(rank=rank, world=world, device=device, corpus=corpus, tokens=tokens, index=index, model=model,
                 head=head, params=params, optimizer=optimizer, fwd=fwd, amp=autocast_ctx(device, args.dtype),
                 cfg=cfg, local_rank=local_rank, probe=probe, modules=modules)
@@ -1220,16 +1224,62 @@ def flops_per_token(cfg, T, backward=True, lm_head=True):
     return f if backward else f / 3
 
 
+def micro_step_flops(cfg, args):
+    """FLOPs of one AR and one meta micro-step: every FLOP count behind the MFU figures is here.
+    AR: B x T tokens, forward + backward, LM head included (the fused loss does the same matmuls as F.linear).
+    Meta: the support set forward only, the query set forward + backward; neither touches the LM head. The
+    MLP head (d x 128 ... x N, a few hundred K weights) is left out: < 0.1% of the backbone at every size."""
+    ctx = smlmt_ctx(args)
+    n_sup, n_query = args.n_way * args.k_shot * ctx, args.n_way * args.q_query * ctx
+    return dict(ar=flops_per_token(cfg, args.seq_len) * args.batch_size * args.seq_len,
+                meta=flops_per_token(cfg, ctx, backward=False, lm_head=False) * n_sup
+                + flops_per_token(cfg, ctx, lm_head=False) * n_query)
+
+
+def reset_peak_memory(device):
+    """Restart the peak-memory counter from the current usage: CUDA's allocator peak, or on Linux the process's
+    peak RSS (writing 5 to /proc/self/clear_refs resets VmHWM). -> False where it cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_gib(device):
+    """CUDA: peak bytes allocated by tensors. CPU: peak resident set size of this process (VmHWM on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 2 ** 20  # kB
+    except (OSError, StopIteration):
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2 ** (30 if sys.platform == "darwin" else 20)  # bytes on macOS, KiB elsewhere
+
+
+def sdpa_kernel_used(model, x, amp):
+    """Which kernel F.scaled_dot_product_attention dispatches to for this model, dtype and device (the profiler sees
+    the aten op). On an H100 in bf16 it should be flash or cuDNN; the math fallback would cost several times the
+    attention time. Measured on CPU (fp32): flash_attention_for_cpu. On CUDA: not yet measured."""
+    from torch.profiler import profile
+    with torch.no_grad(), amp, profile() as prof:
+        model(x[:1], return_hidden=True)
+    names = {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product_")}
+    return ", ".join(sorted(n.removeprefix("aten::_scaled_dot_product_") for n in names)) or "unknown"
+
+
 def bench(args, iters=5):
     s = setup(args, for_bench=True)
     model, head, fwd, amp, device, cfg = s["model"], s["head"], s["fwd"], s["amp"], s["device"], s["cfg"]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     def timed(fn):
-        for _ in range(2):  # warm-up (and compilation)
-            fn(0)
         sync()
         t = time.perf_counter()
         for i in range(iters):
@@ -1253,42 +1303,41 @@ def bench(args, iters=5):
 
     ctx = smlmt_ctx(args)
     ar_tok, meta_tok = args.batch_size * args.seq_len, args.n_way * (args.k_shot + args.q_query) * ctx
+    for fn in (ar, meta, ar, meta):  # warm-up (and compilation), not timed
+        fn(0)
+    sync()
+    # The peak below is that of training itself: corpus preparation and warm-up are over.
+    reset = reset_peak_memory(device)
     t_ar, t_meta = timed(ar), timed(meta)
     t = time.perf_counter()
     learning_dynamics(model, *s["probe"], s["modules"], amp)
     sync()
     t_dyn = time.perf_counter() - t
+    mem = peak_memory_gib(device)
     step_time = args.grad_accum * (args.hybrid_ratio * t_meta + (1 - args.hybrid_ratio) * t_ar)
-    peak = peak_flops(device, amp)
-    f_ar = flops_per_token(cfg, args.seq_len) * ar_tok
+    peak, flops = peak_flops(device, amp), micro_step_flops(cfg, args)
     n_sup = args.n_way * args.k_shot * ctx
-    f_meta = (flops_per_token(cfg, ctx, backward=False, lm_head=False) * n_sup  # support: forward, no grad
-              + flops_per_token(cfg, ctx, lm_head=False) * (meta_tok - n_sup))  # query: forward + backward
-    mem = (f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB (CUDA peak allocated)"
-           if device.type == "cuda" else f"{_max_rss_gib():.2f} GiB (process max RSS)")
     print(f"bench: {args.size or 'demo'} ({count_params(model) / 1e6:.1f}M params) on {device}, "
-          f"{'bf16' if not isinstance(amp, nullcontext) else 'fp32'}, compile={args.compile}")
+          f"{'bf16' if not isinstance(amp, nullcontext) else 'fp32'}, compile={args.compile}, "
+          f"{torch.get_num_threads()} CPU thread(s), attention kernel: {sdpa_kernel_used(model, s['probe'][0], amp)}")
     print(f"  AR micro-step   {ar_tok:6d} tokens  {t_ar * 1e3:8.1f} ms  {ar_tok / t_ar:10.0f} tok/s  "
-          f"{t_ar / ar_tok * 1e6:7.2f} us/token")
+          f"{t_ar / ar_tok * 1e6:7.2f} us/token  ({args.batch_size} x {args.seq_len})")
     print(f"  meta micro-step {meta_tok:6d} tokens  {t_meta * 1e3:8.1f} ms  {meta_tok / t_meta:10.0f} tok/s  "
           f"{t_meta / meta_tok * 1e6:7.2f} us/token  (support {n_sup} no-grad + query {meta_tok - n_sup}; "
           f"ctx {ctx})")
     print(f"  meta / AR cost per backbone token: {(t_meta / meta_tok) / (t_ar / ar_tok):.3f}")
     if peak:
-        print(f"  MFU: AR {f_ar / t_ar / peak * 100:.1f}%  meta {f_meta / t_meta / peak * 100:.1f}%  "
+        print(f"  MFU: AR {flops['ar'] / t_ar / peak * 100:.1f}%  meta {flops['meta'] / t_meta / peak * 100:.1f}%  "
               f"(peak {peak / 1e12:.0f} TFLOPS bf16)")
     else:
         print("  MFU: unknown (no known bf16 peak for this device/dtype)")
-    print(f"  peak memory: {mem}")
+    what = "CUDA peak allocated" if device.type == "cuda" else "peak RSS of this process"
+    print(f"  peak memory: {mem:.2f} GiB ({what}, {'after warm-up' if reset else 'since start'}: "
+          f"AR and meta micro-steps and a dynamics probe)")
     print(f"  dynamics probe: {t_dyn:.2f} s every {args.dynamics_every} steps = "
           f"{t_dyn / (t_dyn + args.dynamics_every * step_time) * 100:.2f}% of training time "
           f"(est. step {step_time:.2f} s at grad_accum {args.grad_accum})")
-    return dict(t_ar=t_ar, t_meta=t_meta, ar_tok=ar_tok, meta_tok=meta_tok, t_dyn=t_dyn)
-
-
-def _max_rss_gib():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    return dict(t_ar=t_ar, t_meta=t_meta, ar_tok=ar_tok, meta_tok=meta_tok, t_dyn=t_dyn, peak_memory_gib=mem)
 
 
 def main(argv=None):
