@@ -6,8 +6,9 @@ transformers.LlamaForCausalLM (SDPA attention). Needs `pip install -r requiremen
     python bench.py --size small --batch_size 4       # any preset; --device cuda --dtype bfloat16 on a GPU
 
 Both models see the same random tokens and compute the same mean next-token loss over B x (T - 1) targets (HF
-shifts its labels inside; we mark the last position ignore_index). Runs alternate (ours, HF, HF, ours, ...) in one
-process so that a machine shared with other work slows both equally; the ratio is the median of per-pair ratios.
+shifts its labels inside; we mark the last position ignore_index). A third contestant is our model with the plain
+loss on full logits (what the fused loss replaced). The three take turns in one process, the first place rotating,
+so that a machine shared with other work slows all of them alike; a ratio is the median of per-round ratios.
 """
 import argparse
 import statistics
@@ -15,6 +16,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 import maml_gpt as mg
 
@@ -61,7 +63,7 @@ def main(argv=None):
     p.add_argument("--size", default="tiny", choices=list(mg.SIZES))
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=7, help="timed (ours, HF) pairs after 2 warm-up pairs")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds (each contestant once) after 2 warm-up rounds")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
     args = p.parse_args(argv)
@@ -79,38 +81,47 @@ def main(argv=None):
     amp = nullcontext() if args.dtype == "float32" else torch.autocast(device.type, dtype=torch.bfloat16)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
+    # Three contestants: ours, ours with the plain loss (F.cross_entropy on the full (B*T, V) logits: what the
+    # fused loss replaced), and HF. Each call is one forward + backward and returns the loss.
+    runs = {"ours": lambda: ours(x, y)[1],
+            "plain": lambda: F.cross_entropy(ours(x)[0].flatten(0, 1), y.flatten(), ignore_index=-100),
+            "hf": lambda: hf(input_ids=x, labels=x).loss}
+    names = {"ours": "maml-gpt (fused loss)", "plain": "maml-gpt, plain F.cross_entropy", "hf": "HF LlamaForCausalLM"}
+
     def step(which):
         """One forward+backward; -> (seconds, loss)."""
         sync()
         t = time.perf_counter()
         with amp:
-            loss = ours(x, y)[1] if which == "ours" else hf(input_ids=x, labels=x).loss
+            loss = runs[which]()
         loss.backward()
         sync()
         dt = time.perf_counter() - t
-        (ours if which == "ours" else hf).zero_grad(set_to_none=True)
+        (hf if which == "hf" else ours).zero_grad(set_to_none=True)
         return dt, loss.item()
 
-    times = {"ours": [], "hf": []}
+    times = {w: [] for w in runs}
     for r in range(2 + args.repeats):
-        order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")  # alternate who goes first
+        order = list(runs)[r % 3:] + list(runs)[:r % 3]  # rotate who goes first
         res = {w: step(w) for w in order}
         if r == 0:
-            print(f"loss: ours {res['ours'][1]:.6f}  HF {res['hf'][1]:.6f}  (same weights, same tokens)")
-        if r >= 2:  # the first two pairs warm up allocators and kernels
+            losses = {w: res[w][1] for w in runs}
+            print("loss (same weights, same tokens): " + "  ".join(f"{w} {v:.6f}" for w, v in losses.items()))
+        if r >= 2:  # the first two rounds warm up allocators and kernels
             for w in times:
                 times[w].append(res[w][0])
     tok = args.batch_size * args.seq_len
     med = {w: statistics.median(v) for w, v in times.items()}
-    ratio = statistics.median(a / b for a, b in zip(times["ours"], times["hf"]))
+    ratios = {w: [a / b for a, b in zip(times[w], times["hf"])] for w in ("ours", "plain")}
     print(f"{args.size} ({mg.count_params(ours) / 1e6:.1f}M), {args.batch_size} x {args.seq_len}, {args.dtype}, "
           f"{device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, transformers "
-          f"{transformers.__version__}; forward+backward, median of {args.repeats} alternating runs")
-    for w, name in (("ours", "maml-gpt"), ("hf", "HF LlamaForCausalLM (sdpa)")):
-        print(f"  {name:28s} {med[w] * 1e3:8.1f} ms  {tok / med[w]:9.0f} tok/s")
-    print(f"  ours / HF: {ratio:.3f} (median of per-pair ratios; range {min(a / b for a, b in zip(*times.values())):.3f}"
-          f"-{max(a / b for a, b in zip(*times.values())):.3f})")
-    return dict(ours=med["ours"], hf=med["hf"], ratio=ratio)
+          f"{transformers.__version__}; forward+backward, median of {args.repeats} rounds")
+    for w in runs:
+        r = ratios.get(w)
+        vs = f"  / HF {statistics.median(r):.3f} (per-round range {min(r):.3f}-{max(r):.3f})" if r else ""
+        print(f"  {names[w]:32s} {med[w] * 1e3:8.1f} ms  {tok / med[w]:7.0f} tok/s{vs}")
+    return dict(med, ratio=statistics.median(ratios["ours"]), ratio_plain=statistics.median(ratios["plain"]),
+                losses=losses)
 
 
 if __name__ == "__main__":
