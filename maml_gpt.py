@@ -250,11 +250,16 @@ class Block(nn.Module):
 
 # The LM-head loss, fused and chunked. At tiny width the (B*T, V) logits are the largest tensors of a step by far:
 # 16 x 512 x 50,304 fp32 is 1.6 GB, and a plain F.cross_entropy keeps several such copies alive (the logits, the
-# log-softmax, their gradients). The loss only needs, per row, log-sum-exp minus the target logit, and the backward
-# only needs d loss / d logits = softmax - one-hot, multiplied into two small matmuls. So we walk the rows in chunks:
-# for each chunk, compute its logits, its loss and its two gradient contributions, and throw the logits away.
-# Nothing of size (B*T, V) ever exists. (Liger-Kernel's FusedLinearCrossEntropy and Apple's Cut Cross-Entropy.)
+# log-softmax, their gradients). But the loss of a row needs only log-sum-exp minus the target logit, and the
+# backward needs only d loss / d logits = softmax - one-hot, multiplied into two matmuls (for h and for W). So we
+# walk the rows in chunks: compute a chunk's logits, its loss and both its gradient contributions, then reuse the
+# buffer for the next chunk. Nothing of size (B*T, V) ever exists, and the backward pass is two multiplications by a
+# scalar. (The technique of Liger-Kernel's FusedLinearCrossEntropy and Apple's Cut Cross-Entropy, in plain torch.)
 
+# Rows per chunk: 256 x 50,304 fp32 = 51 MB live at a time. Measured on the CPU (d = 96, 2,048 rows, 1 thread), the
+# fastest of 128 / 256 / 512 / 1,024 / 2,048 (1.49 / 1.42 / 1.46 / 1.56 / 1.72 s for loss + gradients; the plain
+# F.cross_entropy took 2.87 s). On a GPU, 256 x d x 50,304 matmuls are still large at d >= 384; a larger chunk
+# may be faster there: not yet measured.
 LOSS_CHUNK_ROWS = 256
 
 
