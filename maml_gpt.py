@@ -216,6 +216,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x, cos, sin)
         # enable_gqa: query head h reads kv head h // 3 without materialising repeated k/v (torch >= 2.5).
         # is_causal: position t attends to 0..t; SDPA picks a fused kernel (flash / memory-efficient) when it can.
+        # Which one `--bench` prints: flash on the CPU (fp32, measured); on an H100 in bf16, not yet measured.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).flatten(-2))  # heads back side by side: (B, T, d)
 
@@ -1270,15 +1271,21 @@ def peak_memory_gib(device):
         return rss / 2 ** (30 if sys.platform == "darwin" else 20)  # bytes on macOS, KiB elsewhere
 
 
-def sdpa_kernel_used(model, x, amp):
-    """Which kernel F.scaled_dot_product_attention dispatches to for this model, dtype and device (the profiler sees
-    the aten op). On an H100 in bf16 it should be flash or cuDNN; the math fallback would cost several times the
-    attention time. Measured on CPU (fp32): flash_attention_for_cpu. On CUDA: not yet measured."""
-    from torch.profiler import profile
-    with torch.no_grad(), amp, profile() as prof:
-        model(x[:1], return_hidden=True)
-    names = {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product_")}
-    return ", ".join(sorted(n.removeprefix("aten::_scaled_dot_product_") for n in names)) or "unknown"
+def sdpa_kernel_used(model, idx, amp):
+    """The kernel F.scaled_dot_product_attention picks for this model's q, k, v (shapes, dtype, device, GQA):
+    asked of the same dispatcher function SDPA itself calls. On an H100 in bf16 it should be flash or cuDNN; the
+    math fallback would cost several times the attention time. Measured on CPU (fp32): FLASH_ATTENTION (the CPU
+    flash kernel). On CUDA: not yet measured."""
+    from torch.nn.attention import SDPBackend
+    T = idx.shape[1]
+    layer = model.layers[0]
+    with torch.no_grad(), amp:
+        q, k, v = layer.attention.qkv(layer.attention_norm(model.embedding_proj(idx[:1])), model.rope_cos[:T],
+                                      model.rope_sin[:T])
+        try:  # a private function (torch >= 2.1): say "unknown" rather than fail if it moves
+            return SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=True, enable_gqa=True)).name
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            return "unknown"
 
 
 def bench(args, iters=5):
