@@ -100,7 +100,7 @@ def build_parser():
     a("--seed", type=int, default=1337, help="seeds everything; batches and episodes are functions of it")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bf16 on CUDA)")
-    a("--compile", action="store_true", help="torch.compile the model: forward + loss of AR steps, backbone of meta steps")
+    a("--compile", action="store_true", help="torch.compile the model (AR: forward + loss; meta: the backbone)")
     a("--resume", action="store_true", help="continue the run in --out_dir from its ckpt.pt")
     # logging and evaluation
     a("--log_every", type=int, help="optimizer steps per logging window")
