@@ -106,7 +106,7 @@ def build_parser():
     a("--seed", type=int, default=1337, help="seeds everything; batches and episodes are functions of it")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bf16 on CUDA)")
-    a("--compile", action="store_true", help="torch.compile the backbone")
+    a("--compile", action="store_true", help="torch.compile the model (AR: forward + loss; meta: the backbone)")
     a("--resume", nargs="?", const="continue", choices=["continue", "auto"],
       help="continue the run in --out_dir from its ckpt.pt ('--resume' alone means 'continue'); 'auto': continue "
            "if there is a checkpoint, else start fresh (one command line for the first start and every restart)")
@@ -261,6 +261,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x, cos, sin)
         # enable_gqa: query head h reads kv head h // 3 without materialising repeated k/v (torch >= 2.5).
         # is_causal: position t attends to 0..t; SDPA picks a fused kernel (flash / memory-efficient) when it can.
+        # Which one `--bench` prints: flash on the CPU (fp32, measured); on an H100 in bf16, not yet measured.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).flatten(-2))  # heads back side by side: (B, T, d)
 
@@ -293,6 +294,99 @@ class Block(nn.Module):
         return x + self.swiglu(self.swiglu_norm(x))
 
 
+# The LM-head loss, fused and chunked. At tiny width the (B*T, V) logits are the largest tensors of a step by far:
+# 16 x 512 x 50,304 fp32 is 1.6 GB, and a plain F.cross_entropy keeps several such copies alive (the logits, the
+# log-softmax, their gradients). But the loss of a row needs only log-sum-exp minus the target logit, and the
+# backward needs only d loss / d logits = softmax - one-hot, multiplied into two matmuls (for h and for W). So we
+# walk the rows in chunks: compute a chunk's logits, its loss and both its gradient contributions, then reuse the
+# buffer for the next chunk. Nothing of size (B*T, V) ever exists, and the backward pass is two multiplications by a
+# scalar. (The technique of Liger-Kernel's FusedLinearCrossEntropy and Apple's Cut Cross-Entropy, in plain torch.)
+
+# Rows per chunk: 256 x 50,304 fp32 = 51 MB live at a time. Measured on the CPU (d = 96, 2,048 rows, 1 thread), the
+# fastest of 128 / 256 / 512 / 1,024 / 2,048 (1.49 / 1.42 / 1.46 / 1.56 / 1.72 s for loss + gradients; the plain
+# F.cross_entropy took 2.87 s). On a GPU, 256 x d x 50,304 matmuls are still large at d >= 384; a larger chunk
+# may be faster there: not yet measured.
+LOSS_CHUNK_ROWS = 256
+
+
+def _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, want_h, want_w):
+    """Sum over rows of cross_entropy(h @ weight.T, targets), and (if asked) its gradients w.r.t. h and weight.
+    h (N, d), weight (V, d), targets (N,) int64. Rows whose target is ignore_index add 0 and get 0 gradient.
+    -> (loss_sum fp32 scalar, grad_h (N, d) fp32 or None, grad_w (V, d) fp32 or None, n_counted int64 scalar)."""
+    dev = h.device.type
+    # Under autocast the matmuls run in its dtype (bf16), as nn.Linear's would; the softmax, the loss and the sums
+    # of gradient contributions stay fp32. Autocast does not look inside an autograd.Function, so cast by hand.
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    with torch.autocast(dev, enabled=False):
+        hc, wc = h.to(dtype), weight.to(dtype)
+        counted = targets != ignore_index  # (N,) bool
+        safe_t = torch.where(counted, targets, 0)[:, None]  # (N, 1): a valid index even on ignored rows
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+        # One fp32 buffer reused by every chunk: on the CPU a fresh tensor this large is mapped from the OS and
+        # page-faulted in every time, which made the logits matmul 1.8x slower.
+        buf = torch.empty(min(chunk_rows, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk_rows):
+            rows = slice(i, i + chunk_rows)
+            z = buf[:hc[rows].shape[0]]  # (n, V): this chunk's logits, the only large tensor
+            if dtype == torch.float32:
+                torch.mm(hc[rows], wc.T, out=z)
+            else:
+                z.copy_(hc[rows] @ wc.T)  # bf16 matmul, fp32 softmax
+            z -= z.amax(-1, keepdim=True)  # shift each row by its max: exp() below cannot overflow
+            z_t = z.gather(1, safe_t[rows]).squeeze(1)  # (n,) shifted target logits
+            e = z.exp_()  # (n, V), in place: z is not needed any more
+            sum_e = e.sum(-1)  # (n,)
+            # -log softmax at the target = log sum_j exp(z_j) - z_target (the max shift cancels)
+            loss += torch.where(counted[rows], sum_e.log() - z_t, 0.0).sum()
+            if not (want_h or want_w):
+                continue  # evaluation: the loss is all we need
+            # d loss_row / d logits = softmax - one_hot(target). Ignored rows divide by +inf: their softmax, and so
+            # their gradient, is exactly 0.
+            g = e.div_(torch.where(counted[rows], sum_e, torch.inf)[:, None])
+            g.scatter_add_(1, safe_t[rows], -counted[rows, None].float())  # (n, V)
+            g = g.to(dtype)
+            # Chain rule through logits = h @ W.T: d/dh = g @ W (n, d), d/dW = g.T @ h (V, d), summed over chunks.
+            if want_h:
+                grad_h[rows] = g @ wc
+            if want_w and dtype == torch.float32:
+                grad_w.addmm_(g.T, hc[rows])  # accumulates in place: no (V, d) temporary
+            elif want_w:
+                grad_w += g.T @ hc[rows]  # a bf16 product, summed into the fp32 accumulator
+    return loss, grad_h, grad_w, counted.sum()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean over counted rows of cross_entropy(h @ weight.T, targets), with both gradients computed in the forward.
+    The backward has nothing left to do but scale them by the incoming gradient (a scalar: the loss is a mean)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index, chunk_rows):
+        want_h, want_w = ctx.needs_input_grad[:2]
+        loss, grad_h, grad_w, n = _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, want_h, want_w)
+        n = n.clamp(min=1)  # every row ignored: loss 0 and zero gradients rather than 0 / 0
+        ctx.save_for_backward(grad_h.div_(n).to(h.dtype) if want_h else None,
+                              grad_w.div_(n).to(weight.dtype) if want_w else None)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss,
+                None, None, None)
+
+
+def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_rows=LOSS_CHUNK_ROWS):
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=ignore_index) without the (N, V) logits.
+    h (N, d), weight (V, d), targets (N,). Without autograd (torch.no_grad, or nothing requires grad) it computes
+    the loss alone; an autograd.Function cannot tell by itself (needs_input_grad ignores no_grad)."""
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_rows)
+    loss, _, _, n = _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, False, False)
+    return loss / n.clamp(min=1)
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -308,7 +402,8 @@ class Decoder(nn.Module):
 
     def forward(self, idx, targets=None, return_hidden=False):
         """idx (B, T) token ids. Returns the hidden states after output_norm (B, T, d) if return_hidden (the
-        features the MAML head and the NER head read), else (logits (B, T, V) fp32, mean loss or None)."""
+        features the MAML head and the NER head read). Otherwise (logits, loss): with targets (B, T), (None, mean
+        next-token loss), the logits never materialised; without, (logits (B, T, V) fp32, None)."""
         T = idx.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens > max_seq_len {self.cfg.max_seq_len}")
@@ -319,9 +414,9 @@ class Decoder(nn.Module):
         x = self.output_norm(x)  # (B, T, d)
         if return_hidden:
             return x  # meta and NER steps stop here: the 50,304-way LM head is the costliest matmul at small d
-        logits = self.de_embedding_proj(x).float()  # (B, T, V), fp32 for a stable softmax
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        return logits, loss
+        if targets is not None:  # training and evaluation: the loss without ever building the logits
+            return None, linear_cross_entropy(x.flatten(0, 1), self.de_embedding_proj.weight, targets.flatten())
+        return self.de_embedding_proj(x).float(), None  # logits (B, T, V), fp32 for a stable softmax
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.8, top_k=None, generator=None):
@@ -1260,14 +1355,18 @@ def setup(args, for_bench=False):
     head = make_head(cfg.d_model, args.n_way, args.head_hidden, args.head_layers, args.head_dropout, args.head_init,
                      cfg.vocab_size).to(device)
     params = list(model.parameters()) + list(head.parameters())  # backbone + the meta-learned head init
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    # fused=True on CUDA: one kernel updates every parameter instead of a handful per tensor.
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     # The fixed probe batch for learning dynamics: evenly spaced held-out windows, the same for every run.
     val = read_bin(os.path.join(corpus, "val.bin"))
     probe = get_batch(val, fixed_windows(len(val), args.seq_len, args.probe_batch), args.seq_len, device)
     modules = [m.strip() for m in args.dynamics_modules.split(",") if m.strip()]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    fwd = torch.compile(model) if args.compile else model  # compile the backbone only; `model` is for saving
+    # --compile covers Decoder.forward: the AR branch's whole forward + fused loss (one graph, no break), and the
+    # meta branch's backbone forward (nearly all of its FLOPs). Not the meta branch's MLP head: its inner loop calls
+    # torch.autograd.grad, which torch.compile cannot put in a graph, and it is a few hundred K weights anyway.
+    fwd = torch.compile(model) if args.compile else model  # `model` (uncompiled, same weights) is for saving
     return dict(rank=rank, world=world, device=device, corpus=corpus, tokens=tokens, index=index, model=model,
                 head=head, params=params, optimizer=optimizer, fwd=fwd, amp=autocast_ctx(device, args.dtype),
                 cfg=cfg, local_rank=local_rank, probe=probe, modules=modules)
@@ -1505,16 +1604,68 @@ def flops_per_token(cfg, T, backward=True, lm_head=True):
     return f if backward else f / 3
 
 
+def micro_step_flops(cfg, args):
+    """FLOPs of one AR and one meta micro-step: every FLOP count behind the MFU figures is here.
+    AR: B x T tokens, forward + backward, LM head included (the fused loss does the same matmuls as F.linear).
+    Meta: the support set forward only, the query set forward + backward; neither touches the LM head. The
+    MLP head (d x 128 ... x N, a few hundred K weights) is left out: < 0.1% of the backbone at every size."""
+    ctx = smlmt_ctx(args)
+    n_sup, n_query = args.n_way * args.k_shot * ctx, args.n_way * args.q_query * ctx
+    return dict(ar=flops_per_token(cfg, args.seq_len) * args.batch_size * args.seq_len,
+                meta=flops_per_token(cfg, ctx, backward=False, lm_head=False) * n_sup
+                + flops_per_token(cfg, ctx, lm_head=False) * n_query)
+
+
+def reset_peak_memory(device):
+    """Restart the peak-memory counter from the current usage: CUDA's allocator peak, or on Linux the process's
+    peak RSS (writing 5 to /proc/self/clear_refs resets VmHWM). -> False where it cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_gib(device):
+    """CUDA: peak bytes allocated by tensors. CPU: peak resident set size of this process (VmHWM on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 2 ** 20  # kB
+    except (OSError, StopIteration):
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2 ** (30 if sys.platform == "darwin" else 20)  # bytes on macOS, KiB elsewhere
+
+
+def sdpa_kernel_used(model, idx, amp):
+    """The kernel F.scaled_dot_product_attention picks for this model's q, k, v (shapes, dtype, device, GQA):
+    asked of the same dispatcher function SDPA itself calls. On an H100 in bf16 it should be flash or cuDNN; the
+    math fallback would cost several times the attention time. Measured on CPU (fp32): FLASH_ATTENTION (the CPU
+    flash kernel). On CUDA: not yet measured."""
+    from torch.nn.attention import SDPBackend
+    T = idx.shape[1]
+    layer = model.layers[0]
+    with torch.no_grad(), amp:
+        q, k, v = layer.attention.qkv(layer.attention_norm(model.embedding_proj(idx[:1])), model.rope_cos[:T],
+                                      model.rope_sin[:T])
+        try:  # a private function (torch >= 2.1): say "unknown" rather than fail if it moves
+            return SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=True, enable_gqa=True)).name
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            return "unknown"
+
+
 def bench(args, iters=5):
     s = setup(args, for_bench=True)
     model, head, fwd, amp, device, cfg = s["model"], s["head"], s["fwd"], s["amp"], s["device"], s["cfg"]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     def timed(fn):
-        for _ in range(2):  # warm-up (and compilation)
-            fn(0)
         sync()
         t = time.perf_counter()
         for i in range(iters):
@@ -1538,42 +1689,41 @@ def bench(args, iters=5):
 
     ctx = smlmt_ctx(args)
     ar_tok, meta_tok = args.batch_size * args.seq_len, args.n_way * (args.k_shot + args.q_query) * ctx
+    for fn in (ar, meta, ar, meta):  # warm-up (and compilation), not timed
+        fn(0)
+    sync()
+    # The peak below is that of training itself: corpus preparation and warm-up are over.
+    reset = reset_peak_memory(device)
     t_ar, t_meta = timed(ar), timed(meta)
     t = time.perf_counter()
     learning_dynamics(model, *s["probe"], s["modules"], amp)
     sync()
     t_dyn = time.perf_counter() - t
+    mem = peak_memory_gib(device)
     step_time = args.grad_accum * (args.hybrid_ratio * t_meta + (1 - args.hybrid_ratio) * t_ar)
-    peak = peak_flops(device, amp)
-    f_ar = flops_per_token(cfg, args.seq_len) * ar_tok
+    peak, flops = peak_flops(device, amp), micro_step_flops(cfg, args)
     n_sup = args.n_way * args.k_shot * ctx
-    f_meta = (flops_per_token(cfg, ctx, backward=False, lm_head=False) * n_sup  # support: forward, no grad
-              + flops_per_token(cfg, ctx, lm_head=False) * (meta_tok - n_sup))  # query: forward + backward
-    mem = (f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB (CUDA peak allocated)"
-           if device.type == "cuda" else f"{_max_rss_gib():.2f} GiB (process max RSS)")
     print(f"bench: {args.size or 'demo'} ({count_params(model) / 1e6:.1f}M params) on {device}, "
-          f"{'bf16' if not isinstance(amp, nullcontext) else 'fp32'}, compile={args.compile}")
+          f"{'bf16' if not isinstance(amp, nullcontext) else 'fp32'}, compile={args.compile}, "
+          f"{torch.get_num_threads()} CPU thread(s), attention kernel: {sdpa_kernel_used(model, s['probe'][0], amp)}")
     print(f"  AR micro-step   {ar_tok:6d} tokens  {t_ar * 1e3:8.1f} ms  {ar_tok / t_ar:10.0f} tok/s  "
-          f"{t_ar / ar_tok * 1e6:7.2f} us/token")
+          f"{t_ar / ar_tok * 1e6:7.2f} us/token  ({args.batch_size} x {args.seq_len})")
     print(f"  meta micro-step {meta_tok:6d} tokens  {t_meta * 1e3:8.1f} ms  {meta_tok / t_meta:10.0f} tok/s  "
           f"{t_meta / meta_tok * 1e6:7.2f} us/token  (support {n_sup} no-grad + query {meta_tok - n_sup}; "
           f"ctx {ctx})")
     print(f"  meta / AR cost per backbone token: {(t_meta / meta_tok) / (t_ar / ar_tok):.3f}")
     if peak:
-        print(f"  MFU: AR {f_ar / t_ar / peak * 100:.1f}%  meta {f_meta / t_meta / peak * 100:.1f}%  "
+        print(f"  MFU: AR {flops['ar'] / t_ar / peak * 100:.1f}%  meta {flops['meta'] / t_meta / peak * 100:.1f}%  "
               f"(peak {peak / 1e12:.0f} TFLOPS bf16)")
     else:
         print("  MFU: unknown (no known bf16 peak for this device/dtype)")
-    print(f"  peak memory: {mem}")
+    what = "CUDA peak allocated" if device.type == "cuda" else "peak RSS of this process"
+    print(f"  peak memory: {mem:.2f} GiB ({what}, {'after warm-up' if reset else 'since start'}: "
+          f"AR and meta micro-steps and a dynamics probe)")
     print(f"  dynamics probe: {t_dyn:.2f} s every {args.dynamics_every} steps = "
           f"{t_dyn / (t_dyn + args.dynamics_every * step_time) * 100:.2f}% of training time "
           f"(est. step {step_time:.2f} s at grad_accum {args.grad_accum})")
-    return dict(t_ar=t_ar, t_meta=t_meta, ar_tok=ar_tok, meta_tok=meta_tok, t_dyn=t_dyn)
-
-
-def _max_rss_gib():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    return dict(t_ar=t_ar, t_meta=t_meta, ar_tok=ar_tok, meta_tok=meta_tok, t_dyn=t_dyn, peak_memory_gib=mem)
 
 
 # ----------------------------------------------------------------------------------------------------------------

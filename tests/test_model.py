@@ -17,9 +17,10 @@ def small_model(**kw):
 def test_shapes_loss_and_hidden():
     m = small_model()
     idx = torch.randint(0, 50257, (3, 17))
-    logits, loss = m(idx, idx)
-    assert logits.shape == (3, 17, 50304) and logits.dtype == torch.float32
-    assert abs(loss.item() - math.log(50304)) < 1.5  # near-uniform at init
+    logits, no_loss = m(idx)
+    assert logits.shape == (3, 17, 50304) and logits.dtype == torch.float32 and no_loss is None
+    no_logits, loss = m(idx, idx)  # with targets: the fused loss, and no logits
+    assert no_logits is None and abs(loss.item() - math.log(50304)) < 1.5  # near-uniform at init
     h = m(idx, return_hidden=True)
     assert h.shape == (3, 17, 48)
     # return_hidden is the output_norm output, i.e. what the LM head reads
