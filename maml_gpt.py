@@ -5,16 +5,17 @@ A minimal reproduction of "Learning Dynamics of Meta-Learning in Small Model Pre
     python maml_gpt.py                                       # offline demo: toy world, tiny model, CPU, ~4 min
     python maml_gpt.py --hybrid_ratio 0 --out_dir out/demo-vanilla   # its vanilla twin (same AR batches)
     torchrun --nproc_per_node=2 maml_gpt.py --device cpu     # the demo under DDP (gloo) on a laptop
-    torchrun --nproc_per_node=4 maml_gpt.py --size large     # the paper's recipe at 570M on 4 GPUs
-    python maml_gpt.py --size tiny --data toy                # the paper's recipe, offline corpus
+    torchrun --nproc_per_node=4 maml_gpt.py --size large     # the released recipe at 570M on 4 GPUs
+    python maml_gpt.py --size tiny --data toy                # the released recipe, offline corpus
     python maml_gpt.py --bench --size small                  # tokens/s, MFU, memory, meta/AR cost, dynamics cost
     python maml_gpt.py --sample "The main industry of"       # continuations by the model in out/demo
     python maml_gpt.py --export_hf out/demo-hf               # a Hugging Face Llama folder (lm-eval, BLiMP...)
 
-Reading order follows the paper: config (§3.1, App. A) -> model (§3.1) -> data -> SMLMT episodes (§3.2) ->
-first-order MAML (§3.3, Algorithm 1) -> learning dynamics (§3.3, §6) -> training loop (App. A.1) -> sampling and
-export -> main().
-Every optimizer step is one of two branches, chosen from (seed, step) so that all ranks agree:
+The file reads in the paper's order: config (§3.1, App. A) -> model (§3.1) -> SMLMT episodes (§3.2) -> first-order
+MAML (§3.3, Algorithm 1) -> learning dynamics (§3.3, §6) -> the training loop (Algorithm 1, App. A.1). An appendix
+holds the plumbing no reader of the paper needs: tokenizer, corpus caching, processes, checkpoints, logging and
+evaluation batches, sampling and export, the benchmark, main().
+Every optimizer step is one of two branches:
   AR   : next-token loss on a batch of corpus windows;
   meta : an SMLMT episode; a small MLP head adapts to the support set in 10 SGD steps (no backbone gradient),
          and the query loss at the adapted head trains the backbone and the head's initialisation (FOMAML).
@@ -32,7 +33,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ class UserError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config and presets (paper §3.1, App. A; pico-maml notes §6 for what the released runs actually used)
+# Config (paper §3.1, App. A). The presets are the parser's defaults, so `--help` shows the values a run will use.
 
 @dataclass
 class ModelConfig:
@@ -63,36 +64,50 @@ class ModelConfig:
     rope_theta: float = 1e4
     max_seq_len: int = 512
 
+EOT_ID = 50256  # <|endoftext|> separates documents
+MASK_ID = 50257  # [MASK]: one extra id after GPT-2's vocabulary; only SMLMT episodes use it
 
-SIZES = {"tiny": 96, "small": 384, "medium": 768, "large": 1536}  # width is the only thing that scales
+# One row per size: the width (the only thing that scales: 12 layers everywhere) and the sequences per micro-step
+# per process. The released runs used 8 per GPU x 4 GPUs x 8 accumulation steps for a global batch of 256, except
+# tiny: 16 x 4 x 4.
+SIZES = {"tiny": dict(d_model=96, batch_size=16), "small": dict(d_model=384, batch_size=8),
+         "medium": dict(d_model=768, batch_size=8), "large": dict(d_model=1536, batch_size=8)}
 
 # `python maml_gpt.py` (no --size): an offline demo that finishes in minutes on a laptop CPU.
-DEMO = dict(size=None, data="toy", seq_len=128, batch_size=16, grad_accum=1, max_steps=200, lr=1e-3,
-            warmup_steps=20, lr_schedule="cosine", log_every=10, save_every=100, eval_every=50, eval_batches=2,
-            dynamics_every=25, eval_data="val")
-# `--size S`: what produced the released models (notes §6): seq 512, global batch 256 (8/GPU x 4 GPUs x 8 accum;
-# tiny 16 x 4 x 4), AdamW 3e-4, linear warm-up 2500, then effectively constant, 6000 steps, logs every 10.
-PAPER = dict(data="HuggingFaceFW/fineweb-edu:sample-10BT", seq_len=512, batch_size=8, global_batch=256,
-             max_steps=6000, lr=3e-4, warmup_steps=2500, lr_schedule="constant", log_every=10, save_every=100,
-             eval_every=100, eval_batches=16, dynamics_every=100, eval_data="paloma")
+DEMO = dict(data="toy", out_dir=os.path.join("out", "demo"), d_model=SIZES["tiny"]["d_model"], seq_len=128,
+            batch_size=16, grad_accum=1, max_steps=200, lr=1e-3, warmup_steps=20, lr_schedule="cosine",
+            log_every=10, save_every=100, eval_every=50, eval_batches=2, dynamics_every=25, eval_data="val")
+# `--size S`: the recipe that produced the released models (what their code ran, which differs from the paper's
+# text in places): seq 512, global batch 256, AdamW 3e-4, linear warm-up 2500 steps, then effectively constant,
+# 6000 steps, logs every 10.
+RELEASED = dict(data="HuggingFaceFW/fineweb-edu:sample-10BT", seq_len=512, global_batch=256, grad_accum=None,
+                max_steps=6000, lr=3e-4, warmup_steps=2500, lr_schedule="constant", log_every=10, save_every=100,
+                eval_every=100, eval_batches=16, dynamics_every=100, eval_data="paloma")
 
+
+def preset(size):
+    """The parser defaults for `--size size` (None: the demo)."""
+    if size is None:
+        return DEMO
+    return dict(RELEASED, **SIZES[size], out_dir=os.path.join("out", size))
 
 def build_parser():
     p = argparse.ArgumentParser(description="FOMAML + next-token pretraining of a Llama-style decoder "
                                 "(arXiv 2508.02189).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--size", choices=list(SIZES), help="paper preset: model width and the released training recipe")
+    a("--size", choices=list(SIZES), help="model width and the released training recipe (default: the CPU demo); "
+      "the defaults below are those of the chosen size")
     a("--data", help="'toy' (offline toy world), a local .txt / folder / .jsonl, or a hub dataset ID[:CONFIG]")
     a("--data_dir", default=os.path.join(HERE, "data", "cache"), help="where prepared corpora are cached")
     a("--max_tokens", type=int, default=1_000_000_000, help="tokens to take from a hub or local corpus")
     a("--toy_docs", type=int, default=30_000, help="paragraphs in the toy world corpus (30k ~ 2.3M tokens)")
-    a("--d_model", type=int, help="override the preset's width (a multiple of 24: 12 heads, even head_dim)")
-    a("--n_layers", type=int, help="override the number of layers (12 in every paper size)")
-    a("--out_dir", help="run folder: ckpt.pt, metrics.jsonl, config.json (default out/demo or out/SIZE)")
+    a("--d_model", type=int, help="width (a multiple of 24: 12 heads, even head_dim)")
+    a("--n_layers", type=int, default=12, help="number of layers (12 in every paper size)")
+    a("--out_dir", help="run folder: ckpt.pt, metrics.jsonl, config.json")
     # optimisation
     a("--max_steps", type=int, help="optimizer steps")
     a("--batch_size", type=int, help="sequences per micro-step per process")
-    a("--grad_accum", type=int, help="micro-steps per optimizer step (default: reach --global_batch)")
+    a("--grad_accum", type=int, help="micro-steps per optimizer step (None: reach --global_batch)")
     a("--global_batch", type=int, help="sequences per optimizer step, used when --grad_accum is not given")
     a("--seq_len", type=int, help="tokens per training sequence (also the model's max length)")
     a("--lr", type=float, help="peak AdamW learning rate")
@@ -167,25 +182,21 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """Presets fill in whatever the command line left unset: explicit flags always win."""
-    args = build_parser().parse_args(argv)
-    preset = DEMO if args.size is None else dict(PAPER, size=args.size)
-    if args.size == "tiny":
-        preset = dict(preset, batch_size=16)
-    for k, v in preset.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    args.out_dir = args.out_dir or os.path.join("out", args.size or "demo")
-    for k in ("max_steps", "batch_size", "seq_len", "log_every", "save_every", "n_way", "k_shot", "q_query"):
+    """The command line over the preset of its --size: explicit flags always win."""
+    first = argparse.ArgumentParser(add_help=False)  # a first pass reads --size alone (and ignores --help)
+    first.add_argument("--size")
+    size = first.parse_known_args(argv)[0].size
+    parser = build_parser()
+    parser.set_defaults(**preset(size if size in SIZES else None))  # a bad --size: the full parser says so
+    args = parser.parse_args(argv)
+    for k in ("max_steps", "batch_size", "seq_len", "log_every", "save_every", "n_way", "k_shot", "q_query",
+              "num_samples", "max_new_tokens"):
         if getattr(args, k) < 1:
             raise UserError(f"--{k} must be >= 1 (got {getattr(args, k)})")
     if args.overwrite and args.resume:
         raise UserError("--overwrite starts over and --resume continues: give one of them")
     if not 0.0 <= args.hybrid_ratio <= 1.0:
         raise UserError(f"--hybrid_ratio must be in [0, 1] (got {args.hybrid_ratio})")
-    for k in ("num_samples", "max_new_tokens"):
-        if getattr(args, k) < 1:
-            raise UserError(f"--{k} must be >= 1 (got {getattr(args, k)})")
     if args.temperature < 0 or args.top_k < 0:
         raise UserError(f"--temperature and --top_k must be >= 0 (got {args.temperature}, {args.top_k})")
     if args.wandb:  # checked on every rank, before any work: only rank 0 imports it, but all must stop together
@@ -194,13 +205,33 @@ def parse_args(argv=None):
             raise UserError("--wandb needs the wandb package: pip install wandb (or run without --wandb)")
     return args
 
-
 def model_config(args):
-    cfg = ModelConfig(d_model=args.d_model or SIZES[args.size or "tiny"], n_layers=args.n_layers or 12,
-                      max_seq_len=args.seq_len)
+    cfg = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, max_seq_len=args.seq_len)
     if cfg.d_model % (2 * cfg.n_heads):
         raise UserError(f"--d_model {cfg.d_model} must be a multiple of {2 * cfg.n_heads} (12 heads, even head_dim)")
     return cfg
+
+
+# Randomness. Every random choice of a run is drawn from a stream keyed by (seed, step, stream[, j]), j being a
+# micro-step's slot in the global batch. No generator state survives a step, so a resumed run, or one that splits
+# the same global batch over a different number of processes, draws exactly what an uninterrupted run draws, and a
+# checkpoint needs no data-loader state: its step is its data position. The slot numbers are fixed history: a seed
+# draws today what it drew when the README's numbers were measured.
+STREAMS = {"batch": (0,), "branch": (1,), "episode": (2,), "dropout": ()}
+
+
+def stream_key(seed, step, stream, j=None):
+    """The seed sequence of one stream: [seed, step, slot], or [seed, step, j, slot] for a per-micro-step stream."""
+    return [seed, step, *([] if j is None else [j]), *STREAMS[stream]]
+
+
+def stream_rng(seed, step, stream, j=None):
+    return np.random.default_rng(stream_key(seed, step, stream, j))
+
+
+def torch_seed(seed, step, j):
+    """A torch seed for micro-step j's own draws (the head's dropout masks)."""
+    return int(np.random.SeedSequence(stream_key(seed, step, "dropout", j)).generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -453,11 +484,483 @@ def count_params(model):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# SMLMT episodes (paper §3.2): N content words, K support + Q query contexts each, the word replaced by [MASK].
+
+def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key, read="mask"):
+    """One N-way K-shot episode, drawn from the seed sequence `key` alone (stream_key(seed, step, "episode", j)).
+
+    Returns support_x (N*K, ctx), support_y (N*K,), query_x (N*Q, ctx), query_y (N*Q,) as int64 numpy arrays, and
+    the class word ids (N,): label c means word classes[c]. Each example is a corpus window around one occurrence
+    of its word, with that occurrence replaced by [MASK]. The layout follows where the head reads (`read`):
+      mask: the [MASK] is the window's last token. The head reads the hidden state AT the [MASK]; in a causal
+            model nothing after it could reach that state, so the whole window is left context (no dead compute);
+      last: the [MASK] sits at a random offset with >= ctx/4 tokens on each side, and the head reads the window's
+            last token, which has attended to both sides of the mask.
+    Support and query occurrences are distinct positions, and every query label is one of the N classes."""
+    rng = np.random.default_rng(key)  # every random choice below comes from this one generator
+    counts = np.diff(index["offsets"])  # occurrences indexed per word
+    eligible = np.flatnonzero(counts >= k_shot + q_query)
+    if len(eligible) < n_way:
+        raise UserError(f"only {len(eligible)} content words have >= K+Q = {k_shot + q_query} occurrences; "
+                        f"need N = {n_way}. Use a larger corpus, lower --n_way, or relax --smlmt_min_count")
+    chosen = rng.choice(eligible, size=n_way, replace=False)  # word slots in the index
+    labels = rng.permutation(n_way)  # a fresh class order per episode: labels carry no word identity
+    per_class = k_shot + q_query
+    occ = np.stack([index["positions"][index["offsets"][w] + rng.choice(counts[w], per_class, replace=False)]
+                    for w in chosen])  # (N, K+Q) distinct corpus positions of each word
+    if read == "mask":
+        mask_at = np.full(occ.shape, ctx - 1)  # (N, K+Q) where [MASK] sits in each window: the last token
+    else:  # a random offset per example, so a last-token reader cannot learn "the answer is always at position 8"
+        mask_at = rng.integers(ctx // 4, ctx - ctx // 4, size=occ.shape)
+    windows = np.asarray(tokens[(occ - mask_at)[..., None] + np.arange(ctx)], dtype=np.int64)  # (N, K+Q, ctx)
+    # Only this occurrence is masked: if the word also appears elsewhere in the window it stays visible (a
+    # shortcut; see the README's exercises).
+    np.put_along_axis(windows, mask_at[..., None], MASK_ID, axis=-1)
+    y = np.repeat(labels[:, None], per_class, axis=1)  # (N, K+Q): row i is word i's label, support and query alike
+    classes = np.empty(n_way, dtype=np.int64)
+    classes[labels] = index["words"][chosen]  # invert the permutation: classes[label] = that word's token id
+    # The first K occurrences of each word are its support set, the remaining Q its query set.
+    return dict(support_x=windows[:, :k_shot].reshape(-1, ctx), support_y=y[:, :k_shot].reshape(-1),
+                query_x=windows[:, k_shot:].reshape(-1, ctx), query_y=y[:, k_shot:].reshape(-1),
+                classes=classes, mask_at=mask_at, positions=occ)
+
+
+def smlmt_ctx(args):
+    """Tokens per episode example. Auto: a meta micro-step reads about as many backbone tokens as an AR one,
+    N * (K + Q) * ctx ~ batch_size * seq_len, but never fewer than 16 (8 tokens of context on each side)."""
+    ctx = args.smlmt_ctx or args.batch_size * args.seq_len // (args.n_way * (args.k_shot + args.q_query))
+    return int(min(max(ctx, 16), args.seq_len, SMLMT_MARGIN))
+
+
+def episode_tensors(tokens, index, args, key, device):
+    ep = sample_episode(tokens, index, args.n_way, args.k_shot, args.q_query, smlmt_ctx(args), key, args.read)
+    at = ep["mask_at"]  # (N, K+Q)
+    ep = dict(ep, support_at=at[:, :args.k_shot].reshape(-1), query_at=at[:, args.k_shot:].reshape(-1))
+    return {k: torch.from_numpy(ep[k]).to(device) for k in ("support_x", "support_y", "query_x", "query_y",
+                                                            "classes", "support_at", "query_at")}
+
+# The index that feeds sample_episode: where each content word occurs in the corpus.
+
+def content_word_ids(counts, skip_top, min_count):
+    """A content word is a GPT-2 token that is a whole word (leading space + >= 3 ASCII letters), not among the
+    corpus's `skip_top` most frequent tokens (function words), and seen at least `min_count` times."""
+    enc = get_tokenizer()
+    frequent = set(np.argsort(-counts)[:skip_top].tolist())
+    return np.array([i for i in np.flatnonzero(counts >= min_count)
+                     if i < EOT_ID and i not in frequent
+                     and re.fullmatch(rb" [A-Za-z]{3,}", enc.decode_single_token_bytes(int(i)))], dtype=np.int64)
+
+
+SMLMT_MARGIN = 256  # indexed occurrences keep this many tokens of room on both sides (so --smlmt_ctx <= 256)
+
+
+def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True, split="train"):
+    """{word id -> occurrence positions in SPLIT.bin}, capped at --smlmt_max_occ per word; cached as .npz.
+    Training episodes come from train.bin only; the few-shot eval's from val.bin (its own word counts, and a word
+    needs only K+Q occurrences there)."""
+    min_count = args.smlmt_min_count if split == "train" else args.k_shot + args.q_query
+    prefix = "smlmt" if split == "train" else f"smlmt-{split}"
+    path = os.path.join(corpus_dir, f"{prefix}-{args.smlmt_skip_top}-{min_count}-{args.smlmt_max_occ}.npz")
+    if not os.path.exists(path) and not rank_is_local_zero:
+        while not os.path.exists(path):
+            time.sleep(2)
+    if not os.path.exists(path):
+        tokens = read_bin(os.path.join(corpus_dir, f"{split}.bin"))
+        chunk = 1 << 24
+        # Pass 1: token frequencies (the rule's "most frequent" and "too rare" bounds need corpus counts).
+        counts = sum(np.bincount(tokens[i:i + chunk], minlength=1 << 16) for i in range(0, len(tokens), chunk))
+        words = content_word_ids(counts, args.smlmt_skip_top, min_count)
+        is_word = np.zeros(1 << 16, dtype=bool)  # a lookup table: is_word[token id] -> content word?
+        is_word[words] = True
+        found = {int(w): [] for w in words}
+        have = dict.fromkeys(found, 0)
+        lo, hi = SMLMT_MARGIN, len(tokens) - SMLMT_MARGIN
+        # Pass 2: positions, in corpus order, up to the cap (web corpora are document-shuffled, so the first
+        # 1,000 occurrences are as good a sample as any). Chunked: a 1B-token corpus needs no 1B-entry arrays.
+        for start in range(lo, hi, chunk):
+            seg = np.asarray(tokens[start:min(start + chunk, hi)])
+            pos = np.flatnonzero(is_word[seg])  # offsets of content words in this chunk
+            ids = seg[pos]
+            order = np.argsort(ids, kind="stable")  # group by word, keeping corpus order within a word
+            ids, pos = ids[order], pos[order] + start
+            bounds = np.flatnonzero(np.diff(ids)) + 1  # where one word's group ends and the next begins
+            for grp_ids, grp_pos in zip(np.split(ids, bounds), np.split(pos, bounds)):
+                w = int(grp_ids[0]) if len(grp_ids) else None
+                if w is not None and have[w] < args.smlmt_max_occ:
+                    take = grp_pos[:args.smlmt_max_occ - have[w]]
+                    found[w].append(take)
+                    have[w] += len(take)
+        keep = [w for w in found if have[w] >= min_count]  # enough occurrences away from the edges
+        positions = [np.concatenate(found[w]) for w in keep]
+        # CSR layout: word i's positions are positions[offsets[i]:offsets[i + 1]] (one flat array, fast to load)
+        offsets = np.cumsum([0] + [len(p) for p in positions])
+        np.savez(path + ".tmp.npz", words=np.array(keep, dtype=np.int64), offsets=offsets,
+                 positions=np.concatenate(positions) if positions else np.zeros(0, np.int64))
+        os.replace(path + ".tmp.npz", path)
+    z = np.load(path)
+    return {"words": z["words"], "offsets": z["offsets"], "positions": z["positions"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# First-order MAML (paper §3.3, Algorithm 1): an MLP head adapts to the support set; the query loss at the adapted
+# head trains the backbone and the head's initialisation. Beside it, the other branch: one next-token micro-step.
+#
+def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.0, init="proto", vocab_size=None):
+    """`body`: d -> 128 -> 128 -> 128 (3 linear layers, ReLU, dropout), shared by all classes, so the label order
+    cannot hurt it; plus `out`, a learned last layer: N-way (init="learned"), over the vocabulary ("vocab"), or
+    none ("proto": built from the support set every episode). Xavier-uniform weights, torch-default biases."""
+    layers, width = [], d_model
+    for _ in range(n_layers - 1):
+        layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+        width = hidden
+    head = nn.ModuleDict(dict(body=nn.Sequential(*layers)))
+    if init != "proto":
+        head["out"] = nn.Linear(width, n_way if init == "learned" else vocab_size)
+    for p in head.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+    return head
+
+
+def episode_init(head, support_feats, support_labels, classes, init):
+    """phi_0, this episode's starting weights, as {name: tensor}: the body's parameters as they are, and a last
+    layer (out.weight (N, h), out.bias (N,)) set by `init`. Gradients flow back through every entry: into the body
+    directly, and for "proto" also through the prototypes (the support features carry no backbone graph)."""
+    phi = {f"body.{k}": p for k, p in head["body"].named_parameters()}
+    if init == "proto":
+        z = functional_call(head["body"], dict(head["body"].named_parameters()), (support_feats.float(),))
+        n_way = int(support_labels.max()) + 1  # labels are 0..N-1, each with K examples
+        mu = torch.zeros(n_way, z.shape[1], device=z.device).index_add(0, support_labels, z)
+        mu = mu / torch.bincount(support_labels, minlength=n_way)[:, None]  # (N, h): class means
+        phi["out.weight"], phi["out.bias"] = 2 * mu, -(mu * mu).sum(-1)
+    elif init == "learned":
+        phi["out.weight"], phi["out.bias"] = head["out"].weight, head["out"].bias
+    else:  # vocab: the rows of this episode's class words, in label order (classes[c] = word id of label c)
+        phi["out.weight"], phi["out.bias"] = head["out"].weight[classes], head["out"].bias[classes]
+    return phi
+
+
+def head_logits(head, phi, feats):
+    """The head as a function of its weights: feats (n, d) -> logits (n, N)."""
+    z = functional_call(head["body"], {k[5:]: v for k, v in phi.items() if k.startswith("body.")}, (feats,))
+    return F.linear(z, phi["out.weight"], phi["out.bias"])
+
+
+def inner_loop(head, phi0, support_feats, support_labels, steps, lr):
+    """`steps` plain SGD steps of the head on the support set, in fp32, starting from phi0 ({name: tensor}).
+
+    Returns phi_T as {name: tensor} for head_logits(). First order: each step's gradient comes from
+    torch.autograd.grad (never .backward(): under DDP that would all-reduce support gradients across ranks, i.e.
+    across different tasks) and no graph links the steps. The returned tensors equal the adapted weights phi_T,
+    written as phi_0 + (phi_T - phi_0).detach(): a loss computed with them back-propagates d loss / d phi_T
+    straight into phi_0 (and from there into the head's parameters), which is exactly the FOMAML meta-gradient."""
+    feats = support_feats.detach().float()  # (N*K, d): no gradient reaches the backbone from the support set
+    # Fresh leaf copies: the head itself is never modified, so there is nothing to snapshot and restore (the
+    # reference's state_dict dance), and its .grad is left for the outer update alone.
+    fast = {k: p.detach().clone().requires_grad_() for k, p in phi0.items()}
+    # fp32 even under bf16 autocast: 10 small SGD steps on a 4-layer MLP are cheap, and bf16 would round them away.
+    with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
+        for _ in range(steps):
+            loss = F.cross_entropy(head_logits(head, fast, feats), support_labels)
+            grads = torch.autograd.grad(loss, list(fast.values()))  # local to this rank: no DDP hook, no .grad
+            # phi_t = phi_{t-1} - lr * grad; detach() is what makes it first order (no graph through the steps)
+            fast = {k: (w - lr * g).detach().requires_grad_() for (k, w), g in zip(fast.items(), grads)}
+    # Value phi_T, gradient path to phi_0 with Jacobian I: the straight-through form of the FOMAML approximation.
+    return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}
+
+
+def accuracy(logits, labels):
+    return (logits.argmax(-1) == labels).float().mean()
+
+
+def read_features(model, x, mask_at, read):
+    """Hidden states (n, d) in fp32 at the position the head reads: the [MASK] (read="mask") or the last token."""
+    h = model(x, return_hidden=True)  # (n, ctx, d)
+    return (h[torch.arange(len(x), device=x.device), mask_at] if read == "mask" else h[:, -1]).float()
+
+
+def meta_micro_step(model, head, ep, args, scale, amp):
+    """One SMLMT episode: support features (no grad) -> head init -> inner loop -> query loss, back-propagated
+    (x scale) into the backbone and the head's initialisation. `model` may be compiled; `ep` holds device tensors.
+    The [MASK] token's embedding gets gradients only here: AR batches never contain it."""
+    # Support: ONE forward, no graph. The backbone is fixed during adaptation and has no dropout, so the reference's
+    # 10 recomputations (one per inner step) would produce these same features 10 times.
+    with torch.no_grad(), amp:
+        hs = read_features(model, ep["support_x"], ep["support_at"], args.read)  # (N*K, d)
+    phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init)
+    adapted = inner_loop(head, phi0, hs, ep["support_y"], args.inner_steps, args.inner_lr)  # phi_T
+    # Query: a forward WITH a graph; its loss at the adapted head is the meta-objective.
+    with amp:
+        hq = read_features(model, ep["query_x"], ep["query_at"], args.read)  # (N*Q, d), with grad
+    loss = F.cross_entropy(head_logits(head, adapted, hq), ep["query_y"])  # scalar, N-way CE
+    # Backbone.grad += d loss / d backbone (through hq); head.grad += d loss / d phi_T (through `adapted` and phi0).
+    # Scaled by 1 / (grad_accum * world) so that gradients summed over micro-steps and ranks are a mean.
+    (loss * scale).backward()
+    with torch.no_grad():  # accuracies without dropout, before and after adaptation
+        head.eval()
+        hq = hq.detach()
+        phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init)  # prototypes without dropout
+        stats = dict(loss_query=loss.detach(),
+                     acc_support_pre=accuracy(head_logits(head, phi0, hs), ep["support_y"]),
+                     acc_support_post=accuracy(head_logits(head, adapted, hs), ep["support_y"]),
+                     acc_query_pre=accuracy(head_logits(head, phi0, hq), ep["query_y"]),
+                     acc_query_post=accuracy(head_logits(head, adapted, hq), ep["query_y"]))
+        head.train()
+    return stats
+
+
+def ar_micro_step(model, x, y, scale, amp):
+    """One next-token micro-step on x, y (B, T): the loss, back-propagated (x scale) into the backbone."""
+    with amp:
+        _, loss = model(x, y)
+    (loss * scale).backward()
+    return dict(loss_ar=loss.detach())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning dynamics (paper §3.3 "every 100 steps ... singular values", §6): proportional effective rank (PER) of
+# weights and gradients, attention-head entropy, on a fixed probe batch. Computed on the raw model.
+
+def effective_rank(W):
+    """ER = exp(H(p)), p = sigma / sum(sigma) over W's singular values (Roy & Vetterli 2007). Zero singular values
+    contribute 0 (entr(0) = 0); an all-zero matrix has ER 0."""
+    s = torch.linalg.svdvals(W.detach().float())  # (min(m, n),), descending, >= 0
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    # entr(p) = -p log p with entr(0) = 0: exactly-zero singular values add nothing instead of NaN.
+    return math.exp(torch.special.entr(s / total).sum().item())
+
+
+def proportional_effective_rank(W):
+    """PER = ER / min(W.shape), in (0, 1]: 1 for a flat spectrum, 1/min(shape) for rank one."""
+    return effective_rank(W) / min(W.shape)
+
+
+@torch.no_grad()
+def attention_entropy(model, idx):
+    """(n_layers, n_heads) tensor: for each head, the mean over query positions (and the batch) of the Shannon
+    entropy -sum_j a_ij log a_ij (nats) of its causal attention distribution on `idx`. Uniform attention over the
+    t+1 visible keys gives log(t+1); attending to a single key gives 0. Recomputes attention explicitly, because
+    scaled_dot_product_attention never materialises the probabilities."""
+    # The probe walks the model layer by layer: attention probabilities are recomputed from each layer's own
+    # q and k (same RoPE, same GQA grouping), then the real block runs to produce the next layer's input.
+    T = idx.shape[1]
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T): query t sees keys 0..t
+    x, out = model.embedding_proj(idx), []
+    for layer in model.layers:
+        attn = layer.attention
+        q, k, _ = attn.qkv(layer.attention_norm(x), cos, sin)
+        k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # (B, H, T, hd): kv head g serves 3 q heads
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(attn.head_dim)
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, H, T, T)
+        # entropy of each row (B, H, T), then the mean over batch and query positions -> (H,)
+        out.append(torch.special.entr(probs).sum(-1).mean(dim=(0, 2)))
+        x = layer(x, cos, sin)
+    return torch.stack(out)
+
+
+def learning_dynamics(model, probe_x, probe_y, modules, amp):
+    """Flat dict of dynamics metrics on the probe batch. Uses .grad of the model: call it with grads cleared."""
+    names = [f"layers.{i}.{m}" for i in range(model.cfg.n_layers) for m in modules]
+    mats = dict(model.named_parameters())
+    out = {}
+    # Called after the optimizer step (grads already None), so probing never touches the training gradients.
+    model.zero_grad(set_to_none=True)
+    with amp:
+        _, loss = model(probe_x, probe_y)
+    loss.backward()  # the gradient of the next-token loss (RoPE on, the model's own context length)
+    for n in names:
+        W, G = mats[n + ".weight"], mats[n + ".weight"].grad
+        out[f"per_weight/{n}"] = proportional_effective_rank(W)
+        out[f"per_grad/{n}"] = proportional_effective_rank(G)
+        out[f"er_weight/{n}"] = effective_rank(W)
+        out[f"er_grad/{n}"] = effective_rank(G)
+    # The reference analysis: mean over every q/k/v/o matrix, gradient of logits.mean() (not the loss).
+    model.zero_grad(set_to_none=True)
+    with amp:
+        logits, _ = model(probe_x)
+    logits.mean().backward()
+    attn = [p for n, p in mats.items() if ".attention." in n]
+    for kind, tensors in (("weight", attn), ("grad", [p.grad for p in attn])):
+        out[f"ref/per_{kind}_attn"] = float(np.mean([proportional_effective_rank(t) for t in tensors]))
+        out[f"ref/er_{kind}_attn"] = float(np.mean([effective_rank(t) for t in tensors]))
+    model.zero_grad(set_to_none=True)
+    ent = attention_entropy(model, probe_x)
+    out["attn_entropy"] = [[round(v, 5) for v in row] for row in ent.tolist()]  # (layers, heads)
+    out["attn_entropy_mean"] = ent.mean().item()
+    return out
+
+# Held-out few-shot eval ("learning to learn"): does the BACKBONE make new episodes easier? Fixed episodes from the
+# held-out split, a fresh head with a fixed seed, the same inner loop. Identical for every run, seed and resume, so
+# a MAML run and its vanilla twin are scored on the same tasks with the same head.
+
+FEWSHOT_KEY = 20250802  # episodes and the fresh head depend on this constant only, never on --seed
+
+
+def fewshot_eval(model, head_args, episodes, amp):
+    """{eval_fewshot_acc_pre, eval_fewshot_acc, eval_proto_acc_mask, eval_proto_acc_prev}: means over `episodes`.
+    The last two need no head: nearest class mean of the raw features (d) at the [MASK] and at the token before it
+    (what a next-token model reads naturally). Runs on the raw model, without dropout."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(FEWSHOT_KEY)
+        head = make_head(model.cfg.d_model, head_args.n_way, head_args.head_hidden, head_args.head_layers,
+                         head_args.head_dropout, head_args.head_init, model.cfg.vocab_size)
+    head = head.to(model.rope_cos.device).eval()
+    model.eval()
+    sums = dict(eval_fewshot_acc_pre=0.0, eval_fewshot_acc=0.0, eval_proto_acc_mask=0.0, eval_proto_acc_prev=0.0)
+    for ep in episodes:
+        with torch.no_grad(), amp:
+            hs, hq = (model(ep[f"{s}_x"], return_hidden=True).float() for s in ("support", "query"))
+        for name, shift in (("mask", 0), ("prev", 1)):  # nearest prototype on raw features, no training
+            rows_s, rows_q = torch.arange(len(hs)), torch.arange(len(hq))
+            fs, fq = hs[rows_s, ep["support_at"] - shift], hq[rows_q, ep["query_at"] - shift]
+            mu = torch.stack([fs[ep["support_y"] == c].mean(0) for c in range(head_args.n_way)])  # (N, d)
+            sums[f"eval_proto_acc_{name}"] += accuracy(-torch.cdist(fq, mu), ep["query_y"]).item()
+        read = (lambda h, at: h[torch.arange(len(h)), at]) if head_args.read == "mask" else (lambda h, at: h[:, -1])
+        fs, fq = read(hs, ep["support_at"]), read(hq, ep["query_at"])
+        phi0 = {k: v.detach() for k, v in episode_init(head, fs, ep["support_y"], ep["classes"],
+                                                       head_args.head_init).items()}
+        adapted = inner_loop(head, phi0, fs, ep["support_y"], head_args.inner_steps, head_args.inner_lr)
+        with torch.no_grad():
+            sums["eval_fewshot_acc_pre"] += accuracy(head_logits(head, phi0, fq), ep["query_y"]).item()
+            sums["eval_fewshot_acc"] += accuracy(head_logits(head, adapted, fq), ep["query_y"]).item()
+    model.train()
+    return {k: v / len(episodes) for k, v in sums.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop (Algorithm 1, App. A.1). No DDP wrapper: each rank accumulates its own gradients and one explicit
+# all-reduce per optimizer step averages them, over exactly the parameters the branch used (the same set on every
+# rank, because the branch is). Unused parameters keep grad None, so AdamW leaves them untouched.
+
+def is_meta_step(seed, step, ratio):
+    """The branch of optimizer step `step`: meta with probability `ratio`, else AR."""
+    return bool(ratio > 0 and stream_rng(seed, step, "branch").random() < ratio)
+
+
+def all_reduce_(tensors, world):
+    """Sum a list of tensors across ranks in place, through one flat buffer per ~64M elements. Each rank scaled
+    its losses by 1 / (grad_accum * world), so the sum of the gradients is the global-batch mean."""
+    if world == 1 or not tensors:
+        return
+    # One all-reduce per bucket instead of one per tensor (latency), but never one buffer the size of the whole
+    # model (memory). The None sentinel flushes the last bucket. Every rank passes the same list: same branch.
+    bucket, size = [], 0
+    for t in tensors + [None]:
+        if t is not None:
+            bucket.append(t)
+            size += t.numel()
+        if bucket and (t is None or size >= 1 << 26):
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat)
+            for b, v in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(v.view_as(b))
+            bucket, size = [], 0
+
+
+def lr_at(step, args):
+    """Linear warm-up from lr/warmup to lr, then constant, cosine or linear decay to min_lr_frac * lr."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_schedule == "constant":
+        return args.lr
+    frac = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    lo = args.min_lr_frac
+    decay = 0.5 * (1 + math.cos(math.pi * frac)) if args.lr_schedule == "cosine" else 1 - frac
+    return args.lr * (lo + (1 - lo) * decay)
+
+def choose_branch(args, step, r):
+    """Algorithm 1, line 3: rank 0 draws this step's branch and broadcasts it; every rank uses what it receives.
+    One branch for the whole step (every micro-step, every rank) makes the set of parameters with gradients the
+    same everywhere, which is what makes one plain all-reduce correct."""
+    meta = torch.tensor([int(r.rank == 0 and is_meta_step(args.seed, step, args.hybrid_ratio))], device=r.device)
+    if r.world > 1:
+        dist.broadcast(meta, src=0)
+    return bool(meta.item())
+
+
+@dataclass
+class Run:
+    """What setup() builds once for the loop (and the benchmark)."""
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+    corpus: str  # the prepared corpus folder
+    tokens: np.ndarray  # train.bin, memmapped
+    index: dict  # the SMLMT index that feeds sample_episode (None for a vanilla run)
+    orig_model: nn.Module  # the Decoder: saved, evaluated and probed
+    model: nn.Module  # the same weights, compiled with --compile: what the micro-steps call
+    head: nn.ModuleDict  # the MLP head, whose parameters are the meta-learned initialisation
+    params: list  # backbone + head: what AdamW steps
+    optimizer: torch.optim.Optimizer
+    amp: object  # the autocast context (or a nullcontext in fp32)
+    global_batch: int  # sequences per optimizer step, over all ranks
+    scale: float  # 1 / (grad_accum * world): the all-reduced SUM of gradients is then the global-batch mean
+    micro_tokens: dict  # backbone tokens of one micro-step: {True: meta, False: AR}
+    probe: tuple  # the fixed probe batch of learning dynamics: x, y (probe_batch, seq_len)
+    modules: list  # the per-layer matrices whose PER is logged
+
+
+def train(args, stop=None, argv=()):
+    """The run. `stop` is stop_signals()'s flag (main() installs the handlers); `argv` goes into the resume hint."""
+    stop = stop or dict(signum=0, armed=False)
+    resume = start_mode(args) == "resume"  # may refuse; nothing in --out_dir has been touched yet
+    r = setup(args)
+    start, counters = resume_or_start(r, args, resume)
+    book = open_logbook(r, args, start, counters)  # config.json, fixed eval data, the dynamics of step 0
+    meter, done, stopping = Meter(r.device), start, 0
+    stop["armed"] = True  # from here on a signal means "finish the step and save" (stop_signals)
+    for step in book.bar:  # range(start, max_steps)
+        meta = choose_branch(args, step, r)
+        starts = None if meta else batch_indices(args.seed, step, len(r.tokens), args.seq_len, r.global_batch)
+        for micro in range(args.grad_accum):  # gradients accumulate in .grad across micro-steps
+            j = micro * r.world + r.rank  # this micro-step's slot in the global batch
+            torch.manual_seed(torch_seed(args.seed, step, j))  # the head's dropout masks
+            if meta:  # one SMLMT episode per micro-step per rank: a meta-batch of grad_accum x world episodes
+                ep = episode_tensors(r.tokens, r.index, args, stream_key(args.seed, step, "episode", j), r.device)
+                stats = meta_micro_step(r.model, r.head, ep, args, r.scale, r.amp)
+            else:
+                x, y = get_batch(r.tokens, micro_slice(starts, micro, r.rank, r.world, args.batch_size),
+                                 args.seq_len, r.device)
+                stats = ar_micro_step(r.model, x, y, r.scale, r.amp)
+            meter.add_all(stats, loss_mixed=stats["loss_query" if meta else "loss_ar"])  # see LOG_KEYS
+        # Only the parameters this branch used have a .grad (the LM head idles on meta steps, the MLP head on AR).
+        params = [p for p in r.params if p.grad is not None]
+        all_reduce_([p.grad for p in params], r.world)
+        if meta:  # the FOMAML meta-gradient of the head init, measured before clipping and zeroing
+            meter.add("head_grad_norm", torch.linalg.vector_norm(torch.stack(
+                [p.grad.norm() for p in r.head.parameters()])))
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        for group in r.optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        r.optimizer.step()  # AdamW skips parameters whose .grad is None: no momentum or weight-decay drift
+        r.optimizer.zero_grad(set_to_none=True)  # None, not zeros: a zero gradient still moves them by momentum
+        n_tok = r.micro_tokens[meta] * args.grad_accum * r.world  # backbone tokens: the x-axis of "equal compute"
+        counters["tokens"] += n_tok
+        counters["tokens_meta" if meta else "tokens_ar"] += n_tok
+        done, stopping = step + 1, stop_requested(stop, r.world, r.device)  # a signal on any rank: save, exit
+        book.record(r, args, meta, meter, done, counters, stopping)  # log, evaluate, probe dynamics when due
+        if done % args.save_every == 0 or done == args.max_steps or stopping:
+            save(r, args, done, counters)
+        if stopping:
+            break
+    stop["armed"] = False
+    finish(r, args, book, counters, done, stopping, argv)
+
+# ================================================================================================================
+# APPENDIX: the plumbing. Nothing below is part of the method; it makes runs reproducible, restartable and fast.
+# ================================================================================================================
+
+# ----------------------------------------------------------------------------------------------------------------
 # Tokenizer: GPT-2 BPE via tiktoken, built offline from the merge ranks shipped in data/ (see data/README.md).
 
-EOT_ID = 50256  # <|endoftext|> separates documents
-MASK_ID = 50257  # [MASK]: one extra id after GPT-2's vocabulary; only SMLMT episodes use it
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
 _TOKENIZER = None
 
 
@@ -477,9 +980,12 @@ def get_tokenizer():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: every corpus is tokenized once into uint16 files (train.bin, val.bin) with a small header, then memmapped.
+# Corpus preparation and caching: every corpus is tokenized once into uint16 files (train.bin, val.bin) with a
+# small header, then memmapped. Batches are windows of it.
 
 BIN_MAGIC, BIN_VERSION, HEADER_INTS = 20250802, 1, 256
+
+
 VAL_EVERY = 50  # every 50th document goes to the held-out split (doc-level: no window straddles the split)
 
 
@@ -625,11 +1131,10 @@ def prepare_corpus(args, rank_is_local_zero=True):
 
 
 def batch_indices(seed, step, n_tokens, seq_len, global_batch):
-    """Start offsets of the `global_batch` windows of optimizer step `step`: a pure function of (seed, step)."""
-    # Random windows with replacement (nanoGPT style) rather than epochs: no loader state to save, and the vanilla
-    # twin (--hybrid_ratio 0) draws exactly the batch the hybrid run draws at every AR step. Key slot 0 = "data".
-    rng = np.random.default_rng([seed, step, 0])
-    return rng.integers(0, n_tokens - seq_len - 1, size=global_batch)
+    """Start offsets of the `global_batch` windows of optimizer step `step`."""
+    # Random windows with replacement (nanoGPT style) rather than epochs: the vanilla twin (--hybrid_ratio 0)
+    # draws exactly the batch the hybrid run draws at every AR step.
+    return stream_rng(seed, step, "batch").integers(0, n_tokens - seq_len - 1, size=global_batch)
 
 
 def get_batch(tokens, starts, seq_len, device):
@@ -652,364 +1157,7 @@ def fixed_windows(n_tokens, seq_len, count):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# SMLMT episodes (paper §3.2): N content words, K support + Q query contexts each, the word replaced by [MASK].
-
-def content_word_ids(counts, skip_top, min_count):
-    """A content word is a GPT-2 token that is a whole word (leading space + >= 3 ASCII letters), not among the
-    corpus's `skip_top` most frequent tokens (function words), and seen at least `min_count` times."""
-    enc = get_tokenizer()
-    frequent = set(np.argsort(-counts)[:skip_top].tolist())
-    return np.array([i for i in np.flatnonzero(counts >= min_count)
-                     if i < EOT_ID and i not in frequent
-                     and re.fullmatch(rb" [A-Za-z]{3,}", enc.decode_single_token_bytes(int(i)))], dtype=np.int64)
-
-
-SMLMT_MARGIN = 256  # indexed occurrences keep this many tokens of room on both sides (so --smlmt_ctx <= 256)
-
-
-def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True, split="train"):
-    """{word id -> occurrence positions in SPLIT.bin}, capped at --smlmt_max_occ per word; cached as .npz.
-    Training episodes come from train.bin only; the few-shot eval's from val.bin (its own word counts, and a word
-    needs only K+Q occurrences there)."""
-    min_count = args.smlmt_min_count if split == "train" else args.k_shot + args.q_query
-    prefix = "smlmt" if split == "train" else f"smlmt-{split}"
-    path = os.path.join(corpus_dir, f"{prefix}-{args.smlmt_skip_top}-{min_count}-{args.smlmt_max_occ}.npz")
-    if not os.path.exists(path) and not rank_is_local_zero:
-        while not os.path.exists(path):
-            time.sleep(2)
-    if not os.path.exists(path):
-        tokens = read_bin(os.path.join(corpus_dir, f"{split}.bin"))
-        chunk = 1 << 24
-        # Pass 1: token frequencies (the rule's "most frequent" and "too rare" bounds need corpus counts).
-        counts = sum(np.bincount(tokens[i:i + chunk], minlength=1 << 16) for i in range(0, len(tokens), chunk))
-        words = content_word_ids(counts, args.smlmt_skip_top, min_count)
-        is_word = np.zeros(1 << 16, dtype=bool)  # a lookup table: is_word[token id] -> content word?
-        is_word[words] = True
-        found = {int(w): [] for w in words}
-        have = dict.fromkeys(found, 0)
-        lo, hi = SMLMT_MARGIN, len(tokens) - SMLMT_MARGIN
-        # Pass 2: positions, in corpus order, up to the cap (web corpora are document-shuffled, so the first
-        # 1,000 occurrences are as good a sample as any). Chunked: a 1B-token corpus needs no 1B-entry arrays.
-        for start in range(lo, hi, chunk):
-            seg = np.asarray(tokens[start:min(start + chunk, hi)])
-            pos = np.flatnonzero(is_word[seg])  # offsets of content words in this chunk
-            ids = seg[pos]
-            order = np.argsort(ids, kind="stable")  # group by word, keeping corpus order within a word
-            ids, pos = ids[order], pos[order] + start
-            bounds = np.flatnonzero(np.diff(ids)) + 1  # where one word's group ends and the next begins
-            for grp_ids, grp_pos in zip(np.split(ids, bounds), np.split(pos, bounds)):
-                w = int(grp_ids[0]) if len(grp_ids) else None
-                if w is not None and have[w] < args.smlmt_max_occ:
-                    take = grp_pos[:args.smlmt_max_occ - have[w]]
-                    found[w].append(take)
-                    have[w] += len(take)
-        keep = [w for w in found if have[w] >= min_count]  # enough occurrences away from the edges
-        positions = [np.concatenate(found[w]) for w in keep]
-        # CSR layout: word i's positions are positions[offsets[i]:offsets[i + 1]] (one flat array, fast to load)
-        offsets = np.cumsum([0] + [len(p) for p in positions])
-        np.savez(path + ".tmp.npz", words=np.array(keep, dtype=np.int64), offsets=offsets,
-                 positions=np.concatenate(positions) if positions else np.zeros(0, np.int64))
-        os.replace(path + ".tmp.npz", path)
-    z = np.load(path)
-    return {"words": z["words"], "offsets": z["offsets"], "positions": z["positions"]}
-
-
-def smlmt_ctx(args):
-    """Tokens per episode example. Auto: a meta micro-step reads about as many backbone tokens as an AR one,
-    N * (K + Q) * ctx ~ batch_size * seq_len, but never fewer than 16 (8 tokens of context on each side)."""
-    ctx = args.smlmt_ctx or args.batch_size * args.seq_len // (args.n_way * (args.k_shot + args.q_query))
-    return int(min(max(ctx, 16), args.seq_len, SMLMT_MARGIN))
-
-
-def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key, read="mask"):
-    """One N-way K-shot episode, a pure function of `key` = (seed, step, j).
-
-    Returns support_x (N*K, ctx), support_y (N*K,), query_x (N*Q, ctx), query_y (N*Q,) as int64 numpy arrays, and
-    the class word ids (N,): label c means word classes[c]. Each example is a corpus window around one occurrence
-    of its word, with that occurrence replaced by [MASK]. The layout follows where the head reads (`read`):
-      mask: the [MASK] is the window's last token. The head reads the hidden state AT the [MASK]; in a causal
-            model nothing after it could reach that state, so the whole window is left context (no dead compute);
-      last: the [MASK] sits at a random offset with >= ctx/4 tokens on each side, and the head reads the window's
-            last token, which has attended to both sides of the mask.
-    Support and query occurrences are distinct positions, and every query label is one of the N classes."""
-    rng = np.random.default_rng(key)  # every random choice below comes from this one generator
-    counts = np.diff(index["offsets"])  # occurrences indexed per word
-    eligible = np.flatnonzero(counts >= k_shot + q_query)
-    if len(eligible) < n_way:
-        raise UserError(f"only {len(eligible)} content words have >= K+Q = {k_shot + q_query} occurrences; "
-                        f"need N = {n_way}. Use a larger corpus, lower --n_way, or relax --smlmt_min_count")
-    chosen = rng.choice(eligible, size=n_way, replace=False)  # word slots in the index
-    labels = rng.permutation(n_way)  # a fresh class order per episode: labels carry no word identity
-    per_class = k_shot + q_query
-    occ = np.stack([index["positions"][index["offsets"][w] + rng.choice(counts[w], per_class, replace=False)]
-                    for w in chosen])  # (N, K+Q) distinct corpus positions of each word
-    if read == "mask":
-        mask_at = np.full(occ.shape, ctx - 1)  # (N, K+Q) where [MASK] sits in each window: the last token
-    else:  # a random offset per example, so a last-token reader cannot learn "the answer is always at position 8"
-        mask_at = rng.integers(ctx // 4, ctx - ctx // 4, size=occ.shape)
-    windows = np.asarray(tokens[(occ - mask_at)[..., None] + np.arange(ctx)], dtype=np.int64)  # (N, K+Q, ctx)
-    # Only this occurrence is masked: if the word also appears elsewhere in the window it stays visible (a
-    # shortcut; see the README's exercises).
-    np.put_along_axis(windows, mask_at[..., None], MASK_ID, axis=-1)
-    y = np.repeat(labels[:, None], per_class, axis=1)  # (N, K+Q): row i is word i's label, support and query alike
-    classes = np.empty(n_way, dtype=np.int64)
-    classes[labels] = index["words"][chosen]  # invert the permutation: classes[label] = that word's token id
-    # The first K occurrences of each word are its support set, the remaining Q its query set.
-    return dict(support_x=windows[:, :k_shot].reshape(-1, ctx), support_y=y[:, :k_shot].reshape(-1),
-                query_x=windows[:, k_shot:].reshape(-1, ctx), query_y=y[:, k_shot:].reshape(-1),
-                classes=classes, mask_at=mask_at, positions=occ)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# First-order MAML (paper §3.3, Algorithm 1): an MLP head adapts to the support set; the query loss at the adapted
-# head trains the backbone and the head's initialisation.
-#
-# Where the head's LAST layer starts each episode (--head_init) is the one place this code departs from the
-# paper's text on purpose. Labels are re-drawn every episode, so a meta-learned N-way last layer can at best learn
-# uniform logits, and 10 SGD steps at lr 0.01 cannot fix that within one episode: query accuracy stays at chance.
-#   proto   (default, Proto-MAML; Triantafillou et al. 2020): W_c = 2 mu_c, b_c = -||mu_c||^2 from the class means
-#           mu_c of the support set's layer-3 activations, so logit_c = -||z - mu_c||^2 + ||z||^2: nearest
-#           prototype before any step. The inner loop then fine-tunes all four layers from there.
-#   learned (the paper's text): an N-way last layer meta-learned like the other three. Kept to show the collapse.
-#   vocab   (the released code): a last layer over the whole vocabulary, of which each episode uses the rows of
-#           its N class words. Label-permutation-proof only because it is a next-token head in disguise.
-
-def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.0, init="proto", vocab_size=None):
-    """`body`: d -> 128 -> 128 -> 128 (3 linear layers, ReLU, dropout), shared by all classes, so the label order
-    cannot hurt it; plus `out`, a learned last layer: N-way (init="learned"), over the vocabulary ("vocab"), or
-    none ("proto": built from the support set every episode). Xavier-uniform weights, torch-default biases."""
-    layers, width = [], d_model
-    for _ in range(n_layers - 1):
-        layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
-        width = hidden
-    head = nn.ModuleDict(dict(body=nn.Sequential(*layers)))
-    if init != "proto":
-        head["out"] = nn.Linear(width, n_way if init == "learned" else vocab_size)
-    for p in head.parameters():
-        if p.dim() > 1:
-            nn.init.xavier_uniform_(p)
-    return head
-
-
-def episode_init(head, support_feats, support_labels, classes, init):
-    """phi_0, this episode's starting weights, as {name: tensor}: the body's parameters as they are, and a last
-    layer (out.weight (N, h), out.bias (N,)) set by `init`. Gradients flow back through every entry: into the body
-    directly, and for "proto" also through the prototypes (the support features carry no backbone graph)."""
-    phi = {f"body.{k}": p for k, p in head["body"].named_parameters()}
-    if init == "proto":
-        z = functional_call(head["body"], dict(head["body"].named_parameters()), (support_feats.float(),))
-        n_way = int(support_labels.max()) + 1  # labels are 0..N-1, each with K examples
-        mu = torch.zeros(n_way, z.shape[1], device=z.device).index_add(0, support_labels, z)
-        mu = mu / torch.bincount(support_labels, minlength=n_way)[:, None]  # (N, h): class means
-        phi["out.weight"], phi["out.bias"] = 2 * mu, -(mu * mu).sum(-1)
-    elif init == "learned":
-        phi["out.weight"], phi["out.bias"] = head["out"].weight, head["out"].bias
-    else:  # vocab: the rows of this episode's class words, in label order (classes[c] = word id of label c)
-        phi["out.weight"], phi["out.bias"] = head["out"].weight[classes], head["out"].bias[classes]
-    return phi
-
-
-def head_logits(head, phi, feats):
-    """The head as a function of its weights: feats (n, d) -> logits (n, N)."""
-    z = functional_call(head["body"], {k[5:]: v for k, v in phi.items() if k.startswith("body.")}, (feats,))
-    return F.linear(z, phi["out.weight"], phi["out.bias"])
-
-
-def inner_loop(head, phi0, support_feats, support_labels, steps, lr):
-    """`steps` plain SGD steps of the head on the support set, in fp32, starting from phi0 ({name: tensor}).
-
-    Returns phi_T as {name: tensor} for head_logits(). First order: each step's gradient comes from
-    torch.autograd.grad (never .backward(): under DDP that would all-reduce support gradients across ranks, i.e.
-    across different tasks) and no graph links the steps. The returned tensors equal the adapted weights phi_T,
-    written as phi_0 + (phi_T - phi_0).detach(): a loss computed with them back-propagates d loss / d phi_T
-    straight into phi_0 (and from there into the head's parameters), which is exactly the FOMAML meta-gradient."""
-    feats = support_feats.detach().float()  # (N*K, d): no gradient reaches the backbone from the support set
-    # Fresh leaf copies: the head itself is never modified, so there is nothing to snapshot and restore (the
-    # reference's state_dict dance), and its .grad is left for the outer update alone.
-    fast = {k: p.detach().clone().requires_grad_() for k, p in phi0.items()}
-    # fp32 even under bf16 autocast: 10 small SGD steps on a 4-layer MLP are cheap, and bf16 would round them away.
-    with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
-        for _ in range(steps):
-            loss = F.cross_entropy(head_logits(head, fast, feats), support_labels)
-            grads = torch.autograd.grad(loss, list(fast.values()))  # local to this rank: no DDP hook, no .grad
-            # phi_t = phi_{t-1} - lr * grad; detach() is what makes it first order (no graph through the steps)
-            fast = {k: (w - lr * g).detach().requires_grad_() for (k, w), g in zip(fast.items(), grads)}
-    # Value phi_T, gradient path to phi_0 with Jacobian I: the straight-through form of the FOMAML approximation.
-    return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}
-
-
-def accuracy(logits, labels):
-    return (logits.argmax(-1) == labels).float().mean()
-
-
-def read_features(model, x, mask_at, read):
-    """Hidden states (n, d) in fp32 at the position the head reads: the [MASK] (read="mask") or the last token."""
-    h = model(x, return_hidden=True)  # (n, ctx, d)
-    return (h[torch.arange(len(x), device=x.device), mask_at] if read == "mask" else h[:, -1]).float()
-
-
-def meta_micro_step(model, head, ep, args, scale, amp):
-    """One SMLMT episode: support features (no grad) -> head init -> inner loop -> query loss, back-propagated
-    (x scale) into the backbone and the head's initialisation. `model` may be compiled; `ep` holds device tensors.
-    The [MASK] token's embedding gets gradients only here: AR batches never contain it."""
-    # Support: ONE forward, no graph. The backbone is fixed during adaptation and has no dropout, so the reference's
-    # 10 recomputations (one per inner step) would produce these same features 10 times.
-    with torch.no_grad(), amp:
-        hs = read_features(model, ep["support_x"], ep["support_at"], args.read)  # (N*K, d)
-    phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init)
-    adapted = inner_loop(head, phi0, hs, ep["support_y"], args.inner_steps, args.inner_lr)  # phi_T
-    # Query: a forward WITH a graph; its loss at the adapted head is the meta-objective.
-    with amp:
-        hq = read_features(model, ep["query_x"], ep["query_at"], args.read)  # (N*Q, d), with grad
-    loss = F.cross_entropy(head_logits(head, adapted, hq), ep["query_y"])  # scalar, N-way CE
-    # Backbone.grad += d loss / d backbone (through hq); head.grad += d loss / d phi_T (through `adapted` and phi0).
-    # Scaled by 1 / (grad_accum * world) so that gradients summed over micro-steps and ranks are a mean.
-    (loss * scale).backward()
-    with torch.no_grad():  # accuracies without dropout, before and after adaptation
-        head.eval()
-        hq = hq.detach()
-        phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init)  # prototypes without dropout
-        stats = dict(loss_query=loss.detach(),
-                     acc_support_pre=accuracy(head_logits(head, phi0, hs), ep["support_y"]),
-                     acc_support_post=accuracy(head_logits(head, adapted, hs), ep["support_y"]),
-                     acc_query_pre=accuracy(head_logits(head, phi0, hq), ep["query_y"]),
-                     acc_query_post=accuracy(head_logits(head, adapted, hq), ep["query_y"]))
-        head.train()
-    return stats
-
-
-def episode_tensors(tokens, index, args, key, device):
-    ep = sample_episode(tokens, index, args.n_way, args.k_shot, args.q_query, smlmt_ctx(args), key, args.read)
-    at = ep["mask_at"]  # (N, K+Q)
-    ep = dict(ep, support_at=at[:, :args.k_shot].reshape(-1), query_at=at[:, args.k_shot:].reshape(-1))
-    return {k: torch.from_numpy(ep[k]).to(device) for k in ("support_x", "support_y", "query_x", "query_y",
-                                                            "classes", "support_at", "query_at")}
-
-
-def is_meta_step(seed, step, ratio):
-    """The branch of an optimizer step: a pure function of (seed, step), so every rank agrees without talking."""
-    return bool(ratio > 0 and np.random.default_rng([seed, step, 1]).random() < ratio)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Held-out few-shot eval ("learning to learn"): does the BACKBONE make new episodes easier? Fixed episodes from the
-# held-out split, a fresh head with a fixed seed, the same inner loop. Identical for every run, seed and resume, so
-# a MAML run and its vanilla twin are scored on the same tasks with the same head.
-
-FEWSHOT_KEY = 20250802  # episodes and the fresh head depend on this constant only, never on --seed
-
-
-def fewshot_eval(model, head_args, episodes, amp):
-    """{eval_fewshot_acc_pre, eval_fewshot_acc, eval_proto_acc_mask, eval_proto_acc_prev}: means over `episodes`.
-    The last two need no head: nearest class mean of the raw features (d) at the [MASK] and at the token before it
-    (what a next-token model reads naturally). Runs on the raw model, without dropout."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(FEWSHOT_KEY)
-        head = make_head(model.cfg.d_model, head_args.n_way, head_args.head_hidden, head_args.head_layers,
-                         head_args.head_dropout, head_args.head_init, model.cfg.vocab_size)
-    head = head.to(model.rope_cos.device).eval()
-    model.eval()
-    sums = dict(eval_fewshot_acc_pre=0.0, eval_fewshot_acc=0.0, eval_proto_acc_mask=0.0, eval_proto_acc_prev=0.0)
-    for ep in episodes:
-        with torch.no_grad(), amp:
-            hs, hq = (model(ep[f"{s}_x"], return_hidden=True).float() for s in ("support", "query"))
-        for name, shift in (("mask", 0), ("prev", 1)):  # nearest prototype on raw features, no training
-            rows_s, rows_q = torch.arange(len(hs)), torch.arange(len(hq))
-            fs, fq = hs[rows_s, ep["support_at"] - shift], hq[rows_q, ep["query_at"] - shift]
-            mu = torch.stack([fs[ep["support_y"] == c].mean(0) for c in range(head_args.n_way)])  # (N, d)
-            sums[f"eval_proto_acc_{name}"] += accuracy(-torch.cdist(fq, mu), ep["query_y"]).item()
-        read = (lambda h, at: h[torch.arange(len(h)), at]) if head_args.read == "mask" else (lambda h, at: h[:, -1])
-        fs, fq = read(hs, ep["support_at"]), read(hq, ep["query_at"])
-        phi0 = {k: v.detach() for k, v in episode_init(head, fs, ep["support_y"], ep["classes"],
-                                                       head_args.head_init).items()}
-        adapted = inner_loop(head, phi0, fs, ep["support_y"], head_args.inner_steps, head_args.inner_lr)
-        with torch.no_grad():
-            sums["eval_fewshot_acc_pre"] += accuracy(head_logits(head, phi0, fq), ep["query_y"]).item()
-            sums["eval_fewshot_acc"] += accuracy(head_logits(head, adapted, fq), ep["query_y"]).item()
-    model.train()
-    return {k: v / len(episodes) for k, v in sums.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Learning dynamics (paper §3.3 "every 100 steps ... singular values", §6): proportional effective rank (PER) of
-# weights and gradients, attention-head entropy, on a fixed probe batch. Computed on the raw model.
-
-def effective_rank(W):
-    """ER = exp(H(p)), p = sigma / sum(sigma) over W's singular values (Roy & Vetterli 2007). Zero singular values
-    contribute 0 (entr(0) = 0); an all-zero matrix has ER 0."""
-    s = torch.linalg.svdvals(W.detach().float())  # (min(m, n),), descending, >= 0
-    total = s.sum()
-    if total <= 0:
-        return 0.0
-    # entr(p) = -p log p with entr(0) = 0: exactly-zero singular values add nothing instead of NaN.
-    return math.exp(torch.special.entr(s / total).sum().item())
-
-
-def proportional_effective_rank(W):
-    """PER = ER / min(W.shape), in (0, 1]: 1 for a flat spectrum, 1/min(shape) for rank one."""
-    return effective_rank(W) / min(W.shape)
-
-
-@torch.no_grad()
-def attention_entropy(model, idx):
-    """(n_layers, n_heads) tensor: for each head, the mean over query positions (and the batch) of the Shannon
-    entropy -sum_j a_ij log a_ij (nats) of its causal attention distribution on `idx`. Uniform attention over the
-    t+1 visible keys gives log(t+1); attending to a single key gives 0. Recomputes attention explicitly, because
-    scaled_dot_product_attention never materialises the probabilities."""
-    # The probe walks the model layer by layer: attention probabilities are recomputed from each layer's own
-    # q and k (same RoPE, same GQA grouping), then the real block runs to produce the next layer's input.
-    T = idx.shape[1]
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T): query t sees keys 0..t
-    x, out = model.embedding_proj(idx), []
-    for layer in model.layers:
-        attn = layer.attention
-        q, k, _ = attn.qkv(layer.attention_norm(x), cos, sin)
-        k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # (B, H, T, hd): kv head g serves 3 q heads
-        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(attn.head_dim)
-        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, H, T, T)
-        # entropy of each row (B, H, T), then the mean over batch and query positions -> (H,)
-        out.append(torch.special.entr(probs).sum(-1).mean(dim=(0, 2)))
-        x = layer(x, cos, sin)
-    return torch.stack(out)
-
-
-def learning_dynamics(model, probe_x, probe_y, modules, amp):
-    """Flat dict of dynamics metrics on the probe batch. Uses .grad of the model: call it with grads cleared."""
-    names = [f"layers.{i}.{m}" for i in range(model.cfg.n_layers) for m in modules]
-    mats = dict(model.named_parameters())
-    out = {}
-    # Called after the optimizer step (grads already None), so probing never touches the training gradients.
-    model.zero_grad(set_to_none=True)
-    with amp:
-        _, loss = model(probe_x, probe_y)
-    loss.backward()  # the gradient of the next-token loss (RoPE on, the model's own context length)
-    for n in names:
-        W, G = mats[n + ".weight"], mats[n + ".weight"].grad
-        out[f"per_weight/{n}"] = proportional_effective_rank(W)
-        out[f"per_grad/{n}"] = proportional_effective_rank(G)
-        out[f"er_weight/{n}"] = effective_rank(W)
-        out[f"er_grad/{n}"] = effective_rank(G)
-    # The reference analysis: mean over every q/k/v/o matrix, gradient of logits.mean() (not the loss).
-    model.zero_grad(set_to_none=True)
-    with amp:
-        logits, _ = model(probe_x)
-    logits.mean().backward()
-    attn = [p for n, p in mats.items() if ".attention." in n]
-    for kind, tensors in (("weight", attn), ("grad", [p.grad for p in attn])):
-        out[f"ref/per_{kind}_attn"] = float(np.mean([proportional_effective_rank(t) for t in tensors]))
-        out[f"ref/er_{kind}_attn"] = float(np.mean([effective_rank(t) for t in tensors]))
-    model.zero_grad(set_to_none=True)
-    ent = attention_entropy(model, probe_x)
-    out["attn_entropy"] = [[round(v, 5) for v in row] for row in ent.tolist()]  # (layers, heads)
-    out["attn_entropy_mean"] = ent.mean().item()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training loop (Algorithm 1, App. A.1). No DDP wrapper: each rank accumulates its own gradients and one explicit
-# all-reduce per optimizer step averages them, over exactly the parameters the branch used (the same set on every
-# rank, because the branch is). Unused parameters keep grad None, so AdamW leaves them untouched.
+# Processes, devices and the objects of a run.
 
 def setup_distributed(device_arg):
     """-> (rank, local_rank, world, device). torchrun sets RANK; nccl on CUDA, gloo on CPU."""
@@ -1031,43 +1179,50 @@ def setup_distributed(device_arg):
     return rank, local_rank, world, device
 
 
-def all_reduce_(tensors, world):
-    """Sum a list of tensors across ranks in place, through one flat buffer per ~64M elements. Each rank scaled
-    its losses by 1 / (grad_accum * world), so the sum of the gradients is the global-batch mean."""
-    if world == 1 or not tensors:
-        return
-    # One all-reduce per bucket instead of one per tensor (latency), but never one buffer the size of the whole
-    # model (memory). The None sentinel flushes the last bucket. Every rank passes the same list: same branch.
-    bucket, size = [], 0
-    for t in tensors + [None]:
-        if t is not None:
-            bucket.append(t)
-            size += t.numel()
-        if bucket and (t is None or size >= 1 << 26):
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat)
-            for b, v in zip(bucket, flat.split([b.numel() for b in bucket])):
-                b.copy_(v.view_as(b))
-            bucket, size = [], 0
-
-
-def lr_at(step, args):
-    """Linear warm-up from lr/warmup to lr, then constant, cosine or linear decay to min_lr_frac * lr."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    if args.lr_schedule == "constant":
-        return args.lr
-    frac = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
-    lo = args.min_lr_frac
-    decay = 0.5 * (1 + math.cos(math.pi * frac)) if args.lr_schedule == "cosine" else 1 - frac
-    return args.lr * (lo + (1 - lo) * decay)
-
-
 def autocast_ctx(device, dtype_arg):
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_arg]
     return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
+
+def setup(args, for_bench=False):
+    """Processes, data, model, head, optimizer: everything the loop and the benchmark share, as a Run."""
+    rank, local_rank, world, device = setup_distributed(args.device)
+    if args.grad_accum is None:
+        args.grad_accum = max(1, args.global_batch // (args.batch_size * world))
+    if not for_bench:
+        check_out_dir(args.out_dir)
+    corpus = prepare_corpus(args, local_rank == 0)
+    tokens = read_bin(os.path.join(corpus, "train.bin"))
+    index = build_smlmt_index(corpus, args, local_rank == 0) if args.hybrid_ratio > 0 or for_bench else None
+    torch.manual_seed(args.seed)
+    cfg = model_config(args)
+    orig_model = Decoder(cfg).to(device)
+    head = make_head(cfg.d_model, args.n_way, args.head_hidden, args.head_layers, args.head_dropout, args.head_init,
+                     cfg.vocab_size).to(device)
+    params = list(orig_model.parameters()) + list(head.parameters())  # backbone + the meta-learned head init
+    # fused=True on CUDA: one kernel updates every parameter instead of a handful per tensor.
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    # The fixed probe batch for learning dynamics: evenly spaced held-out windows, the same for every run.
+    val = read_bin(os.path.join(corpus, "val.bin"))
+    probe = get_batch(val, fixed_windows(len(val), args.seq_len, args.probe_batch), args.seq_len, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # --compile covers Decoder.forward: the AR branch's whole forward + fused loss (one graph, no break), and the
+    # meta branch's backbone forward (nearly all of its FLOPs). Not the MLP head: its inner loop calls
+    # torch.autograd.grad, which torch.compile cannot put in a graph, and it is a few hundred K weights anyway.
+    model = torch.compile(orig_model) if args.compile else orig_model
+    return Run(rank=rank, local_rank=local_rank, world=world, device=device, corpus=corpus, tokens=tokens,
+               index=index, orig_model=orig_model, model=model, head=head, params=params, optimizer=optimizer,
+               amp=autocast_ctx(device, args.dtype), global_batch=args.batch_size * args.grad_accum * world,
+               scale=1.0 / (args.grad_accum * world),
+               micro_tokens={True: args.n_way * (args.k_shot + args.q_query) * smlmt_ctx(args),
+                             False: args.batch_size * args.seq_len},
+               probe=probe, modules=[m.strip() for m in args.dynamics_modules.split(",") if m.strip()])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run folders, checkpoints and stop signals: a run is never lost, and never silently overwritten.
 
 RUN_KEYS = ("seed", "seq_len", "global_batch", "hybrid_ratio", "n_way", "k_shot", "q_query", "head_hidden",
             "head_layers", "head_init", "read", "smlmt_ctx", "data", "toy_docs")  # what a resumed run must agree on to continue exactly
@@ -1104,92 +1259,6 @@ def model_from_checkpoint(ck, device="cpu"):
     model = Decoder(ModelConfig(**ck["model_config"]))
     model.load_state_dict(ck["model"])
     return model.to(device)
-
-
-class Window:
-    """Sums and counts of per-micro-step statistics over one logging window, kept on the device (no sync per step)."""
-
-    def __init__(self, device):
-        self.device, self.sums, self.counts = device, {}, {}
-
-    def add(self, key, value):
-        self.sums[key] = self.sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64, device=self.device)
-        self.counts[key] = self.counts.get(key, 0) + 1
-
-    def means(self, world, keys):
-        """Means over the window and over ranks (every rank calls this with the same keys); absent keys -> None."""
-        sums = torch.stack([torch.as_tensor(self.sums.get(k, 0.0), dtype=torch.float64, device=self.device)
-                            for k in keys])
-        counts = torch.tensor([float(self.counts.get(k, 0)) for k in keys], dtype=torch.float64, device=self.device)
-        both = torch.stack([sums, counts])
-        if world > 1:
-            dist.all_reduce(both)
-        self.sums, self.counts = {}, {}
-        return {k: (s / c).item() if c > 0 else None for k, s, c in zip(keys, both[0], both[1])}
-
-
-def evaluate(model, batches, amp, rank, world):
-    """Mean next-token loss over fixed batches, sharded over ranks and all-reduced; -> (loss, perplexity)."""
-    model.eval()
-    tot = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device if batches else "cpu")
-    with torch.no_grad(), amp:
-        for i in range(rank, len(batches), world):
-            x, y = batches[i]
-            _, loss = model(x, y)
-            tot += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), dtype=torch.float64,
-                                                                         device=tot.device)])
-    if world > 1:
-        dist.all_reduce(tot)
-    model.train()
-    mean = (tot[0] / tot[1]).item()
-    return mean, math.exp(min(mean, 50.0))
-
-
-def eval_batches(args, corpus_dir, device, is_local_zero):
-    """Fixed eval batches at the training context length (the same for every arm). Paloma-tinsy when requested
-    and reachable, else the corpus's held-out split."""
-    tokens, source = None, "val"
-    if args.eval_data == "paloma":
-        path = os.path.join(args.data_dir, f"paloma-tinsy-{args.seq_len}.bin")
-        ok = torch.tensor([1], device=device)
-        if not os.path.exists(path) and is_local_zero:  # one download per machine; the others wait below
-            try:
-                enc = get_tokenizer()
-                rows = [ids[:args.seq_len + 1] for ids in enc.encode_ordinary_batch(
-                    list(hub_documents("pico-lm/pretokenized-paloma-tinsy", split="val")))]
-                os.makedirs(args.data_dir, exist_ok=True)
-                write_bin(path, np.concatenate([r for r in rows if len(r) == args.seq_len + 1]))
-            except UserError as e:
-                ok.zero_()
-                print(f"note: Paloma is unavailable, evaluating on the held-out split instead ({e})")
-        if dist.is_initialized():  # every rank learns whether every machine got it: all fall back together
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item():
-            while not os.path.exists(path):
-                time.sleep(2)
-            tokens, source = read_bin(path), "paloma"
-    if tokens is None:
-        tokens = read_bin(os.path.join(corpus_dir, "val.bin"))
-        starts = fixed_windows(len(tokens), args.seq_len, args.eval_batches * args.batch_size)
-    else:  # Paloma rows are back to back: score the first eval_batches * batch_size of them, each from its start
-        n_rows = len(tokens) // (args.seq_len + 1)
-        starts = np.arange(min(n_rows, args.eval_batches * args.batch_size)) * (args.seq_len + 1)
-    return [get_batch(tokens, s, args.seq_len, device) for s in np.array_split(starts, args.eval_batches)
-            if len(s)], source
-
-
-def fewshot_episodes(args, corpus_dir, device, is_local_zero):
-    """The held-out few-shot eval's fixed episodes (keys depend on FEWSHOT_KEY only), or [] with a note when the
-    held-out split is too small for N-way episodes."""
-    if not (args.eval_every and args.fewshot_episodes):
-        return []
-    val = read_bin(os.path.join(corpus_dir, "val.bin"))
-    index = build_smlmt_index(corpus_dir, args, is_local_zero, split="val")
-    try:
-        return [episode_tensors(val, index, args, [FEWSHOT_KEY, j], device) for j in range(args.fewshot_episodes)]
-    except UserError as e:
-        print(f"note: no held-out few-shot eval ({e})")
-        return []
 
 
 def check_out_dir(out_dir):
@@ -1278,6 +1347,48 @@ def drop_prev(out_dir):
             os.remove(os.path.join(out_dir, name))
 
 
+def resume_or_start(r, args, resume):
+    """-> (first step, token counters). Resume: restore everything from ckpt.pt (the data position is the step
+    itself) and drop log lines written after it. Fresh: the old run in --out_dir (if any) is set aside until this
+    one's first checkpoint."""
+    counters = dict(tokens=0, tokens_ar=0, tokens_meta=0)
+    if not resume:
+        if r.rank == 0:
+            set_aside(args.out_dir)
+        return 0, counters
+    ckpt_path, metrics_path = (os.path.join(args.out_dir, n) for n in ("ckpt.pt", "metrics.jsonl"))
+    ck = load_checkpoint(ckpt_path, r.device)
+    mine = dict(vars(args), global_batch=r.global_batch)
+    diff = [k for k in RUN_KEYS if mine.get(k) != ck["run"].get(k)]
+    if ck["model_config"] != asdict(r.orig_model.cfg) or diff:
+        raise UserError(f"{ckpt_path} was trained with different settings ({', '.join(diff) or 'model size'}); "
+                        "resume with the same flags, or use a new --out_dir")
+    r.orig_model.load_state_dict(ck["model"])
+    r.head.load_state_dict(ck["head"])
+    r.optimizer.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["rng"]["torch"].cpu())
+    if r.rank == 0 and os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            keep = [ln for ln in f if ln.endswith("\n") and json.loads(ln).get("step", 0) <= ck["step"]]
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(metrics_path + ".tmp", metrics_path)  # atomic, like the checkpoint
+    return ck["step"], ck["counters"]
+
+
+def save(r, args, done, counters):
+    """The checkpoint after step `done`: rank 0 writes (the weights are identical on every rank), all wait."""
+    if not all(torch.isfinite(p).all() for p in r.params):
+        raise UserError(f"non-finite weights at step {done}; the last good checkpoint is kept. "
+                        "Lower --lr, enable --grad_clip, or use --dtype float32")
+    if r.rank == 0:
+        save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), r.orig_model, r.head, r.optimizer, done, args,
+                        counters, r.world)
+        drop_prev(args.out_dir)
+    if r.world > 1:
+        dist.barrier()  # nobody races ahead (or exits) while rank 0 is still writing
+
+
 def resume_command(argv, world):
     """The command that continues this run: the same flags, --resume instead of --overwrite."""
     argv = [a for a in argv if a != "--overwrite"]
@@ -1330,96 +1441,33 @@ def stop_requested(stop, world, device):
     return int(flag.item())
 
 
-def run_header(args, cfg, model, device, world, extra):
-    import tiktoken
-    return dict(args=vars(args), model_config=asdict(cfg), n_params=count_params(model), world_size=world,
-                device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                versions=dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
-                              tiktoken=tiktoken.__version__), command=" ".join(sys.argv),
-                started=time.strftime("%Y-%m-%d %H:%M:%S"), **extra)
+# ----------------------------------------------------------------------------------------------------------------
+# Logging and evaluation: metrics.jsonl (and W&B), fixed evaluation batches, eval loss.
 
+class Meter:
+    """Sums and counts of per-micro-step statistics over one logging window, kept on the device (no sync per step)."""
 
-def setup(args, for_bench=False):
-    """Everything the loop and the benchmark share: processes, data, model, head, optimizer."""
-    rank, local_rank, world, device = setup_distributed(args.device)
-    if args.grad_accum is None:
-        args.grad_accum = max(1, args.global_batch // (args.batch_size * world))
-    if not for_bench:
-        check_out_dir(args.out_dir)
-    corpus = prepare_corpus(args, local_rank == 0)
-    tokens = read_bin(os.path.join(corpus, "train.bin"))
-    index = build_smlmt_index(corpus, args, local_rank == 0) if args.hybrid_ratio > 0 or for_bench else None
-    torch.manual_seed(args.seed)
-    cfg = model_config(args)
-    model = Decoder(cfg).to(device)
-    head = make_head(cfg.d_model, args.n_way, args.head_hidden, args.head_layers, args.head_dropout, args.head_init,
-                     cfg.vocab_size).to(device)
-    params = list(model.parameters()) + list(head.parameters())  # backbone + the meta-learned head init
-    # fused=True on CUDA: one kernel updates every parameter instead of a handful per tensor.
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    # The fixed probe batch for learning dynamics: evenly spaced held-out windows, the same for every run.
-    val = read_bin(os.path.join(corpus, "val.bin"))
-    probe = get_batch(val, fixed_windows(len(val), args.seq_len, args.probe_batch), args.seq_len, device)
-    modules = [m.strip() for m in args.dynamics_modules.split(",") if m.strip()]
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # --compile covers Decoder.forward: the AR branch's whole forward + fused loss (one graph, no break), and the
-    # meta branch's backbone forward (nearly all of its FLOPs). Not the meta branch's MLP head: its inner loop calls
-    # torch.autograd.grad, which torch.compile cannot put in a graph, and it is a few hundred K weights anyway.
-    fwd = torch.compile(model) if args.compile else model  # `model` (uncompiled, same weights) is for saving
-    return dict(rank=rank, world=world, device=device, corpus=corpus, tokens=tokens, index=index, model=model,
-                head=head, params=params, optimizer=optimizer, fwd=fwd, amp=autocast_ctx(device, args.dtype),
-                cfg=cfg, local_rank=local_rank, probe=probe, modules=modules)
+    def __init__(self, device):
+        self.device, self.sums, self.counts = device, {}, {}
 
+    def add(self, key, value):
+        self.sums[key] = self.sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64, device=self.device)
+        self.counts[key] = self.counts.get(key, 0) + 1
 
-def micro_seed(seed, step, j):
-    """Seeds torch (the head's dropout) per micro-step: a resumed or re-sharded run draws the same masks."""
-    return int(np.random.SeedSequence([seed, step, j]).generate_state(1)[0])
+    def add_all(self, stats, **more):
+        for key, value in {**stats, **more}.items():
+            self.add(key, value)
 
-
-def train_step(s, args, step, window):
-    """One optimizer step: choose the branch, run grad_accum micro-steps, average gradients, AdamW."""
-    head, fwd, opt, amp = s["head"], s["fwd"], s["optimizer"], s["amp"]
-    rank, world, device = s["rank"], s["world"], s["device"]
-    # One branch for the whole step (all micro-steps, all ranks): the set of parameters with gradients is then
-    # identical everywhere, which is what makes one plain all-reduce correct.
-    meta = is_meta_step(args.seed, step, args.hybrid_ratio)
-    scale = 1.0 / (args.grad_accum * world)  # so the all-reduced SUM of grads is the mean over the global batch
-    global_batch = args.batch_size * args.grad_accum * world
-    starts = None if meta else batch_indices(args.seed, step, len(s["tokens"]), args.seq_len, global_batch)
-    for micro in range(args.grad_accum):  # gradients accumulate in .grad across micro-steps
-        j = micro * world + rank  # this micro-step's index in the global batch: keys its data and its dropout
-        torch.manual_seed(micro_seed(args.seed, step, j))
-        if meta:  # one SMLMT episode per micro-step per rank: the meta-batch is grad_accum x world episodes
-            ep = episode_tensors(s["tokens"], s["index"], args, [args.seed, step, j, 2], device)
-            st = meta_micro_step(fwd, head, ep, args, scale, amp)
-            for k, v in st.items():
-                window.add(k, v)
-            window.add("loss_mixed", st["loss_query"])  # the reference's train/loss: see LOG_KEYS
-        else:
-            x, y = get_batch(s["tokens"], micro_slice(starts, micro, rank, world, args.batch_size), args.seq_len,
-                             device)
-            with amp:
-                _, loss = fwd(x, y)
-            (loss * scale).backward()
-            window.add("loss_ar", loss.detach())
-            window.add("loss_mixed", loss.detach())
-    # Only parameters this branch used have a .grad (the LM head is idle on meta steps, the MLP head on AR steps).
-    params = [p for p in s["params"] if p.grad is not None]
-    all_reduce_([p.grad for p in params], world)
-    if meta:  # the FOMAML meta-gradient of the head init, measured before clipping and zeroing
-        window.add("head_grad_norm", torch.linalg.vector_norm(torch.stack(
-            [p.grad.norm() for p in head.parameters()])))
-    if args.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-    for group in opt.param_groups:
-        group["lr"] = lr_at(step, args)
-    opt.step()  # AdamW skips parameters whose .grad is None: no momentum or weight-decay drift while idle
-    opt.zero_grad(set_to_none=True)  # None, not zeros: a zero gradient would still move them through momentum
-    # Backbone tokens this step processed, over all ranks: the honest x-axis for "equal compute".
-    ctx = smlmt_ctx(args)
-    per_micro = args.n_way * (args.k_shot + args.q_query) * ctx if meta else args.batch_size * args.seq_len
-    return meta, per_micro * args.grad_accum * world
+    def means(self, world, keys):
+        """Means over the window and over ranks (every rank calls this with the same keys); absent keys -> None."""
+        sums = torch.stack([torch.as_tensor(self.sums.get(k, 0.0), dtype=torch.float64, device=self.device)
+                            for k in keys])
+        counts = torch.tensor([float(self.counts.get(k, 0)) for k in keys], dtype=torch.float64, device=self.device)
+        both = torch.stack([sums, counts])
+        if world > 1:
+            dist.all_reduce(both)
+        self.sums, self.counts = {}, {}
+        return {k: (s / c).item() if c > 0 else None for k, s, c in zip(keys, both[0], both[1])}
 
 
 # loss_mixed: the mean over the window's micro-steps of whichever loss each one computed (AR cross-entropy over the
@@ -1428,6 +1476,79 @@ def train_step(s, args, step, window):
 # mixing it in makes a hybrid run look ahead. It is logged so that analyze.py can measure that artifact.
 LOG_KEYS = ["loss_ar", "loss_query", "loss_mixed", "acc_support_pre", "acc_support_post", "acc_query_pre",
             "acc_query_post", "head_grad_norm"]
+
+
+def evaluate(model, batches, amp, rank, world):
+    """Mean next-token loss over fixed batches, sharded over ranks and all-reduced; -> (loss, perplexity)."""
+    model.eval()
+    tot = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device if batches else "cpu")
+    with torch.no_grad(), amp:
+        for i in range(rank, len(batches), world):
+            x, y = batches[i]
+            _, loss = model(x, y)
+            tot += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), dtype=torch.float64,
+                                                                         device=tot.device)])
+    if world > 1:
+        dist.all_reduce(tot)
+    model.train()
+    mean = (tot[0] / tot[1]).item()
+    return mean, math.exp(min(mean, 50.0))
+
+
+def fixed_eval_batches(args, corpus_dir, device, is_local_zero):
+    """Fixed eval batches at the training context length (the same for every arm). Paloma-tinsy when requested
+    and reachable, else the corpus's held-out split."""
+    tokens, source = None, "val"
+    if args.eval_data == "paloma":
+        path = os.path.join(args.data_dir, f"paloma-tinsy-{args.seq_len}.bin")
+        ok = torch.tensor([1], device=device)
+        if not os.path.exists(path) and is_local_zero:  # one download per machine; the others wait below
+            try:
+                enc = get_tokenizer()
+                rows = [ids[:args.seq_len + 1] for ids in enc.encode_ordinary_batch(
+                    list(hub_documents("pico-lm/pretokenized-paloma-tinsy", split="val")))]
+                os.makedirs(args.data_dir, exist_ok=True)
+                write_bin(path, np.concatenate([r for r in rows if len(r) == args.seq_len + 1]))
+            except UserError as e:
+                ok.zero_()
+                print(f"note: Paloma is unavailable, evaluating on the held-out split instead ({e})")
+        if dist.is_initialized():  # every rank learns whether every machine got it: all fall back together
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item():
+            while not os.path.exists(path):
+                time.sleep(2)
+            tokens, source = read_bin(path), "paloma"
+    if tokens is None:
+        tokens = read_bin(os.path.join(corpus_dir, "val.bin"))
+        starts = fixed_windows(len(tokens), args.seq_len, args.eval_batches * args.batch_size)
+    else:  # Paloma rows are back to back: score the first eval_batches * batch_size of them, each from its start
+        n_rows = len(tokens) // (args.seq_len + 1)
+        starts = np.arange(min(n_rows, args.eval_batches * args.batch_size)) * (args.seq_len + 1)
+    return [get_batch(tokens, s, args.seq_len, device) for s in np.array_split(starts, args.eval_batches)
+            if len(s)], source
+
+
+def fewshot_episodes(args, corpus_dir, device, is_local_zero):
+    """The held-out few-shot eval's fixed episodes (keys depend on FEWSHOT_KEY only), or [] with a note when the
+    held-out split is too small for N-way episodes."""
+    if not (args.eval_every and args.fewshot_episodes):
+        return []
+    val = read_bin(os.path.join(corpus_dir, "val.bin"))
+    index = build_smlmt_index(corpus_dir, args, is_local_zero, split="val")
+    try:
+        return [episode_tensors(val, index, args, [FEWSHOT_KEY, j], device) for j in range(args.fewshot_episodes)]
+    except UserError as e:
+        print(f"note: no held-out few-shot eval ({e})")
+        return []
+
+
+def run_header(args, cfg, model, device, world, extra):
+    import tiktoken
+    return dict(args=vars(args), model_config=asdict(cfg), n_params=count_params(model), world_size=world,
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                versions=dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
+                              tiktoken=tiktoken.__version__), command=" ".join(sys.argv),
+                started=time.strftime("%Y-%m-%d %H:%M:%S"), **extra)
 
 
 def wandb_logger(args, header):
@@ -1451,279 +1572,107 @@ def wandb_logger(args, header):
     return run, log
 
 
-def train(args, stop=None, argv=()):
-    """The run: `stop` is stop_signals()'s flag (main() installs the handlers), `argv` goes into the resume hint."""
+@dataclass
+class Logbook:
+    """Rank 0's metrics.jsonl (mirrored to W&B with --wandb), the fixed evaluation data, and the progress bar."""
+    path: str
+    bar: object  # tqdm over range(start, max_steps): the loop iterates it
+    evals: list  # fixed eval batches [(x, y)]
+    fewshots: list  # fixed held-out episodes
+    wandb_run: object = None
+    wandb_log: object = None
+    n_branch: dict = field(default_factory=lambda: {True: 0, False: 0})  # steps of each branch in this window
+    last: dict = None  # the last record written
+    t0: float = field(default_factory=time.time)
+
+    def write(self, rec):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.wandb_log:
+            self.wandb_log(rec)
+
+    def record(self, r, args, meta, meter, done, counters, stopping):
+        """After optimizer step `done`: at the end of a logging window (or when an eval, a dynamics probe or a stop
+        is due), one record of the window's means over micro-steps and ranks, plus what is due."""
+        self.n_branch[meta] += 1  # the branch is the same on every rank: no reduction needed
+        evaluate_now = args.eval_every and (done % args.eval_every == 0 or done == args.max_steps)
+        dynamics_now = args.dynamics_every and (done % args.dynamics_every == 0 or done == args.max_steps)
+        if not (done % args.log_every == 0 or done == args.max_steps or evaluate_now or dynamics_now or stopping):
+            return
+        rec = dict(step=done, lr=lr_at(done - 1, args), **counters, n_meta_steps=self.n_branch[True],
+                   n_ar_steps=self.n_branch[False])
+        self.n_branch = {True: 0, False: 0}
+        m = meter.means(r.world, LOG_KEYS)
+        for k in ("loss_ar", "loss_query"):
+            if m[k] is not None and not math.isfinite(m[k]):
+                raise UserError(f"non-finite {k} ({m[k]}) at step {done}; the last good checkpoint is kept. "
+                                "Lower --lr, enable --grad_clip, or use --dtype float32")
+        rec.update({k: v for k, v in m.items() if v is not None})
+        with torch.no_grad():
+            hp = torch.cat([p.detach().flatten() for p in r.head.parameters()])
+        rec["head_weight_mean"], rec["head_weight_std"] = hp.mean().item(), hp.std().item()
+        rec["sec"] = round(time.time() - self.t0, 3)
+        if evaluate_now:
+            rec["eval_loss"], rec["eval_ppl"] = evaluate(r.orig_model, self.evals, r.amp, r.rank, r.world)
+            if r.rank == 0 and self.fewshots:
+                rec.update(fewshot_eval(r.orig_model, args, self.fewshots, r.amp))
+        if r.rank == 0 and dynamics_now:
+            rec.update(learning_dynamics(r.orig_model, *r.probe, r.modules, r.amp))
+        if r.rank == 0:
+            self.write(rec)
+            self.last = rec
+            self.bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_ar", "loss_query", "acc_query_post")
+                                  if k in rec})
+
+
+def open_logbook(r, args, start, counters):
+    """Builds the fixed eval data; rank 0 writes config.json, starts W&B, prints the run's shape and logs the
+    dynamics of the initialisation (step 0)."""
     from tqdm import tqdm
-    stop = stop or dict(signum=0, armed=False)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    resume = start_mode(args) == "resume"  # may refuse; nothing in --out_dir has been touched yet
-    s = setup(args)
-    model, head, rank, world, device = s["model"], s["head"], s["rank"], s["world"], s["device"]
-    master = rank == 0
-    counters = dict(tokens=0, tokens_ar=0, tokens_meta=0)
-    start = 0
-    if resume:  # restore everything; the data position is the step itself (batches are functions of it)
-        ck = load_checkpoint(ckpt_path, device)
-        mine = dict(vars(args), global_batch=args.batch_size * args.grad_accum * world)
-        diff = [k for k in RUN_KEYS if mine.get(k) != ck["run"].get(k)]
-        if ck["model_config"] != asdict(s["cfg"]) or diff:
-            raise UserError(f"{ckpt_path} was trained with different settings ({', '.join(diff) or 'model size'}); "
-                            "resume with the same flags, or use a new --out_dir")
-        model.load_state_dict(ck["model"])
-        head.load_state_dict(ck["head"])
-        s["optimizer"].load_state_dict(ck["optimizer"])
-        start, counters = ck["step"], ck["counters"]
-        torch.set_rng_state(ck["rng"]["torch"].cpu())
-        if master and os.path.exists(metrics_path):  # drop log lines written after the checkpoint
-            with open(metrics_path) as f:
-                keep = [ln for ln in f if ln.endswith("\n") and json.loads(ln).get("step", 0) <= start]
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(metrics_path + ".tmp", metrics_path)  # atomic, like the checkpoint
-    elif master:
-        set_aside(args.out_dir)  # the old run (if any) survives until this one's first checkpoint
-    # Fixed eval batches and probe batch, built once: every eval / dynamics point uses identical inputs.
-    evals, eval_source = eval_batches(args, s["corpus"], device, s["local_rank"] == 0) if args.eval_every else ([], "")
-    probe, modules = s["probe"], s["modules"]
-    fewshots = fewshot_episodes(args, s["corpus"], device, s["local_rank"] == 0)
-    wandb_run, wandb_log = None, None
-    if master:
-        header = run_header(args, s["cfg"], model, device, world,
-                            dict(corpus=s["corpus"], eval_source=eval_source, smlmt_ctx=smlmt_ctx(args),
-                                 global_batch=args.batch_size * args.grad_accum * world))
+    evals, source = fixed_eval_batches(args, r.corpus, r.device, r.local_rank == 0) if args.eval_every else ([], "")
+    book = Logbook(os.path.join(args.out_dir, "metrics.jsonl"),
+                   tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=r.rank != 0,
+                        dynamic_ncols=True),
+                   evals, fewshot_episodes(args, r.corpus, r.device, r.local_rank == 0))
+    if r.rank == 0:
+        header = run_header(args, r.orig_model.cfg, r.orig_model, r.device, r.world,
+                            dict(corpus=r.corpus, eval_source=source, smlmt_ctx=smlmt_ctx(args),
+                                 global_batch=r.global_batch))
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
             json.dump(header, f, indent=1)
         if args.wandb:
-            wandb_run, wandb_log = wandb_logger(args, header)
-        print(f"model {count_params(model) / 1e6:.1f}M params | {world} process(es) on {device} | global batch "
-              f"{args.batch_size * args.grad_accum * world} x {args.seq_len} | hybrid ratio {args.hybrid_ratio}")
+            book.wandb_run, book.wandb_log = wandb_logger(args, header)
+        print(f"model {count_params(r.orig_model) / 1e6:.1f}M params | {r.world} process(es) on {r.device} | "
+              f"global batch {r.global_batch} x {args.seq_len} | hybrid ratio {args.hybrid_ratio}")
+        if start == 0 and args.dynamics_every:
+            book.write(dict(step=0, **counters, **learning_dynamics(r.orig_model, *r.probe, r.modules, r.amp)))
+    return book
 
-    def write_record(rec):  # rank 0: one line of metrics.jsonl, mirrored to W&B with --wandb
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if wandb_log:
-            wandb_log(rec)
 
-    if master and start == 0 and args.dynamics_every:  # step 0: the dynamics of the initialisation
-        write_record(dict(step=0, **counters, **learning_dynamics(model, *probe, modules, s["amp"])))
-    window = Window(device)
-    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master,
-               dynamic_ncols=True)
-    t0, last, n_branch = time.time(), None, {True: 0, False: 0}
-    done, stopping = start, 0
-    stop["armed"] = True  # from here on a signal means "finish the step and save" (stop_signals)
-    for step in bar:
-        meta, n_tok = train_step(s, args, step, window)
-        counters["tokens"] += n_tok
-        counters["tokens_meta" if meta else "tokens_ar"] += n_tok
-        n_branch[meta] += 1  # the branch is the same on every rank: no reduction needed
-        done = step + 1
-        stopping = stop_requested(stop, world, device)  # SIGTERM / Ctrl-C on any rank: log, save, exit at this step
-        evaluate_now = args.eval_every and (done % args.eval_every == 0 or done == args.max_steps)
-        dynamics_now = args.dynamics_every and (done % args.dynamics_every == 0 or done == args.max_steps)
-        if done % args.log_every == 0 or done == args.max_steps or evaluate_now or dynamics_now or stopping:
-            rec = dict(step=done, lr=lr_at(step, args), **counters, n_meta_steps=n_branch[True],
-                       n_ar_steps=n_branch[False])
-            n_branch = {True: 0, False: 0}
-            m = window.means(world, LOG_KEYS)
-            for k in ("loss_ar", "loss_query"):
-                if m[k] is not None and not math.isfinite(m[k]):
-                    raise UserError(f"non-finite {k} ({m[k]}) at step {done}; the last good checkpoint is kept. "
-                                    "Lower --lr, enable --grad_clip, or use --dtype float32")
-            rec.update({k: v for k, v in m.items() if v is not None})
-            with torch.no_grad():
-                hp = torch.cat([p.detach().flatten() for p in head.parameters()])
-            rec["head_weight_mean"], rec["head_weight_std"] = hp.mean().item(), hp.std().item()
-            rec["sec"] = round(time.time() - t0, 3)
-            if evaluate_now:
-                rec["eval_loss"], rec["eval_ppl"] = evaluate(model, evals, s["amp"], rank, world)
-                if master and fewshots:
-                    rec.update(fewshot_eval(model, args, fewshots, s["amp"]))
-            if master and dynamics_now:
-                rec.update(learning_dynamics(model, *probe, modules, s["amp"]))
-            if master:
-                write_record(rec)
-                last = rec
-                bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_ar", "loss_query", "acc_query_post")
-                                 if k in rec})
-        if done % args.save_every == 0 or done == args.max_steps or stopping:
-            if not all(torch.isfinite(p).all() for p in s["params"]):
-                raise UserError(f"non-finite weights at step {done}; the last good checkpoint is kept. "
-                                "Lower --lr, enable --grad_clip, or use --dtype float32")
-            if master:  # the weights are identical on every rank: one writer
-                save_checkpoint(ckpt_path, model, head, s["optimizer"], done, args, counters, world)
-                drop_prev(args.out_dir)
-            if world > 1:
-                dist.barrier()  # nobody races ahead (or exits) while rank 0 is still writing
-        if stopping:
-            break
-    stop["armed"] = False
-    bar.close()
+def finish(r, args, book, counters, done, stopping, argv):
+    """After the loop. Stopped by a signal: say how to continue, exit 128 + signal. Done: a summary and a sample."""
+    book.bar.close()
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if stopping and done < args.max_steps:
-        if master:
+        if r.rank == 0:
             print(f"stopped by {signal.Signals(stopping).name} after step {done} of {args.max_steps}; checkpoint "
-                  f"{ckpt_path}. Continue with:\n  {resume_command(list(argv), world)}", flush=True)
+                  f"{ckpt_path}. Continue with:\n  {resume_command(list(argv), r.world)}", flush=True)
         sys.exit(128 + stopping)  # the shell's code for "ended by this signal": wrappers see an unfinished run
-    if master:
-        print(f"done: {args.max_steps} steps, {counters['tokens'] / 1e6:.2f}M tokens "
-              f"({counters['tokens_ar'] / 1e6:.2f}M AR, {counters['tokens_meta'] / 1e6:.2f}M meta) in "
-              f"{time.time() - t0:.0f}s; checkpoint {ckpt_path}")
-        if last:
-            print("last window: " + ", ".join(f"{k} {last[k]:.3f}" for k in
-                                              ("loss_ar", "eval_loss", "acc_query_pre", "acc_query_post",
-                                               "eval_fewshot_acc")
-                                              if k in last))
-        text = SAMPLE_PROMPT + complete(model, SAMPLE_PROMPT, max_new_tokens=40, seed=args.seed)[0]
-        print(f"sample (40 tokens, temperature 0.8, top_k 200): {text!r}")
-        print(f"next: python maml_gpt.py --out_dir {args.out_dir} --sample \"{SAMPLE_PROMPT}\"   |   "
-              f"python finetune_ner.py --ckpt {ckpt_path}   |   python analyze.py {args.out_dir}")
-        if wandb_run:
-            wandb_run.finish()
-    return s
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Benchmark: seconds per backbone token of AR and meta micro-steps, tokens/s, MFU, memory, dynamics overhead.
-
-PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
-                   "A100": 312e12}  # dense bf16 tensor-core peaks from NVIDIA datasheets; others: unknown
-
-
-def peak_flops(device, amp):
-    if device.type != "cuda" or isinstance(amp, nullcontext):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def flops_per_token(cfg, T, backward=True, lm_head=True):
-    """6N per token (2N forward + 4N backward) for the matmul weights, plus attention scores (nanoGPT's estimate)."""
-    n = cfg.n_layers * cfg.d_model ** 2 * (8 / 3 + 3 * cfg.ffn_mult) + lm_head * cfg.d_model * cfg.vocab_size
-    f = 6 * n + 12 * cfg.n_layers * cfg.d_model * T
-    return f if backward else f / 3
-
-
-def micro_step_flops(cfg, args):
-    """FLOPs of one AR and one meta micro-step: every FLOP count behind the MFU figures is here.
-    AR: B x T tokens, forward + backward, LM head included (the fused loss does the same matmuls as F.linear).
-    Meta: the support set forward only, the query set forward + backward; neither touches the LM head. The
-    MLP head (d x 128 ... x N, a few hundred K weights) is left out: < 0.1% of the backbone at every size."""
-    ctx = smlmt_ctx(args)
-    n_sup, n_query = args.n_way * args.k_shot * ctx, args.n_way * args.q_query * ctx
-    return dict(ar=flops_per_token(cfg, args.seq_len) * args.batch_size * args.seq_len,
-                meta=flops_per_token(cfg, ctx, backward=False, lm_head=False) * n_sup
-                + flops_per_token(cfg, ctx, lm_head=False) * n_query)
-
-
-def reset_peak_memory(device):
-    """Restart the peak-memory counter from the current usage: CUDA's allocator peak, or on Linux the process's
-    peak RSS (writing 5 to /proc/self/clear_refs resets VmHWM). -> False where it cannot be reset."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory_gib(device):
-    """CUDA: peak bytes allocated by tensors. CPU: peak resident set size of this process (VmHWM on Linux)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 2 ** 20  # kB
-    except (OSError, StopIteration):
-        import resource
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 2 ** (30 if sys.platform == "darwin" else 20)  # bytes on macOS, KiB elsewhere
-
-
-def sdpa_kernel_used(model, idx, amp):
-    """The kernel F.scaled_dot_product_attention picks for this model's q, k, v (shapes, dtype, device, GQA):
-    asked of the same dispatcher function SDPA itself calls. On an H100 in bf16 it should be flash or cuDNN; the
-    math fallback would cost several times the attention time. Measured on CPU (fp32): FLASH_ATTENTION (the CPU
-    flash kernel). On CUDA: not yet measured."""
-    from torch.nn.attention import SDPBackend
-    T = idx.shape[1]
-    layer = model.layers[0]
-    with torch.no_grad(), amp:
-        q, k, v = layer.attention.qkv(layer.attention_norm(model.embedding_proj(idx[:1])), model.rope_cos[:T],
-                                      model.rope_sin[:T])
-        try:  # a private function (torch >= 2.1): say "unknown" rather than fail if it moves
-            return SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=True, enable_gqa=True)).name
-        except (AttributeError, TypeError, ValueError, RuntimeError):
-            return "unknown"
-
-
-def bench(args, iters=5):
-    s = setup(args, for_bench=True)
-    model, head, fwd, amp, device, cfg = s["model"], s["head"], s["fwd"], s["amp"], s["device"], s["cfg"]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def timed(fn):
-        sync()
-        t = time.perf_counter()
-        for i in range(iters):
-            fn(i + 1)
-        sync()
-        return (time.perf_counter() - t) / iters
-
-    def ar(i):
-        x, y = get_batch(s["tokens"], batch_indices(args.seed, i, len(s["tokens"]), args.seq_len,
-                                                    args.batch_size), args.seq_len, device)
-        with amp:
-            _, loss = fwd(x, y)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    def meta(i):
-        ep = episode_tensors(s["tokens"], s["index"], args, [args.seed, i, 0, 2], device)
-        meta_micro_step(fwd, head, ep, args, 1.0, amp)
-        model.zero_grad(set_to_none=True)
-        head.zero_grad(set_to_none=True)
-
-    ctx = smlmt_ctx(args)
-    ar_tok, meta_tok = args.batch_size * args.seq_len, args.n_way * (args.k_shot + args.q_query) * ctx
-    for fn in (ar, meta, ar, meta):  # warm-up (and compilation), not timed
-        fn(0)
-    sync()
-    # The peak below is that of training itself: corpus preparation and warm-up are over.
-    reset = reset_peak_memory(device)
-    t_ar, t_meta = timed(ar), timed(meta)
-    t = time.perf_counter()
-    learning_dynamics(model, *s["probe"], s["modules"], amp)
-    sync()
-    t_dyn = time.perf_counter() - t
-    mem = peak_memory_gib(device)
-    step_time = args.grad_accum * (args.hybrid_ratio * t_meta + (1 - args.hybrid_ratio) * t_ar)
-    peak, flops = peak_flops(device, amp), micro_step_flops(cfg, args)
-    n_sup = args.n_way * args.k_shot * ctx
-    print(f"bench: {args.size or 'demo'} ({count_params(model) / 1e6:.1f}M params) on {device}, "
-          f"{'bf16' if not isinstance(amp, nullcontext) else 'fp32'}, compile={args.compile}, "
-          f"{torch.get_num_threads()} CPU thread(s), attention kernel: {sdpa_kernel_used(model, s['probe'][0], amp)}")
-    print(f"  AR micro-step   {ar_tok:6d} tokens  {t_ar * 1e3:8.1f} ms  {ar_tok / t_ar:10.0f} tok/s  "
-          f"{t_ar / ar_tok * 1e6:7.2f} us/token  ({args.batch_size} x {args.seq_len})")
-    print(f"  meta micro-step {meta_tok:6d} tokens  {t_meta * 1e3:8.1f} ms  {meta_tok / t_meta:10.0f} tok/s  "
-          f"{t_meta / meta_tok * 1e6:7.2f} us/token  (support {n_sup} no-grad + query {meta_tok - n_sup}; "
-          f"ctx {ctx})")
-    print(f"  meta / AR cost per backbone token: {(t_meta / meta_tok) / (t_ar / ar_tok):.3f}")
-    if peak:
-        print(f"  MFU: AR {flops['ar'] / t_ar / peak * 100:.1f}%  meta {flops['meta'] / t_meta / peak * 100:.1f}%  "
-              f"(peak {peak / 1e12:.0f} TFLOPS bf16)")
-    else:
-        print("  MFU: unknown (no known bf16 peak for this device/dtype)")
-    what = "CUDA peak allocated" if device.type == "cuda" else "peak RSS of this process"
-    print(f"  peak memory: {mem:.2f} GiB ({what}, {'after warm-up' if reset else 'since start'}: "
-          f"AR and meta micro-steps and a dynamics probe)")
-    print(f"  dynamics probe: {t_dyn:.2f} s every {args.dynamics_every} steps = "
-          f"{t_dyn / (t_dyn + args.dynamics_every * step_time) * 100:.2f}% of training time "
-          f"(est. step {step_time:.2f} s at grad_accum {args.grad_accum})")
-    return dict(t_ar=t_ar, t_meta=t_meta, ar_tok=ar_tok, meta_tok=meta_tok, t_dyn=t_dyn, peak_memory_gib=mem)
+    if r.rank != 0:
+        return
+    print(f"done: {args.max_steps} steps, {counters['tokens'] / 1e6:.2f}M tokens "
+          f"({counters['tokens_ar'] / 1e6:.2f}M AR, {counters['tokens_meta'] / 1e6:.2f}M meta) in "
+          f"{time.time() - book.t0:.0f}s; checkpoint {ckpt_path}")
+    if book.last:
+        print("last window: " + ", ".join(f"{k} {book.last[k]:.3f}" for k in
+                                          ("loss_ar", "eval_loss", "acc_query_pre", "acc_query_post",
+                                           "eval_fewshot_acc") if k in book.last))
+    text = SAMPLE_PROMPT + complete(r.orig_model, SAMPLE_PROMPT, max_new_tokens=40, seed=args.seed)[0]
+    print(f"sample (40 tokens, temperature 0.8, top_k 200): {text!r}")
+    print(f"next: python maml_gpt.py --out_dir {args.out_dir} --sample \"{SAMPLE_PROMPT}\"   |   "
+          f"python finetune_ner.py --ckpt {ckpt_path}   |   python analyze.py {args.out_dir}")
+    if book.wandb_run:
+        book.wandb_run.finish()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1857,6 +1806,147 @@ def export_hf(args):
     print(f"wrote {out}: LlamaForCausalLM ({count_params(model) / 1e6:.1f}M params, step {ck['step']} of {path}) "
           f"and its tokenizer. The meta-learning head is not part of it (it stays in {path}).")
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark: seconds per backbone token of AR and meta micro-steps, tokens/s, MFU, memory, dynamics overhead.
+
+PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                   "A100": 312e12}  # dense bf16 tensor-core peaks from NVIDIA datasheets; others: unknown
+
+
+def peak_flops(device, amp):
+    if device.type != "cuda" or isinstance(amp, nullcontext):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(cfg, T, backward=True, lm_head=True):
+    """6N per token (2N forward + 4N backward) for the matmul weights, plus attention scores (nanoGPT's estimate)."""
+    n = cfg.n_layers * cfg.d_model ** 2 * (8 / 3 + 3 * cfg.ffn_mult) + lm_head * cfg.d_model * cfg.vocab_size
+    f = 6 * n + 12 * cfg.n_layers * cfg.d_model * T
+    return f if backward else f / 3
+
+
+def micro_step_flops(cfg, args):
+    """FLOPs of one AR and one meta micro-step: every FLOP count behind the MFU figures is here.
+    AR: B x T tokens, forward + backward, LM head included (the fused loss does the same matmuls as F.linear).
+    Meta: the support set forward only, the query set forward + backward; neither touches the LM head. The
+    MLP head (d x 128 ... x N, a few hundred K weights) is left out: < 0.1% of the backbone at every size."""
+    ctx = smlmt_ctx(args)
+    n_sup, n_query = args.n_way * args.k_shot * ctx, args.n_way * args.q_query * ctx
+    return dict(ar=flops_per_token(cfg, args.seq_len) * args.batch_size * args.seq_len,
+                meta=flops_per_token(cfg, ctx, backward=False, lm_head=False) * n_sup
+                + flops_per_token(cfg, ctx, lm_head=False) * n_query)
+
+
+def reset_peak_memory(device):
+    """Restart the peak-memory counter from the current usage: CUDA's allocator peak, or on Linux the process's
+    peak RSS (writing 5 to /proc/self/clear_refs resets VmHWM). -> False where it cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_gib(device):
+    """CUDA: peak bytes allocated by tensors. CPU: peak resident set size of this process (VmHWM on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 2 ** 20  # kB
+    except (OSError, StopIteration):
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2 ** (30 if sys.platform == "darwin" else 20)  # bytes on macOS, KiB elsewhere
+
+
+def sdpa_kernel_used(model, idx, amp):
+    """The kernel F.scaled_dot_product_attention picks for this model's q, k, v (shapes, dtype, device, GQA):
+    asked of the same dispatcher function SDPA itself calls. On an H100 in bf16 it should be flash or cuDNN; the
+    math fallback would cost several times the attention time. Measured on CPU (fp32): FLASH_ATTENTION (the CPU
+    flash kernel). On CUDA: not yet measured."""
+    from torch.nn.attention import SDPBackend
+    T = idx.shape[1]
+    layer = model.layers[0]
+    with torch.no_grad(), amp:
+        q, k, v = layer.attention.qkv(layer.attention_norm(model.embedding_proj(idx[:1])), model.rope_cos[:T],
+                                      model.rope_sin[:T])
+        try:  # a private function (torch >= 2.1): say "unknown" rather than fail if it moves
+            return SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=True, enable_gqa=True)).name
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            return "unknown"
+
+
+def bench(args, iters=5):
+    r = setup(args, for_bench=True)
+    model, amp, device, cfg = r.orig_model, r.amp, r.device, r.orig_model.cfg
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn):
+        sync()
+        t = time.perf_counter()
+        for i in range(iters):
+            fn(i + 1)
+        sync()
+        return (time.perf_counter() - t) / iters
+
+    def ar(i):  # the micro-steps of the training loop, on the batches and episodes of steps 0, 1, 2...
+        starts = batch_indices(args.seed, i, len(r.tokens), args.seq_len, args.batch_size)
+        ar_micro_step(r.model, *get_batch(r.tokens, starts, args.seq_len, device), 1.0, amp)
+        r.optimizer.zero_grad(set_to_none=True)
+
+    def meta(i):
+        ep = episode_tensors(r.tokens, r.index, args, stream_key(args.seed, i, "episode", 0), device)
+        meta_micro_step(r.model, r.head, ep, args, 1.0, amp)
+        r.optimizer.zero_grad(set_to_none=True)
+
+    ctx = smlmt_ctx(args)
+    ar_tok, meta_tok = r.micro_tokens[False], r.micro_tokens[True]
+    for fn in (ar, meta, ar, meta):  # warm-up (and compilation), not timed
+        fn(0)
+    sync()
+    # The peak below is that of training itself: corpus preparation and warm-up are over.
+    reset = reset_peak_memory(device)
+    t_ar, t_meta = timed(ar), timed(meta)
+    t = time.perf_counter()
+    learning_dynamics(model, *r.probe, r.modules, amp)
+    sync()
+    t_dyn = time.perf_counter() - t
+    mem = peak_memory_gib(device)
+    step_time = args.grad_accum * (args.hybrid_ratio * t_meta + (1 - args.hybrid_ratio) * t_ar)
+    peak, flops = peak_flops(device, amp), micro_step_flops(cfg, args)
+    n_sup = args.n_way * args.k_shot * ctx
+    print(f"bench: {args.size or 'demo'} ({count_params(model) / 1e6:.1f}M params) on {device}, "
+          f"{'bf16' if not isinstance(amp, nullcontext) else 'fp32'}, compile={args.compile}, "
+          f"{torch.get_num_threads()} CPU thread(s), attention kernel: {sdpa_kernel_used(model, r.probe[0], amp)}")
+    print(f"  AR micro-step   {ar_tok:6d} tokens  {t_ar * 1e3:8.1f} ms  {ar_tok / t_ar:10.0f} tok/s  "
+          f"{t_ar / ar_tok * 1e6:7.2f} us/token  ({args.batch_size} x {args.seq_len})")
+    print(f"  meta micro-step {meta_tok:6d} tokens  {t_meta * 1e3:8.1f} ms  {meta_tok / t_meta:10.0f} tok/s  "
+          f"{t_meta / meta_tok * 1e6:7.2f} us/token  (support {n_sup} no-grad + query {meta_tok - n_sup}; "
+          f"ctx {ctx})")
+    print(f"  meta / AR cost per backbone token: {(t_meta / meta_tok) / (t_ar / ar_tok):.3f}")
+    if peak:
+        print(f"  MFU: AR {flops['ar'] / t_ar / peak * 100:.1f}%  meta {flops['meta'] / t_meta / peak * 100:.1f}%  "
+              f"(peak {peak / 1e12:.0f} TFLOPS bf16)")
+    else:
+        print("  MFU: unknown (no known bf16 peak for this device/dtype)")
+    what = "CUDA peak allocated" if device.type == "cuda" else "peak RSS of this process"
+    print(f"  peak memory: {mem:.2f} GiB ({what}, {'after warm-up' if reset else 'since start'}: "
+          f"AR and meta micro-steps and a dynamics probe)")
+    print(f"  dynamics probe: {t_dyn:.2f} s every {args.dynamics_every} steps = "
+          f"{t_dyn / (t_dyn + args.dynamics_every * step_time) * 100:.2f}% of training time "
+          f"(est. step {step_time:.2f} s at grad_accum {args.grad_accum})")
+    return dict(t_ar=t_ar, t_meta=t_meta, ar_tok=ar_tok, meta_tok=meta_tok, t_dyn=t_dyn, peak_memory_gib=mem)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
