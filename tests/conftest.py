@@ -21,20 +21,15 @@ SMALL = ["--data", "toy", "--toy_docs", "2000", "--d_model", "24", "--n_layers",
          "--smlmt_min_count", "8", "--smlmt_skip_top", "50"]
 
 
-_PREPARED = {}  # built once per pytest run, shared by every test
-
-
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """One prepared toy corpus (and SMLMT index) shared by every test."""
-    if "data" not in _PREPARED:
-        d = str(tmp_path_factory.mktemp("data"))
-        import maml_gpt
-        args = maml_gpt.parse_args(SMALL + ["--data_dir", d])
-        corpus = maml_gpt.prepare_corpus(args)
-        maml_gpt.build_smlmt_index(corpus, args)
-        _PREPARED["data"] = d
-    return _PREPARED["data"]
+    """One prepared toy corpus (and SMLMT index), built once per pytest run and shared by every test."""
+    d = str(tmp_path_factory.mktemp("data"))
+    import maml_gpt
+    args = maml_gpt.parse_args(SMALL + ["--data_dir", d])
+    corpus = maml_gpt.prepare_corpus(args)
+    maml_gpt.build_smlmt_index(corpus, args)
+    return d
 
 
 @pytest.fixture

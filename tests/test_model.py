@@ -94,7 +94,7 @@ def test_rope_buffers_are_per_model_and_not_saved():
                                            ("large", 570e6)])
 def test_preset_parameter_counts(size, expected):
     with torch.device("meta"):
-        m = mg.Decoder(mg.ModelConfig(d_model=mg.SIZES[size]))
+        m = mg.Decoder(mg.ModelConfig(d_model=mg.SIZES[size]["d_model"]))
     assert abs(mg.count_params(m) - expected) / expected < 0.01
     names = {n for n, _ in m.named_parameters()}
     for n in ("embedding_proj.weight", "layers.11.attention.v_proj.weight", "layers.0.swiglu.w_2.weight",

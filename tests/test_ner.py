@@ -65,18 +65,13 @@ def test_entity_f1_per_type_and_micro():
     assert res["per_type"]["ORG"] == dict(precision=0.5, recall=1.0, f1=pytest.approx(2 / 3), support=1)
 
 
-_CKPT = {}
-
-
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ckpt(tmp_path_factory, data_dir):
     """A briefly pretrained checkpoint, trained once and shared by the tests below."""
-    if "path" not in _CKPT:
-        from conftest import SMALL
-        out = str(tmp_path_factory.mktemp("pre") / "run")
-        mg.main(SMALL + ["--data_dir", data_dir, "--out_dir", out, "--max_steps", "30", "--hybrid_ratio", "0"])
-        _CKPT["path"] = os.path.join(out, "ckpt.pt")
-    return _CKPT["path"]
+    from conftest import SMALL
+    out = str(tmp_path_factory.mktemp("pre") / "run")
+    mg.main(SMALL + ["--data_dir", data_dir, "--out_dir", out, "--max_steps", "30", "--hybrid_ratio", "0"])
+    return os.path.join(out, "ckpt.pt")
 
 
 def args_for(ckpt, tmp_path, *extra):

@@ -1,5 +1,7 @@
 """Using a trained model: Decoder.generate, --sample, --export_hf (Hugging Face Llama), --wandb."""
+import contextlib
 import glob
+import io
 import json
 import os
 import sys
@@ -29,23 +31,24 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-_RUN = {}
+@pytest.fixture(scope="session")
+def trained(data_dir, tmp_path_factory):
+    """A 2-step run, trained once: (its folder, what it printed). Its weights are then perturbed so that every norm
+    gain and matrix matters below."""
+    out = str(tmp_path_factory.mktemp("use") / "run")
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert run(SMALL + ["--data_dir", data_dir, "--out_dir", out, "--max_steps", "2"]) == 0
+    path = os.path.join(out, "ckpt.pt")
+    ck = torch.load(path, weights_only=True)
+    g = gen(1)
+    ck["model"] = {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in ck["model"].items()}
+    torch.save(ck, path)
+    return out, stdout.getvalue()
 
 
 @pytest.fixture
-def run_dir(data_dir, tmp_path_factory, capsys):
-    """A 2-step run, trained once; its weights then perturbed so that every norm gain and matrix matters below."""
-    if "out" not in _RUN:
-        out = str(tmp_path_factory.mktemp("use") / "run")
-        assert run(SMALL + ["--data_dir", data_dir, "--out_dir", out, "--max_steps", "2"]) == 0
-        _RUN["stdout"] = capsys.readouterr().out
-        path = os.path.join(out, "ckpt.pt")
-        ck = torch.load(path, weights_only=True)
-        g = gen(1)
-        ck["model"] = {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in ck["model"].items()}
-        torch.save(ck, path)
-        _RUN["out"] = out
-    return _RUN["out"]
+def run_dir(trained):
+    return trained[0]
 
 
 # ------------------------------------------------------------------------------------------------ generate()
@@ -104,8 +107,8 @@ def test_prompt_longer_than_the_context_is_cropped_from_the_left(capsys):
 
 # ------------------------------------------------------------------------------------------------ --sample
 
-def test_sample_cli_is_deterministic_and_the_demo_prints_one(run_dir, capsys, tmp_path):
-    assert "sample (40 tokens, temperature 0.8, top_k 200): 'The main industry of" in _RUN["stdout"]
+def test_sample_cli_is_deterministic_and_the_demo_prints_one(trained, run_dir, capsys, tmp_path):
+    assert "sample (40 tokens, temperature 0.8, top_k 200): 'The main industry of" in trained[1]
     argv = ["--out_dir", run_dir, "--sample", "The baker", "--num_samples", "2", "--max_new_tokens", "6"]
     assert run(argv) == 0
     first = capsys.readouterr().out
@@ -132,21 +135,23 @@ def test_bad_input_gets_one_clear_line(argv, message, run_dir, tmp_path, capsys)
 
 # ------------------------------------------------------------------------------------------------ --export_hf
 
-_EXPORT = {}
+@pytest.fixture(scope="session")
+def export(trained, tmp_path_factory):
+    """The trained run exported once: (the folder, what --export_hf printed)."""
+    out = str(tmp_path_factory.mktemp("export") / "hf")
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert run(["--out_dir", trained[0], "--export_hf", out]) == 0
+    return out, stdout.getvalue()
 
 
 @pytest.fixture
-def exported(run_dir, tmp_path_factory, capsys):
-    if "dir" not in _EXPORT:
-        out = str(tmp_path_factory.mktemp("export") / "hf")
-        assert run(["--out_dir", run_dir, "--export_hf", out]) == 0
-        _EXPORT["stdout"], _EXPORT["dir"] = capsys.readouterr().out, out
-    return _EXPORT["dir"]
+def exported(export):
+    return export[0]
 
 
-def test_exported_llama_gives_our_logits(run_dir, exported, capsys):
+def test_exported_llama_gives_our_logits(run_dir, export, exported, capsys):
     transformers = pytest.importorskip("transformers")
-    assert "The meta-learning head is not part of it (it stays in" in _EXPORT["stdout"]
+    assert "The meta-learning head is not part of it (it stays in" in export[1]
     assert os.path.exists(os.path.join(exported, "model.safetensors"))
     hf, info = transformers.LlamaForCausalLM.from_pretrained(exported, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]  # every weight, nothing else (no meta head)
