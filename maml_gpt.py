@@ -840,8 +840,11 @@ def is_meta_step(seed, step, ratio):
     return bool(ratio > 0 and stream_rng(seed, step, "branch").random() < ratio)
 
 
+BUCKET_NUMEL = 1 << 26  # elements per all-reduce buffer: 256 MB of fp32 gradients
+
+
 def all_reduce_(tensors, world):
-    """Sum a list of tensors across ranks in place, through one flat buffer per ~64M elements. Each rank scaled
+    """Sum a list of tensors across ranks in place, one flat buffer per BUCKET_NUMEL elements. Each rank scaled
     its losses by 1 / (grad_accum * world), so the sum of the gradients is the global-batch mean."""
     if world == 1 or not tensors:
         return
@@ -852,7 +855,7 @@ def all_reduce_(tensors, world):
         if t is not None:
             bucket.append(t)
             size += t.numel()
-        if bucket and (t is None or size >= 1 << 26):
+        if bucket and (t is None or size >= BUCKET_NUMEL):
             flat = torch.cat([b.reshape(-1) for b in bucket])
             dist.all_reduce(flat)
             for b, v in zip(bucket, flat.split([b.numel() for b in bucket])):

@@ -54,20 +54,29 @@ def test_attention_entropy_matches_sdpa_attention():
     assert (ent >= 0).all() and (ent <= math.log(9)).all()
 
 
-def test_probe_batch_is_identical_across_seeds_and_runs(small_args, tmp_path):
-    a = mg.fixed_windows(10_000, 32, 4)
-    assert np.array_equal(a, mg.fixed_windows(10_000, 32, 4))
+def test_probe_batch_is_identical_across_seeds_and_runs(small_args, tmp_path, monkeypatch):
+    """Runs with different seeds probe their dynamics on the same held-out windows, at every probe: the inputs
+    learning_dynamics actually receives in two real runs."""
+    probes = []  # (seed, probe_x) of every call
+
+    def recording(model, probe_x, probe_y, modules, amp):
+        probes.append((seed, probe_x.clone()))
+        return learning_dynamics(model, probe_x, probe_y, modules, amp)
+
+    learning_dynamics = mg.learning_dynamics
+    monkeypatch.setattr(mg, "learning_dynamics", recording)
     for seed in ("1", "2"):
         out = str(tmp_path / f"s{seed}")
-        argv = small_args + ["--seed", seed, "--out_dir", out, "--max_steps", "2", "--dynamics_every", "2"]
-        mg.main(argv)
+        mg.main(small_args + ["--seed", seed, "--out_dir", out, "--max_steps", "2", "--dynamics_every", "2"])
+    assert [s for s, _ in probes] == ["1", "1", "2", "2"]  # step 0 and step 2 of each run
+    assert all(torch.equal(probes[0][1], x) for _, x in probes)
+    # the windows come from the held-out split, verbatim
+    val = np.asarray(mg.read_bin(os.path.join(mg.parse_args(small_args).data_dir, "toy-2000", "val.bin")))
+    rows = np.lib.stride_tricks.sliding_window_view(val.astype(np.int64), 32)
+    assert all((rows == x.numpy()).all(1).any() for x in probes[0][1])
     rows = [json.loads(open(str(tmp_path / f"s{s}" / "metrics.jsonl")).readlines()[-1]) for s in "12"]
-    # different seeds give different models, but the same probe windows are used: check the windows themselves
-    args = mg.parse_args(small_args)
-    val = mg.read_bin(os.path.join(args.data_dir, "toy-2000", "val.bin"))
-    w = mg.fixed_windows(len(val), 32, 4)
-    assert (w >= 0).all() and (w + 33 <= len(val)).all()
     assert all("attn_entropy" in r and len(r["attn_entropy"]) == 2 for r in rows)
+    assert rows[0]["attn_entropy"] != rows[1]["attn_entropy"]  # different seeds: different models on the same input
 
 
 # ---------------------------------------------------------------------------------------------------------------

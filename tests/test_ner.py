@@ -1,6 +1,7 @@
 """finetune_ner.py: IOB2 parsing, alignment, the seqeval-compatible metric, regimes, early stopping, end to end."""
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -63,6 +64,27 @@ def test_entity_f1_per_type_and_micro():
     assert res["precision"] == pytest.approx(2 / 3) and res["recall"] == pytest.approx(2 / 3)
     assert res["per_type"]["PER"]["f1"] == 1.0 and res["per_type"]["LOC"]["f1"] == 0.0
     assert res["per_type"]["ORG"] == dict(precision=0.5, recall=1.0, f1=pytest.approx(2 / 3), support=1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_entity_f1_equals_seqeval_on_random_tags(seed):
+    """Random tag sequences, ill-formed ones included (I- after O, type changes inside a span): micro and per-type
+    precision, recall and F1 as seqeval's default mode computes them."""
+    metrics = pytest.importorskip("seqeval.metrics")
+    rng = random.Random(seed)
+    tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
+    weights = [6, 2, 2, 1, 1, 1, 1]
+    gold = [rng.choices(tags, weights, k=rng.randint(1, 12)) for _ in range(200)]
+    pred = [[t if rng.random() < 0.8 else rng.choice(tags) for t in sent] for sent in gold]  # partly right
+    ours = fn.entity_f1(gold, pred)
+    for k, f in (("precision", metrics.precision_score), ("recall", metrics.recall_score), ("f1", metrics.f1_score)):
+        assert ours[k] == pytest.approx(f(gold, pred), abs=1e-12)
+    report = metrics.classification_report(gold, pred, output_dict=True, zero_division=0)
+    for typ, row in ours["per_type"].items():
+        ref = report[typ]
+        assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx(
+            (ref["precision"], ref["recall"], ref["f1-score"], ref["support"]), abs=1e-12)
+    assert set(ours["per_type"]) == {"PER", "LOC", "ORG"}
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """The training loop: checkpoints, exact resume, DDP == gradient accumulation, user errors."""
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -83,13 +85,32 @@ def test_resume_is_exact(small_args, tmp_path):
     assert metrics(full) == [{**r, "sec": metrics(full)[i]["sec"]} for i, r in enumerate(metrics(part))]
 
 
-def test_vanilla_twin_sees_the_same_ar_batches(small_args, tmp_path):
-    """--hybrid_ratio 0 takes an AR step at every step, with the batch the hybrid run uses at that step."""
-    args = mg.parse_args(small_args)
-    a = mg.batch_indices(args.seed, 5, 10_000, 32, 4)
-    assert (a == mg.batch_indices(args.seed, 5, 10_000, 32, 4)).all()  # independent of the branch / ratio
-    assert run(small_args + ["--max_steps", "3", "--hybrid_ratio", "0"]) == 0
-    assert all(r["n_ar_steps"] == 1 and "loss_query" not in r for r in metrics(str(tmp_path / "run")))
+def test_vanilla_twin_sees_the_same_ar_batches(small_args, tmp_path, monkeypatch):
+    """--hybrid_ratio 0 takes an AR step at every step, with the batch the hybrid run uses at that step: the inputs
+    both runs actually feed the model, recorded at ar_micro_step."""
+    seen = []  # (run, step, x) for every AR micro-step
+
+    def branch(args, step, r):
+        seen.append((args.hybrid_ratio, step, None))
+        return choose_branch(args, step, r)
+
+    def ar(model, x, y, scale, amp):
+        seen.append((seen[-1][0], seen[-1][1], x.clone()))
+        return ar_micro_step(model, x, y, scale, amp)
+
+    choose_branch, ar_micro_step = mg.choose_branch, mg.ar_micro_step
+    monkeypatch.setattr(mg, "choose_branch", branch)
+    monkeypatch.setattr(mg, "ar_micro_step", ar)
+    for ratio, out in (("0.5", "hybrid"), ("0", "vanilla")):
+        argv = small_args + ["--max_steps", "6", "--hybrid_ratio", ratio, "--out_dir", str(tmp_path / out)]
+        assert run(argv) == 0
+    x = {(ratio, step): x for ratio, step, x in seen if x is not None}
+    hybrid_ar = [step for ratio, step in x if ratio == 0.5]
+    assert sorted(step for ratio, step in x if ratio == 0) == list(range(6))  # vanilla: AR at every step
+    assert 0 < len(hybrid_ar) < 6 and max(hybrid_ar) > min(set(range(6)) - set(hybrid_ar))  # AR after a meta step
+    assert all(torch.equal(x[0.5, step], x[0.0, step]) for step in hybrid_ar)
+    assert not torch.equal(x[0.0, 0], x[0.0, 1])  # and the batches do change from step to step
+    assert all(r["n_ar_steps"] == 1 and "loss_query" not in r for r in metrics(str(tmp_path / "vanilla")))
 
 
 def test_fewshot_eval_is_identical_across_seeds_and_resumes(small_args, tmp_path):
@@ -216,3 +237,64 @@ def test_bench_prints_costs_and_says_when_mfu_is_unknown(small_args, capsys):
     assert "AR micro-step" in out and "meta / AR cost per backbone token" in out
     assert "MFU: unknown" in out and "peak memory" in out and "% of training time" in out
     assert not os.path.exists(small_args[small_args.index("--out_dir") + 1])  # a benchmark writes no run
+
+
+# ------------------------------------------------------------------------------------------------ presets, lr, all-reduce
+
+def test_presets_are_the_parser_defaults_and_explicit_flags_win(capsys):
+    demo, tiny, small = mg.parse_args([]), mg.parse_args(["--size", "tiny"]), mg.parse_args(["--size", "small"])
+    assert (demo.d_model, demo.batch_size, demo.seq_len, demo.grad_accum, demo.out_dir) == (96, 16, 128, 1,
+                                                                                           os.path.join("out", "demo"))
+    assert (tiny.d_model, tiny.batch_size, tiny.seq_len, tiny.global_batch, tiny.lr) == (96, 16, 512, 256, 3e-4)
+    assert (small.d_model, small.batch_size, small.grad_accum, small.out_dir) == (384, 8, None,
+                                                                                  os.path.join("out", "small"))
+    mine = mg.parse_args(["--size", "small", "--batch_size", "4", "--lr", "1e-3", "--d_model", "48",
+                          "--out_dir", "x", "--seq_len", "64"])
+    assert (mine.batch_size, mine.lr, mine.d_model, mine.out_dir, mine.seq_len) == (4, 1e-3, 48, "x", 64)
+    assert mine.max_steps == 6000 and mine.warmup_steps == 2500  # what was not given stays the preset's
+    assert mg.parse_args(["--batch_size", "4", "--size=medium"]).batch_size == 4  # flag order does not matter
+    with pytest.raises(SystemExit):  # --help shows the chosen size's values
+        mg.parse_args(["--size", "medium", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split()).replace(os.sep, "/")
+    for flag, value in (("d_model D_MODEL", 768), ("out_dir OUT_DIR", "out/medium"), ("max_steps MAX_STEPS", 6000),
+                        ("batch_size BATCH_SIZE", 8), ("global_batch GLOBAL_BATCH", 256), ("seq_len SEQ_LEN", 512)):
+        # the flag's own help, up to the next flag's heading ("--name NAME"): ends with its default
+        assert re.search(rf" --{flag} (?:(?! --\w+ [A-Z_]+ ).)*?\(default: {value}\)", help_text), flag
+
+
+def test_lr_schedule_known_values():
+    args = mg.parse_args(["--lr", "1e-3", "--warmup_steps", "10", "--max_steps", "110", "--min_lr_frac", "0.1",
+                          "--lr_schedule", "cosine"])
+    lr = lambda step, schedule="cosine": mg.lr_at(step, argparse.Namespace(**{**vars(args),  # noqa: E731
+                                                                            "lr_schedule": schedule}))
+    assert lr(0) == pytest.approx(1e-4) and lr(4) == pytest.approx(5e-4) and lr(9) == pytest.approx(1e-3)
+    assert lr(10) == pytest.approx(1e-3)  # the peak, the first step after warm-up
+    assert lr(60) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half-way: cos(pi / 2) = 0
+    assert lr(110) == pytest.approx(1e-4) and lr(500) == pytest.approx(1e-4)  # the floor, and it stays there
+    assert lr(35, "linear") == pytest.approx(1e-3 * (0.1 + 0.9 * 0.75))
+    assert all(lr(s, "constant") == pytest.approx(1e-3) for s in (10, 60, 110, 5000))
+    cos = [lr(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(cos, cos[1:]))  # decays monotonically
+
+
+@pytest.mark.parametrize("sizes, buffers", [((3, 5, 2, 7), [8, 9]),  # a bucket closes once it reaches the bound
+                                            ((8, 1), [8, 1]),  # exactly at the bound, then a last partial bucket
+                                            ((20,), [20]),  # one tensor larger than a bucket goes alone
+                                            ((1, 2), [3])])  # everything in the final flush
+def test_all_reduce_buckets_return_every_element_to_its_tensor(sizes, buffers, monkeypatch):
+    """all_reduce_ with an 8-element bucket, the collective replaced by a stand-in for 2 ranks whose other rank
+    holds 1000 + the same values: each tensor must get exactly its own elements' sums back."""
+    seen = []
+
+    def fake_all_reduce(flat):
+        seen.append(flat.numel())
+        flat += 1000 + flat  # the other rank's buffer: 1000 + this one's, element by element
+
+    monkeypatch.setattr(mg, "BUCKET_NUMEL", 8)
+    monkeypatch.setattr(mg.dist, "all_reduce", fake_all_reduce)
+    start = np.cumsum((0,) + sizes)
+    tensors = [torch.arange(a, b, dtype=torch.float32).reshape(-1, 1) for a, b in zip(start, start[1:])]
+    mg.all_reduce_(tensors, world=2)
+    assert seen == buffers
+    for t, a, b in zip(tensors, start, start[1:]):
+        assert t.shape == (b - a, 1) and torch.equal(t.flatten(), 2 * torch.arange(a, b, dtype=torch.float32) + 1000)
