@@ -22,38 +22,11 @@ import maml_gpt as mg
 
 
 def to_hf_llama(model):
-    """A transformers.LlamaForCausalLM (sdpa) computing the same function as `model` (a maml_gpt.Decoder)."""
+    """A transformers.LlamaForCausalLM (sdpa) computing the same function as `model` (a maml_gpt.Decoder): the
+    config and weights of --export_hf."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    c = model.cfg
-    hd = c.d_model // c.n_heads
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_mult * c.d_model,
-        num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
-        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, max_position_embeddings=c.max_seq_len,
-        tie_word_embeddings=False, attn_implementation="sdpa"))
-    # Our RoPE rotates adjacent pairs (2i, 2i+1) of each head; HF's rotate_half pairs feature i with i + hd/2, at
-    # the same frequency i. Listing each head's q/k rows as (even rows, odd rows) turns one into the other; q.k is
-    # unchanged because q and k get the same permutation.
-    halves = torch.cat([torch.arange(0, hd, 2), torch.arange(1, hd, 2)])
-
-    def rope_rows(w):  # (heads * hd, d) -> same shape, rows reordered within each head
-        return w.unflatten(0, (-1, hd))[:, halves].flatten(0, 1)
-
-    ours = model.state_dict()
-    sd = {"model.embed_tokens.weight": ours["embedding_proj.weight"], "model.norm.weight": ours["output_norm.weight"],
-          "lm_head.weight": ours["de_embedding_proj.weight"]}
-    for i in range(c.n_layers):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        sd.update({q + "input_layernorm.weight": ours[p + "attention_norm.weight"],
-                   q + "post_attention_layernorm.weight": ours[p + "swiglu_norm.weight"],
-                   q + "self_attn.q_proj.weight": rope_rows(ours[p + "attention.q_proj.weight"]),
-                   q + "self_attn.k_proj.weight": rope_rows(ours[p + "attention.k_proj.weight"]),
-                   q + "self_attn.v_proj.weight": ours[p + "attention.v_proj.weight"],
-                   q + "self_attn.o_proj.weight": ours[p + "attention.o_proj.weight"],
-                   q + "mlp.gate_proj.weight": ours[p + "swiglu.w_0.weight"],
-                   q + "mlp.up_proj.weight": ours[p + "swiglu.w_1.weight"],
-                   q + "mlp.down_proj.weight": ours[p + "swiglu.w_2.weight"]})
-    hf.load_state_dict(sd, strict=True)
+    hf = LlamaForCausalLM(LlamaConfig(**mg.hf_config(model.cfg), attn_implementation="sdpa"))
+    hf.load_state_dict(mg.hf_state_dict(model), strict=True)
     return hf.to(next(model.parameters()).device)
 
 
@@ -73,7 +46,7 @@ def main(argv=None):
         raise SystemExit("bench.py compares against transformers: pip install -r requirements-dev.txt")
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = mg.ModelConfig(d_model=mg.SIZES[args.size], max_seq_len=args.seq_len)
+    cfg = mg.ModelConfig(d_model=mg.SIZES[args.size]["d_model"], max_seq_len=args.seq_len)
     ours = mg.Decoder(cfg).to(device)
     hf = to_hf_llama(ours)
     x = torch.randint(0, mg.EOT_ID, (args.batch_size, args.seq_len), device=device)
