@@ -19,7 +19,8 @@ import sys
 
 import numpy as np
 
-from maml_gpt import UserError
+from finetune_ner import TEST_CONFIGS, TRAIN_CONFIGS
+from maml_gpt import UserError, pyplot
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
@@ -268,7 +269,6 @@ def claim_ner(rows, maml, van):
     """Relative change of mean micro-F1, MAML over vanilla, in % of vanilla, per regime and evaluation group (the
     paper's Table 3; means over every fine-tuning config x evaluation set of the group, as grid.md). Holds when the
     average of the measurable (regime, group) changes is > 0."""
-    from finetune_ner import GROUPS
     groups = {g: [e for e in GROUPS[g] if not e.startswith("toy")] for g in ("seen", "pud", "other")}
     groups.update(toy=["toy"], toy_heldout=["toy_heldout"])  # the offline toy set: same names, unseen names
     c = {}
@@ -424,21 +424,96 @@ def claims(runs, results, ner_rows):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The NER grid of `finetune_ner.py --sweep` (paper Figures 13-28, Tables 3-5): tables and heatmaps
+
+GROUPS = {"seen": list(TRAIN_CONFIGS) + ["toy"], "pud": [c for c in TEST_CONFIGS if c.endswith("_pud")],
+          "other": ["ceb_gja", "tl_trg", "tl_ugnayan", "toy_heldout"]}
+
+
+def ner_grid_report(rows, out):
+    """grid.md (every cell), one heatmap per checkpoint and regime, and MAML-vs-vanilla relative improvements."""
+    plt = pyplot()
+    lines = ["# NER fine-tuning grid (entity micro-F1)", ""]
+    for ckpt in dict.fromkeys(r["ckpt"] for r in rows):
+        for regime in ("head", "full"):
+            cells = [r for r in rows if r["ckpt"] == ckpt and r["regime"] == regime]
+            if not cells:
+                continue
+            tr = list(dict.fromkeys(r["train_on"] for r in cells))
+            ev = list(dict.fromkeys(r["eval_on"] for r in cells))
+            grid = np.full((len(tr), len(ev)), np.nan)
+            for r in cells:
+                grid[tr.index(r["train_on"]), ev.index(r["eval_on"])] = float(r["f1"])
+            lines += [f"## {ckpt} ({regime})", "", "| fine-tuned on | " + " | ".join(ev) + " |",
+                      "|---" * (len(ev) + 1) + "|"]
+            lines += [f"| {t} | " + " | ".join("-" if np.isnan(v) else f"{v:.3f}" for v in grid[i]) + " |"
+                      for i, t in enumerate(tr)]
+            lines.append("")
+            fig, ax = plt.subplots(figsize=(1 + 0.7 * len(ev), 1 + 0.45 * len(tr)))
+            im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(0.01, np.nanmax(grid)))
+            ax.set_xticks(range(len(ev)), ev, rotation=60, ha="right")
+            ax.set_yticks(range(len(tr)), tr)
+            for i in range(len(tr)):
+                for j in range(len(ev)):
+                    if not np.isnan(grid[i, j]):
+                        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+            ax.set_title(f"micro-F1: {os.path.basename(os.path.dirname(ckpt)) or ckpt} ({regime})")
+            fig.colorbar(im)
+            fig.tight_layout()
+            fig.savefig(os.path.join(out, f"heatmap_{os.path.basename(os.path.dirname(ckpt)) or 'model'}_{regime}.png"),
+                        dpi=110)
+            plt.close(fig)
+    maml = [c for c in dict.fromkeys(r["ckpt"] for r in rows) if float(next(
+        r["hybrid_ratio"] for r in rows if r["ckpt"] == c) or 0) > 0]
+    vanilla = [c for c in dict.fromkeys(r["ckpt"] for r in rows) if c not in maml]
+    if maml and vanilla:
+        def mean_f1(ckpt, regime, evs):
+            v = [float(r["f1"]) for r in rows if r["ckpt"] == ckpt and r["regime"] == regime and r["eval_on"] in evs]
+            return float(np.mean(v)) if v else None
+
+        def rel(m, v):
+            return "-" if m is None or v is None or v == 0 else f"{(m - v) / v * 100:+.1f}%"
+        m, v = maml[0], vanilla[0]
+        lines += [f"## Relative improvement of MAML ({m}) over vanilla ({v}), % of vanilla micro-F1 (Table 3)", "",
+                  "| regime | seen | PUD | other |", "|---|---|---|---|"]
+        for regime in ("head", "full"):
+            lines.append(f"| {regime} | " + " | ".join(rel(mean_f1(m, regime, GROUPS[g]), mean_f1(v, regime, GROUPS[g]))
+                                                      for g in ("seen", "pud", "other")) + " |")
+        evs = list(dict.fromkeys(r["eval_on"] for r in rows))
+        lines += ["", "## Per evaluation set (Tables 4-5), averaged over fine-tuning configs", "",
+                  "| regime | " + " | ".join(evs) + " |", "|---" * (len(evs) + 1) + "|"]
+        for regime in ("head", "full"):
+            lines.append(f"| {regime} | " + " | ".join(rel(mean_f1(m, regime, [e]), mean_f1(v, regime, [e]))
+                                                      for e in evs) + " |")
+    with open(os.path.join(out, "grid.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"grid: {os.path.join(out, 'grid.csv')}, {os.path.join(out, 'grid.md')}, heatmaps in {out}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Figures
 
 def figures(runs, out, results):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Every figure these runs support, as PNGs in `out`; -> their file names."""
+    plt = pyplot()
+    figs = [("loss.png", figure_loss(plt, runs)), ("speedup.png", figure_speedup(plt, results)),
+            ("meta.png", figure_meta(plt, runs, results)), ("adaptation.png", figure_adaptation(plt, runs))]
+    for run in runs:
+        figs += [(f"per_{run['name']}.png", figure_per(plt, run, results)),
+                 (f"entropy_{run['name']}.png", figure_entropy(plt, run))]
     made = []
+    for name, fig in figs:
+        if fig is not None:  # None: nothing in these runs to show in this figure
+            fig.tight_layout()
+            fig.savefig(os.path.join(out, name), dpi=110)
+            plt.close(fig)
+            made.append(name)
+    return made
 
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, name), dpi=110)
-        plt.close(fig)
-        made.append(name)
 
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))  # AR loss per step (+ the mixed metric), per token; eval ppl
+def figure_loss(plt, runs):
+    """AR loss per step (and the mixed metric, dashed), per backbone token, and eval perplexity."""
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     for run in runs:
         lab = f"{run['name']} (rho={run['ratio']})"
         for a, axis in zip(ax[:2], ("step", "tokens")):
@@ -456,124 +531,143 @@ def figures(runs, out, results):
         a.set(title=t, xlabel=xl)
         a.legend(fontsize=7)
     ax[2].set_yscale("log")
-    save(fig, "loss.png")
+    return fig
 
-    if any(f"speedup_{key}" in results for key, *_ in SPEEDUPS):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key, _, _, label in SPEEDUPS:
-            sp = results.get(f"speedup_{key}")
-            if sp:
-                ax.plot(sp["levels"], sp["ratios"], ls="--" if "mixed" in key else "-", label=label)
-        ax.axhline(1, color="grey", lw=0.8)
-        ax.invert_xaxis()
-        ax.set(xlabel="loss level (of the curve's own metric)", ylabel="x sooner (vanilla / MAML)",
-               title="reaches the same loss N x sooner")
-        ax.legend(fontsize=7)
-        save(fig, "speedup.png")
 
+def figure_speedup(plt, results):
+    """The speed-up curves: vanilla's steps (tokens) to a loss level over MAML's, per level."""
+    if not any(f"speedup_{key}" in results for key, *_ in SPEEDUPS):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, _, _, label in SPEEDUPS:
+        sp = results.get(f"speedup_{key}")
+        if sp:
+            ax.plot(sp["levels"], sp["ratios"], ls="--" if "mixed" in key else "-", label=label)
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.invert_xaxis()
+    ax.set(xlabel="loss level (of the curve's own metric)", ylabel="x sooner (vanilla / MAML)",
+           title="reaches the same loss N x sooner")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def figure_meta(plt, runs, results):
+    """Support and query accuracy before and after adaptation, with the jumps; the head's weights."""
     meta = [r for r in runs if not r["vanilla"]]
-    if meta:
-        fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-        for run in meta:
-            for key, style in (("acc_support_pre", ":"), ("acc_support_post", "-"), ("acc_query_pre", "--"),
-                               ("acc_query_post", "-")):
-                x, y = series(run, key)
-                ax[0 if "support" in key else 1].plot(x, smooth(y, 3), style, label=f"{run['name']} {key}")
-            for j in results["jumps"].get(run["name"], []):
-                ax[1].axvline(j["step"], color="red", lw=0.8, ls="--")
-            for key in ("head_weight_mean", "head_weight_std"):
-                ax[2].plot(*series(run, key), label=f"{run['name']} {key}")
-            n_way = run["config"]["args"].get("n_way", 32)
-            for a in ax[:2]:
-                a.axhline(1 / n_way, color="grey", lw=0.8, label=f"chance 1/{n_way}")
-        for a, t in zip(ax, ("support accuracy (pre / post adaptation)", "query accuracy (pre / post adaptation)",
-                             "classifier head weights")):
-            a.set(title=t, xlabel="optimizer step")
-            a.legend(fontsize=7)
-        save(fig, "meta.png")
+    if not meta:
+        return None
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for run in meta:
+        for key, style in (("acc_support_pre", ":"), ("acc_support_post", "-"), ("acc_query_pre", "--"),
+                           ("acc_query_post", "-")):
+            x, y = series(run, key)
+            ax[0 if "support" in key else 1].plot(x, smooth(y, 3), style, label=f"{run['name']} {key}")
+        for j in results["jumps"].get(run["name"], []):
+            ax[1].axvline(j["step"], color="red", lw=0.8, ls="--")
+        for key in ("head_weight_mean", "head_weight_std"):
+            ax[2].plot(*series(run, key), label=f"{run['name']} {key}")
+        n_way = run["config"]["args"].get("n_way", 32)
+        for a in ax[:2]:
+            a.axhline(1 / n_way, color="grey", lw=0.8, label=f"chance 1/{n_way}")
+    for a, t in zip(ax, ("support accuracy (pre / post adaptation)", "query accuracy (pre / post adaptation)",
+                         "classifier head weights")):
+        a.set(title=t, xlabel="optimizer step")
+        a.legend(fontsize=7)
+    return fig
 
-    # Learning to learn, for every run: how much the inner loop adds (post - pre) on the training episodes, and the
-    # held-out few-shot eval, where a fresh fixed-seed head measures the backbone (vanilla runs log it too).
+
+def figure_adaptation(plt, runs):
+    """Learning to learn, for every run: how much the inner loop adds (post - pre) on the training episodes,
+    and the held-out few-shot eval, where a fresh fixed-seed head measures the backbone (vanilla runs log it
+    too)."""
+    meta = [r for r in runs if not r["vanilla"]]
     has_fs = [r for r in runs if len(series(r, "eval_fewshot_acc")[0])]
-    if meta or has_fs:
-        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-        color = {run["name"]: f"C{i}" for i, run in enumerate(runs)}  # one colour per run, one style per series
-        for run in meta:
-            for part, style in (("support", ":"), ("query", "-")):
-                x, pre = series(run, f"acc_{part}_pre")
-                x2, post = series(run, f"acc_{part}_post")
-                if len(x) and np.array_equal(x, x2):
-                    ax[0].plot(x, smooth(post - pre, 3), style, color=color[run["name"]],
-                               label=f"{run['name']} {part}")
-        ax[0].axhline(0, color="grey", lw=0.8)
-        ax[0].set(title="adaptation gain: accuracy after - before the inner loop", xlabel="optimizer step",
-                  ylabel="accuracy gain")
-        for run in has_fs:
-            for key, style in zip(FEWSHOT_KEYS, (":", "-", "--", "-.")):
-                x, y = series(run, key)
-                if len(x):
-                    ax[1].plot(x, y, style, marker=".", color=color[run["name"]], label=f"{run['name']} {key}")
-        n_way = (meta or runs)[0]["config"]["args"].get("n_way", 32)
-        ax[1].axhline(1 / n_way, color="grey", lw=0.8, label=f"chance 1/{n_way}")
-        if not has_fs:
-            ax[1].text(0.5, 0.5, "no held-out few-shot eval logged\n(eval_fewshot_acc)", ha="center",
-                       va="center", transform=ax[1].transAxes)
-        ax[1].set(title="held-out few-shot eval (query accuracy)", xlabel="optimizer step", ylabel="accuracy")
-        for a in ax:
-            if a.get_legend_handles_labels()[0]:
-                a.legend(fontsize=7)
-        save(fig, "adaptation.png")
-
-    for run in runs:
-        kinds = [k for k in ("weight", "grad") if per_keys(run, k)]
-        if not kinds:
-            continue
-        modules = sorted({k.split(".", 2)[2] for k in per_keys(run, "weight")})
-        fig, ax = plt.subplots(len(kinds), len(modules) + 1, figsize=(4.5 * (len(modules) + 1), 3.5 * len(kinds)),
-                               squeeze=False)
-        for i, kind in enumerate(kinds):
-            for j, mod in enumerate(modules):  # layer x step heatmap per matrix type
-                keys = [k for k in per_keys(run, kind) if k.endswith(mod)]
-                rows = [r for r in run["rows"] if keys[0] in r]
-                grid = np.array([[r[k] for r in rows] for k in keys])
-                im = ax[i][j].imshow(grid, aspect="auto", origin="lower", cmap="viridis",
-                                     extent=(rows[0]["step"], rows[-1]["step"], -0.5, len(keys) - 0.5))
-                fig.colorbar(im, ax=ax[i][j])
-                ax[i][j].set(title=f"PER {kind}: {mod}", xlabel="step", ylabel="layer")
-            a = ax[i][-1]  # lines: per layer (thin) and the mean (thick) with the knee marked
-            for k in per_keys(run, kind):
-                a.plot(*series(run, k), lw=0.5, alpha=0.4)
-            x, y = mean_per(run, kind)
-            a.plot(x, y, color="black", lw=2, label="mean")
-            knee = results["knees"].get(run["name"], {}).get(kind)
-            if knee:
-                a.axvline(knee["peak_step"], color="green", ls="--", label="peak")
-                a.axvline(knee["drop_step"], color="red", ls="--", label="steepest drop")
-            x, y = series(run, f"ref/per_{kind}_attn")
+    if not (meta or has_fs):
+        return None
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    color = {run["name"]: f"C{i}" for i, run in enumerate(runs)}  # one colour per run, one style per series
+    for run in meta:
+        for part, style in (("support", ":"), ("query", "-")):
+            x, pre = series(run, f"acc_{part}_pre")
+            x2, post = series(run, f"acc_{part}_post")
+            if len(x) and np.array_equal(x, x2):
+                ax[0].plot(x, smooth(post - pre, 3), style, color=color[run["name"]],
+                           label=f"{run['name']} {part}")
+    ax[0].axhline(0, color="grey", lw=0.8)
+    ax[0].set(title="adaptation gain: accuracy after - before the inner loop", xlabel="optimizer step",
+              ylabel="accuracy gain")
+    for run in has_fs:
+        for key, style in zip(FEWSHOT_KEYS, (":", "-", "--", "-.")):
+            x, y = series(run, key)
             if len(x):
-                a.plot(x, y, color="orange", lw=1.5, label="reference variant (all attn)")
-            a.set(title=f"PER of {kind}s per layer ({run['name']})", xlabel="step")
+                ax[1].plot(x, y, style, marker=".", color=color[run["name"]], label=f"{run['name']} {key}")
+    n_way = (meta or runs)[0]["config"]["args"].get("n_way", 32)
+    ax[1].axhline(1 / n_way, color="grey", lw=0.8, label=f"chance 1/{n_way}")
+    if not has_fs:
+        ax[1].text(0.5, 0.5, "no held-out few-shot eval logged\n(eval_fewshot_acc)", ha="center",
+                   va="center", transform=ax[1].transAxes)
+    ax[1].set(title="held-out few-shot eval (query accuracy)", xlabel="optimizer step", ylabel="accuracy")
+    for a in ax:
+        if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
-        save(fig, f"per_{run['name']}.png")
+    return fig
 
-        rows = [r for r in run["rows"] if "attn_entropy" in r]
-        if rows:
-            picks = sorted({0, len(rows) // 2, len(rows) - 1})
-            fig, ax = plt.subplots(1, len(picks) + 1, figsize=(4.5 * (len(picks) + 1), 3.8))
-            vmin = min(np.min(r["attn_entropy"]) for r in rows)  # a shared colour scale across the snapshots
-            vmax = max(np.max(r["attn_entropy"]) for r in rows)
-            for a, i in zip(ax, picks):
-                im = a.imshow(np.array(rows[i]["attn_entropy"]), aspect="auto", origin="lower", vmin=vmin, vmax=vmax)
-                a.set(title=f"attention entropy, step {rows[i]['step']}", xlabel="head", ylabel="layer")
-            fig.colorbar(im, ax=ax[len(picks) - 1])
-            steps = [r["step"] for r in rows]
-            ent = np.array([np.mean(r["attn_entropy"], axis=1) for r in rows])  # (time, layers)
-            for layer in range(ent.shape[1]):
-                ax[-1].plot(steps, ent[:, layer], label=f"L{layer}")
-            ax[-1].set(title="mean head entropy per layer (nats)", xlabel="step")
-            ax[-1].legend(fontsize=6, ncol=2)
-            save(fig, f"entropy_{run['name']}.png")
-    return made
+
+def figure_per(plt, run, results):
+    """PER of weights and gradients: a layer x step heatmap per matrix type, and per-layer lines with the
+    mean and its knee."""
+    kinds = [k for k in ("weight", "grad") if per_keys(run, k)]
+    if not kinds:
+        return None
+    modules = sorted({k.split(".", 2)[2] for k in per_keys(run, "weight")})
+    fig, ax = plt.subplots(len(kinds), len(modules) + 1, figsize=(4.5 * (len(modules) + 1), 3.5 * len(kinds)),
+                           squeeze=False)
+    for i, kind in enumerate(kinds):
+        for j, mod in enumerate(modules):  # layer x step heatmap per matrix type
+            keys = [k for k in per_keys(run, kind) if k.endswith(mod)]
+            rows = [r for r in run["rows"] if keys[0] in r]
+            grid = np.array([[r[k] for r in rows] for k in keys])
+            im = ax[i][j].imshow(grid, aspect="auto", origin="lower", cmap="viridis",
+                                 extent=(rows[0]["step"], rows[-1]["step"], -0.5, len(keys) - 0.5))
+            fig.colorbar(im, ax=ax[i][j])
+            ax[i][j].set(title=f"PER {kind}: {mod}", xlabel="step", ylabel="layer")
+        a = ax[i][-1]  # lines: per layer (thin) and the mean (thick) with the knee marked
+        for k in per_keys(run, kind):
+            a.plot(*series(run, k), lw=0.5, alpha=0.4)
+        x, y = mean_per(run, kind)
+        a.plot(x, y, color="black", lw=2, label="mean")
+        knee = results["knees"].get(run["name"], {}).get(kind)
+        if knee:
+            a.axvline(knee["peak_step"], color="green", ls="--", label="peak")
+            a.axvline(knee["drop_step"], color="red", ls="--", label="steepest drop")
+        x, y = series(run, f"ref/per_{kind}_attn")
+        if len(x):
+            a.plot(x, y, color="orange", lw=1.5, label="reference variant (all attn)")
+        a.set(title=f"PER of {kind}s per layer ({run['name']})", xlabel="step")
+        a.legend(fontsize=7)
+    return fig
+
+
+def figure_entropy(plt, run):
+    """Attention entropy per layer and head at up to three snapshots, and the mean per layer over training."""
+    rows = [r for r in run["rows"] if "attn_entropy" in r]
+    if not rows:
+        return None
+    picks = sorted({0, len(rows) // 2, len(rows) - 1})
+    fig, ax = plt.subplots(1, len(picks) + 1, figsize=(4.5 * (len(picks) + 1), 3.8))
+    vmin = min(np.min(r["attn_entropy"]) for r in rows)  # a shared colour scale across the snapshots
+    vmax = max(np.max(r["attn_entropy"]) for r in rows)
+    for a, i in zip(ax, picks):
+        im = a.imshow(np.array(rows[i]["attn_entropy"]), aspect="auto", origin="lower", vmin=vmin, vmax=vmax)
+        a.set(title=f"attention entropy, step {rows[i]['step']}", xlabel="head", ylabel="layer")
+    fig.colorbar(im, ax=ax[len(picks) - 1])
+    steps = [r["step"] for r in rows]
+    ent = np.array([np.mean(r["attn_entropy"], axis=1) for r in rows])  # (time, layers)
+    for layer in range(ent.shape[1]):
+        ax[-1].plot(steps, ent[:, layer], label=f"L{layer}")
+    ax[-1].set(title="mean head entropy per layer (nats)", xlabel="step")
+    ax[-1].legend(fontsize=6, ncol=2)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maml_gpt import EOT_ID, HERE, UserError, get_tokenizer, load_checkpoint, model_from_checkpoint
+from maml_gpt import (EOT_ID, HERE, UserError, get_tokenizer, load_checkpoint, model_from_checkpoint, pick_device,
+                      toyworld)
 
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 LABEL_ID = {t: i for i, t in enumerate(LABELS)}
@@ -106,13 +107,12 @@ def uner_file(cfg, split, data_dir, cache_dir):
 def load_splits(args):
     """-> dict(train, dev, test: {name: sentences}) for args.train_on."""
     if args.train_on == "toy":
-        sys.path.insert(0, os.path.join(HERE, "data"))
-        import toyworld
-        data = toyworld.ner_sentences(seed=1337, n=args.toy_sentences + 2 * args.toy_sentences // 4)
+        world = toyworld()
+        data = world.ner_sentences(seed=1337, n=args.toy_sentences + 2 * args.toy_sentences // 4)
         n_dev = args.toy_sentences // 4
         return dict(train=data[:args.toy_sentences], dev=data[args.toy_sentences:args.toy_sentences + n_dev],
                     test={"toy": data[args.toy_sentences + n_dev:],  # same world, unseen sentences
-                          "toy_heldout": toyworld.ner_sentences(seed=1337, n=n_dev, heldout=True)})  # unseen names
+                          "toy_heldout": world.ner_sentences(seed=1337, n=n_dev, heldout=True)})  # unseen names
     cfgs = list(TRAIN_CONFIGS) if args.train_on == "all" else [args.train_on]
     if args.train_on not in TRAIN_CONFIGS and args.train_on != "all":
         raise UserError(f"--train_on {args.train_on!r}: choose toy, all, or one of {', '.join(TRAIN_CONFIGS)}")
@@ -308,7 +308,7 @@ def finetune(model, splits, args, device, log=print):
 
 def run_one(args, ckpt_path=None, log=print):
     """Fine-tune one checkpoint on one config in one regime; evaluate; -> results dict (also results.json)."""
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     ck = load_checkpoint(ckpt_path or args.ckpt[0], device)
     model = model_from_checkpoint(ck, device)
     if args.max_len > model.cfg.max_seq_len:
@@ -338,10 +338,6 @@ def print_table(res, log=print):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The grid (paper Figures 13-28, Tables 3-5)
-
-GROUPS = {"seen": list(TRAIN_CONFIGS) + ["toy"], "pud": [c for c in TEST_CONFIGS if c.endswith("_pud")],
-          "other": ["ceb_gja", "tl_trg", "tl_ugnayan", "toy_heldout"]}
-
 
 SWEEP_KEYS = ("lr", "batch_size", "epochs", "patience", "max_len", "max_train_sentences", "toy_sentences", "seed",
               "data_dir")  # what the cells of one grid must share (grid.json); a different value is another grid
@@ -395,69 +391,8 @@ def sweep(args):
                 write_atomic(path, buf.getvalue())
     with open(path, newline="") as f:  # read back: every value a string, as on a resumed sweep
         rows = list(csv.DictReader(f))
-    write_grid_outputs(rows, args.out)
-
-
-def write_grid_outputs(rows, out):
-    """grid.md (every cell), one heatmap per checkpoint and regime, and MAML-vs-vanilla relative improvements."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    lines = ["# NER fine-tuning grid (entity micro-F1)", ""]
-    for ckpt in dict.fromkeys(r["ckpt"] for r in rows):
-        for regime in ("head", "full"):
-            cells = [r for r in rows if r["ckpt"] == ckpt and r["regime"] == regime]
-            if not cells:
-                continue
-            tr = list(dict.fromkeys(r["train_on"] for r in cells))
-            ev = list(dict.fromkeys(r["eval_on"] for r in cells))
-            grid = np.full((len(tr), len(ev)), np.nan)
-            for r in cells:
-                grid[tr.index(r["train_on"]), ev.index(r["eval_on"])] = float(r["f1"])
-            lines += [f"## {ckpt} ({regime})", "", "| fine-tuned on | " + " | ".join(ev) + " |",
-                      "|---" * (len(ev) + 1) + "|"]
-            lines += [f"| {t} | " + " | ".join("-" if np.isnan(v) else f"{v:.3f}" for v in grid[i]) + " |"
-                      for i, t in enumerate(tr)]
-            lines.append("")
-            fig, ax = plt.subplots(figsize=(1 + 0.7 * len(ev), 1 + 0.45 * len(tr)))
-            im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(0.01, np.nanmax(grid)))
-            ax.set_xticks(range(len(ev)), ev, rotation=60, ha="right")
-            ax.set_yticks(range(len(tr)), tr)
-            for i in range(len(tr)):
-                for j in range(len(ev)):
-                    if not np.isnan(grid[i, j]):
-                        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
-            ax.set_title(f"micro-F1: {os.path.basename(os.path.dirname(ckpt)) or ckpt} ({regime})")
-            fig.colorbar(im)
-            fig.tight_layout()
-            fig.savefig(os.path.join(out, f"heatmap_{os.path.basename(os.path.dirname(ckpt)) or 'model'}_{regime}.png"),
-                        dpi=110)
-            plt.close(fig)
-    maml = [c for c in dict.fromkeys(r["ckpt"] for r in rows) if float(next(
-        r["hybrid_ratio"] for r in rows if r["ckpt"] == c) or 0) > 0]
-    vanilla = [c for c in dict.fromkeys(r["ckpt"] for r in rows) if c not in maml]
-    if maml and vanilla:
-        def mean_f1(ckpt, regime, evs):
-            v = [float(r["f1"]) for r in rows if r["ckpt"] == ckpt and r["regime"] == regime and r["eval_on"] in evs]
-            return float(np.mean(v)) if v else None
-
-        def rel(m, v):
-            return "-" if m is None or v is None or v == 0 else f"{(m - v) / v * 100:+.1f}%"
-        m, v = maml[0], vanilla[0]
-        lines += [f"## Relative improvement of MAML ({m}) over vanilla ({v}), % of vanilla micro-F1 (Table 3)", "",
-                  "| regime | seen | PUD | other |", "|---|---|---|---|"]
-        for regime in ("head", "full"):
-            lines.append(f"| {regime} | " + " | ".join(rel(mean_f1(m, regime, GROUPS[g]), mean_f1(v, regime, GROUPS[g]))
-                                                      for g in ("seen", "pud", "other")) + " |")
-        evs = list(dict.fromkeys(r["eval_on"] for r in rows))
-        lines += ["", "## Per evaluation set (Tables 4-5), averaged over fine-tuning configs", "",
-                  "| regime | " + " | ".join(evs) + " |", "|---" * (len(evs) + 1) + "|"]
-        for regime in ("head", "full"):
-            lines.append(f"| {regime} | " + " | ".join(rel(mean_f1(m, regime, [e]), mean_f1(v, regime, [e]))
-                                                      for e in evs) + " |")
-    with open(os.path.join(out, "grid.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"grid: {os.path.join(out, 'grid.csv')}, {os.path.join(out, 'grid.md')}, heatmaps in {out}")
+    from analyze import ner_grid_report  # the report lives beside the other reports
+    ner_grid_report(rows, args.out)
 
 
 def build_parser():

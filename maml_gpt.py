@@ -1092,6 +1092,14 @@ def hub_documents(spec, split="train", field="text"):
     return (row[field] for row in ds)
 
 
+def toyworld():
+    """data/toyworld.py, the offline toy world: its documents (pretraining) and tagged sentences (NER)."""
+    if os.path.join(HERE, "data") not in sys.path:
+        sys.path.insert(0, os.path.join(HERE, "data"))
+    import toyworld
+    return toyworld
+
+
 def prepare_corpus(args, rank_is_local_zero=True):
     """Tokenize the chosen corpus once into args.data_dir/<name>/ and return that folder. Only local rank 0 writes;
     other ranks wait for the files (no collective, so a long download cannot hit a distributed timeout)."""
@@ -1117,9 +1125,7 @@ def prepare_corpus(args, rank_is_local_zero=True):
                 time.sleep(2)
             return out
         if data == "toy":
-            sys.path.insert(0, os.path.join(HERE, "data"))
-            import toyworld
-            docs = toyworld.documents(seed=1337, n_docs=args.toy_docs)
+            docs = toyworld().documents(seed=1337, n_docs=args.toy_docs)
         elif os.path.exists(data):
             docs = local_documents(data)
         else:
@@ -1162,21 +1168,27 @@ def fixed_windows(n_tokens, seq_len, count):
 # ----------------------------------------------------------------------------------------------------------------
 # Processes, devices and the objects of a run.
 
-def setup_distributed(device_arg):
-    """-> (rank, local_rank, world, device). torchrun sets RANK; nccl on CUDA, gloo on CPU."""
-    ddp = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+def pick_device(device_arg, local_rank=None):
+    """--device auto | cpu | cuda | cuda:N -> a torch.device (auto: CUDA if there is one). Under torchrun each
+    process takes the GPU of its local rank."""
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
     if device_arg.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError("--device cuda but no CUDA device is available; use --device cpu")
-        device = torch.device("cuda", local_rank if ddp else (torch.device(device_arg).index or 0))
+        return torch.device("cuda", local_rank if local_rank is not None else (torch.device(device_arg).index or 0))
+    if device_arg == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"--device {device_arg!r}: use auto, cpu, cuda or cuda:N")
+
+
+def setup_distributed(device_arg):
+    """-> (rank, local_rank, world, device). torchrun sets RANK; nccl on CUDA, gloo on CPU."""
+    ddp = "RANK" in os.environ
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    device = pick_device(device_arg, local_rank if ddp else None)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif device_arg == "cpu":
-        device = torch.device("cpu")
-    else:
-        raise UserError(f"--device {device_arg!r}: use auto, cpu, cuda or cuda:N")
     if ddp and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, local_rank, world, device
@@ -1552,6 +1564,14 @@ def run_header(args, cfg, model, device, world, extra):
                 versions=dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
                               tiktoken=tiktoken.__version__), command=" ".join(sys.argv),
                 started=time.strftime("%Y-%m-%d %H:%M:%S"), **extra)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: PNG files, no display needed (servers, CI)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def wandb_logger(args, header):

@@ -1,15 +1,13 @@
 """Corpora, the token-file format, the toy world, and batch determinism."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
 import maml_gpt as mg
 
-sys.path.insert(0, os.path.join(mg.HERE, "data"))
-import toyworld  # noqa: E402
+toyworld = mg.toyworld()
 
 
 def test_toy_world_is_deterministic_and_varied():
