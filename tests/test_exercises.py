@@ -205,7 +205,9 @@ def grade_all(root, out):
             if name != "__main__" and os.path.abspath(getattr(mod, "__file__", None) or "/").startswith(root + os.sep):
                 del sys.modules[name]
         rec = Recorder()
-        pytest.main(["-q", "-p", "no:cacheprovider", "--rootdir", root, *args], plugins=[rec])
+        # no:unraisableexception: its five gc.collect() per session cost more than the tests themselves here
+        pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--rootdir", root, *args],
+                    plugins=[rec])
         return rec.outcomes
 
     results = []
@@ -237,6 +239,10 @@ class Recorder:
 
     def __init__(self):
         self.outcomes = {}
+
+    def pytest_sessionstart(self, session):
+        import torch
+        torch.set_num_threads(1)  # after conftest's 2: on a busy machine a second thread spins, 10x slower here
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or not report.passed:
