@@ -2,6 +2,8 @@
 repository, every lesson's marker tests all fail on a blank body, catch each planted wrong version, and pass again
 once it is restored; a blanked function skips the tests that merely depend on it."""
 import ast
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -75,15 +77,25 @@ PRESENT = [les for les in kit.LESSONS if kit.status(kit.ROOT, les) != "absent"]
 
 
 def copy_repo(dst):
-    """The code, data and tests: what the suite needs, without caches, runs or virtual environments."""
+    """The code, data and tests (no caches, runs or virtual environments), with every lesson function original:
+    these tests check the kit against the reference code, even while a class has some of it blank or rewritten."""
     os.makedirs(dst)
     for name in os.listdir(kit.ROOT):
         if name.endswith(".py"):
             shutil.copy2(os.path.join(kit.ROOT, name), dst)
     skip = shutil.ignore_patterns("__pycache__", "cache", "*.pyc", ".pytest_cache")
-    for name in ("data", "tests"):
-        shutil.copytree(os.path.join(kit.ROOT, name), os.path.join(dst, name), ignore=skip)
+    for name in ("data", "tests", kit.SAVED):
+        if os.path.isdir(os.path.join(kit.ROOT, name)):
+            shutil.copytree(os.path.join(kit.ROOT, name), os.path.join(dst, name), ignore=skip)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert kit.main(["restore", "--all"], root=str(dst)) is None, "cannot restore the original lesson functions"
+    shutil.rmtree(os.path.join(dst, kit.SAVED), ignore_errors=True)  # students' versions stay in the real checkout
     return str(dst)
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    return copy_repo(tmp_path_factory.mktemp("original") / "repo")
 
 
 def planted(source, lesson, subs):
@@ -98,13 +110,13 @@ def planted(source, lesson, subs):
 
 
 @pytest.mark.parametrize("lesson", kit.LESSONS, ids=lambda les: les.name)
-def test_every_lesson_has_tests_and_plants(lesson, pytestconfig):
+def test_every_lesson_has_tests_and_plants(lesson, pytestconfig, original):
     assert any(m.startswith(lesson.name + ":") for m in pytestconfig.getini("markers"))  # registered: no warnings
     if lesson not in PRESENT:
         pytest.skip(f"{lesson.qualname} is not in {lesson.file} yet")
     assert kit.marked_tests(kit.ROOT).get(lesson.name, 0) >= 1, f"no test is marked @pytest.mark.{lesson.name}"
     assert PLANTS.get(lesson.name), f"no planted wrong version of {lesson.name}"
-    source = open(os.path.join(kit.ROOT, lesson.file)).read()
+    source = open(os.path.join(original, lesson.file)).read()
     for subs in PLANTS[lesson.name].values():
         compile(planted(source, lesson, subs), lesson.file, "exec")
 
