@@ -52,10 +52,8 @@ LESSONS = [
            "(vs numpy's SVD)"),
     Lesson("attention_entropy", "maml_gpt.py", "attention_entropy", "per-head entropy of causal attention "
            "(vs log(t+1) for uniform, explicit softmax)"),
-    # The fused, chunked LM-head loss: set its qualname once it is in maml_gpt.py and mark its tests. Until then
-    # `list` shows it as absent and the kit's own test skips it.
-    Lesson("lm_loss", "maml_gpt.py", "LinearCrossEntropy.forward", "fused, chunked LM head + cross-entropy "
-           "(vs F.cross_entropy on full logits)"),
+    Lesson("lm_loss", "maml_gpt.py", "_chunked_linear_ce", "fused, chunked LM head + cross-entropy and both "
+           "gradients, without the (N, V) logits (vs F.cross_entropy on full logits)"),
     Lesson("entity_f1", "finetune_ner.py", "entity_f1", "exact-span entity precision / recall / F1, seqeval's "
            "rules (vs hand-worked cases)"),
 ]

@@ -65,6 +65,12 @@ PLANTS = {
             ("k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)",
              "k.repeat(1, attn.n_heads // attn.n_kv_heads, 1, 1)")],
     },
+    "lm_loss": {
+        "log-sum-exp without the log": [("sum_e.log() - z_t", "sum_e - z_t")],
+        "gradient is softmax only (one-hot forgotten)": [
+            ("g.scatter_add_(1, safe_t[rows], -counted[rows, None].float())",
+             "g.scatter_add_(1, safe_t[rows], 0 * counted[rows, None].float())")],
+    },
     "entity_f1": {
         "precision and recall swapped": [("pr = tp / len(ps) if ps else 0.0", "pr = tp / len(gs) if gs else 0.0"),
                                          ("rc = tp / len(gs) if gs else 0.0", "rc = tp / len(ps) if ps else 0.0")],
