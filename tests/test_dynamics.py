@@ -9,8 +9,10 @@ import torch
 
 import analyze
 import maml_gpt as mg
+from test_model import rope_by_complex
 
 
+@pytest.mark.effective_rank
 def test_effective_rank_known_matrices():
     assert mg.proportional_effective_rank(torch.eye(16)) == pytest.approx(1.0)
     assert mg.effective_rank(torch.eye(16)) == pytest.approx(16.0)
@@ -26,6 +28,19 @@ def test_effective_rank_known_matrices():
     assert mg.effective_rank(torch.diag(s)) == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
 
 
+@pytest.mark.effective_rank
+def test_per_equals_numpy_svd():
+    rng = np.random.default_rng(0)
+    for shape in ((7, 7), (12, 5), (5, 30)):
+        W = rng.standard_normal(shape) * rng.uniform(0.1, 3, size=shape[1])  # uneven columns: a sloped spectrum
+        s = np.linalg.svd(W, compute_uv=False)
+        p = s / s.sum()
+        er = float(np.exp(-(p * np.log(p)).sum()))
+        assert mg.effective_rank(torch.tensor(W)) == pytest.approx(er, rel=1e-5)
+        assert mg.proportional_effective_rank(torch.tensor(W)) == pytest.approx(er / min(shape), rel=1e-5)
+
+
+@pytest.mark.attention_entropy
 def test_attention_entropy_of_uniform_attention_is_mean_log_t():
     torch.manual_seed(0)
     m = mg.Decoder(mg.ModelConfig(d_model=48, n_layers=2, max_seq_len=32)).eval()
@@ -39,6 +54,32 @@ def test_attention_entropy_of_uniform_attention_is_mean_log_t():
     torch.testing.assert_close(ent, torch.full((2, 12), expected), atol=1e-5, rtol=0)
 
 
+@pytest.mark.attention_entropy
+def test_attention_entropy_equals_explicit_probabilities():
+    """Layer by layer: q and k from the weights, RoPE by complex multiplication, kv head h // 3 for query head h,
+    causal softmax, entropy -sum p log p (0 log 0 = 0), then the real block gives the next layer's input."""
+    torch.manual_seed(0)
+    m = mg.Decoder(mg.ModelConfig(d_model=48, n_layers=2, max_seq_len=16)).eval()
+    B, T, H, hd = 2, 9, 12, 4
+    idx = torch.randint(0, 50000, (B, T))
+    future = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+    want = []
+    with torch.no_grad():
+        for layer in m.layers:
+            layer.attention.q_proj.weight.mul_(4)  # sharper than at init: the heads' entropies differ more
+        x = m.embedding_proj(idx)
+        for layer in m.layers:
+            a, h = layer.attention, layer.attention_norm(x)
+            q = rope_by_complex((h @ a.q_proj.weight.T).view(B, T, H, hd).transpose(1, 2))
+            k = rope_by_complex((h @ a.k_proj.weight.T).view(B, T, 4, hd).transpose(1, 2))[:, torch.arange(H) // 3]
+            p = (q @ k.transpose(-2, -1) / math.sqrt(hd)).masked_fill(future, float("-inf")).softmax(-1)
+            want.append(-torch.where(p > 0, p * p.log(), 0.0).sum(-1).mean((0, 2)))  # (H,)
+            x = layer(x, m.rope_cos[:T], m.rope_sin[:T])
+    torch.testing.assert_close(mg.attention_entropy(m, idx).double(), torch.stack(want), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.attention
+@pytest.mark.attention_entropy
 def test_attention_entropy_matches_sdpa_attention():
     """The explicit probabilities reproduce the model's own attention output (so the entropy is of *its* heads)."""
     torch.manual_seed(0)

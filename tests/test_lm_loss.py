@@ -22,6 +22,7 @@ def reference(h, w, t):
     return (loss, *torch.autograd.grad(loss, (h, w)))
 
 
+@pytest.mark.lm_loss
 @pytest.mark.parametrize("chunk", [5, 64, 111, 4096])
 def test_loss_and_both_gradients_equal_full_logits(chunk):
     h, w, t = problem()
@@ -34,6 +35,7 @@ def test_loss_and_both_gradients_equal_full_logits(chunk):
     assert h.grad[[0, 5, 50, 110]].abs().max() == 0
 
 
+@pytest.mark.lm_loss
 def test_only_requested_gradients_and_none_under_no_grad(monkeypatch):
     h, w, t = problem(1)
     asked = []
@@ -48,6 +50,7 @@ def test_only_requested_gradients_and_none_under_no_grad(monkeypatch):
     assert asked[-1] == (True, False) and h.grad is not None
 
 
+@pytest.mark.lm_loss
 def test_bf16_autocast_is_close_and_returns_fp32_gradients():
     h, w, t = problem(2)
     ref_loss, ref_gh, ref_gw = reference(h, w, t)
@@ -60,6 +63,7 @@ def test_bf16_autocast_is_close_and_returns_fp32_gradients():
         assert (got - ref).norm() / ref.norm() < 2e-2
 
 
+@pytest.mark.lm_loss
 def test_decoder_loss_and_every_gradient_equal_the_plain_path():
     torch.manual_seed(0)
     m = mg.Decoder(mg.ModelConfig(d_model=24, n_layers=2, max_seq_len=32))

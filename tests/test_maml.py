@@ -26,6 +26,7 @@ def test_content_words_follow_the_rule(corpus):
     assert enc.encode(" the")[0] not in set(index["words"].tolist())  # too frequent to be a content word
 
 
+@pytest.mark.sample_episode
 @pytest.mark.parametrize("read", ["mask", "last"])
 def test_episode_invariants(corpus, read):
     tokens, index = corpus
@@ -52,6 +53,7 @@ def test_episode_invariants(corpus, read):
             assert window[a] == word and (np.delete(x[c, j], a) == np.delete(window, a)).all()
 
 
+@pytest.mark.sample_episode
 def test_episode_is_a_function_of_its_key(corpus):
     tokens, index = corpus
     a = mg.sample_episode(tokens, index, 8, 2, 2, 16, [1, 5, 0, 2])
@@ -61,6 +63,7 @@ def test_episode_is_a_function_of_its_key(corpus):
     assert not np.array_equal(a["support_x"], c["support_x"])
 
 
+@pytest.mark.sample_episode
 def test_too_few_words_is_a_clear_error(corpus):
     tokens, index = corpus
     with pytest.raises(mg.UserError, match="content words"):
@@ -84,6 +87,7 @@ def body_by_hand(head, x):
     return x
 
 
+@pytest.mark.episode_init
 def test_proto_init_equals_the_formula():
     torch.manual_seed(0)
     head = mg.make_head(6, 3, hidden=5, dropout=0.0)
@@ -98,6 +102,7 @@ def test_proto_init_equals_the_formula():
     torch.testing.assert_close(logits - (z ** 2).sum(1, keepdim=True), -torch.cdist(z, mu) ** 2, atol=1e-4, rtol=0)
 
 
+@pytest.mark.episode_init
 def test_proto_head_classifies_separated_features_before_any_step():
     torch.manual_seed(0)
     n, k, q, d = 8, 4, 4, 32
@@ -111,6 +116,7 @@ def test_proto_head_classifies_separated_features_before_any_step():
     assert mg.accuracy(mg.head_logits(head, learned, qf), qy).item() < 0.5  # a random last layer is not
 
 
+@pytest.mark.episode_init
 def test_vocab_init_reads_the_class_word_rows():
     torch.manual_seed(0)
     head = mg.make_head(4, 3, hidden=5, dropout=0.0, init="vocab", vocab_size=20)
@@ -129,6 +135,7 @@ def sgd_by_hand(head, w, sf, sy, steps, lr):
     return w
 
 
+@pytest.mark.inner_loop
 def test_inner_loop_is_plain_sgd_and_keeps_head():
     torch.manual_seed(0)
     head = mg.make_head(16, 4, dropout=0.0, init="learned")
@@ -155,6 +162,8 @@ def test_inner_loop_is_plain_sgd_and_keeps_head():
     assert all(p.grad is None for p in head.parameters())  # no .backward() inside the inner loop
 
 
+@pytest.mark.inner_loop
+@pytest.mark.episode_init
 @pytest.mark.parametrize("init", ["learned", "proto"])
 def test_fomaml_gradient_equals_manual_computation(init):
     """head.grad after the query loss = d L_query / d phi_T, pulled back through phi_0 = init(head): for "learned"
@@ -192,6 +201,7 @@ def test_fomaml_gradient_equals_manual_computation(init):
         torch.testing.assert_close(p.grad, g_T[k] + g_protos[k])
 
 
+@pytest.mark.meta_micro_step
 def test_backbone_gradient_comes_from_the_query_only(corpus):
     tokens, index = corpus
     torch.manual_seed(0)
@@ -215,6 +225,34 @@ def test_backbone_gradient_comes_from_the_query_only(corpus):
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(got[n], p.grad)
+
+
+@pytest.mark.meta_micro_step
+def test_meta_step_sends_the_scaled_query_gradient_to_backbone_and_head(corpus):
+    """Gradient routing with a micro-step scale: backbone.grad and head.grad = scale x d L_query, where L_query is
+    the loss at the adapted head on query features, and the support features carry no graph."""
+    tokens, index = corpus
+    torch.manual_seed(0)
+    args = mg.parse_args(SMALL)
+    model = mg.Decoder(mg.ModelConfig(d_model=24, n_layers=2, max_seq_len=32))
+    head = mg.make_head(24, 8, dropout=0.0)
+    ep = mg.episode_tensors(tokens, index, args, [0, 0, 0, 3], "cpu")
+    stats = mg.meta_micro_step(model, head, ep, args, 0.25, mg.nullcontext())
+    got = {n: p.grad.clone() for n, p in [*model.named_parameters(), *head.named_parameters()] if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    head.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        hs = model(ep["support_x"], return_hidden=True)[:, -1]  # read at the [MASK], the window's last token
+    adapted = mg.inner_loop(head, mg.episode_init(head, hs, ep["support_y"], None, "proto"), hs, ep["support_y"],
+                            args.inner_steps, args.inner_lr)
+    loss = F.cross_entropy(mg.head_logits(head, adapted, model(ep["query_x"], return_hidden=True)[:, -1]),
+                           ep["query_y"])
+    (0.25 * loss).backward()
+    want = {n: p.grad for n, p in [*model.named_parameters(), *head.named_parameters()] if p.grad is not None}
+    assert got.keys() == want.keys() and any(n.startswith("body.") for n in want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n])
+    assert stats["loss_query"].item() == pytest.approx(loss.item())
 
 
 def test_branch_decision_is_a_function_of_seed_and_step():

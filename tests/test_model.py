@@ -27,6 +27,7 @@ def test_shapes_loss_and_hidden():
     torch.testing.assert_close(m.de_embedding_proj(h), logits)
 
 
+@pytest.mark.attention
 def test_causality():
     m = small_model()
     a = torch.randint(0, 50257, (1, 20))
@@ -45,6 +46,7 @@ def test_sequence_length_one_and_max():
         m(torch.zeros(1, 65, dtype=torch.long))
 
 
+@pytest.mark.attention
 def test_gqa_equals_mha_with_repeated_kv_heads():
     torch.manual_seed(1)
     gqa_cfg = mg.ModelConfig(d_model=48, n_layers=1, max_seq_len=16)
@@ -62,6 +64,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     torch.testing.assert_close(gqa(x, cos, sin), mha(x, cos, sin))
 
 
+@pytest.mark.apply_rope
 def test_rope_relative_position_property():
     hd = 8
     cos, sin = mg.rope_tables(hd, 64, 1e4)
@@ -75,6 +78,7 @@ def test_rope_relative_position_property():
     assert torch.allclose(rot(q, 7).norm(), q.norm(), atol=1e-6)  # a rotation
 
 
+@pytest.mark.apply_rope
 def test_rope_rotates_adjacent_pairs():
     """Meta-Llama convention: pair (x0, x1) turns by angle pos * theta^0 = pos radians."""
     cos, sin = mg.rope_tables(4, 8, 1e4)
@@ -82,6 +86,58 @@ def test_rope_rotates_adjacent_pairs():
     out = mg.apply_rope(x, cos[1:2], sin[1:2]).view(4)
     assert torch.allclose(out[:2], torch.tensor([math.cos(1), math.sin(1)]))
     assert torch.allclose(out[2:], torch.tensor([math.cos(1e-2), math.sin(1e-2)]), atol=1e-6)
+
+
+def rope_by_complex(x, theta=1e4):
+    """RoPE written independently: features (2i, 2i+1) are the complex number x_2i + i x_2i+1, multiplied by
+    e^(i t theta^(-2i/hd)) at position t. x: (..., T, hd) -> same shape."""
+    T, hd = x.shape[-2:]
+    pair = torch.arange(0, hd, 2, dtype=torch.float64)  # 2i
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-pair / hd)  # (T, hd/2)
+    z = torch.view_as_complex(x.double().reshape(*x.shape[:-1], hd // 2, 2).contiguous())
+    return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+
+
+@pytest.mark.apply_rope
+def test_rope_equals_complex_multiplication():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 11, 8)
+    got = mg.apply_rope(x, *mg.rope_tables(8, 11, 1e4))
+    torch.testing.assert_close(got.double(), rope_by_complex(x), atol=1e-5, rtol=1e-5)
+    half = mg.apply_rope(x.bfloat16(), *mg.rope_tables(8, 11, 1e4))  # under autocast q and k arrive in bf16
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), rope_by_complex(x.bfloat16()), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.rms_norm
+def test_rms_norm_equals_the_formula():
+    torch.manual_seed(0)
+    norm = mg.RMSNorm(16, eps=0.5)  # a large eps, so that where it goes (inside the square root) matters
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16))  # a gain that is not all ones
+    x = 0.4 * torch.randn(3, 5, 16)
+    want = x.double() / torch.sqrt((x.double() ** 2).mean(-1, keepdim=True) + 0.5) * norm.weight.double()
+    torch.testing.assert_close(norm(x).double(), want, atol=1e-6, rtol=1e-5)
+    assert norm(x.bfloat16()).dtype == torch.float32  # bf16 activations times the fp32 gain (autocast's rule)
+    torch.testing.assert_close(norm(x.bfloat16()).double(), want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.attention
+def test_attention_equals_explicit_softmax_with_repeated_kv_heads():
+    """Every step written out: projections, RoPE by complex multiplication, kv head h // 3 for query head h, scores
+    / sqrt(hd), causal mask, softmax, weighted values, output projection."""
+    torch.manual_seed(0)
+    attn = mg.Attention(mg.ModelConfig(d_model=48, n_layers=1, max_seq_len=16))
+    B, T, H, hd = 2, 10, 12, 4
+    x = torch.randn(B, T, 48)
+    q = rope_by_complex((x @ attn.q_proj.weight.T).view(B, T, H, hd).transpose(1, 2)).float()
+    k = rope_by_complex((x @ attn.k_proj.weight.T).view(B, T, 4, hd).transpose(1, 2)).float()
+    v = (x @ attn.v_proj.weight.T).view(B, T, 4, hd).transpose(1, 2)
+    group = torch.arange(H) // 3  # query heads 0-2 read kv head 0, 3-5 kv head 1, ...
+    scores = q @ k[:, group].transpose(-2, -1) / math.sqrt(hd)  # (B, H, T, T)
+    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1), float("-inf"))
+    y = (scores.softmax(-1) @ v[:, group]).transpose(1, 2).reshape(B, T, 48) @ attn.o_proj.weight.T
+    torch.testing.assert_close(attn(x, *mg.rope_tables(hd, T, 1e4)), y, atol=1e-5, rtol=1e-4)
 
 
 def test_rope_buffers_are_per_model_and_not_saved():

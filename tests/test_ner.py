@@ -50,13 +50,16 @@ def test_label_alignment_on_multi_token_words():
     ([["B-ORG", "B-ORG"]], [["B-ORG", "I-ORG"]], 0.0, 0.0),  # two entities vs one
     ([["B-PER", "O"], ["B-LOC", "O"]], [["B-PER", "O"], ["O", "O"]], 1.0, 0.5),
     ([["O", "O"]], [["O", "O"]], 0.0, 0.0),
+    ([["B-PER"], ["O"]], [["O"], ["B-PER"]], 0.0, 0.0),  # the same span in another sentence is another entity
 ])
+@pytest.mark.entity_f1
 def test_entity_f1_hand_worked(gold, pred, p, r):
     res = fn.entity_f1(gold, pred)
     assert res["precision"] == pytest.approx(p) and res["recall"] == pytest.approx(r)
     assert res["f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
 
 
+@pytest.mark.entity_f1
 def test_entity_f1_per_type_and_micro():
     gold = [["B-PER", "I-PER", "O", "B-LOC", "O", "B-ORG"]]
     pred = [["B-PER", "I-PER", "O", "B-ORG", "O", "B-ORG"]]

@@ -1,0 +1,273 @@
+"""The classroom kit (tests/exercises.py): blank, restore and list, and the grading itself. In a copy of the
+repository, every lesson's marker tests all fail on a blank body, catch each planted wrong version, and pass again
+once it is restored; a blanked function skips the tests that merely depend on it."""
+import ast
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import exercises as kit
+
+# Plausible wrong versions, at least one per lesson: description -> [(original snippet, wrong snippet), ...], applied
+# in order inside the function. The lesson's marker tests must fail on every one of them.
+PLANTS = {
+    "rms_norm": {
+        "sum of squares instead of their mean": [("xf.pow(2).mean(-1", "xf.pow(2).sum(-1")],
+        "no learned gain": [(".type_as(x) * self.weight", ".type_as(x)")],
+    },
+    "apply_rope": {
+        "rotate-half pairing (x_i, x_i+d/2), HF's convention": [
+            ("x.float().unflatten(-1, (-1, 2)).unbind(-1)", "x.float().chunk(2, -1)"),
+            ("x1 * cos), dim=-1)", "x1 * cos), dim=-1).transpose(-1, -2)")],
+        "sign flip: rotation by minus the angle": [
+            ("x0 * cos - x1 * sin, x0 * sin + x1 * cos", "x0 * cos + x1 * sin, -x0 * sin + x1 * cos")],
+    },
+    "attention": {
+        "no causal mask": [("is_causal=True, enable_gqa=True", "is_causal=False, enable_gqa=True")],
+        "kv heads tiled, not grouped (query head h reads kv head h % 4)": [
+            ("(q, k, v, is_causal=True, enable_gqa=True)",
+             "(q, k.repeat(1, 3, 1, 1), v.repeat(1, 3, 1, 1), is_causal=True)")],
+    },
+    "sample_episode": {
+        "classes not inverted: classes[c] is not label c's word": [
+            ('classes[labels] = index["words"][chosen]', 'classes[:] = index["words"][chosen]')],
+        "[MASK] one token before the window's end": [
+            ("mask_at = np.full(occ.shape, ctx - 1)", "mask_at = np.full(occ.shape, ctx - 2)")],
+    },
+    "episode_init": {
+        "sign flip in the bias: +||mu||^2": [("-(mu * mu).sum(-1)", "(mu * mu).sum(-1)")],
+        "class sums instead of class means": [
+            ("mu = mu / torch.bincount(support_labels, minlength=n_way)[:, None]", "mu = mu * 1")],
+    },
+    "inner_loop": {
+        "gradient ascent: w + lr * grad": [("(w - lr * g)", "(w + lr * g)")],
+        "phi_T returned without its path to phi_0 (no meta-gradient)": [
+            ("return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}", "return fast")],
+    },
+    "meta_micro_step": {
+        "support features computed with a graph": [("with torch.no_grad(), amp:", "with amp:")],
+        "micro-step scale ignored": [("(loss * scale).backward()", "loss.backward()")],
+    },
+    "effective_rank": {
+        "entropy of sigma^2 / sum sigma^2 (energy)": [
+            ("svdvals(W.detach().float())", "svdvals(W.detach().float()) ** 2")],
+        "mean instead of sum in the normaliser": [("total = s.sum()", "total = s.mean()")],
+    },
+    "attention_entropy": {
+        "mean over keys instead of sum": [("entr(probs).sum(-1)", "entr(probs).mean(-1)")],
+        "kv heads tiled, not grouped": [
+            ("k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)",
+             "k.repeat(1, attn.n_heads // attn.n_kv_heads, 1, 1)")],
+    },
+    "lm_loss": {
+        "log-sum-exp without the log": [("sum_e.log() - z_t", "sum_e - z_t")],
+        "gradient is softmax only (one-hot forgotten)": [
+            ("g.scatter_add_(1, safe_t[rows], -counted[rows, None].float())",
+             "g.scatter_add_(1, safe_t[rows], 0 * counted[rows, None].float())")],
+    },
+    "entity_f1": {
+        "precision and recall swapped": [("pr = tp / len(ps) if ps else 0.0", "pr = tp / len(gs) if gs else 0.0"),
+                                         ("rc = tp / len(gs) if gs else 0.0", "rc = tp / len(ps) if ps else 0.0")],
+        "entities matched across sentences (no sentence index)": [
+            ("g = {(s,) + e for", "g = {e for"), ("p = {(s,) + e for", "p = {e for")],
+    },
+}
+
+PRESENT = [les for les in kit.LESSONS if kit.status(kit.ROOT, les) != "absent"]
+
+
+def copy_repo(dst):
+    """The code, data and tests (no caches, runs or virtual environments), with every lesson function original:
+    these tests check the kit against the reference code, even while a class has some of it blank or rewritten."""
+    os.makedirs(dst)
+    for name in os.listdir(kit.ROOT):
+        if name.endswith(".py"):
+            shutil.copy2(os.path.join(kit.ROOT, name), dst)
+    skip = shutil.ignore_patterns("__pycache__", "cache", "*.pyc", ".pytest_cache")
+    for name in ("data", "tests", kit.SAVED):
+        if os.path.isdir(os.path.join(kit.ROOT, name)):
+            shutil.copytree(os.path.join(kit.ROOT, name), os.path.join(dst, name), ignore=skip)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert kit.main(["restore", "--all"], root=str(dst)) is None, "cannot restore the original lesson functions"
+    shutil.rmtree(os.path.join(dst, kit.SAVED), ignore_errors=True)  # students' versions stay in the real checkout
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    return copy_repo(tmp_path_factory.mktemp("original") / "repo")
+
+
+def planted(source, lesson, subs):
+    """`source` with the substitutions applied inside the lesson's function (each must match exactly once there)."""
+    lines = source.splitlines(keepends=True)
+    node = kit.find(ast.parse(source), lesson.qualname)
+    body = kit.function_text(lines, node)
+    for old, new in subs:
+        assert body.count(old) == 1, f"{lesson.name}: {old!r} occurs {body.count(old)} times in {lesson.qualname}"
+        body = body.replace(old, new)
+    return "".join(lines[:node.lineno - 1]) + body + "".join(lines[node.end_lineno:])
+
+
+@pytest.mark.parametrize("lesson", kit.LESSONS, ids=lambda les: les.name)
+def test_every_lesson_has_tests_and_plants(lesson, pytestconfig, original):
+    assert any(m.startswith(lesson.name + ":") for m in pytestconfig.getini("markers"))  # registered: no warnings
+    if lesson not in PRESENT:
+        pytest.skip(f"{lesson.qualname} is not in {lesson.file} yet")
+    assert kit.marked_tests(kit.ROOT).get(lesson.name, 0) >= 1, f"no test is marked @pytest.mark.{lesson.name}"
+    assert PLANTS.get(lesson.name), f"no planted wrong version of {lesson.name}"
+    source = open(os.path.join(original, lesson.file)).read()
+    for subs in PLANTS[lesson.name].values():
+        compile(planted(source, lesson, subs), lesson.file, "exec")
+
+
+def test_blank_keeps_signature_and_docstring_and_restore_is_exact(tmp_path, capsys):
+    root = copy_repo(tmp_path / "repo")
+    files = {f: open(os.path.join(root, f)).read() for f in {les.file for les in PRESENT}}
+    kit.main(["blank"] + [les.name for les in PRESENT], root=root)
+    for les in PRESENT:
+        before = kit.find(ast.parse(files[les.file]), les.qualname)
+        source = open(os.path.join(root, les.file)).read()
+        after = kit.find(ast.parse(source), les.qualname)
+        assert ast.dump(after.args) == ast.dump(before.args)
+        assert [ast.dump(d) for d in after.decorator_list] == [ast.dump(d) for d in before.decorator_list]
+        assert ast.get_docstring(after) == ast.get_docstring(before)
+        raise_ = after.body[-1]
+        assert isinstance(raise_, ast.Raise) and len(after.body) == 1 + (ast.get_docstring(before) is not None)
+        assert kit.BLANKED.search(ast.unparse(raise_)).group(1) == les.name
+        assert kit.status(root, les) == "blank"
+    assert kit.main(["blank", "rms_norm"], root=root) is None and "already blank" in capsys.readouterr().out
+    # a student writes an answer, then the teacher restores: the original is back, the answer kept aside
+    path = os.path.join(root, "maml_gpt.py")
+    source = open(path).read()
+    open(path, "w").write(source.replace(kit.STUB.format(name="apply_rope"), "return x  # my answer"))
+    kit.main(["restore", "--all"], root=root)
+    for f, text in files.items():
+        assert open(os.path.join(root, f)).read() == text
+    assert "return x  # my answer" in open(os.path.join(root, kit.SAVED, "apply_rope.yours.py")).read()
+    assert "kept in .exercises/apply_rope.yours.py" in capsys.readouterr().out
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    root = copy_repo(tmp_path / "repo")
+    assert kit.main(["blank", "nope"], root=root) == 1
+    assert capsys.readouterr().err.startswith("error: no lesson 'nope'")
+    kit.main(["blank", "rms_norm"], root=root)
+    path = os.path.join(root, "maml_gpt.py")
+    open(path, "a").write("def broken(:\n")
+    assert kit.main(["restore", "rms_norm"], root=root) == 1
+    assert "does not parse (line" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_restore_from_git_without_a_saved_copy(tmp_path):
+    root = copy_repo(tmp_path / "repo")
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    git("add", "maml_gpt.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    original = open(os.path.join(root, "maml_gpt.py")).read()
+    kit.main(["blank", "inner_loop"], root=root)
+    shutil.rmtree(os.path.join(root, kit.SAVED))
+    kit.main(["restore", "inner_loop"], root=root)
+    assert open(os.path.join(root, "maml_gpt.py")).read() == original
+
+
+def test_list_shows_every_lesson(capsys):
+    kit.main(["list"])
+    out = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[0] for line in out] == [les.name for les in kit.LESSONS]
+
+
+def test_marker_tests_fail_on_blanks_and_plants_and_pass_on_the_original(tmp_path):
+    """The grading, end to end, in one subprocess (see grade_all)."""
+    root = copy_repo(tmp_path / "repo")
+    out = str(tmp_path / "results.json")
+    script = os.path.join(root, "tests", "test_exercises.py")  # the copy's kit acts on the copy
+    r = subprocess.run([sys.executable, script, root, out], capture_output=True, text=True,
+                       timeout=900, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    problems = []
+    for name, variant, outcomes in json.load(open(out)):
+        n_failed = sum(o == "failed" for o in outcomes.values())
+        if not outcomes:
+            problems.append(f"{name} / {variant}: no test ran")
+        elif variant == "blank" and n_failed < len(outcomes):
+            problems.append(f"{name} / blank: these tests do not need it: "
+                            f"{[t for t, o in outcomes.items() if o != 'failed']}")
+        elif variant == "restored" and any(o != "passed" for o in outcomes.values()):
+            problems.append(f"{name} / restored: {outcomes}")
+        elif variant.startswith("plant") and not n_failed:
+            problems.append(f"{name} / {variant}: not caught, all {len(outcomes)} tests passed")
+        elif variant == "dependents":  # rms_norm blank, all of test_model.py: its test fails, the others skip
+            bad = {t: o for t, o in outcomes.items() if o == "failed" and "rms_norm" not in t}
+            if bad or not any(o.startswith("skipped: needs maml_gpt.py:RMSNorm.forward") for o in outcomes.values()):
+                problems.append(f"rms_norm blank, test_model.py: {outcomes}")
+    assert not problems, "\n".join(problems)
+
+
+def grade_all(root, out):
+    """For every lesson present, in the repository copy at `root`: blank -> run its marker's tests; each plant ->
+    run them (stop at the first failure); restore -> run them. One process, so torch is imported once; the copy's
+    own modules are imported afresh for every pytest run. Writes [(lesson, variant, {test: outcome})] to `out`."""
+    sys.dont_write_bytecode = True  # a same-size edit within a second must never reuse a stale .pyc
+
+    def run(*args):
+        for name, mod in list(sys.modules.items()):  # maml_gpt, finetune_ner, conftest, test_*: fresh each time
+            if name != "__main__" and os.path.abspath(getattr(mod, "__file__", None) or "/").startswith(root + os.sep):
+                del sys.modules[name]
+        rec = Recorder()
+        # no:unraisableexception: its five gc.collect() per session cost more than the tests themselves here
+        pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--rootdir", root, *args],
+                    plugins=[rec])
+        return rec.outcomes
+
+    results = []
+    tests = os.path.join(root, "tests")
+    for lesson in PRESENT:
+        files = [os.path.join(tests, f) for f in sorted(os.listdir(tests))
+                 if f.startswith("test_") and f"@pytest.mark.{lesson.name}\n" in open(os.path.join(tests, f)).read()]
+        path = os.path.join(root, lesson.file)
+        original = open(path).read()
+        kit.main(["blank", lesson.name], root=root)
+        results.append((lesson.name, "blank", run("-m", lesson.name, *files)))
+        kit.main(["restore", lesson.name], root=root)
+        for desc, subs in PLANTS[lesson.name].items():
+            with open(path, "w") as f:
+                f.write(planted(original, lesson, subs))
+            results.append((lesson.name, f"plant: {desc}", run("-m", lesson.name, "--maxfail=1", *files)))
+        with open(path, "w") as f:
+            f.write(original)
+        results.append((lesson.name, "restored", run("-m", lesson.name, *files)))
+    kit.main(["blank", "rms_norm"], root=root)
+    results.append(("rms_norm", "dependents", run(os.path.join(root, "tests", "test_model.py"))))
+    kit.main(["restore", "rms_norm"], root=root)
+    with open(out, "w") as f:
+        json.dump(results, f)
+
+
+class Recorder:
+    """pytest plugin: {test id: "passed" | "failed" | "skipped: reason"}, a failure in any phase counting."""
+
+    def __init__(self):
+        self.outcomes = {}
+
+    def pytest_sessionstart(self, session):
+        import torch
+        torch.set_num_threads(1)  # after conftest's 2: on a busy machine a second thread spins, 10x slower here
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" or not report.passed:
+            if self.outcomes.get(report.nodeid) != "failed":
+                self.outcomes[report.nodeid] = report.outcome if not report.skipped else \
+                    f"skipped: {report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr}"
+
+
+if __name__ == "__main__":
+    grade_all(os.path.abspath(sys.argv[1]), sys.argv[2])
