@@ -69,6 +69,7 @@ def test_entity_f1_per_type_and_micro():
     assert res["per_type"]["ORG"] == dict(precision=0.5, recall=1.0, f1=pytest.approx(2 / 3), support=1)
 
 
+@pytest.mark.entity_f1
 @pytest.mark.parametrize("seed", range(5))
 def test_entity_f1_equals_seqeval_on_random_tags(seed):
     """Random tag sequences, ill-formed ones included (I- after O, type changes inside a span): micro and per-type
