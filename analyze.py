@@ -1,6 +1,6 @@
 """
-analyze.py: which of the paper's four claims hold on a MAML run and its vanilla twin, with figures and a report
-(paper §4-§6: speed-up, NER F1, PER and attention entropy, meta-learning curves).
+analyze.py: which of the paper's four claims hold on a MAML run and its vanilla twin, with figures and a
+report (paper §4-§6: speed-up, NER F1, PER and attention entropy, meta-learning curves).
 
     python analyze.py                                   # the demo run(s): out/demo [and out/demo-vanilla]
     python analyze.py out/small out/small-vanilla       # a MAML run and its vanilla twin
@@ -22,7 +22,7 @@ import numpy as np
 from finetune_ner import TEST_CONFIGS, TRAIN_CONFIGS
 from maml_gpt import UserError, pyplot
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -63,12 +63,13 @@ def smooth(y, k=5):
     return np.convolve(y, np.ones(k), "same") / c
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# "Reaches the same loss N x sooner" (paper §4): ratio of the steps (or tokens) each run needs to first reach a
-# loss level, vanilla over MAML, for every level both runs reach.
+# ------------------------------------------------------------------------------------------------------------
+# "Reaches the same loss N x sooner" (paper §4): ratio of the steps (or tokens) each run needs to first reach
+# a loss level, vanilla over MAML, for every level both runs reach.
 
 def first_reach(x, y, level):
-    """First x at which the smoothed, running-minimum loss is <= level (linear interpolation between log points)."""
+    """First x at which the smoothed, running-minimum loss is <= level (linear interpolation between log
+    points)."""
     # Smooth first (AR losses are noisy), then take the running minimum so "reached" is monotone in time.
     best = np.minimum.accumulate(smooth(y))
     hit = np.flatnonzero(best <= level)
@@ -85,15 +86,16 @@ def speedup(xv, yv, xm, ym, n_levels=50):
     """Loss curves (x, y) of the vanilla and the MAML run -> dict(levels, ratios, max, max_level, at_final,
     final_loss), ratios = x_vanilla(L) / x_maml(L); None when the curves are too short or never overlap.
 
-    at_final is the paper's number ("reaches its vanilla loss N x sooner"): the x at which vanilla ends over the x at
-    which MAML first reaches vanilla's final loss. If MAML never gets there, the same question the other way round:
-    where vanilla first reaches MAML's final loss over where MAML ends (then < 1)."""
+    at_final is the paper's number ("reaches its vanilla loss N x sooner"): the x at which vanilla ends over
+    the x at which MAML first reaches vanilla's final loss. If MAML never gets there, the same question the
+    other way round: where vanilla first reaches MAML's final loss over where MAML ends (then < 1)."""
     if len(yv) < 2 or len(ym) < 2:
         return None
     bv, bm = np.minimum.accumulate(smooth(yv)), np.minimum.accumulate(smooth(ym))
     hi, lo = min(bv[0], bm[0]), max(bv[-1], bm[-1])  # the loss range both runs cover
-    # skip the top 10 % of that range: the first few log points, where both runs sit in warm-up and ratios are noise.
-    # No range (one run starts below where the other ends, as the mixed metric can): only the final level is shared.
+    # skip the top 10 % of that range: the first few log points, where both runs sit in warm-up and ratios are
+    # noise. No range (one run starts below where the other ends, as the mixed metric can): only the final
+    # level is shared.
     levels = np.linspace(hi - 0.1 * (hi - lo), lo, n_levels) if hi > lo else np.array([lo])
     ratios = []
     for L in levels:
@@ -116,8 +118,8 @@ def speedup(xv, yv, xm, ym, n_levels=50):
 
 def mixed_series(run, x="step"):
     """The reference's `train/loss`: the mean over each window's micro-steps of whichever loss each computed.
-    `loss_mixed` when logged; in older runs rebuilt exactly from the branch means, since every step of a run has
-    the same number of micro-steps. A vanilla run's is its AR loss."""
+    `loss_mixed` when logged; in older runs rebuilt exactly from the branch means, since every step of a run
+    has the same number of micro-steps. A vanilla run's is its AR loss."""
     if run["vanilla"]:
         return series(run, "loss_ar", x)
     if any("loss_mixed" in r for r in run["rows"]):
@@ -129,19 +131,23 @@ def mixed_series(run, x="step"):
 
 
 # The four speed-ups of claim 1: (result key, x axis, a run -> its (x, loss) curve, what it measures).
-# tokens_ar counts AR batches seen (AR steps x global batch x seq_len): "per AR step" up to a factor both share.
+# tokens_ar counts AR batches seen (AR steps x global batch x seq_len): "per AR step" up to a factor both
+# share.
 SPEEDUPS = [("step", "step", lambda r, x: series(r, "loss_ar", x), "per step, AR loss"),
             ("tokens", "tokens", lambda r, x: series(r, "loss_ar", x), "per backbone token, AR loss"),
             ("arstep", "tokens_ar", lambda r, x: series(r, "loss_ar", x), "per AR step, AR loss"),
             ("step_mixed", "step", mixed_series, "per step, the reference's mixed train/loss")]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Phase transitions (paper §6). Rules:
-#  * PER knee: on the smoothed curve, the peak (argmax) and, after it, the steepest drop (most negative slope);
-#    reported when the curve falls by at least 5 % of its peak value after the peak (the "compress"). The claim's
+#  * PER knee: on the smoothed curve, the peak (argmax) and, after it, the steepest drop (most negative
+#    slope);
+#    reported when the curve falls by at least 5 % of its peak value after the peak (the "compress"). The
+#             claim's
 #    "diversify" also needs a rise before it: a peak at least 5 % above the first log point ("rose").
-#  * query-accuracy jump: a log point where smoothed accuracy rises by more than max(0.05, 3 x the median absolute
+#  * query-accuracy jump: a log point where smoothed accuracy rises by more than max(0.05, 3 x the median
+#    absolute
 #    increment), i.e. a rise well outside the usual step-to-step noise.
 
 def per_knee(x, y, min_drop=0.05):
@@ -181,7 +187,8 @@ def per_keys(run, kind):
 
 
 def mean_per(run, kind, module=""):
-    """(steps, PER averaged over layers and matrices), or over the layers of one matrix type (e.g. swiglu.w_2)."""
+    """(steps, PER averaged over layers and matrices), or over the layers of one matrix type (e.g.
+    swiglu.w_2)."""
     keys = [k for k in per_keys(run, kind) if k.endswith(module)]
     rows = [r for r in run["rows"] if keys and keys[0] in r]
     return (np.array([r["step"] for r in rows], float), np.array([np.mean([r[k] for k in keys]) for r in rows]))
@@ -199,10 +206,11 @@ def entropy_series(run):
             np.array([r.get("attn_entropy_mean", np.mean(r["attn_entropy"])) for r in rows], float))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The paper's four claims, one row each: the paper's statement and number, what these runs show, a verdict.
-# Verdicts are "holds", "does not hold" or "not measurable"; the rules are in each function's docstring and in the
-# README. claims.json is flat (str -> number / bool / str / null) and has every key whether measurable or not.
+# Verdicts are "holds", "does not hold" or "not measurable"; the rules are in each function's docstring and in
+# the README. claims.json is flat (str -> number / bool / str / null) and has every key whether measurable or
+# not.
 
 PAPER_CLAIMS = [  # (claim id, name, the paper's statement and number)
     ("speedup", "Same loss N x sooner",
@@ -256,7 +264,8 @@ def load_grid(grid_dir):
 
 
 def grid_ckpt(rows, run, want_maml):
-    """The grid's checkpoint of this run: the one inside its folder, else the first with the right hybrid_ratio."""
+    """The grid's checkpoint of this run: the one inside its folder, else the first with the right
+    hybrid_ratio."""
     ckpts = list(dict.fromkeys(r["ckpt"] for r in rows))
     for c in ckpts:
         if run and os.path.realpath(os.path.dirname(c)) == os.path.realpath(run["path"]):
@@ -266,9 +275,9 @@ def grid_ckpt(rows, run, want_maml):
 
 
 def claim_ner(rows, maml, van):
-    """Relative change of mean micro-F1, MAML over vanilla, in % of vanilla, per regime and evaluation group (the
-    paper's Table 3; means over every fine-tuning config x evaluation set of the group, as grid.md). Holds when the
-    average of the measurable (regime, group) changes is > 0."""
+    """Relative change of mean micro-F1, MAML over vanilla, in % of vanilla, per regime and evaluation group
+    (the paper's Table 3; means over every fine-tuning config x evaluation set of the group, as grid.md).
+    Holds when the average of the measurable (regime, group) changes is > 0."""
     groups = {g: [e for e in GROUPS[g] if not e.startswith("toy")] for g in ("seen", "pud", "other")}
     groups.update(toy=["toy"], toy_heldout=["toy_heldout"])  # the offline toy set: same names, unseen names
     c = {}
@@ -308,8 +317,8 @@ def claim_ner(rows, maml, van):
 
 
 def claim_dynamics(maml, van):
-    """Holds when the MAML run's mean weight PER and its mean attention entropy both rise, then fall (the rules
-    above), and the vanilla twin's weight PER does not."""
+    """Holds when the MAML run's mean weight PER and its mean attention entropy both rise, then fall (the
+    rules above), and the vanilla twin's weight PER does not."""
     c, text = {}, []
     for tag, run in (("maml", maml), ("vanilla", van)):
         for kind in ("weight", "grad"):
@@ -356,8 +365,9 @@ def fewshot_at(run, step, key):
 
 
 def claim_jump(maml, van):
-    """Holds when the MAML run's query accuracy (after adaptation) has a jump by the rule above. Also reports the
-    held-out few-shot eval of both backbones at the last eval step both logged (and at MAML's token count)."""
+    """Holds when the MAML run's query accuracy (after adaptation) has a jump by the rule above. Also reports
+    the held-out few-shot eval of both backbones at the last eval step both logged (and at MAML's token
+    count)."""
     c = dict(jump_step=None, jump_rise=None, n_jumps=None, acc_query_pre_last=None, acc_query_post_last=None,
              chance=None, fewshot_step=None, fewshot_tokens_maml=None, fewshot_tokens_vanilla=None,
              eval_fewshot_acc_vanilla_equal_tokens=None)
@@ -372,7 +382,8 @@ def claim_jump(maml, van):
             big = max(jumps, key=lambda j: j["rise"])
             c["jump_step"], c["jump_rise"] = big["step"], big["rise"]
     steps = [s for s in (set(series(r, "eval_fewshot_acc")[0]) for r in (maml, van) if r) if s]
-    common = set.intersection(*steps) if steps else set()  # the eval steps of both runs (or of the one that has it)
+    # the eval steps of both runs (or of the one that has it)
+    common = set.intersection(*steps) if steps else set()
     shows = []
     if c["n_jumps"] is not None:
         shows.append(f"query accuracy after adaptation, last window {c['acc_query_post_last']:.3f} (before "
@@ -409,7 +420,8 @@ def claim_jump(maml, van):
 
 
 def claims(runs, results, ner_rows):
-    """-> (flat dict for claims.json, markdown rows). Compares the first MAML run with the first vanilla one."""
+    """-> (flat dict for claims.json, markdown rows). Compares the first MAML run with the first vanilla
+    one."""
     maml = next((r for r in runs if not r["vanilla"]), None)
     van = next((r for r in runs if r["vanilla"]), None)
     out = dict(run_maml=maml["path"] if maml else None, run_vanilla=van["path"] if van else None)
@@ -423,7 +435,7 @@ def claims(runs, results, ner_rows):
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in out.items()}, rows
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The NER grid of `finetune_ner.py --sweep` (paper Figures 13-28, Tables 3-5): tables and heatmaps
 
 GROUPS = {"seen": list(TRAIN_CONFIGS) + ["toy"], "pud": [c for c in TEST_CONFIGS if c.endswith("_pud")],
@@ -431,7 +443,8 @@ GROUPS = {"seen": list(TRAIN_CONFIGS) + ["toy"], "pud": [c for c in TEST_CONFIGS
 
 
 def ner_grid_report(rows, out):
-    """grid.md (every cell), one heatmap per checkpoint and regime, and MAML-vs-vanilla relative improvements."""
+    """grid.md (every cell), one heatmap per checkpoint and regime, and MAML-vs-vanilla relative
+    improvements."""
     plt = pyplot()
     lines = ["# NER fine-tuning grid (entity micro-F1)", ""]
     for ckpt in dict.fromkeys(r["ckpt"] for r in rows):
@@ -490,7 +503,7 @@ def ner_grid_report(rows, out):
     print(f"grid: {os.path.join(out, 'grid.csv')}, {os.path.join(out, 'grid.md')}, heatmaps in {out}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Figures
 
 def figures(runs, out, results):
@@ -670,7 +683,7 @@ def figure_entropy(plt, run):
     return fig
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Report
 
 def fmt(v, nd=3):

@@ -1,14 +1,15 @@
 """
-Speed against Hugging Face: one forward+backward of the same model, same weights, same tokens, in maml-gpt and in
-transformers.LlamaForCausalLM (SDPA attention). Needs `pip install -r requirements-dev.txt`.
+Speed against Hugging Face: one forward+backward of the same model, same weights, same tokens, in maml-gpt and
+in transformers.LlamaForCausalLM (SDPA attention). Needs `pip install -r requirements-dev.txt`.
 
     python bench.py                                   # tiny, 8 x 256, fp32, on the CPU
     python bench.py --size small --batch_size 4       # any preset; --device cuda --dtype bfloat16 on a GPU
 
 Both models see the same random tokens and compute the same mean next-token loss over B x (T - 1) targets (HF
-shifts its labels inside; we mark the last position ignore_index). A third contestant is our model with the plain
-loss on full logits (what the fused loss replaced). The three take turns in one process, the first place rotating,
-so that a machine shared with other work slows all of them alike; a ratio is the median of per-round ratios.
+shifts its labels inside; we mark the last position ignore_index). A third contestant is our model with the
+plain loss on full logits (what the fused loss replaced). The three take turns in one process, the first place
+rotating, so that a machine shared with other work slows all of them alike; a ratio is the median of per-round
+ratios.
 """
 import argparse
 import statistics

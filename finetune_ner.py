@@ -6,10 +6,10 @@ finetune_ner.py: Universal NER fine-tuning of a maml_gpt.py checkpoint (paper §
     python finetune_ner.py --sweep --ckpt out/small/ckpt.pt out/small-vanilla/ckpt.pt  # the paper's grid
     python finetune_ner.py --data_dir ../shared/uner --train_on da_ddt                # local .iob2 files
 
-A fresh nn.Linear(d_model, 7) reads the final hidden states. --regime head freezes the backbone (the NER analogue
-of the inner loop); --regime full trains everything. AdamW, lr 3e-5, batch 16, at most 10 epochs, early stopping
-on dev entity micro-F1 (the best epoch's weights are tested). Each run evaluates in-language and zero-shot on every
-test-only set available, writes results.json and prints a table.
+A fresh nn.Linear(d_model, 7) reads the final hidden states. --regime head freezes the backbone (the NER
+analogue of the inner loop); --regime full trains everything. AdamW, lr 3e-5, batch 16, at most 10 epochs,
+early stopping on dev entity micro-F1 (the best epoch's weights are tested). Each run evaluates in-language
+and zero-shot on every test-only set available, writes results.json and prints a table.
 """
 import argparse
 import csv
@@ -45,12 +45,12 @@ TEST_CONFIGS = {"de_pud": ("UNER_German-PUD", "master"), "en_pud": ("UNER_Englis
 URL = "https://raw.githubusercontent.com/UniversalNER/{repo}/{branch}/{cfg}-ud-{split}.iob2"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Data: UNER .iob2 files (downloaded and cached, or local), or the toy world's tagged sentences
 
 def read_iob2(path):
-    """-> list of (tokens, tags). `#` comments, 5 TAB columns per token line (id, token, tag, misc, annotator),
-    blank lines between sentences. *OTH* tags and B-O become O."""
+    """-> list of (tokens, tags). `#` comments, 5 TAB columns per token line (id, token, tag, misc,
+    annotator), blank lines between sentences. *OTH* tags and B-O become O."""
     sents, words, tags = [], [], []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -78,7 +78,8 @@ def read_iob2(path):
 
 
 def uner_file(cfg, split, data_dir, cache_dir):
-    """Path of <cfg>-ud-<split>.iob2: in --data_dir if given, else cached, else downloaded (None if absent)."""
+    """Path of <cfg>-ud-<split>.iob2: in --data_dir if given, else cached, else downloaded (None if
+    absent)."""
     name = f"{cfg}-ud-{split}.iob2"
     if data_dir:
         p = os.path.join(data_dir, name)
@@ -112,7 +113,8 @@ def load_splits(args):
         n_dev = args.toy_sentences // 4
         return dict(train=data[:args.toy_sentences], dev=data[args.toy_sentences:args.toy_sentences + n_dev],
                     test={"toy": data[args.toy_sentences + n_dev:],  # same world, unseen sentences
-                          "toy_heldout": world.ner_sentences(seed=1337, n=n_dev, heldout=True)})  # unseen names
+                          # unseen names
+                          "toy_heldout": world.ner_sentences(seed=1337, n=n_dev, heldout=True)})
     cfgs = list(TRAIN_CONFIGS) if args.train_on == "all" else [args.train_on]
     if args.train_on not in TRAIN_CONFIGS and args.train_on != "all":
         raise UserError(f"--train_on {args.train_on!r}: choose toy, all, or one of {', '.join(TRAIN_CONFIGS)}")
@@ -140,9 +142,9 @@ def load_splits(args):
 
 
 def encode(sentences, max_len=128):
-    """Words -> GPT-2 ids the way pretraining text is tokenized (a leading space before every word but the first).
-    Only the first sub-token of each word carries its label; others get -100. -> (list of (ids, labels,
-    first-token positions), number of truncated words)."""
+    """Words -> GPT-2 ids the way pretraining text is tokenized (a leading space before every word but the
+    first). Only the first sub-token of each word carries its label; others get -100. -> (list of (ids,
+    labels, first-token positions), number of truncated words)."""
     enc = get_tokenizer()
     out, truncated = [], 0
     for words, tags in sentences:
@@ -175,12 +177,12 @@ def batches(items, batch_size, shuffle_rng=None):
         yield x, y, chunk
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Metric: entity-level micro P/R/F1, as seqeval's default (IOB2, non-strict) mode
 
 def entities(tags):
-    """Entity spans (type, start, end) of one IOB2 sequence, seqeval's lenient rules: an I- tag after O or after
-    another type starts a new entity; B- always starts one; O and a type change end one."""
+    """Entity spans (type, start, end) of one IOB2 sequence, seqeval's lenient rules: an I- tag after O or
+    after another type starts a new entity; B- always starts one; O and a type change end one."""
     spans, start, typ = [], None, None
     for i, t in enumerate(list(tags) + ["O"]):  # a trailing O closes an entity that runs to the end
         prefix, ty = (t[0], t[2:]) if t != "O" else ("O", None)
@@ -193,7 +195,8 @@ def entities(tags):
 
 
 def entity_f1(gold, pred):
-    """gold, pred: lists of tag sequences. -> dict(precision, recall, f1, per_type={TYPE: dict(..., support)})."""
+    """gold, pred: lists of tag sequences. -> dict(precision, recall, f1, per_type={TYPE: dict(...,
+    support)})."""
     # An entity counts only if type, start and end all match (exact-span match), keyed by sentence index.
     g = {(s,) + e for s, tags in enumerate(gold) for e in entities(tags)}
     p = {(s,) + e for s, tags in enumerate(pred) for e in entities(tags)}
@@ -209,7 +212,7 @@ def entity_f1(gold, pred):
                                        for t in types})
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Fine-tuning
 
 def features(model, items, batch_size, device):
@@ -336,11 +339,12 @@ def print_table(res, log=print):
         log(f"{name:14s} {r['precision']:7.3f} {r['recall']:7.3f} {r['f1']:7.3f}   {per}   {r['truncated_words']}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The grid (paper Figures 13-28, Tables 3-5)
 
 SWEEP_KEYS = ("lr", "batch_size", "epochs", "patience", "max_len", "max_train_sentences", "toy_sentences", "seed",
-              "data_dir")  # what the cells of one grid must share (grid.json); a different value is another grid
+              # what the cells of one grid must share (grid.json); a different value is another grid
+              "data_dir")
 
 
 def write_atomic(path, text):
@@ -382,8 +386,9 @@ def sweep(args):
                 print(f"{ckpt} {regime:4s} {cfg:12s} " + " ".join(f"{k}={v['f1']:.3f}" for k, v in res["eval"].items()))
                 rows += [dict(ckpt=ckpt, hybrid_ratio=res["hybrid_ratio"], regime=regime, train_on=cfg, eval_on=name,
                               precision=r["precision"], recall=r["recall"], f1=r["f1"]) for name, r in res["eval"].items()]
-                # The whole CSV, rewritten atomically after each cell: a Ctrl-C or a kill mid-write could otherwise
-                # leave a half cell that a resumed sweep would count as done (and a half row it cannot parse).
+                # The whole CSV, rewritten atomically after each cell: a Ctrl-C or a kill mid-write could
+                # otherwise leave a half cell that a resumed sweep would count as done (and a half row it
+                # cannot parse).
                 buf = io.StringIO()
                 w = csv.DictWriter(buf, fieldnames=fields)
                 w.writeheader()

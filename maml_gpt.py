@@ -1,20 +1,21 @@
 """
-maml-gpt: first-order MAML interleaved with next-token pretraining of a small Llama-style decoder, in one file.
-A minimal reproduction of "Learning Dynamics of Meta-Learning in Small Model Pretraining" (arXiv 2508.02189).
+maml-gpt: first-order MAML interleaved with next-token pretraining of a small Llama-style decoder, in one
+file. A minimal reproduction of "Learning Dynamics of Meta-Learning in Small Model Pretraining" (arXiv
+2508.02189).
 
-    python maml_gpt.py                                       # offline demo: toy world, tiny model, CPU, ~4 min
-    python maml_gpt.py --hybrid_ratio 0 --out_dir out/demo-vanilla   # its vanilla twin (same AR batches)
-    torchrun --nproc_per_node=2 maml_gpt.py --device cpu     # the demo under DDP (gloo) on a laptop
-    torchrun --nproc_per_node=4 maml_gpt.py --size large     # the released recipe at 570M on 4 GPUs
-    python maml_gpt.py --size tiny --data toy                # the released recipe, offline corpus
-    python maml_gpt.py --bench --size small                  # tokens/s, MFU, memory, meta/AR cost, dynamics cost
-    python maml_gpt.py --sample "The main industry of"       # continuations by the model in out/demo
-    python maml_gpt.py --export_hf out/demo-hf               # a Hugging Face Llama folder (lm-eval, BLiMP...)
+    python maml_gpt.py                                   # offline demo: toy world, tiny model, CPU, ~4 min
+    python maml_gpt.py --hybrid_ratio 0 --out_dir out/demo-vanilla     # its vanilla twin (same AR batches)
+    torchrun --nproc_per_node=2 maml_gpt.py --device cpu # the demo under DDP (gloo) on a laptop
+    torchrun --nproc_per_node=4 maml_gpt.py --size large # the released recipe at 570M on 4 GPUs
+    python maml_gpt.py --size tiny --data toy            # the released recipe, offline corpus
+    python maml_gpt.py --bench --size small              # tokens/s, MFU, memory, meta/AR and dynamics cost
+    python maml_gpt.py --sample "The main industry of"   # continuations by the model in out/demo
+    python maml_gpt.py --export_hf out/demo-hf           # a Hugging Face Llama folder (lm-eval, BLiMP...)
 
-The file reads in the paper's order: config (§3.1, App. A) -> model (§3.1) -> SMLMT episodes (§3.2) -> first-order
-MAML (§3.3, Algorithm 1) -> learning dynamics (§3.3, §6) -> the training loop (Algorithm 1, App. A.1). An appendix
-holds the plumbing no reader of the paper needs: tokenizer, corpus caching, processes, checkpoints, logging and
-evaluation batches, sampling and export, the benchmark, main().
+The file reads in the paper's order: config (§3.1, App. A) -> model (§3.1) -> SMLMT episodes (§3.2) ->
+first-order MAML (§3.3, Algorithm 1) -> learning dynamics (§3.3, §6) -> the training loop (Algorithm 1,
+App. A.1). An appendix holds the plumbing no reader of the paper needs: tokenizer, corpus caching, processes,
+checkpoints, logging and evaluation batches, sampling and export, the benchmark, main().
 Every optimizer step is one of two branches:
   AR   : next-token loss on a batch of corpus windows;
   meta : an SMLMT episode; a small MLP head adapts to the support set in 10 SGD steps (no backbone gradient),
@@ -46,11 +47,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad flag, missing file, corrupt checkpoint): printed without a traceback."""
+    """A problem the user can fix (bad flag, missing file, corrupt checkpoint): printed without a
+    traceback."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Config (paper §3.1, App. A). The presets are the parser's defaults, so `--help` shows the values a run will use.
+# ------------------------------------------------------------------------------------------------------------
+# Config (paper §3.1, App. A). The presets are the parser's defaults, so `--help` shows the values a run will
+# use.
 
 @dataclass
 class ModelConfig:
@@ -67,9 +70,9 @@ class ModelConfig:
 EOT_ID = 50256  # <|endoftext|> separates documents
 MASK_ID = 50257  # [MASK]: one extra id after GPT-2's vocabulary; only SMLMT episodes use it
 
-# One row per size: the width (the only thing that scales: 12 layers everywhere) and the sequences per micro-step
-# per process. The released runs used 8 per GPU x 4 GPUs x 8 accumulation steps for a global batch of 256, except
-# tiny: 16 x 4 x 4.
+# One row per size: the width (the only thing that scales: 12 layers everywhere) and the sequences per
+# micro-step per process. The released runs used 8 per GPU x 4 GPUs x 8 accumulation steps for a global batch
+# of 256, except tiny: 16 x 4 x 4.
 SIZES = {"tiny": dict(d_model=96, batch_size=16), "small": dict(d_model=384, batch_size=8),
          "medium": dict(d_model=768, batch_size=8), "large": dict(d_model=1536, batch_size=8)}
 
@@ -77,9 +80,9 @@ SIZES = {"tiny": dict(d_model=96, batch_size=16), "small": dict(d_model=384, bat
 DEMO = dict(data="toy", out_dir=os.path.join("out", "demo"), d_model=SIZES["tiny"]["d_model"], seq_len=128,
             batch_size=16, grad_accum=1, max_steps=200, lr=1e-3, warmup_steps=20, lr_schedule="cosine",
             log_every=10, save_every=100, eval_every=50, eval_batches=2, dynamics_every=25, eval_data="val")
-# `--size S`: the recipe that produced the released models (what their code ran, which differs from the paper's
-# text in places): seq 512, global batch 256, AdamW 3e-4, linear warm-up 2500 steps, then effectively constant,
-# 6000 steps, logs every 10.
+# `--size S`: the recipe that produced the released models (what their code ran, which differs from the
+# paper's text in places): seq 512, global batch 256, AdamW 3e-4, linear warm-up 2500 steps, then effectively
+# constant, 6000 steps, logs every 10.
 RELEASED = dict(data="HuggingFaceFW/fineweb-edu:sample-10BT", seq_len=512, global_batch=256, grad_accum=None,
                 max_steps=6000, lr=3e-4, warmup_steps=2500, lr_schedule="constant", log_every=10, save_every=100,
                 eval_every=100, eval_batches=16, dynamics_every=100, eval_data="paloma")
@@ -199,7 +202,8 @@ def parse_args(argv=None):
         raise UserError(f"--hybrid_ratio must be in [0, 1] (got {args.hybrid_ratio})")
     if args.temperature < 0 or args.top_k < 0:
         raise UserError(f"--temperature and --top_k must be >= 0 (got {args.temperature}, {args.top_k})")
-    if args.wandb:  # checked on every rank, before any work: only rank 0 imports it, but all must stop together
+    # checked on every rank, before any work: only rank 0 imports it, but all must stop together
+    if args.wandb:
         import importlib.util
         if importlib.util.find_spec("wandb") is None:
             raise UserError("--wandb needs the wandb package: pip install wandb (or run without --wandb)")
@@ -212,16 +216,17 @@ def model_config(args):
     return cfg
 
 
-# Randomness. Every random choice of a run is drawn from a stream keyed by (seed, step, stream[, j]), j being a
-# micro-step's slot in the global batch. No generator state survives a step, so a resumed run, or one that splits
-# the same global batch over a different number of processes, draws exactly what an uninterrupted run draws, and a
-# checkpoint needs no data-loader state: its step is its data position. The slot numbers are fixed history: a seed
-# draws today what it drew when the README's numbers were measured.
+# Randomness. Every random choice of a run is drawn from a stream keyed by (seed, step, stream[, j]), j being
+# a micro-step's slot in the global batch. No generator state survives a step, so a resumed run, or one that
+# splits the same global batch over a different number of processes, draws exactly what an uninterrupted run
+# draws, and a checkpoint needs no data-loader state: its step is its data position. The slot numbers are
+# fixed history: a seed draws today what it drew when the README's numbers were measured.
 STREAMS = {"batch": (0,), "branch": (1,), "episode": (2,), "dropout": ()}
 
 
 def stream_key(seed, step, stream, j=None):
-    """The seed sequence of one stream: [seed, step, slot], or [seed, step, j, slot] for a per-micro-step stream."""
+    """The seed sequence of one stream: [seed, step, slot], or [seed, step, j, slot] for a per-micro-step
+    stream."""
     return [seed, step, *([] if j is None else [j]), *STREAMS[stream]]
 
 
@@ -234,9 +239,10 @@ def torch_seed(seed, step, j):
     return int(np.random.SeedSequence(stream_key(seed, step, "dropout", j)).generate_state(1)[0])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model (paper §3.1): pre-norm Llama decoder. RMSNorm, RoPE, grouped-query attention, SwiGLU, untied embeddings,
-# no biases, no dropout, PyTorch default init (as pico-decoder). Parameter names follow the reference code.
+# ------------------------------------------------------------------------------------------------------------
+# Model (paper §3.1): pre-norm Llama decoder. RMSNorm, RoPE, grouped-query attention, SwiGLU, untied
+# embeddings, no biases, no dropout, PyTorch default init (as pico-decoder). Parameter names follow the
+# reference code.
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -246,14 +252,17 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # x / rms(x) over the feature dimension, then a learned per-feature gain. No mean subtraction, no bias
-        # (unlike LayerNorm). Computed in fp32 even under bf16 autocast: the mean of squares loses precision in bf16.
+        # (unlike LayerNorm). Computed in fp32 even under bf16 autocast: the mean of squares loses precision
+        # in bf16.
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def rope_tables(head_dim, max_len, theta):
-    """cos/sin of shape (max_len, head_dim/2): pair i of position t is rotated by angle t * theta^(-2i/head_dim)."""
-    # Pair 0 turns fastest (1 rad per position), the last pair slowest (~theta^-1): a spectrum of "clock hands".
+    """cos/sin of shape (max_len, head_dim/2): pair i of position t is rotated by angle t *
+    theta^(-2i/head_dim)."""
+    # Pair 0 turns fastest (1 rad per position), the last pair slowest (~theta^-1): a spectrum of "clock
+    # hands".
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hd/2)
     return angles.cos(), angles.sin()
@@ -261,9 +270,10 @@ def rope_tables(head_dim, max_len, theta):
 
 def apply_rope(x, cos, sin):
     """Rotate adjacent pairs (x0,x1), (x2,x3)... (Meta-Llama convention, not HF's rotate_half).
-    x: (B, H, T, hd); cos, sin: (T, hd/2). Real arithmetic, so the tables can be ordinary (NCCL-safe) buffers."""
-    # Each pair is a complex number x0 + i x1 multiplied by e^(i angle): a 2-D rotation. Rotating q at position m
-    # and k at position n makes q.k depend on m - n only: attention sees relative positions.
+    x: (B, H, T, hd); cos, sin: (T, hd/2). Real arithmetic, so the tables can be ordinary (NCCL-safe)
+    buffers."""
+    # Each pair is a complex number x0 + i x1 multiplied by e^(i angle): a 2-D rotation. Rotating q at
+    # position m and k at position n makes q.k depend on m - n only: attention sees relative positions.
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, T, hd/2): even and odd features
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, H, T, hd/2, 2)
     return out.flatten(-2).type_as(x)  # interleave back: (B, H, T, hd)
@@ -291,8 +301,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin):
         q, k, v = self.qkv(x, cos, sin)
         # enable_gqa: query head h reads kv head h // 3 without materialising repeated k/v (torch >= 2.5).
-        # is_causal: position t attends to 0..t; SDPA picks a fused kernel (flash / memory-efficient) when it can.
-        # Which one `--bench` prints: flash on the CPU (fp32, measured); on an H100 in bf16, not yet measured.
+        # is_causal: position t attends to 0..t; SDPA picks a fused kernel (flash / memory-efficient) when it
+        # can. Which one `--bench` prints: flash on the CPU (fp32, measured); on an H100 in bf16, not yet
+        # measured.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).flatten(-2))  # heads back side by side: (B, T, d)
 
@@ -306,7 +317,8 @@ class SwiGLU(nn.Module):
         self.w_2 = nn.Linear(hidden, cfg.d_model, bias=False)  # down projection
 
     def forward(self, x):
-        # A gated MLP: silu(w_0 x) decides, per hidden unit, how much of w_1 x passes. (B, T, d) -> (B, T, 4d) -> d
+        # A gated MLP: silu(w_0 x) decides, per hidden unit, how much of w_1 x passes. (B, T, d) -> (B, T, 4d)
+        # -> d
         return self.w_2(F.silu(self.w_0(x)) * self.w_1(x))
 
 
@@ -319,34 +331,37 @@ class Block(nn.Module):
         self.swiglu = SwiGLU(cfg)
 
     def forward(self, x, cos, sin):
-        # Pre-norm residual block: each sub-layer reads a normalised copy and adds to the residual stream, which
-        # itself is never normalised in place (stable at depth without warm-up tricks).
+        # Pre-norm residual block: each sub-layer reads a normalised copy and adds to the residual stream,
+        # which itself is never normalised in place (stable at depth without warm-up tricks).
         x = x + self.attention(self.attention_norm(x), cos, sin)
         return x + self.swiglu(self.swiglu_norm(x))
 
 
-# The LM-head loss, fused and chunked. At tiny width the (B*T, V) logits are the largest tensors of a step by far:
-# 16 x 512 x 50,304 fp32 is 1.6 GB, and a plain F.cross_entropy keeps several such copies alive (the logits, the
-# log-softmax, their gradients). But the loss of a row needs only log-sum-exp minus the target logit, and the
-# backward needs only d loss / d logits = softmax - one-hot, multiplied into two matmuls (for h and for W). So we
-# walk the rows in chunks: compute a chunk's logits, its loss and both its gradient contributions, then reuse the
-# buffer for the next chunk. Nothing of size (B*T, V) ever exists, and the backward pass is two multiplications by a
-# scalar. (The technique of Liger-Kernel's FusedLinearCrossEntropy and Apple's Cut Cross-Entropy, in plain torch.)
+# The LM-head loss, fused and chunked. At tiny width the (B*T, V) logits are the largest tensors of a step by
+# far: 16 x 512 x 50,304 fp32 is 1.6 GB, and a plain F.cross_entropy keeps several such copies alive (the
+# logits, the log-softmax, their gradients). But the loss of a row needs only log-sum-exp minus the target
+# logit, and the backward needs only d loss / d logits = softmax - one-hot, multiplied into two matmuls (for h
+# and for W). So we walk the rows in chunks: compute a chunk's logits, its loss and both its gradient
+# contributions, then reuse the buffer for the next chunk. Nothing of size (B*T, V) ever exists, and the
+# backward pass is two multiplications by a scalar. (The technique of Liger-Kernel's FusedLinearCrossEntropy
+# and Apple's Cut Cross-Entropy, in plain torch.)
 
-# Rows per chunk: 256 x 50,304 fp32 = 51 MB live at a time. Measured on the CPU (d = 96, 2,048 rows, 1 thread), the
-# fastest of 128 / 256 / 512 / 1,024 / 2,048 (1.49 / 1.42 / 1.46 / 1.56 / 1.72 s for loss + gradients; the plain
-# F.cross_entropy took 2.87 s). On a GPU, 256 x d x 50,304 matmuls are still large at d >= 384; a larger chunk
-# may be faster there: not yet measured.
+# Rows per chunk: 256 x 50,304 fp32 = 51 MB live at a time. Measured on the CPU (d = 96, 2,048 rows, 1
+# thread), the fastest of 128 / 256 / 512 / 1,024 / 2,048 (1.49 / 1.42 / 1.46 / 1.56 / 1.72 s for loss +
+# gradients; the plain F.cross_entropy took 2.87 s). On a GPU, 256 x d x 50,304 matmuls are still large at d
+# >= 384; a larger chunk may be faster there: not yet measured.
 LOSS_CHUNK_ROWS = 256
 
 
 def _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, want_h, want_w):
-    """Sum over rows of cross_entropy(h @ weight.T, targets), and (if asked) its gradients w.r.t. h and weight.
-    h (N, d), weight (V, d), targets (N,) int64. Rows whose target is ignore_index add 0 and get 0 gradient.
-    -> (loss_sum fp32 scalar, grad_h (N, d) fp32 or None, grad_w (V, d) fp32 or None, n_counted int64 scalar)."""
+    """Sum over rows of cross_entropy(h @ weight.T, targets), and (if asked) its gradients w.r.t. h and
+    weight. h (N, d), weight (V, d), targets (N,) int64. Rows whose target is ignore_index add 0 and get 0
+    gradient. -> (loss_sum fp32 scalar, grad_h (N, d) fp32 or None, grad_w (V, d) fp32 or None, n_counted
+    int64 scalar)."""
     dev = h.device.type
-    # Under autocast the matmuls run in its dtype (bf16), as nn.Linear's would; the softmax, the loss and the sums
-    # of gradient contributions stay fp32. Autocast does not look inside an autograd.Function, so cast by hand.
+    # Under autocast the matmuls run in its dtype (bf16), as nn.Linear's would; the softmax, the loss and the
+    # sums of gradient contributions stay fp32. Autocast does not look inside an autograd.Function, so cast by
+    # hand.
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     with torch.autocast(dev, enabled=False):
         hc, wc = h.to(dtype), weight.to(dtype)
@@ -355,8 +370,8 @@ def _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, want_h, wan
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
-        # One fp32 buffer reused by every chunk: on the CPU a fresh tensor this large is mapped from the OS and
-        # page-faulted in every time, which made the logits matmul 1.8x slower.
+        # One fp32 buffer reused by every chunk: on the CPU a fresh tensor this large is mapped from the OS
+        # and page-faulted in every time, which made the logits matmul 1.8x slower.
         buf = torch.empty(min(chunk_rows, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
         for i in range(0, h.shape[0], chunk_rows):
             rows = slice(i, i + chunk_rows)
@@ -373,12 +388,13 @@ def _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, want_h, wan
             loss += torch.where(counted[rows], sum_e.log() - z_t, 0.0).sum()
             if not (want_h or want_w):
                 continue  # evaluation: the loss is all we need
-            # d loss_row / d logits = softmax - one_hot(target). Ignored rows divide by +inf: their softmax, and so
-            # their gradient, is exactly 0.
+            # d loss_row / d logits = softmax - one_hot(target). Ignored rows divide by +inf: their softmax,
+            # and so their gradient, is exactly 0.
             g = e.div_(torch.where(counted[rows], sum_e, torch.inf)[:, None])
             g.scatter_add_(1, safe_t[rows], -counted[rows, None].float())  # (n, V)
             g = g.to(dtype)
-            # Chain rule through logits = h @ W.T: d/dh = g @ W (n, d), d/dW = g.T @ h (V, d), summed over chunks.
+            # Chain rule through logits = h @ W.T: d/dh = g @ W (n, d), d/dW = g.T @ h (V, d), summed over
+            # chunks.
             if want_h:
                 grad_h[rows] = g @ wc
             if want_w and dtype == torch.float32:
@@ -389,8 +405,9 @@ def _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, want_h, wan
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """mean over counted rows of cross_entropy(h @ weight.T, targets), with both gradients computed in the forward.
-    The backward has nothing left to do but scale them by the incoming gradient (a scalar: the loss is a mean)."""
+    """mean over counted rows of cross_entropy(h @ weight.T, targets), with both gradients computed in the
+    forward. The backward has nothing left to do but scale them by the incoming gradient (a scalar: the loss
+    is a mean)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, ignore_index, chunk_rows):
@@ -410,8 +427,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_rows=LOSS_CHUNK_ROWS):
     """F.cross_entropy(h @ weight.T, targets, ignore_index=ignore_index) without the (N, V) logits.
-    h (N, d), weight (V, d), targets (N,). Without autograd (torch.no_grad, or nothing requires grad) it computes
-    the loss alone; an autograd.Function cannot tell by itself (needs_input_grad ignores no_grad)."""
+    h (N, d), weight (V, d), targets (N,). Without autograd (torch.no_grad, or nothing requires grad) it
+    computes the loss alone; an autograd.Function cannot tell by itself (needs_input_grad ignores no_grad)."""
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_rows)
     loss, _, _, n = _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, False, False)
@@ -433,8 +450,8 @@ class Decoder(nn.Module):
 
     def forward(self, idx, targets=None, return_hidden=False):
         """idx (B, T) token ids. Returns the hidden states after output_norm (B, T, d) if return_hidden (the
-        features the MAML head and the NER head read). Otherwise (logits, loss): with targets (B, T), (None, mean
-        next-token loss), the logits never materialised; without, (logits (B, T, V) fp32, None)."""
+        features the MAML head and the NER head read). Otherwise (logits, loss): with targets (B, T), (None,
+        mean next-token loss), the logits never materialised; without, (logits (B, T, V) fp32, None)."""
         T = idx.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens > max_seq_len {self.cfg.max_seq_len}")
@@ -444,25 +461,29 @@ class Decoder(nn.Module):
             x = layer(x, cos, sin)
         x = self.output_norm(x)  # (B, T, d)
         if return_hidden:
-            return x  # meta and NER steps stop here: the 50,304-way LM head is the costliest matmul at small d
+            # meta and NER steps stop here: the 50,304-way LM head is the costliest matmul at small d
+            return x
         if targets is not None:  # training and evaluation: the loss without ever building the logits
             return None, linear_cross_entropy(x.flatten(0, 1), self.de_embedding_proj.weight, targets.flatten())
         return self.de_embedding_proj(x).float(), None  # logits (B, T, V), fp32 for a stable softmax
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.8, top_k=None, generator=None):
-        """Sample continuations of idx (B, T) -> (B, T + n), n <= max_new_tokens. Deterministic for a `generator`
-        (temperature 0: greedy). A row that emits <|endoftext|> is finished: it is padded with <|endoftext|> until
-        every row is. [MASK] (50257) and the padding ids 50258..50303 are never sampled.
+        """Sample continuations of idx (B, T) -> (B, T + n), n <= max_new_tokens. Deterministic for a
+        `generator` (temperature 0: greedy). A row that emits <|endoftext|> is finished: it is padded with
+        <|endoftext|> until every row is. [MASK] (50257) and the padding ids 50258..50303 are never sampled.
 
-        No KV cache: every new token re-runs the model on the whole (cropped) window. At these sizes that costs
-        little, and a cache would need a second attention path plus re-rotation of cached keys once the window
-        slides past max_seq_len; nanoGPT makes the same trade."""
+        No KV cache: every new token re-runs the model on the whole (cropped) window. At these sizes that
+        costs little, and a cache would need a second attention path plus re-rotation of cached keys once the
+        window slides past max_seq_len; nanoGPT makes the same trade."""
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            h = self(idx[:, -self.cfg.max_seq_len:], return_hidden=True)  # (B, T, d); a long prompt: keep its end
-            logits = self.de_embedding_proj(h[:, -1]).float()  # (B, V): only the last position predicts a new token
-            logits[:, MASK_ID:] = float("-inf")  # [MASK] and padding ids: never trained as targets, never emitted
+            # (B, T, d); a long prompt: keep its end
+            h = self(idx[:, -self.cfg.max_seq_len:], return_hidden=True)
+            # (B, V): only the last position predicts a new token
+            logits = self.de_embedding_proj(h[:, -1]).float()
+            # [MASK] and padding ids: never trained as targets, never emitted
+            logits[:, MASK_ID:] = float("-inf")
             if temperature == 0:
                 nxt = logits.argmax(-1)
             else:
@@ -483,18 +504,23 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# SMLMT episodes (paper §3.2): N content words, K support + Q query contexts each, the word replaced by [MASK].
+# ------------------------------------------------------------------------------------------------------------
+# SMLMT episodes (paper §3.2): N content words, K support + Q query contexts each, the word replaced by
+# [MASK].
 
 def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key, read="mask"):
-    """One N-way K-shot episode, drawn from the seed sequence `key` alone (stream_key(seed, step, "episode", j)).
+    """One N-way K-shot episode, drawn from the seed sequence `key` alone (stream_key(seed, step, "episode",
+    j)).
 
-    Returns support_x (N*K, ctx), support_y (N*K,), query_x (N*Q, ctx), query_y (N*Q,) as int64 numpy arrays, and
-    the class word ids (N,): label c means word classes[c]. Each example is a corpus window around one occurrence
-    of its word, with that occurrence replaced by [MASK]. The layout follows where the head reads (`read`):
+    Returns support_x (N*K, ctx), support_y (N*K,), query_x (N*Q, ctx), query_y (N*Q,) as int64 numpy arrays,
+    and the class word ids (N,): label c means word classes[c]. Each example is a corpus window around one
+    occurrence of its word, with that occurrence replaced by [MASK]. The layout follows where the head reads
+    (`read`):
       mask: the [MASK] is the window's last token. The head reads the hidden state AT the [MASK]; in a causal
-            model nothing after it could reach that state, so the whole window is left context (no dead compute);
-      last: the [MASK] sits at a random offset with >= ctx/4 tokens on each side, and the head reads the window's
+            model nothing after it could reach that state, so the whole window is left context (no dead
+              compute);
+      last: the [MASK] sits at a random offset with >= ctx/4 tokens on each side, and the head reads the
+        window's
             last token, which has attended to both sides of the mask.
     Support and query occurrences are distinct positions, and every query label is one of the N classes."""
     rng = np.random.default_rng(key)  # every random choice below comes from this one generator
@@ -510,13 +536,15 @@ def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key, read="mask")
                     for w in chosen])  # (N, K+Q) distinct corpus positions of each word
     if read == "mask":
         mask_at = np.full(occ.shape, ctx - 1)  # (N, K+Q) where [MASK] sits in each window: the last token
-    else:  # a random offset per example, so a last-token reader cannot learn "the answer is always at position 8"
+    # a random offset per example, so a last-token reader cannot learn "the answer is always at position 8"
+    else:
         mask_at = rng.integers(ctx // 4, ctx - ctx // 4, size=occ.shape)
     windows = np.asarray(tokens[(occ - mask_at)[..., None] + np.arange(ctx)], dtype=np.int64)  # (N, K+Q, ctx)
     # Only this occurrence is masked: if the word also appears elsewhere in the window it stays visible (a
     # shortcut; see the README's exercises).
     np.put_along_axis(windows, mask_at[..., None], MASK_ID, axis=-1)
-    y = np.repeat(labels[:, None], per_class, axis=1)  # (N, K+Q): row i is word i's label, support and query alike
+    # (N, K+Q): row i is word i's label, support and query alike
+    y = np.repeat(labels[:, None], per_class, axis=1)
     classes = np.empty(n_way, dtype=np.int64)
     classes[labels] = index["words"][chosen]  # invert the permutation: classes[label] = that word's token id
     # The first K occurrences of each word are its support set, the remaining Q its query set.
@@ -542,8 +570,8 @@ def episode_tensors(tokens, index, args, key, device):
 # The index that feeds sample_episode: where each content word occurs in the corpus.
 
 def content_word_ids(counts, skip_top, min_count):
-    """A content word is a GPT-2 token that is a whole word (leading space + >= 3 ASCII letters), not among the
-    corpus's `skip_top` most frequent tokens (function words), and seen at least `min_count` times."""
+    """A content word is a GPT-2 token that is a whole word (leading space + >= 3 ASCII letters), not among
+    the corpus's `skip_top` most frequent tokens (function words), and seen at least `min_count` times."""
     enc = get_tokenizer()
     frequent = set(np.argsort(-counts)[:skip_top].tolist())
     return np.array([i for i in np.flatnonzero(counts >= min_count)
@@ -556,8 +584,8 @@ SMLMT_MARGIN = 256  # indexed occurrences keep this many tokens of room on both 
 
 def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True, split="train"):
     """{word id -> occurrence positions in SPLIT.bin}, capped at --smlmt_max_occ per word; cached as .npz.
-    Training episodes come from train.bin only; the few-shot eval's from val.bin (its own word counts, and a word
-    needs only K+Q occurrences there)."""
+    Training episodes come from train.bin only; the few-shot eval's from val.bin (its own word counts, and a
+    word needs only K+Q occurrences there)."""
     min_count = args.smlmt_min_count if split == "train" else args.k_shot + args.q_query
     prefix = "smlmt" if split == "train" else f"smlmt-{split}"
     path = os.path.join(corpus_dir, f"{prefix}-{args.smlmt_skip_top}-{min_count}-{args.smlmt_max_occ}.npz")
@@ -592,7 +620,8 @@ def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True, split="train"):
                     have[w] += len(take)
         keep = [w for w in found if have[w] >= min_count]  # enough occurrences away from the edges
         positions = [np.concatenate(found[w]) for w in keep]
-        # CSR layout: word i's positions are positions[offsets[i]:offsets[i + 1]] (one flat array, fast to load)
+        # CSR layout: word i's positions are positions[offsets[i]:offsets[i + 1]] (one flat array, fast to
+        # load)
         offsets = np.cumsum([0] + [len(p) for p in positions])
         np.savez(path + ".tmp.npz", words=np.array(keep, dtype=np.int64), offsets=offsets,
                  positions=np.concatenate(positions) if positions else np.zeros(0, np.int64))
@@ -601,14 +630,16 @@ def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True, split="train"):
     return {"words": z["words"], "offsets": z["offsets"], "positions": z["positions"]}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# First-order MAML (paper §3.3, Algorithm 1): an MLP head adapts to the support set; the query loss at the adapted
-# head trains the backbone and the head's initialisation. Beside it, the other branch: one next-token micro-step.
+# ------------------------------------------------------------------------------------------------------------
+# First-order MAML (paper §3.3, Algorithm 1): an MLP head adapts to the support set; the query loss at the
+# adapted head trains the backbone and the head's initialisation. Beside it, the other branch: one next-token
+# micro-step.
 #
 def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.0, init="proto", vocab_size=None):
-    """`body`: d -> 128 -> 128 -> 128 (3 linear layers, ReLU, dropout), shared by all classes, so the label order
-    cannot hurt it; plus `out`, a learned last layer: N-way (init="learned"), over the vocabulary ("vocab"), or
-    none ("proto": built from the support set every episode). Xavier-uniform weights, torch-default biases."""
+    """`body`: d -> 128 -> 128 -> 128 (3 linear layers, ReLU, dropout), shared by all classes, so the label
+    order cannot hurt it; plus `out`, a learned last layer: N-way (init="learned"), over the vocabulary
+    ("vocab"), or none ("proto": built from the support set every episode). Xavier-uniform weights,
+    torch-default biases."""
     layers, width = [], d_model
     for _ in range(n_layers - 1):
         layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
@@ -623,9 +654,10 @@ def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.0, init="proto",
 
 
 def episode_init(head, support_feats, support_labels, classes, init):
-    """phi_0, this episode's starting weights, as {name: tensor}: the body's parameters as they are, and a last
-    layer (out.weight (N, h), out.bias (N,)) set by `init`. Gradients flow back through every entry: into the body
-    directly, and for "proto" also through the prototypes (the support features carry no backbone graph)."""
+    """phi_0, this episode's starting weights, as {name: tensor}: the body's parameters as they are, and a
+    last layer (out.weight (N, h), out.bias (N,)) set by `init`. Gradients flow back through every entry: into
+    the body directly, and for "proto" also through the prototypes (the support features carry no backbone
+    graph)."""
     phi = {f"body.{k}": p for k, p in head["body"].named_parameters()}
     if init == "proto":
         z = functional_call(head["body"], dict(head["body"].named_parameters()), (support_feats.float(),))
@@ -650,22 +682,27 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr):
     """`steps` plain SGD steps of the head on the support set, in fp32, starting from phi0 ({name: tensor}).
 
     Returns phi_T as {name: tensor} for head_logits(). First order: each step's gradient comes from
-    torch.autograd.grad (never .backward(): under DDP that would all-reduce support gradients across ranks, i.e.
-    across different tasks) and no graph links the steps. The returned tensors equal the adapted weights phi_T,
-    written as phi_0 + (phi_T - phi_0).detach(): a loss computed with them back-propagates d loss / d phi_T
-    straight into phi_0 (and from there into the head's parameters), which is exactly the FOMAML meta-gradient."""
+    torch.autograd.grad (never .backward(): under DDP that would all-reduce support gradients across ranks,
+    i.e. across different tasks) and no graph links the steps. The returned tensors equal the adapted weights
+    phi_T, written as phi_0 + (phi_T - phi_0).detach(): a loss computed with them back-propagates d loss / d
+    phi_T straight into phi_0 (and from there into the head's parameters), which is exactly the FOMAML
+    meta-gradient."""
     feats = support_feats.detach().float()  # (N*K, d): no gradient reaches the backbone from the support set
     # Fresh leaf copies: the head itself is never modified, so there is nothing to snapshot and restore (the
     # reference's state_dict dance), and its .grad is left for the outer update alone.
     fast = {k: p.detach().clone().requires_grad_() for k, p in phi0.items()}
-    # fp32 even under bf16 autocast: 10 small SGD steps on a 4-layer MLP are cheap, and bf16 would round them away.
+    # fp32 even under bf16 autocast: 10 small SGD steps on a 4-layer MLP are cheap, and bf16 would round them
+    # away.
     with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
         for _ in range(steps):
             loss = F.cross_entropy(head_logits(head, fast, feats), support_labels)
-            grads = torch.autograd.grad(loss, list(fast.values()))  # local to this rank: no DDP hook, no .grad
-            # phi_t = phi_{t-1} - lr * grad; detach() is what makes it first order (no graph through the steps)
+            # local to this rank: no DDP hook, no .grad
+            grads = torch.autograd.grad(loss, list(fast.values()))
+            # phi_t = phi_{t-1} - lr * grad; detach() is what makes it first order (no graph through the
+            # steps)
             fast = {k: (w - lr * g).detach().requires_grad_() for (k, w), g in zip(fast.items(), grads)}
-    # Value phi_T, gradient path to phi_0 with Jacobian I: the straight-through form of the FOMAML approximation.
+    # Value phi_T, gradient path to phi_0 with Jacobian I: the straight-through form of the FOMAML
+    # approximation.
     return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}
 
 
@@ -674,17 +711,18 @@ def accuracy(logits, labels):
 
 
 def read_features(model, x, mask_at, read):
-    """Hidden states (n, d) in fp32 at the position the head reads: the [MASK] (read="mask") or the last token."""
+    """Hidden states (n, d) in fp32 at the position the head reads: the [MASK] (read="mask") or the last
+    token."""
     h = model(x, return_hidden=True)  # (n, ctx, d)
     return (h[torch.arange(len(x), device=x.device), mask_at] if read == "mask" else h[:, -1]).float()
 
 
 def meta_micro_step(model, head, ep, args, scale, amp):
     """One SMLMT episode: support features (no grad) -> head init -> inner loop -> query loss, back-propagated
-    (x scale) into the backbone and the head's initialisation. `model` may be compiled; `ep` holds device tensors.
-    The [MASK] token's embedding gets gradients only here: AR batches never contain it."""
-    # Support: ONE forward, no graph. The backbone is fixed during adaptation and has no dropout, so the reference's
-    # 10 recomputations (one per inner step) would produce these same features 10 times.
+    (x scale) into the backbone and the head's initialisation. `model` may be compiled; `ep` holds device
+    tensors. The [MASK] token's embedding gets gradients only here: AR batches never contain it."""
+    # Support: ONE forward, no graph. The backbone is fixed during adaptation and has no dropout, so the
+    # reference's 10 recomputations (one per inner step) would produce these same features 10 times.
     with torch.no_grad(), amp:
         hs = read_features(model, ep["support_x"], ep["support_at"], args.read)  # (N*K, d)
     phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init)
@@ -693,13 +731,15 @@ def meta_micro_step(model, head, ep, args, scale, amp):
     with amp:
         hq = read_features(model, ep["query_x"], ep["query_at"], args.read)  # (N*Q, d), with grad
     loss = F.cross_entropy(head_logits(head, adapted, hq), ep["query_y"])  # scalar, N-way CE
-    # Backbone.grad += d loss / d backbone (through hq); head.grad += d loss / d phi_T (through `adapted` and phi0).
-    # Scaled by 1 / (grad_accum * world) so that gradients summed over micro-steps and ranks are a mean.
+    # Backbone.grad += d loss / d backbone (through hq); head.grad += d loss / d phi_T (through `adapted` and
+    # phi0). Scaled by 1 / (grad_accum * world) so that gradients summed over micro-steps and ranks are a
+    # mean.
     (loss * scale).backward()
     with torch.no_grad():  # accuracies without dropout, before and after adaptation
         head.eval()
         hq = hq.detach()
-        phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init)  # prototypes without dropout
+        # prototypes without dropout
+        phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init)
         stats = dict(loss_query=loss.detach(),
                      acc_support_pre=accuracy(head_logits(head, phi0, hs), ep["support_y"]),
                      acc_support_post=accuracy(head_logits(head, adapted, hs), ep["support_y"]),
@@ -717,13 +757,13 @@ def ar_micro_step(model, x, y, scale, amp):
     return dict(loss_ar=loss.detach())
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Learning dynamics (paper §3.3 "every 100 steps ... singular values", §6): proportional effective rank (PER) of
-# weights and gradients, attention-head entropy, on a fixed probe batch. Computed on the raw model.
+# ------------------------------------------------------------------------------------------------------------
+# Learning dynamics (paper §3.3 "every 100 steps ... singular values", §6): proportional effective rank (PER)
+# of weights and gradients, attention-head entropy, on a fixed probe batch. Computed on the raw model.
 
 def effective_rank(W):
-    """ER = exp(H(p)), p = sigma / sum(sigma) over W's singular values (Roy & Vetterli 2007). Zero singular values
-    contribute 0 (entr(0) = 0); an all-zero matrix has ER 0."""
+    """ER = exp(H(p)), p = sigma / sum(sigma) over W's singular values (Roy & Vetterli 2007). Zero singular
+    values contribute 0 (entr(0) = 0); an all-zero matrix has ER 0."""
     s = torch.linalg.svdvals(W.detach().float())  # (min(m, n),), descending, >= 0
     total = s.sum()
     if total <= 0:
@@ -740,9 +780,9 @@ def proportional_effective_rank(W):
 @torch.no_grad()
 def attention_entropy(model, idx):
     """(n_layers, n_heads) tensor: for each head, the mean over query positions (and the batch) of the Shannon
-    entropy -sum_j a_ij log a_ij (nats) of its causal attention distribution on `idx`. Uniform attention over the
-    t+1 visible keys gives log(t+1); attending to a single key gives 0. Recomputes attention explicitly, because
-    scaled_dot_product_attention never materialises the probabilities."""
+    entropy -sum_j a_ij log a_ij (nats) of its causal attention distribution on `idx`. Uniform attention over
+    the t+1 visible keys gives log(t+1); attending to a single key gives 0. Recomputes attention explicitly,
+    because scaled_dot_product_attention never materialises the probabilities."""
     # The probe walks the model layer by layer: attention probabilities are recomputed from each layer's own
     # q and k (same RoPE, same GQA grouping), then the real block runs to produce the next layer's input.
     T = idx.shape[1]
@@ -752,7 +792,8 @@ def attention_entropy(model, idx):
     for layer in model.layers:
         attn = layer.attention
         q, k, _ = attn.qkv(layer.attention_norm(x), cos, sin)
-        k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # (B, H, T, hd): kv head g serves 3 q heads
+        # (B, H, T, hd): kv head g serves 3 q heads
+        k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
         scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(attn.head_dim)
         probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, H, T, T)
         # entropy of each row (B, H, T), then the mean over batch and query positions -> (H,)
@@ -762,7 +803,8 @@ def attention_entropy(model, idx):
 
 
 def learning_dynamics(model, probe_x, probe_y, modules, amp):
-    """Flat dict of dynamics metrics on the probe batch. Uses .grad of the model: call it with grads cleared."""
+    """Flat dict of dynamics metrics on the probe batch. Uses .grad of the model: call it with grads
+    cleared."""
     names = [f"layers.{i}.{m}" for i in range(model.cfg.n_layers) for m in modules]
     mats = dict(model.named_parameters())
     out = {}
@@ -792,17 +834,17 @@ def learning_dynamics(model, probe_x, probe_y, modules, amp):
     out["attn_entropy_mean"] = ent.mean().item()
     return out
 
-# Held-out few-shot eval ("learning to learn"): does the BACKBONE make new episodes easier? Fixed episodes from the
-# held-out split, a fresh head with a fixed seed, the same inner loop. Identical for every run, seed and resume, so
-# a MAML run and its vanilla twin are scored on the same tasks with the same head.
+# Held-out few-shot eval ("learning to learn"): does the BACKBONE make new episodes easier? Fixed episodes
+# from the held-out split, a fresh head with a fixed seed, the same inner loop. Identical for every run, seed
+# and resume, so a MAML run and its vanilla twin are scored on the same tasks with the same head.
 
 FEWSHOT_KEY = 20250802  # episodes and the fresh head depend on this constant only, never on --seed
 
 
 def fewshot_eval(model, head_args, episodes, amp):
-    """{eval_fewshot_acc_pre, eval_fewshot_acc, eval_proto_acc_mask, eval_proto_acc_prev}: means over `episodes`.
-    The last two need no head: nearest class mean of the raw features (d) at the [MASK] and at the token before it
-    (what a next-token model reads naturally). Runs on the raw model, without dropout."""
+    """{eval_fewshot_acc_pre, eval_fewshot_acc, eval_proto_acc_mask, eval_proto_acc_prev}: means over
+    `episodes`. The last two need no head: nearest class mean of the raw features (d) at the [MASK] and at the
+    token before it (what a next-token model reads naturally). Runs on the raw model, without dropout."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(FEWSHOT_KEY)
         head = make_head(model.cfg.d_model, head_args.n_way, head_args.head_hidden, head_args.head_layers,
@@ -830,10 +872,10 @@ def fewshot_eval(model, head_args, episodes, amp):
     return {k: v / len(episodes) for k, v in sums.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Training loop (Algorithm 1, App. A.1). No DDP wrapper: each rank accumulates its own gradients and one explicit
-# all-reduce per optimizer step averages them, over exactly the parameters the branch used (the same set on every
-# rank, because the branch is). Unused parameters keep grad None, so AdamW leaves them untouched.
+# ------------------------------------------------------------------------------------------------------------
+# Training loop (Algorithm 1, App. A.1). No DDP wrapper: each rank accumulates its own gradients and one
+# explicit all-reduce per optimizer step averages them, over exactly the parameters the branch used (the same
+# set on every rank, because the branch is). Unused parameters keep grad None, so AdamW leaves them untouched.
 
 def is_meta_step(seed, step, ratio):
     """The branch of optimizer step `step`: meta with probability `ratio`, else AR."""
@@ -844,12 +886,13 @@ BUCKET_NUMEL = 1 << 26  # elements per all-reduce buffer: 256 MB of fp32 gradien
 
 
 def all_reduce_(tensors, world):
-    """Sum a list of tensors across ranks in place, one flat buffer per BUCKET_NUMEL elements. Each rank scaled
-    its losses by 1 / (grad_accum * world), so the sum of the gradients is the global-batch mean."""
+    """Sum a list of tensors across ranks in place, one flat buffer per BUCKET_NUMEL elements. Each rank
+    scaled its losses by 1 / (grad_accum * world), so the sum of the gradients is the global-batch mean."""
     if world == 1 or not tensors:
         return
-    # One all-reduce per bucket instead of one per tensor (latency), but never one buffer the size of the whole
-    # model (memory). The None sentinel flushes the last bucket. Every rank passes the same list: same branch.
+    # One all-reduce per bucket instead of one per tensor (latency), but never one buffer the size of the
+    # whole model (memory). The None sentinel flushes the last bucket. Every rank passes the same list: same
+    # branch.
     bucket, size = [], 0
     for t in tensors + [None]:
         if t is not None:
@@ -875,10 +918,11 @@ def lr_at(step, args):
     return args.lr * (lo + (1 - lo) * decay)
 
 def choose_branch(args, step, r):
-    """Algorithm 1, line 3: rank 0 draws this step's branch and broadcasts it; every rank uses what it receives.
-    One branch for the whole step (every micro-step, every rank) makes the set of parameters with gradients the
-    same everywhere, which is what makes one plain all-reduce correct."""
-    meta = torch.tensor([int(r.rank == 0 and is_meta_step(args.seed, step, args.hybrid_ratio))], device=r.device)
+    """Algorithm 1, line 3: rank 0 draws this step's branch and broadcasts it; every rank uses what it
+    receives. One branch for the whole step (every micro-step, every rank) makes the set of parameters with
+    gradients the same everywhere, which is what makes one plain all-reduce correct."""
+    drawn = r.rank == 0 and is_meta_step(args.seed, step, args.hybrid_ratio)
+    meta = torch.tensor([int(drawn)], device=r.device)
     if r.world > 1:
         dist.broadcast(meta, src=0)
     return bool(meta.item())
@@ -908,7 +952,8 @@ class Run:
 
 
 def train(args, stop=None, argv=()):
-    """The run. `stop` is stop_signals()'s flag (main() installs the handlers); `argv` goes into the resume hint."""
+    """The run. `stop` is stop_signals()'s flag (main() installs the handlers); `argv` goes into the resume
+    hint."""
     stop = stop or dict(signum=0, armed=False)
     resume = start_mode(args) == "resume"  # may refuse; nothing in --out_dir has been touched yet
     r = setup(args)
@@ -923,14 +968,16 @@ def train(args, stop=None, argv=()):
             j = micro * r.world + r.rank  # this micro-step's slot in the global batch
             torch.manual_seed(torch_seed(args.seed, step, j))  # the head's dropout masks
             if meta:  # one SMLMT episode per micro-step per rank: a meta-batch of grad_accum x world episodes
-                ep = episode_tensors(r.tokens, r.index, args, stream_key(args.seed, step, "episode", j), r.device)
+                key = stream_key(args.seed, step, "episode", j)
+                ep = episode_tensors(r.tokens, r.index, args, key, r.device)
                 stats = meta_micro_step(r.model, r.head, ep, args, r.scale, r.amp)
             else:
                 x, y = get_batch(r.tokens, micro_slice(starts, micro, r.rank, r.world, args.batch_size),
                                  args.seq_len, r.device)
                 stats = ar_micro_step(r.model, x, y, r.scale, r.amp)
             meter.add_all(stats, loss_mixed=stats["loss_query" if meta else "loss_ar"])  # see LOG_KEYS
-        # Only the parameters this branch used have a .grad (the LM head idles on meta steps, the MLP head on AR).
+        # Only the parameters this branch used have a .grad (the LM head idles on meta steps, the MLP head on
+        # AR).
         params = [p for p in r.params if p.grad is not None]
         all_reduce_([p.grad for p in params], r.world)
         if meta:  # the FOMAML meta-gradient of the head init, measured before clipping and zeroing
@@ -941,8 +988,10 @@ def train(args, stop=None, argv=()):
         for group in r.optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         r.optimizer.step()  # AdamW skips parameters whose .grad is None: no momentum or weight-decay drift
-        r.optimizer.zero_grad(set_to_none=True)  # None, not zeros: a zero gradient still moves them by momentum
-        n_tok = r.micro_tokens[meta] * args.grad_accum * r.world  # backbone tokens: the x-axis of "equal compute"
+        # None, not zeros: a zero gradient still moves them by momentum
+        r.optimizer.zero_grad(set_to_none=True)
+        # backbone tokens: the x-axis of "equal compute"
+        n_tok = r.micro_tokens[meta] * args.grad_accum * r.world
         counters["tokens"] += n_tok
         counters["tokens_meta" if meta else "tokens_ar"] += n_tok
         done, stopping = step + 1, stop_requested(stop, r.world, r.device)  # a signal on any rank: save, exit
@@ -954,11 +1003,12 @@ def train(args, stop=None, argv=()):
     stop["armed"] = False
     finish(r, args, book, counters, done, stopping, argv)
 
-# ================================================================================================================
-# APPENDIX: the plumbing. Nothing below is part of the method; it makes runs reproducible, restartable and fast.
-# ================================================================================================================
+# ============================================================================================================
+# APPENDIX: the plumbing. Nothing below is part of the method; it makes runs reproducible, restartable and
+# fast.
+# ============================================================================================================
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tokenizer: GPT-2 BPE via tiktoken, built offline from the merge ranks shipped in data/ (see data/README.md).
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -982,7 +1032,7 @@ def get_tokenizer():
     return _TOKENIZER
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Corpus preparation and caching: every corpus is tokenized once into uint16 files (train.bin, val.bin) with a
 # small header, then memmapped. Batches are windows of it.
 
@@ -1028,7 +1078,8 @@ def tokenize_documents(docs, out_dir, max_tokens, desc):
 
     def flush():  # tiktoken encodes a batch of documents on several threads
         nonlocal n_total, n_doc
-        for ids in enc.encode_ordinary_batch(batch):  # "ordinary": text that looks like <|endoftext|> stays text
+        # "ordinary": text that looks like <|endoftext|> stays text
+        for ids in enc.encode_ordinary_batch(batch):
             split = "val" if n_doc % VAL_EVERY == 0 else "train"
             parts[split].append(np.array(ids + [EOT_ID], dtype=np.uint16))
             n_total += len(ids) + 1
@@ -1051,7 +1102,8 @@ def tokenize_documents(docs, out_dir, max_tokens, desc):
 
 
 def local_documents(path):
-    """Documents from a .txt file (paragraphs split on blank lines), a folder of .txt files, or .jsonl {"text"}."""
+    """Documents from a .txt file (paragraphs split on blank lines), a folder of .txt files, or .jsonl
+    {"text"}."""
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
                    if f.endswith((".txt", ".jsonl"))) if os.path.isdir(path) else [path]
     if not files:
@@ -1101,11 +1153,13 @@ def toyworld():
 
 
 def prepare_corpus(args, rank_is_local_zero=True):
-    """Tokenize the chosen corpus once into args.data_dir/<name>/ and return that folder. Only local rank 0 writes;
-    other ranks wait for the files (no collective, so a long download cannot hit a distributed timeout)."""
+    """Tokenize the chosen corpus once into args.data_dir/<name>/ and return that folder. Only local rank 0
+    writes; other ranks wait for the files (no collective, so a long download cannot hit a distributed
+    timeout)."""
     data = args.data
-    # The cache folder's name identifies its content: the toy size, a local path's identity (path, size, mtime),
-    # or the hub ID and token budget. Change any of them and the corpus is prepared again, never reused stale.
+    # The cache folder's name identifies its content: the toy size, a local path's identity (path, size,
+    # mtime), or the hub ID and token budget. Change any of them and the corpus is prepared again, never
+    # reused stale.
     if data == "toy":
         name = f"toy-{args.toy_docs}"
     elif os.path.exists(data):
@@ -1154,8 +1208,8 @@ def get_batch(tokens, starts, seq_len, device):
 
 
 def micro_slice(starts, micro, rank, world, batch_size):
-    """Micro-step m on rank r takes slice j = m * world + r of the global batch, so 2 processes x 1 micro-step see
-    exactly what 1 process x 2 micro-steps sees (j = 0, 1 in both)."""
+    """Micro-step m on rank r takes slice j = m * world + r of the global batch, so 2 processes x 1 micro-step
+    see exactly what 1 process x 2 micro-steps sees (j = 0, 1 in both)."""
     j = micro * world + rank
     return starts[j * batch_size:(j + 1) * batch_size]
 
@@ -1165,7 +1219,7 @@ def fixed_windows(n_tokens, seq_len, count):
     return np.linspace(0, n_tokens - seq_len - 1, num=count).astype(np.int64)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Processes, devices and the objects of a run.
 
 def pick_device(device_arg, local_rank=None):
@@ -1223,9 +1277,10 @@ def setup(args, for_bench=False):
     probe = get_batch(val, fixed_windows(len(val), args.seq_len, args.probe_batch), args.seq_len, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # --compile covers Decoder.forward: the AR branch's whole forward + fused loss (one graph, no break), and the
-    # meta branch's backbone forward (nearly all of its FLOPs). Not the MLP head: its inner loop calls
-    # torch.autograd.grad, which torch.compile cannot put in a graph, and it is a few hundred K weights anyway.
+    # --compile covers Decoder.forward: the AR branch's whole forward + fused loss (one graph, no break), and
+    # the meta branch's backbone forward (nearly all of its FLOPs). Not the MLP head: its inner loop calls
+    # torch.autograd.grad, which torch.compile cannot put in a graph, and it is a few hundred K weights
+    # anyway.
     model = torch.compile(orig_model) if args.compile else orig_model
     return Run(rank=rank, local_rank=local_rank, world=world, device=device, corpus=corpus, tokens=tokens,
                index=index, orig_model=orig_model, model=model, head=head, params=params, optimizer=optimizer,
@@ -1236,11 +1291,12 @@ def setup(args, for_bench=False):
                probe=probe, modules=[m.strip() for m in args.dynamics_modules.split(",") if m.strip()])
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Run folders, checkpoints and stop signals: a run is never lost, and never silently overwritten.
 
 RUN_KEYS = ("seed", "seq_len", "global_batch", "hybrid_ratio", "n_way", "k_shot", "q_query", "head_hidden",
-            "head_layers", "head_init", "read", "smlmt_ctx", "data", "toy_docs")  # what a resumed run must agree on to continue exactly
+            # what a resumed run must agree on to continue exactly
+            "head_layers", "head_init", "read", "smlmt_ctx", "data", "toy_docs")
 
 
 def save_checkpoint(path, model, head, optimizer, step, args, counters, world):
@@ -1286,7 +1342,8 @@ def check_out_dir(out_dir):
         raise UserError(f"cannot write to --out_dir {out_dir} ({e.strerror}); choose a writable folder")
 
 
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json")  # one run; --overwrite keeps them as *.prev.* for a while
+# one run; --overwrite keeps them as *.prev.* for a while
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json")
 
 
 def prev_name(name):
@@ -1341,11 +1398,12 @@ def start_mode(args):
 
 
 def set_aside(out_dir):
-    """A fresh start in a folder that held a run: its files become *.prev.*, until our first checkpoint (drop_prev)."""
+    """A fresh start in a folder that held a run: its files become *.prev.*, until our first checkpoint
+    (drop_prev)."""
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     if not os.path.exists(path("ckpt.pt")) and os.path.exists(path(prev_name("ckpt.pt"))):
-        # An earlier --overwrite stopped before its first checkpoint: the *.prev.* files are still the last run
-        # that has a checkpoint. What that attempt logged has no checkpoint behind it.
+        # An earlier --overwrite stopped before its first checkpoint: the *.prev.* files are still the last
+        # run that has a checkpoint. What that attempt logged has no checkpoint behind it.
         for name in RUN_FILES[1:]:
             if os.path.exists(path(name)):
                 os.remove(path(name))
@@ -1364,8 +1422,8 @@ def drop_prev(out_dir):
 
 def resume_or_start(r, args, resume):
     """-> (first step, token counters). Resume: restore everything from ckpt.pt (the data position is the step
-    itself) and drop log lines written after it. Fresh: the old run in --out_dir (if any) is set aside until this
-    one's first checkpoint."""
+    itself) and drop log lines written after it. Fresh: the old run in --out_dir (if any) is set aside until
+    this one's first checkpoint."""
     counters = dict(tokens=0, tokens_ar=0, tokens_meta=0)
     if not resume:
         if r.rank == 0:
@@ -1415,12 +1473,13 @@ def resume_command(argv, world):
 
 @contextmanager
 def stop_signals(verbose=True):
-    """SIGTERM (a scheduler's notice before it kills: preemption, time limit) and SIGINT (Ctrl-C). Once the loop has
-    armed the flag, they only set it; the loop reads it once per step: the step finishes, a checkpoint is written,
-    the process exits 128 + signal. Before that (setup, data preparation) there is nothing to save: they exit at once.
-    A second Ctrl-C quits at once; the last complete checkpoint stays valid because saves are atomic. A repeat
-    within a second is a copy, not a second press: torchrun forwards to every worker the Ctrl-C the terminal already
-    sent them (srun does the same with SIGTERM), and repeated SIGTERMs never cut the save short (SIGKILL follows)."""
+    """SIGTERM (a scheduler's notice before it kills: preemption, time limit) and SIGINT (Ctrl-C). Once the
+    loop has armed the flag, they only set it; the loop reads it once per step: the step finishes, a
+    checkpoint is written, the process exits 128 + signal. Before that (setup, data preparation) there is
+    nothing to save: they exit at once. A second Ctrl-C quits at once; the last complete checkpoint stays
+    valid because saves are atomic. A repeat within a second is a copy, not a second press: torchrun forwards
+    to every worker the Ctrl-C the terminal already sent them (srun does the same with SIGTERM), and repeated
+    SIGTERMs never cut the save short (SIGKILL follows)."""
     stop = dict(signum=0, at=0.0, armed=False)
 
     def handler(signum, frame):
@@ -1435,7 +1494,8 @@ def stop_signals(verbose=True):
         elif signum == signal.SIGINT and now - stop["at"] > 1.0:
             raise KeyboardInterrupt
 
-    if threading.current_thread() is not threading.main_thread():  # handlers can only be set from the main thread
+    # handlers can only be set from the main thread
+    if threading.current_thread() is not threading.main_thread():
         yield stop
         return
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -1447,8 +1507,9 @@ def stop_signals(verbose=True):
 
 
 def stop_requested(stop, world, device):
-    """The signal number if any rank was asked to stop, else 0. An all-reduce (MAX) once per step: a signal sent to
-    one rank stops every rank after the same step, and none is left waiting in a collective the others skip."""
+    """The signal number if any rank was asked to stop, else 0. An all-reduce (MAX) once per step: a signal
+    sent to one rank stops every rank after the same step, and none is left waiting in a collective the others
+    skip."""
     if world == 1:
         return stop["signum"]
     flag = torch.tensor([stop["signum"]], device=device)
@@ -1456,11 +1517,12 @@ def stop_requested(stop, world, device):
     return int(flag.item())
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Logging and evaluation: metrics.jsonl (and W&B), fixed evaluation batches, eval loss.
 
 class Meter:
-    """Sums and counts of per-micro-step statistics over one logging window, kept on the device (no sync per step)."""
+    """Sums and counts of per-micro-step statistics over one logging window, kept on the device (no sync per
+    step)."""
 
     def __init__(self, device):
         self.device, self.sums, self.counts = device, {}, {}
@@ -1474,7 +1536,8 @@ class Meter:
             self.add(key, value)
 
     def means(self, world, keys):
-        """Means over the window and over ranks (every rank calls this with the same keys); absent keys -> None."""
+        """Means over the window and over ranks (every rank calls this with the same keys); absent keys ->
+        None."""
         sums = torch.stack([torch.as_tensor(self.sums.get(k, 0.0), dtype=torch.float64, device=self.device)
                             for k in keys])
         counts = torch.tensor([float(self.counts.get(k, 0)) for k in keys], dtype=torch.float64, device=self.device)
@@ -1485,10 +1548,11 @@ class Meter:
         return {k: (s / c).item() if c > 0 else None for k, s, c in zip(keys, both[0], both[1])}
 
 
-# loss_mixed: the mean over the window's micro-steps of whichever loss each one computed (AR cross-entropy over the
-# vocabulary, or the N-way query cross-entropy), as the reference's `train/loss`. Never compare it with loss_ar:
-# the query part sits near log N (3.47 at chance for 32-way) or lower, below the AR loss for most of a run, so
-# mixing it in makes a hybrid run look ahead. It is logged so that analyze.py can measure that artifact.
+# loss_mixed: the mean over the window's micro-steps of whichever loss each one computed (AR cross-entropy
+# over the vocabulary, or the N-way query cross-entropy), as the reference's `train/loss`. Never compare it
+# with loss_ar: the query part sits near log N (3.47 at chance for 32-way) or lower, below the AR loss for
+# most of a run, so mixing it in makes a hybrid run look ahead. It is logged so that analyze.py can measure
+# that artifact.
 LOG_KEYS = ["loss_ar", "loss_query", "loss_mixed", "acc_support_pre", "acc_support_post", "acc_query_pre",
             "acc_query_post", "head_grad_norm"]
 
@@ -1536,7 +1600,8 @@ def fixed_eval_batches(args, corpus_dir, device, is_local_zero):
     if tokens is None:
         tokens = read_bin(os.path.join(corpus_dir, "val.bin"))
         starts = fixed_windows(len(tokens), args.seq_len, args.eval_batches * args.batch_size)
-    else:  # Paloma rows are back to back: score the first eval_batches * batch_size of them, each from its start
+    # Paloma rows are back to back: score the first eval_batches * batch_size of them, each from its start
+    else:
         n_rows = len(tokens) // (args.seq_len + 1)
         starts = np.arange(min(n_rows, args.eval_batches * args.batch_size)) * (args.seq_len + 1)
     return [get_batch(tokens, s, args.seq_len, device) for s in np.array_split(starts, args.eval_batches)
@@ -1544,8 +1609,8 @@ def fixed_eval_batches(args, corpus_dir, device, is_local_zero):
 
 
 def fewshot_episodes(args, corpus_dir, device, is_local_zero):
-    """The held-out few-shot eval's fixed episodes (keys depend on FEWSHOT_KEY only), or [] with a note when the
-    held-out split is too small for N-way episodes."""
+    """The held-out few-shot eval's fixed episodes (keys depend on FEWSHOT_KEY only), or [] with a note when
+    the held-out split is too small for N-way episodes."""
     if not (args.eval_every and args.fewshot_episodes):
         return []
     val = read_bin(os.path.join(corpus_dir, "val.bin"))
@@ -1575,8 +1640,9 @@ def pyplot():
 
 
 def wandb_logger(args, header):
-    """--wandb (rank 0): starts a W&B run with the run header as its config; returns (run, log), where log(record)
-    mirrors one metrics.jsonl record. WANDB_MODE=offline (read by wandb itself) writes to OUT_DIR/wandb/ only."""
+    """--wandb (rank 0): starts a W&B run with the run header as its config; returns (run, log), where
+    log(record) mirrors one metrics.jsonl record. WANDB_MODE=offline (read by wandb itself) writes to
+    OUT_DIR/wandb/ only."""
     import matplotlib
     import wandb  # optional, so imported only here (parse_args checked that it is installed)
     run = wandb.init(project=args.wandb, name=os.path.basename(os.path.normpath(args.out_dir)), config=header,
@@ -1586,7 +1652,8 @@ def wandb_logger(args, header):
         rec = dict(rec)
         if "attn_entropy" in rec:  # (layers, heads): one heat-map and one histogram, not 144 separate curves
             ent = np.array(rec.pop("attn_entropy"))
-            rgb = matplotlib.colormaps["viridis"](ent / math.log(args.seq_len))[..., :3]  # 1 = uniform over T keys
+            # 1 = uniform over T keys
+            rgb = matplotlib.colormaps["viridis"](ent / math.log(args.seq_len))[..., :3]
             rec["attn_entropy"] = wandb.Image((rgb * 255).astype(np.uint8).repeat(16, 0).repeat(16, 1),
                                               caption="rows: layers, columns: heads; colour: entropy / log(seq_len)")
             rec["attn_entropy_hist"] = wandb.Histogram(ent.flatten())
@@ -1597,7 +1664,8 @@ def wandb_logger(args, header):
 
 @dataclass
 class Logbook:
-    """Rank 0's metrics.jsonl (mirrored to W&B with --wandb), the fixed evaluation data, and the progress bar."""
+    """Rank 0's metrics.jsonl (mirrored to W&B with --wandb), the fixed evaluation data, and the progress
+    bar."""
     path: str
     bar: object  # tqdm over range(start, max_steps): the loop iterates it
     evals: list  # fixed eval batches [(x, y)]
@@ -1615,8 +1683,8 @@ class Logbook:
             self.wandb_log(rec)
 
     def record(self, r, args, meta, meter, done, counters, stopping):
-        """After optimizer step `done`: at the end of a logging window (or when an eval, a dynamics probe or a stop
-        is due), one record of the window's means over micro-steps and ranks, plus what is due."""
+        """After optimizer step `done`: at the end of a logging window (or when an eval, a dynamics probe or a
+        stop is due), one record of the window's means over micro-steps and ranks, plus what is due."""
         self.n_branch[meta] += 1  # the branch is the same on every rank: no reduction needed
         evaluate_now = args.eval_every and (done % args.eval_every == 0 or done == args.max_steps)
         dynamics_now = args.dynamics_every and (done % args.dynamics_every == 0 or done == args.max_steps)
@@ -1673,14 +1741,16 @@ def open_logbook(r, args, start, counters):
 
 
 def finish(r, args, book, counters, done, stopping, argv):
-    """After the loop. Stopped by a signal: say how to continue, exit 128 + signal. Done: a summary and a sample."""
+    """After the loop. Stopped by a signal: say how to continue, exit 128 + signal. Done: a summary and a
+    sample."""
     book.bar.close()
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if stopping and done < args.max_steps:
         if r.rank == 0:
             print(f"stopped by {signal.Signals(stopping).name} after step {done} of {args.max_steps}; checkpoint "
                   f"{ckpt_path}. Continue with:\n  {resume_command(list(argv), r.world)}", flush=True)
-        sys.exit(128 + stopping)  # the shell's code for "ended by this signal": wrappers see an unfinished run
+        # the shell's code for "ended by this signal": wrappers see an unfinished run
+        sys.exit(128 + stopping)
     if r.rank != 0:
         return
     print(f"done: {args.max_steps} steps, {counters['tokens'] / 1e6:.2f}M tokens "
@@ -1698,16 +1768,19 @@ def finish(r, args, book, counters, done, stopping, argv):
         book.wandb_run.finish()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Using a trained model: sample text, export to Hugging Face (for lm-evaluation-harness, BLiMP, Paloma...).
 
-SAMPLE_PROMPT = "The main industry of"  # the end-of-training sample: sensible for the toy world and for web text
+# the end-of-training sample: sensible for the toy world and for web text
+SAMPLE_PROMPT = "The main industry of"
 
 
 def complete(model, prompt, num_samples=1, max_new_tokens=100, temperature=0.8, top_k=200, seed=1337):
-    """Continuations of `prompt` (strings, the prompt not included), cut at <|endoftext|>; deterministic for a seed."""
+    """Continuations of `prompt` (strings, the prompt not included), cut at <|endoftext|>; deterministic for a
+    seed."""
     enc = get_tokenizer()
-    ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})  # "<|endoftext|>" alone: an unconditional sample
+    # "<|endoftext|>" alone: an unconditional sample
+    ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})
     if not ids:
         raise UserError("the prompt encodes to no tokens; give some text, or '<|endoftext|>' for unconditional samples")
     T = model.cfg.max_seq_len
@@ -1735,14 +1808,16 @@ def sample(args):
 
 
 def hf_state_dict(model):
-    """Our Decoder's weights under Hugging Face LlamaForCausalLM's names, fp32, q/k rows in rotate_half order."""
+    """Our Decoder's weights under Hugging Face LlamaForCausalLM's names, fp32, q/k rows in rotate_half
+    order."""
     cfg = model.cfg
     hd = cfg.d_model // cfg.n_heads
 
     def rotate_half_rows(w, n_heads):
-        # We rotate adjacent features (2i, 2i+1) of each head as one pair; HF's rotate_half pairs (i, i + hd/2).
-        # Reordering each head's output rows evens-then-odds makes the same features rotate by the same angles,
-        # and since q and k are permuted alike, every q.k (hence the attention) is unchanged. (out, in) -> same.
+        # We rotate adjacent features (2i, 2i+1) of each head as one pair; HF's rotate_half pairs (i, i +
+        # hd/2). Reordering each head's output rows evens-then-odds makes the same features rotate by the same
+        # angles, and since q and k are permuted alike, every q.k (hence the attention) is unchanged. (out,
+        # in) -> same.
         return w.unflatten(0, (n_heads, hd // 2, 2)).transpose(1, 2).flatten(0, 2)
 
     rename = {"embedding_proj": "model.embed_tokens", "layers": "model.layers", "output_norm": "model.norm",
@@ -1750,7 +1825,8 @@ def hf_state_dict(model):
               "swiglu_norm": "post_attention_layernorm", "swiglu": "mlp", "w_0": "gate_proj", "w_1": "up_proj",
               "w_2": "down_proj"}
     out = {}
-    for name, w in model.state_dict().items():  # e.g. layers.3.swiglu.w_0.weight -> model.layers.3.mlp.gate_proj.weight
+    # e.g. layers.3.swiglu.w_0.weight -> model.layers.3.mlp.gate_proj.weight
+    for name, w in model.state_dict().items():
         w = w.detach().float().cpu()
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             w = rotate_half_rows(w, cfg.n_heads if "q_proj" in name else cfg.n_kv_heads)
@@ -1759,7 +1835,8 @@ def hf_state_dict(model):
 
 
 def hf_config(cfg):
-    """config.json for transformers.LlamaForCausalLM: the same architecture, hyper-parameter for hyper-parameter."""
+    """config.json for transformers.LlamaForCausalLM: the same architecture, hyper-parameter for
+    hyper-parameter."""
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
                 hidden_size=cfg.d_model, intermediate_size=cfg.ffn_mult * cfg.d_model,
                 num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
@@ -1769,21 +1846,23 @@ def hf_config(cfg):
 
 
 def hf_tokenizer_files(model_max_length):
-    """{file name: content} for GPT-2 + [MASK] as a Hugging Face tokenizer, rebuilt from the tiktoken ranks (no
-    download): vocab.json + merges.txt (GPT-2's own format), tokenizer.json (the fast tokenizer), and its config."""
+    """{file name: content} for GPT-2 + [MASK] as a Hugging Face tokenizer, rebuilt from the tiktoken ranks
+    (no download): vocab.json + merges.txt (GPT-2's own format), tokenizer.json (the fast tokenizer), and its
+    config."""
     enc = get_tokenizer()
     # Byte-level BPE files spell every byte as a printable character: bytes that are printable stand for
     # themselves, the others are shifted to 256, 257, ... in order (bytes_to_unicode in GPT-2's encoder.py).
     printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
     shifted = iter(range(256, 512))
     char = {b: chr(b if b in printable else next(shifted)) for b in range(256)}
-    ranks = {enc.decode_single_token_bytes(i): i for i in range(EOT_ID)}  # 256 single bytes, then 50,000 merges
+    # 256 single bytes, then 50,000 merges
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(EOT_ID)}
     merges = []
     for tok, rank in ranks.items():  # rank order = merge order
         if rank < 256:
             continue
-        # tiktoken keeps no merge list: the merge that made `tok` is the last step of BPE on its own bytes, using
-        # only lower-ranked merges (tiktoken's educational bpe() with max_rank).
+        # tiktoken keeps no merge list: the merge that made `tok` is the last step of BPE on its own bytes,
+        # using only lower-ranked merges (tiktoken's educational bpe() with max_rank).
         parts = [bytes([b]) for b in tok]
         while len(parts) > 2:
             _, i = min((ranks.get(a + b, 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
@@ -1808,7 +1887,8 @@ def hf_tokenizer_files(model_max_length):
 
 
 def export_hf(args):
-    """--export_hf DIR: the backbone of --out_dir/ckpt.pt as a folder LlamaForCausalLM.from_pretrained(DIR) loads."""
+    """--export_hf DIR: the backbone of --out_dir/ckpt.pt as a folder LlamaForCausalLM.from_pretrained(DIR)
+    loads."""
     out = args.export_hf
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"--export_hf {out} already exists and is not an empty folder; choose a new one")
@@ -1830,7 +1910,7 @@ def export_hf(args):
           f"and its tokenizer. The meta-learning head is not part of it (it stays in {path}).")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Benchmark: seconds per backbone token of AR and meta micro-steps, tokens/s, MFU, memory, dynamics overhead.
 
 PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
@@ -1845,7 +1925,8 @@ def peak_flops(device, amp):
 
 
 def flops_per_token(cfg, T, backward=True, lm_head=True):
-    """6N per token (2N forward + 4N backward) for the matmul weights, plus attention scores (nanoGPT's estimate)."""
+    """6N per token (2N forward + 4N backward) for the matmul weights, plus attention scores (nanoGPT's
+    estimate)."""
     n = cfg.n_layers * cfg.d_model ** 2 * (8 / 3 + 3 * cfg.ffn_mult) + lm_head * cfg.d_model * cfg.vocab_size
     f = 6 * n + 12 * cfg.n_layers * cfg.d_model * T
     return f if backward else f / 3
@@ -1864,8 +1945,9 @@ def micro_step_flops(cfg, args):
 
 
 def reset_peak_memory(device):
-    """Restart the peak-memory counter from the current usage: CUDA's allocator peak, or on Linux the process's
-    peak RSS (writing 5 to /proc/self/clear_refs resets VmHWM). -> False where it cannot be reset."""
+    """Restart the peak-memory counter from the current usage: CUDA's allocator peak, or on Linux the
+    process's peak RSS (writing 5 to /proc/self/clear_refs resets VmHWM). -> False where it cannot be
+    reset."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return True
@@ -1892,9 +1974,9 @@ def peak_memory_gib(device):
 
 def sdpa_kernel_used(model, idx, amp):
     """The kernel F.scaled_dot_product_attention picks for this model's q, k, v (shapes, dtype, device, GQA):
-    asked of the same dispatcher function SDPA itself calls. On an H100 in bf16 it should be flash or cuDNN; the
-    math fallback would cost several times the attention time. Measured on CPU (fp32): FLASH_ATTENTION (the CPU
-    flash kernel). On CUDA: not yet measured."""
+    asked of the same dispatcher function SDPA itself calls. On an H100 in bf16 it should be flash or cuDNN;
+    the math fallback would cost several times the attention time. Measured on CPU (fp32): FLASH_ATTENTION
+    (the CPU flash kernel). On CUDA: not yet measured."""
     from torch.nn.attention import SDPBackend
     T = idx.shape[1]
     layer = model.layers[0]
@@ -1969,7 +2051,7 @@ def bench(args, iters=5):
     return dict(t_ar=t_ar, t_meta=t_meta, ar_tok=ar_tok, meta_tok=meta_tok, t_dyn=t_dyn, peak_memory_gib=mem)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
