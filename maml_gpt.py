@@ -98,8 +98,8 @@ def build_parser():
     p = argparse.ArgumentParser(description="FOMAML + next-token pretraining of a Llama-style decoder "
                                 "(arXiv 2508.02189).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--size", choices=list(SIZES), help="model width and the released training recipe (default: the CPU demo); "
-      "the defaults below are those of the chosen size")
+    a("--size", choices=list(SIZES), help="model width and the released training recipe (none: the CPU demo); "
+      "the defaults shown are those of the chosen size")
     a("--data", help="'toy' (offline toy world), a local .txt / folder / .jsonl, or a hub dataset ID[:CONFIG]")
     a("--data_dir", default=os.path.join(HERE, "data", "cache"), help="where prepared corpora are cached")
     a("--max_tokens", type=int, default=1_000_000_000, help="tokens to take from a hub or local corpus")
@@ -803,12 +803,12 @@ def attention_entropy(model, idx):
 
 
 def learning_dynamics(model, probe_x, probe_y, modules, amp):
-    """Flat dict of dynamics metrics on the probe batch. Uses .grad of the model: call it with grads
-    cleared."""
+    """{metric name: value} on the probe batch: PER and ER of `modules`' weights and next-token-loss gradients
+    in every layer, the reference's attention-wide variant, and attention entropy. It writes and then clears
+    the model's .grad, so call it between optimizer steps, never during gradient accumulation."""
     names = [f"layers.{i}.{m}" for i in range(model.cfg.n_layers) for m in modules]
     mats = dict(model.named_parameters())
     out = {}
-    # Called after the optimizer step (grads already None), so probing never touches the training gradients.
     model.zero_grad(set_to_none=True)
     with amp:
         _, loss = model(probe_x, probe_y)
@@ -1301,7 +1301,7 @@ RUN_KEYS = ("seed", "seq_len", "global_batch", "hybrid_ratio", "n_way", "k_shot"
 
 def save_checkpoint(path, model, head, optimizer, step, args, counters, world):
     """Everything needed to continue exactly, as tensors and plain containers (torch.load(weights_only=True)).
-    The data position is `step` itself: batches and episodes are functions of (seed, step)."""
+    The data position is `step` itself (see Randomness)."""
     run = dict(vars(args), global_batch=args.batch_size * args.grad_accum * world)
     state = dict(format="maml-gpt/1", model=model.state_dict(), head=head.state_dict(),
                  optimizer=optimizer.state_dict(), step=step, model_config=asdict(model.cfg), args=vars(args),
