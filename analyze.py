@@ -30,7 +30,8 @@ def load_run(path):
     """-> dict(name, config, rows, vanilla). A clear error for a folder that is not a run."""
     mfile = os.path.join(path, "metrics.jsonl")
     if not os.path.exists(mfile):
-        raise UserError(f"{path} has no metrics.jsonl; pass a run folder written by maml_gpt.py (its --out_dir)")
+        raise UserError(f"{path} has no metrics.jsonl; "
+                        "pass a run folder written by maml_gpt.py (its --out_dir)")
     rows = []
     with open(mfile) as f:
         for i, line in enumerate(f, 1):
@@ -191,7 +192,8 @@ def mean_per(run, kind, module=""):
     swiglu.w_2)."""
     keys = [k for k in per_keys(run, kind) if k.endswith(module)]
     rows = [r for r in run["rows"] if keys and keys[0] in r]
-    return (np.array([r["step"] for r in rows], float), np.array([np.mean([r[k] for k in keys]) for r in rows]))
+    return (np.array([r["step"] for r in rows], float),
+            np.array([np.mean([r[k] for k in keys]) for r in rows]))
 
 
 def modules(run):
@@ -216,11 +218,11 @@ PAPER_CLAIMS = [  # (claim id, name, the paper's statement and number)
     ("speedup", "Same loss N x sooner",
      "MAML reaches its vanilla twin's loss up to 1.6x sooner (1.3-1.6x over the four sizes, per step; §4)"),
     ("ner", "NER F1 under equal compute",
-     "MAML improves Universal NER micro-F1; Table 3, large, head / full: seen +6.2 / +4.8 %, PUD +7.2 / +3.5 %, "
-     "other +2.1 / +8.1 % (mixed signs at smaller sizes)"),
+     "MAML improves Universal NER micro-F1; Table 3, large, head / full: seen +6.2 / +4.8 %, "
+     "PUD +7.2 / +3.5 %, other +2.1 / +8.1 % (mixed signs at smaller sizes)"),
     ("dynamics", "Diversify-then-compress",
-     "PER and attention entropy rise, then fall (a knee) in MAML runs, not in vanilla ones; large: sharp PER drop "
-     "near step 3000 (§6)"),
+     "PER and attention entropy rise, then fall (a knee) in MAML runs, not in vanilla ones; "
+     "large: sharp PER drop near step 3000 (§6)"),
     ("jump", "Query-accuracy jump",
      "query accuracy jumps from near chance to > 0.5 (large: ~step 2600-3000, again at 4900; §6)"),
 ]
@@ -239,7 +241,8 @@ def claim_speedup(results, maml, van):
         c[f"speedup_{name}_max"] = sp["max"] if sp else None
     c["final_loss_ar_maml"] = last(maml, "loss_ar") if maml else None
     c["final_loss_ar_vanilla"] = last(van, "loss_ar") if van else None
-    c["final_loss_mixed_maml"] = float(mixed_series(maml)[1][-1]) if maml and len(mixed_series(maml)[1]) else None
+    c["final_loss_mixed_maml"] = (float(mixed_series(maml)[1][-1]) if maml and len(mixed_series(maml)[1])
+                                  else None)
 
     def x(k):
         return f"{c[k]:.2f}x" if c[k] is not None else "-"
@@ -247,7 +250,8 @@ def claim_speedup(results, maml, van):
              f"{x('speedup_arstep_ar')} (AR loss); per step on the reference's mixed train/loss "
              f"{x('speedup_step_mixed')}")
     if c["speedup_step_ar"] is None:
-        return c, shows, "not measurable", "needs loss_ar over >= 2 windows in a MAML run and its vanilla twin"
+        return (c, shows, "not measurable",
+                "needs loss_ar over >= 2 windows in a MAML run and its vanilla twin")
     if c["speedup_step_ar"] >= SPEEDUP_MIN:
         return c, shows, "holds", f"{x('speedup_step_ar')} per step on AR loss"
     return c, shows, "does not hold", f"{x('speedup_step_ar')} per step on AR loss (< {SPEEDUP_MIN}x)"
@@ -302,7 +306,8 @@ def claim_ner(rows, maml, van):
     for names, label in (((("seen", "seen"), ("pud", "PUD"), ("other", "other")), "Universal NER"),
                          ((("toy", "same names"), ("toy_heldout", "unseen names")), "toy NER")):
         cells = [f"{regime} " + ", ".join(f"{lab} {c[f'ner_rel_{regime}_{g}']:+.1f} %" for g, lab in names
-                                          if c[f"ner_rel_{regime}_{g}"] is not None) for regime in NER_REGIMES]
+                                          if c[f"ner_rel_{regime}_{g}"] is not None)
+                 for regime in NER_REGIMES]
         if any(c[f"ner_rel_{regime}_{g}"] is not None for regime in NER_REGIMES for g, _ in names):
             parts.append(f"{label}: " + "; ".join(cells))
             rel += [c[f"ner_rel_{regime}_{g}"] for regime in NER_REGIMES for g, _ in names
@@ -311,7 +316,8 @@ def claim_ner(rows, maml, van):
     if not rel:
         return c, shows, "not measurable", "needs a grid with a non-zero vanilla F1"
     avg = float(np.mean(rel))
-    toy_only = not any(c[f"ner_rel_{r}_{g}"] is not None for r in NER_REGIMES for g in ("seen", "pud", "other"))
+    toy_only = not any(c[f"ner_rel_{r}_{g}"] is not None
+                       for r in NER_REGIMES for g in ("seen", "pud", "other"))
     where = " (toy NER only, not Universal NER)" if toy_only else ""
     return c, shows, "holds" if avg > 0 else "does not hold", f"average change {avg:+.1f} %{where}"
 
@@ -345,23 +351,27 @@ def claim_dynamics(maml, van):
             per += " (" + ", ".join(f"{m.split('.')[-1]} " + fmt(c[f"knee_weight_step_{tag}/{m}"], 0)
                                     for m in modules(run)) + ")"
         ent = (f"entropy {c[f'entropy_first_{tag}']:.2f} -> {c[f'entropy_peak_{tag}']:.2f} (step "
-               f"{c[f'entropy_peak_step_{tag}']:.0f}) -> {c[f'entropy_last_{tag}']:.2f} nats" if len(s) else "")
+               f"{c[f'entropy_peak_step_{tag}']:.0f}) -> {c[f'entropy_last_{tag}']:.2f} nats"
+               if len(s) else "")
         text.append(f"{run['name']}: " + "; ".join(t for t in (per, ent) if t))
     shows = " / ".join(text) or "-"
     if not maml or c["rise_fall_weight_maml"] is None:
         return c, shows, "not measurable", "needs PER logs (--dynamics_every > 0) in the MAML run"
     fails = [why for ok, why in ((c["rise_fall_weight_maml"], "MAML weight PER does not rise then fall"),
-                                 (c["rise_fall_entropy_maml"] is not False, "MAML attention entropy does not rise "
-                                                                            "then fall"),
-                                 (not c["rise_fall_weight_vanilla"], "vanilla weight PER rises then falls too"))
+                                 (c["rise_fall_entropy_maml"] is not False,
+                                  "MAML attention entropy does not rise then fall"),
+                                 (not c["rise_fall_weight_vanilla"],
+                                  "vanilla weight PER rises then falls too"))
              if not ok]
     if fails:
         return c, shows, "does not hold", "; ".join(fails)
-    return c, shows, "holds", "rise then fall in MAML" + (", not in vanilla" if van else " (no vanilla twin given)")
+    return (c, shows, "holds",
+            "rise then fall in MAML" + (", not in vanilla" if van else " (no vanilla twin given)"))
 
 
 def fewshot_at(run, step, key):
-    return next((r[key] for r in run["rows"] if r["step"] == step and r.get(key) is not None), None) if run else None
+    return (next((r[key] for r in run["rows"] if r["step"] == step and r.get(key) is not None), None)
+            if run else None)
 
 
 def claim_jump(maml, van):
@@ -374,7 +384,8 @@ def claim_jump(maml, van):
     c.update({f"{k}_{tag}": None for k in FEWSHOT_KEYS for tag in ("maml", "vanilla")})
     if maml:
         c["chance"] = 1 / maml["config"]["args"].get("n_way", 32)
-        c["acc_query_pre_last"], c["acc_query_post_last"] = last(maml, "acc_query_pre"), last(maml, "acc_query_post")
+        c["acc_query_pre_last"], c["acc_query_post_last"] = (last(maml, "acc_query_pre"),
+                                                             last(maml, "acc_query_post"))
         jumps = accuracy_jumps(*series(maml, "acc_query_post"))
         if len(series(maml, "acc_query_post")[1]) >= 4:
             c["n_jumps"] = len(jumps)
@@ -388,7 +399,8 @@ def claim_jump(maml, van):
     if c["n_jumps"] is not None:
         shows.append(f"query accuracy after adaptation, last window {c['acc_query_post_last']:.3f} (before "
                      f"{fmt(c['acc_query_pre_last'])}, chance {c['chance']:.3f}); " +
-                     (f"jump at step {c['jump_step']:.0f} (+{c['jump_rise']:.3f})" if c["jump_step"] else "no jump"))
+                     (f"jump at step {c['jump_step']:.0f} (+{c['jump_rise']:.3f})" if c["jump_step"]
+                      else "no jump"))
     if common:
         st = c["fewshot_step"] = max(common)
         for tag, run in (("maml", maml), ("vanilla", van)):
@@ -398,11 +410,13 @@ def claim_jump(maml, van):
         if van and c["fewshot_tokens_maml"] is not None:
             xv, yv = series(van, "eval_fewshot_acc", "tokens")
             if len(xv) and xv[0] <= c["fewshot_tokens_maml"] <= xv[-1]:
-                c["eval_fewshot_acc_vanilla_equal_tokens"] = float(np.interp(c["fewshot_tokens_maml"], xv, yv))
+                c["eval_fewshot_acc_vanilla_equal_tokens"] = float(np.interp(c["fewshot_tokens_maml"],
+                                                                             xv, yv))
 
         def pair(k):  # "MAML vs vanilla" values of one key
             return " vs ".join(fmt(c[f"{k}_{t}"]) for t, r in (("maml", maml), ("vanilla", van)) if r)
-        shows.append(f"held-out few-shot eval at step {st:.0f} ({' vs '.join(r['name'] for r in (maml, van) if r)}): "
+        shows.append(f"held-out few-shot eval at step {st:.0f} "
+                     f"({' vs '.join(r['name'] for r in (maml, van) if r)}): "
                      f"after adaptation {pair('eval_fewshot_acc')}, before {pair('eval_fewshot_acc_pre')}; "
                      f"prototypes at [MASK] {pair('eval_proto_acc_mask')}, at the token before "
                      f"{pair('eval_proto_acc_prev')}" +
@@ -473,7 +487,8 @@ def ner_grid_report(rows, out):
             ax.set_title(f"micro-F1: {os.path.basename(os.path.dirname(ckpt)) or ckpt} ({regime})")
             fig.colorbar(im)
             fig.tight_layout()
-            fig.savefig(os.path.join(out, f"heatmap_{os.path.basename(os.path.dirname(ckpt)) or 'model'}_{regime}.png"),
+            fig.savefig(os.path.join(out, f"heatmap_{os.path.basename(os.path.dirname(ckpt)) or 'model'}"
+                                          f"_{regime}.png"),
                         dpi=110)
             plt.close(fig)
     maml = [c for c in dict.fromkeys(r["ckpt"] for r in rows) if float(next(
@@ -481,17 +496,20 @@ def ner_grid_report(rows, out):
     vanilla = [c for c in dict.fromkeys(r["ckpt"] for r in rows) if c not in maml]
     if maml and vanilla:
         def mean_f1(ckpt, regime, evs):
-            v = [float(r["f1"]) for r in rows if r["ckpt"] == ckpt and r["regime"] == regime and r["eval_on"] in evs]
+            v = [float(r["f1"]) for r in rows
+                 if r["ckpt"] == ckpt and r["regime"] == regime and r["eval_on"] in evs]
             return float(np.mean(v)) if v else None
 
         def rel(m, v):
             return "-" if m is None or v is None or v == 0 else f"{(m - v) / v * 100:+.1f}%"
         m, v = maml[0], vanilla[0]
-        lines += [f"## Relative improvement of MAML ({m}) over vanilla ({v}), % of vanilla micro-F1 (Table 3)", "",
+        lines += [f"## Relative improvement of MAML ({m}) over vanilla ({v}), "
+                  "% of vanilla micro-F1 (Table 3)", "",
                   "| regime | seen | PUD | other |", "|---|---|---|---|"]
         for regime in ("head", "full"):
-            lines.append(f"| {regime} | " + " | ".join(rel(mean_f1(m, regime, GROUPS[g]), mean_f1(v, regime, GROUPS[g]))
-                                                      for g in ("seen", "pud", "other")) + " |")
+            lines.append(f"| {regime} | " + " | ".join(rel(mean_f1(m, regime, GROUPS[g]),
+                                                           mean_f1(v, regime, GROUPS[g]))
+                                                       for g in ("seen", "pud", "other")) + " |")
         evs = list(dict.fromkeys(r["eval_on"] for r in rows))
         lines += ["", "## Per evaluation set (Tables 4-5), averaged over fine-tuning configs", "",
                   "| regime | " + " | ".join(evs) + " |", "|---" * (len(evs) + 1) + "|"]
@@ -539,8 +557,9 @@ def figure_loss(plt, runs):
                        label=f"{run['name']} mixed (reference train/loss)")
         x, y = series(run, "eval_ppl")
         ax[2].plot(x, y, marker="o", label=lab)
-    for a, t, xl in zip(ax, ("loss vs step: AR only (solid), mixed (dashed)", "next-token loss vs backbone tokens",
-                             "eval perplexity"), ("optimizer step", "backbone tokens (AR + meta)", "optimizer step")):
+    for a, t, xl in zip(ax, ("loss vs step: AR only (solid), mixed (dashed)",
+                             "next-token loss vs backbone tokens", "eval perplexity"),
+                        ("optimizer step", "backbone tokens (AR + meta)", "optimizer step")):
         a.set(title=t, xlabel=xl)
         a.legend(fontsize=7)
     ax[2].set_yscale("log")
@@ -702,10 +721,11 @@ def artifact(c, maml):
     if not (ar and mx and q is not None and c["final_loss_ar_maml"] is not None):
         return None
     n = maml["config"]["args"].get("n_way", 32)
-    return (f"The reference's train/loss averages the {n}-way query cross-entropy (last window {q:.2f}; log {n} = "
-            f"{math.log(n):.2f} at chance) with the AR loss ({c['final_loss_ar_maml']:.2f}), and on that mixed "
-            f"metric this MAML run reaches vanilla's final loss {mx:.2f}x sooner per step against {ar:.2f}x on the "
-            f"AR loss alone: a factor of {mx / ar:.2f} that comes from the metric, not from faster learning.")
+    return (f"The reference's train/loss averages the {n}-way query cross-entropy (last window {q:.2f}; "
+            f"log {n} = {math.log(n):.2f} at chance) with the AR loss ({c['final_loss_ar_maml']:.2f}), "
+            f"and on that mixed metric this MAML run reaches vanilla's final loss {mx:.2f}x sooner per step "
+            f"against {ar:.2f}x on the AR loss alone: a factor of {mx / ar:.2f} that comes from the metric, "
+            "not from faster learning.")
 
 
 def analyze(paths, out, ner=None):
@@ -734,46 +754,53 @@ def analyze(paths, out, ner=None):
 
     claims_md = ["## Claims", "", f"{metas[0]['name'] if metas else '(no MAML run)'} vs "
                  f"{van['name'] if van else '(no vanilla run)'}"
-                 + (f"; NER grid `{ner}`" if ner else "") + ". Rules: analyze.py docstrings and the README.", "",
+                 + (f"; NER grid `{ner}`" if ner else "")
+                 + ". Rules: analyze.py docstrings and the README.", "",
                  "| claim | paper | these runs | verdict |", "|---|---|---|---|"] + claim_rows
     sentence = artifact(c, metas[0] if metas else None)
     claims_md += ["", sentence] if sentence else []
-    runs_md = ["| run | rho | steps | tokens | AR loss (last window) | eval ppl | query acc pre | query acc post |"
-               " chance |", "|---|---|---|---|---|---|---|---|---|"]
+    runs_md = ["| run | rho | steps | tokens | AR loss (last window) | eval ppl | query acc pre "
+               "| query acc post | chance |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         n_way = r["config"]["args"].get("n_way", 32)
-        runs_md.append(f"| {r['name']} | {r['ratio']} | {r['rows'][-1]['step']} | {r['rows'][-1].get('tokens', 0):,} "
-                       f"| {fmt(last(r, 'loss_ar'))} | {fmt(last(r, 'eval_ppl'), 1)} | {fmt(last(r, 'acc_query_pre'))} "
+        runs_md.append(f"| {r['name']} | {r['ratio']} | {r['rows'][-1]['step']} "
+                       f"| {r['rows'][-1].get('tokens', 0):,} "
+                       f"| {fmt(last(r, 'loss_ar'))} | {fmt(last(r, 'eval_ppl'), 1)} "
+                       f"| {fmt(last(r, 'acc_query_pre'))} "
                        f"| {fmt(last(r, 'acc_query_post'))} | {'-' if r['vanilla'] else fmt(1 / n_way)} |")
     lines = ["# maml-gpt analysis", "", "Runs: " + ", ".join(f"`{p}`" for p in paths), ""] + claims_md + \
         ["", "## Runs", ""] + runs_md
     summary = []
     if any(f"speedup_{key}" in results for key, *_ in SPEEDUPS):
         lines += ["", f"## Reaches the same loss N x sooner ({metas[0]['name']} vs {van['name']})", "",
-                  "Ratio of the steps (tokens) each run needs to first reach a loss level (smoothed running minimum"
-                  " of the loss), vanilla / MAML, over the levels both reach (minus the top 10 % of the range,"
-                  " i.e. warm-up). Tokens count every backbone token, AR and meta; AR steps are counted by AR tokens."
-                  " The last column is the paper's number: at the vanilla run's final loss (or, when MAML never"
-                  " gets there, vanilla's steps to MAML's final loss over MAML's).", "",
+                  "Ratio of the steps (tokens) each run needs to first reach a loss level (smoothed running"
+                  " minimum of the loss), vanilla / MAML, over the levels both reach (minus the top 10 % of"
+                  " the range, i.e. warm-up). Tokens count every backbone token, AR and meta; AR steps are"
+                  " counted by AR tokens. The last column is the paper's number: at the vanilla run's final"
+                  " loss (or, when MAML never gets there, vanilla's steps to MAML's final loss over MAML's).",
+                  "",
                   "| curve | max ratio | at loss | at the final loss |", "|---|---|---|---|"]
         for key, _, _, label in SPEEDUPS:
             sp = results.get(f"speedup_{key}")
             if sp:
                 lines.append(f"| {label} | {sp['max']:.2f}x | {sp['max_level']:.3f} | "
-                             f"{fmt(sp['at_final'], 2)}{'x' if sp['at_final'] else ''} ({sp['final_loss']:.3f}) |")
-                summary.append(f"speed-up {label}: max {sp['max']:.2f}x, at the final loss {fmt(sp['at_final'], 2)}")
+                             f"{fmt(sp['at_final'], 2)}{'x' if sp['at_final'] else ''} "
+                             f"({sp['final_loss']:.3f}) |")
+                summary.append(f"speed-up {label}: max {sp['max']:.2f}x, "
+                               f"at the final loss {fmt(sp['at_final'], 2)}")
     lines += ["", "## Phase transitions", "",
-              "PER knee: peak of the smoothed mean PER (over layers and matrices), then the steepest drop after it"
-              " (reported if it falls >= 5 % of the peak). Query-accuracy jump: a rise of the smoothed accuracy by"
-              " more than max(0.05, 3 x median |increment|) between log points.", "",
-              "| run | series | peak step | PER at peak | steepest drop at | PER after |", "|---|---|---|---|---|---|"]
+              "PER knee: peak of the smoothed mean PER (over layers and matrices), then the steepest drop"
+              " after it (reported if it falls >= 5 % of the peak). Query-accuracy jump: a rise of the"
+              " smoothed accuracy by more than max(0.05, 3 x median |increment|) between log points.", "",
+              "| run | series | peak step | PER at peak | steepest drop at | PER after |",
+              "|---|---|---|---|---|---|"]
     for r in runs:
         for kind, k in results["knees"][r["name"]].items():
             if k:
                 lines.append(f"| {r['name']} | PER {kind}s | {k['peak_step']:.0f} | {k['peak']:.3f} | "
                              f"{k['drop_step']:.0f} | {k['after']:.3f} |")
-                summary.append(f"{r['name']}: PER {kind}s peak at step {k['peak_step']:.0f}, steepest drop at "
-                               f"{k['drop_step']:.0f}")
+                summary.append(f"{r['name']}: PER {kind}s peak at step {k['peak_step']:.0f}, "
+                               f"steepest drop at {k['drop_step']:.0f}")
             else:
                 lines.append(f"| {r['name']} | PER {kind}s | no knee | | | |")
         for j in results["jumps"].get(r["name"], []):
@@ -785,14 +812,16 @@ def analyze(paths, out, ner=None):
     print("\n".join(claims_md + [""] + runs_md))
     for s in summary:
         print("  " + s)
-    print(f"report: {os.path.join(out, 'report.md')} ({len(made)} figures), claims: {os.path.join(out, 'claims.json')}")
+    print(f"report: {os.path.join(out, 'report.md')} ({len(made)} figures), "
+          f"claims: {os.path.join(out, 'claims.json')}")
     return results
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Claims table, figures, report.md and claims.json from maml_gpt.py "
-                                "runs: a MAML run and its --hybrid_ratio 0 twin.")
-    p.add_argument("runs", nargs="*", help="run folders (default: out/demo and, if present, out/demo-vanilla)")
+    p = argparse.ArgumentParser(description="Claims table, figures, report.md and claims.json from "
+                                "maml_gpt.py runs: a MAML run and its --hybrid_ratio 0 twin.")
+    p.add_argument("runs", nargs="*",
+                   help="run folders (default: out/demo and, if present, out/demo-vanilla)")
     p.add_argument("--out", help="output folder (default: FIRST_RUN/analysis)")
     p.add_argument("--ner", help="output folder of `finetune_ner.py --sweep` over both checkpoints (default: "
                    "RUN/ner-grid of the first run that has one)")

@@ -37,7 +37,8 @@ def main(argv=None):
     p.add_argument("--size", default="tiny", choices=list(mg.SIZES))
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=7, help="timed rounds (each contestant once) after 2 warm-up rounds")
+    p.add_argument("--repeats", type=int, default=7,
+                   help="timed rounds (each contestant once) after 2 warm-up rounds")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
     args = p.parse_args(argv)
@@ -60,7 +61,8 @@ def main(argv=None):
     runs = {"ours": lambda: ours(x, y)[1],
             "plain": lambda: F.cross_entropy(ours(x)[0].flatten(0, 1), y.flatten(), ignore_index=-100),
             "hf": lambda: hf(input_ids=x, labels=x).loss}
-    names = {"ours": "maml-gpt (fused loss)", "plain": "maml-gpt, plain F.cross_entropy", "hf": "HF LlamaForCausalLM"}
+    names = {"ours": "maml-gpt (fused loss)", "plain": "maml-gpt, plain F.cross_entropy",
+             "hf": "HF LlamaForCausalLM"}
 
     def step(which):
         """One forward+backward; -> (seconds, loss)."""
@@ -87,9 +89,9 @@ def main(argv=None):
     tok = args.batch_size * args.seq_len
     med = {w: statistics.median(v) for w, v in times.items()}
     ratios = {w: [a / b for a, b in zip(times[w], times["hf"])] for w in ("ours", "plain")}
-    print(f"{args.size} ({mg.count_params(ours) / 1e6:.1f}M), {args.batch_size} x {args.seq_len}, {args.dtype}, "
-          f"{device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, transformers "
-          f"{transformers.__version__}; forward+backward, median of {args.repeats} rounds")
+    print(f"{args.size} ({mg.count_params(ours) / 1e6:.1f}M), {args.batch_size} x {args.seq_len}, "
+          f"{args.dtype}, {device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; forward+backward, median of {args.repeats} rounds")
     for w in runs:
         r = ratios.get(w)
         vs = f"  / HF {statistics.median(r):.3f} (per-round range {min(r):.3f}-{max(r):.3f})" if r else ""

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maml_gpt import (EOT_ID, HERE, UserError, get_tokenizer, load_checkpoint, model_from_checkpoint, pick_device,
-                      toyworld)
+from maml_gpt import (EOT_ID, HERE, UserError, get_tokenizer, load_checkpoint, model_from_checkpoint,
+                      pick_device, toyworld)
 
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 LABEL_ID = {t: i for i, t in enumerate(LABELS)}
@@ -35,8 +35,8 @@ LABEL_ID = {t: i for i, t in enumerate(LABELS)}
 TRAIN_CONFIGS = {"da_ddt": ("UNER_Danish-DDT", "main"), "en_ewt": ("UNER_English-EWT", "master"),
                  "hr_set": ("UNER_Croatian-SET", "main"), "pt_bosque": ("UNER_Portuguese-Bosque", "master"),
                  "sk_snk": ("UNER_Slovak-SNK", "master"), "sr_set": ("UNER_Serbian-SET", "main"),
-                 "sv_talbanken": ("UNER_Swedish-Talbanken", "master"), "zh_gsd": ("UNER_Chinese-GSD", "master"),
-                 "zh_gsdsimp": ("UNER_Chinese-GSDSIMP", "master")}
+                 "sv_talbanken": ("UNER_Swedish-Talbanken", "master"),
+                 "zh_gsd": ("UNER_Chinese-GSD", "master"), "zh_gsdsimp": ("UNER_Chinese-GSDSIMP", "master")}
 TEST_CONFIGS = {"de_pud": ("UNER_German-PUD", "master"), "en_pud": ("UNER_English-PUD", "master"),
                 "pt_pud": ("UNER_Portuguese-PUD", "master"), "ru_pud": ("UNER_Russian-PUD", "master"),
                 "sv_pud": ("UNER_Swedish-PUD", "master"), "zh_pud": ("UNER_Chinese-PUD", "master"),
@@ -64,8 +64,8 @@ def read_iob2(path):
                 continue
             cols = line.split("\t")
             if len(cols) != 5:
-                raise UserError(f"{path}:{n}: expected 5 TAB-separated columns (id, token, tag, misc, annotator), "
-                                f"got {len(cols)}: {line[:60]!r}")
+                raise UserError(f"{path}:{n}: expected 5 TAB-separated columns "
+                                f"(id, token, tag, misc, annotator), got {len(cols)}: {line[:60]!r}")
             # As the hub configs do: OTHER entities (only in some sets) and the stray "B-O" are not entities.
             tag = "O" if cols[2].endswith("OTH") or cols[2] == "B-O" else cols[2]
             if tag not in LABEL_ID:
@@ -89,15 +89,16 @@ def uner_file(cfg, split, data_dir, cache_dir):
         return p
     repo, branch = {**TRAIN_CONFIGS, **TEST_CONFIGS}[cfg]
     try:
-        with urllib.request.urlopen(URL.format(repo=repo, branch=branch, cfg=cfg, split=split), timeout=20) as r:
+        with urllib.request.urlopen(URL.format(repo=repo, branch=branch, cfg=cfg, split=split),
+                                    timeout=20) as r:
             body = r.read()
     except urllib.error.HTTPError as e:
         if e.code == 404:
             return None  # this config has no such split
         raise UserError(f"downloading {name} failed (HTTP {e.code}); use --data_dir with local .iob2 files")
     except OSError as e:
-        raise UserError(f"cannot download {name} from GitHub ({e}). Offline, run without --train_on (the toy NER "
-                        "set) or pass --data_dir with local UNER .iob2 files")
+        raise UserError(f"cannot download {name} from GitHub ({e}). Offline, run without --train_on "
+                        "(the toy NER set) or pass --data_dir with local UNER .iob2 files")
     os.makedirs(cache_dir, exist_ok=True)
     with open(p + ".tmp", "wb") as f:
         f.write(body)
@@ -117,7 +118,8 @@ def load_splits(args):
                           "toy_heldout": world.ner_sentences(seed=1337, n=n_dev, heldout=True)})
     cfgs = list(TRAIN_CONFIGS) if args.train_on == "all" else [args.train_on]
     if args.train_on not in TRAIN_CONFIGS and args.train_on != "all":
-        raise UserError(f"--train_on {args.train_on!r}: choose toy, all, or one of {', '.join(TRAIN_CONFIGS)}")
+        raise UserError(f"--train_on {args.train_on!r}: "
+                        f"choose toy, all, or one of {', '.join(TRAIN_CONFIGS)}")
 
     def read(cfg, split):
         p = uner_file(cfg, split, args.data_dir, args.cache_dir)
@@ -260,8 +262,10 @@ def finetune(model, splits, args, device, log=print):
     lr = args.lr or (3e-5 if args.train_on != "toy" else (1e-3 if head_only else 1e-4))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if head_only:  # the backbone is frozen and deterministic: compute its features once
-        tr_f, dev_f = features(model, train, args.batch_size, device), features(model, dev, args.batch_size, device)
-        tr_y = [torch.tensor([LABEL_ID[t] for t in tags[:len(f)]]) for (_, tags), f in zip(splits["train"], tr_f)]
+        tr_f, dev_f = (features(model, train, args.batch_size, device),
+                       features(model, dev, args.batch_size, device))
+        tr_y = [torch.tensor([LABEL_ID[t] for t in tags[:len(f)]])
+                for (_, tags), f in zip(splits["train"], tr_f)]
     total = args.epochs * ((len(train) + args.batch_size - 1) // args.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total)  # linear decay to 0 (HF default)
     rng = np.random.default_rng(args.seed)
@@ -269,7 +273,8 @@ def finetune(model, splits, args, device, log=print):
         order = rng.permutation(len(tr_f))
         for i in range(0, len(order), args.batch_size):
             idx = order[i:i + args.batch_size]
-            yield clf(torch.cat([tr_f[j] for j in idx]).to(device)), torch.cat([tr_y[j] for j in idx]).to(device)
+            yield (clf(torch.cat([tr_f[j] for j in idx]).to(device)),
+                   torch.cat([tr_y[j] for j in idx]).to(device))
 
     def full_batches():  # padded sentence batches through the whole (trainable) model
         for x, y, _ in batches(train, args.batch_size, rng):
@@ -332,19 +337,20 @@ def run_one(args, ckpt_path=None, log=print):
 
 
 def print_table(res, log=print):
-    log(f"{'eval set':14s} {'P':>7s} {'R':>7s} {'F1':>7s}   " + "  ".join(f"{t:>6s}" for t in ("PER", "ORG", "LOC"))
-        + "   truncated words")
+    log(f"{'eval set':14s} {'P':>7s} {'R':>7s} {'F1':>7s}   "
+        + "  ".join(f"{t:>6s}" for t in ("PER", "ORG", "LOC")) + "   truncated words")
     for name, r in res["eval"].items():
         per = "  ".join(f"{r['per_type'].get(t, {}).get('f1', 0):6.3f}" for t in ("PER", "ORG", "LOC"))
-        log(f"{name:14s} {r['precision']:7.3f} {r['recall']:7.3f} {r['f1']:7.3f}   {per}   {r['truncated_words']}")
+        log(f"{name:14s} {r['precision']:7.3f} {r['recall']:7.3f} {r['f1']:7.3f}   {per}   "
+            f"{r['truncated_words']}")
 
 
 # ------------------------------------------------------------------------------------------------------------
 # The grid (paper Figures 13-28, Tables 3-5)
 
-SWEEP_KEYS = ("lr", "batch_size", "epochs", "patience", "max_len", "max_train_sentences", "toy_sentences", "seed",
+SWEEP_KEYS = ("lr", "batch_size", "epochs", "patience", "max_len", "max_train_sentences", "toy_sentences",
               # what the cells of one grid must share (grid.json); a different value is another grid
-              "data_dir")
+              "seed", "data_dir")
 
 
 def write_atomic(path, text):
@@ -362,10 +368,11 @@ def sweep(args):
         if os.path.exists(settings_path):
             with open(settings_path) as f:
                 old = json.load(f)
-            diff = [f"--{k} {old.get(k)} there, {settings[k]} now" for k in SWEEP_KEYS if old.get(k) != settings[k]]
+            diff = [f"--{k} {old.get(k)} there, {settings[k]} now" for k in SWEEP_KEYS
+                    if old.get(k) != settings[k]]
             if diff:
-                raise UserError(f"{path} holds cells fine-tuned with other settings ({'; '.join(diff)}). Give the "
-                                "same flags to add to that grid, or choose another --out")
+                raise UserError(f"{path} holds cells fine-tuned with other settings ({'; '.join(diff)}). "
+                                "Give the same flags to add to that grid, or choose another --out")
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
     write_atomic(settings_path, json.dumps(settings, indent=1))
@@ -373,7 +380,8 @@ def sweep(args):
     if args.train_on == "toy":
         configs = ["toy"]
     else:  # every fine-tuning config with local train files (all of them when downloading), then their union
-        configs = [c for c in TRAIN_CONFIGS if args.data_dir is None or uner_file(c, "train", args.data_dir, None)]
+        configs = [c for c in TRAIN_CONFIGS
+                   if args.data_dir is None or uner_file(c, "train", args.data_dir, None)]
         configs += ["all"] if len(configs) == len(TRAIN_CONFIGS) else []
     fields = ["ckpt", "hybrid_ratio", "regime", "train_on", "eval_on", "precision", "recall", "f1"]
     for ckpt in args.ckpt:
@@ -383,9 +391,11 @@ def sweep(args):
                     continue
                 cell = argparse.Namespace(**{**vars(args), "regime": regime, "train_on": cfg})
                 res = run_one(cell, ckpt, log=lambda *_: None)
-                print(f"{ckpt} {regime:4s} {cfg:12s} " + " ".join(f"{k}={v['f1']:.3f}" for k, v in res["eval"].items()))
-                rows += [dict(ckpt=ckpt, hybrid_ratio=res["hybrid_ratio"], regime=regime, train_on=cfg, eval_on=name,
-                              precision=r["precision"], recall=r["recall"], f1=r["f1"]) for name, r in res["eval"].items()]
+                print(f"{ckpt} {regime:4s} {cfg:12s} "
+                      + " ".join(f"{k}={v['f1']:.3f}" for k, v in res["eval"].items()))
+                rows += [dict(ckpt=ckpt, hybrid_ratio=res["hybrid_ratio"], regime=regime, train_on=cfg,
+                              eval_on=name, precision=r["precision"], recall=r["recall"], f1=r["f1"])
+                         for name, r in res["eval"].items()]
                 # The whole CSV, rewritten atomically after each cell: a Ctrl-C or a kill mid-write could
                 # otherwise leave a half cell that a resumed sweep would count as done (and a half row it
                 # cannot parse).
@@ -407,11 +417,14 @@ def build_parser():
     a("--ckpt", nargs="+", default=["out/demo/ckpt.pt"], help="checkpoint(s); --sweep takes several")
     a("--train_on", help="toy, all, or a UNER config (da_ddt, en_ewt, ...); default toy offline, en_ewt with "
       "--data_dir")
-    a("--regime", choices=["head", "full"], default="head", help="head: frozen backbone; full: train everything")
+    a("--regime", choices=["head", "full"], default="head",
+      help="head: frozen backbone; full: train everything")
     a("--data_dir", help="local folder of <cfg>-ud-<split>.iob2 files (no download)")
-    a("--cache_dir", default=os.path.join(HERE, "data", "cache", "uner"), help="where downloads are cached")
-    a("--lr", type=float, help="AdamW learning rate (default 3e-5 as in the paper; the short toy demo uses 1e-3 "
-      "for the head and 1e-4 for full fine-tuning)")
+    a("--cache_dir", default=os.path.join(HERE, "data", "cache", "uner"),
+      help="where downloads are cached")
+    a("--lr", type=float,
+      help="AdamW learning rate (default 3e-5 as in the paper; the short toy demo uses 1e-3 "
+           "for the head and 1e-4 for full fine-tuning)")
     a("--batch_size", type=int, default=16)
     a("--epochs", type=int, default=10, help="maximum epochs")
     a("--patience", type=int, default=3, help="stop after this many epochs without a better dev F1")
@@ -441,7 +454,8 @@ def main(argv=None):
         write_atomic(path, json.dumps(res, indent=1))
         print_table(res)
         print(f"results: {path} ({res['sec']:.0f}s). Next: python finetune_ner.py --regime "
-              f"{'full' if args.regime == 'head' else 'head'}   |   python finetune_ner.py --sweep --ckpt CKPT ...")
+              f"{'full' if args.regime == 'head' else 'head'}   |   "
+              "python finetune_ner.py --sweep --ckpt CKPT ...")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

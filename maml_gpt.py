@@ -84,8 +84,8 @@ DEMO = dict(data="toy", out_dir=os.path.join("out", "demo"), d_model=SIZES["tiny
 # paper's text in places): seq 512, global batch 256, AdamW 3e-4, linear warm-up 2500 steps, then effectively
 # constant, 6000 steps, logs every 10.
 RELEASED = dict(data="HuggingFaceFW/fineweb-edu:sample-10BT", seq_len=512, global_batch=256, grad_accum=None,
-                max_steps=6000, lr=3e-4, warmup_steps=2500, lr_schedule="constant", log_every=10, save_every=100,
-                eval_every=100, eval_batches=16, dynamics_every=100, eval_data="paloma")
+                max_steps=6000, lr=3e-4, warmup_steps=2500, lr_schedule="constant", log_every=10,
+                save_every=100, eval_every=100, eval_batches=16, dynamics_every=100, eval_data="paloma")
 
 
 def preset(size):
@@ -98,9 +98,11 @@ def build_parser():
     p = argparse.ArgumentParser(description="FOMAML + next-token pretraining of a Llama-style decoder "
                                 "(arXiv 2508.02189).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--size", choices=list(SIZES), help="model width and the released training recipe (none: the CPU demo); "
-      "the defaults shown are those of the chosen size")
-    a("--data", help="'toy' (offline toy world), a local .txt / folder / .jsonl, or a hub dataset ID[:CONFIG]")
+    a("--size", choices=list(SIZES),
+      help="model width and the released training recipe (none: the CPU demo); "
+           "the defaults shown are those of the chosen size")
+    a("--data",
+      help="'toy' (offline toy world), a local .txt / folder / .jsonl, or a hub dataset ID[:CONFIG]")
     a("--data_dir", default=os.path.join(HERE, "data", "cache"), help="where prepared corpora are cached")
     a("--max_tokens", type=int, default=1_000_000_000, help="tokens to take from a hub or local corpus")
     a("--toy_docs", type=int, default=30_000, help="paragraphs in the toy world corpus (30k ~ 2.3M tokens)")
@@ -123,27 +125,33 @@ def build_parser():
     a("--grad_clip", type=float, default=0.0, help="clip the global grad norm (0 = off, as in the paper)")
     a("--seed", type=int, default=1337, help="seeds everything; batches and episodes are functions of it")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bf16 on CUDA)")
-    a("--compile", action="store_true", help="torch.compile the model (AR: forward + loss; meta: the backbone)")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+      help="autocast dtype (auto: bf16 on CUDA)")
+    a("--compile", action="store_true",
+      help="torch.compile the model (AR: forward + loss; meta: the backbone)")
     a("--resume", nargs="?", const="continue", choices=["continue", "auto"],
-      help="continue the run in --out_dir from its ckpt.pt ('--resume' alone means 'continue'); 'auto': continue "
-           "if there is a checkpoint, else start fresh (one command line for the first start and every restart)")
+      help="continue the run in --out_dir from its ckpt.pt ('--resume' alone means 'continue'); "
+           "'auto': continue if there is a checkpoint, else start fresh (one command line for the first "
+           "start and every restart)")
     a("--overwrite", action="store_true",
-      help="start over in an --out_dir that holds a run; its ckpt.pt, metrics.jsonl and config.json are kept as "
-           "*.prev.* until the new run writes its first checkpoint")
+      help="start over in an --out_dir that holds a run; its ckpt.pt, metrics.jsonl and config.json are "
+           "kept as *.prev.* until the new run writes its first checkpoint")
     # logging and evaluation
     a("--log_every", type=int, help="optimizer steps per logging window")
     a("--save_every", type=int, help="steps between checkpoints (and at the end)")
     a("--eval_every", type=int, help="steps between eval-perplexity measurements (0 = never)")
     a("--eval_batches", type=int, help="fixed eval batches of --batch_size sequences")
     a("--eval_data", choices=["paloma", "val"],
-      help="paloma: pico-lm/pretokenized-paloma-tinsy (falls back to val offline); val: held-out corpus split")
-    a("--dynamics_every", type=int, help="steps between learning-dynamics probes (PER, attention entropy; 0 = never)")
+      help="paloma: pico-lm/pretokenized-paloma-tinsy (falls back to val offline); "
+           "val: held-out corpus split")
+    a("--dynamics_every", type=int,
+      help="steps between learning-dynamics probes (PER, attention entropy; 0 = never)")
     a("--dynamics_modules", default="attention.v_proj,attention.o_proj,swiglu.w_2",
       help="comma-separated per-layer matrices whose weight/gradient PER is logged")
     a("--probe_batch", type=int, default=4, help="sequences in the fixed probe batch for dynamics")
     # the meta-learning branch (§3.2-3.3)
-    a("--hybrid_ratio", type=float, default=0.5, help="probability that an optimizer step is a meta step (0 = vanilla)")
+    a("--hybrid_ratio", type=float, default=0.5,
+      help="probability that an optimizer step is a meta step (0 = vanilla)")
     a("--n_way", type=int, default=32, help="N: classes (content words) per episode")
     a("--k_shot", type=int, default=4, help="K: support examples per class")
     a("--q_query", type=int, default=4, help="query examples per class (disjoint from the support ones)")
@@ -155,16 +163,18 @@ def build_parser():
       help="dropout in the MLP head: the paper says 0.1, the released code silently applies none, and with "
            "prototypes 0.1 drowns the class differences (README)")
     a("--head_init", default="proto", choices=["proto", "learned", "vocab"],
-      help="the head's last layer each episode: proto (from support class means, Proto-MAML), learned (meta-learned "
-           "N-way layer, the paper's text: collapses to uniform), vocab (the released code's token-id head)")
+      help="the head's last layer each episode: proto (from support class means, Proto-MAML), "
+           "learned (meta-learned N-way layer, the paper's text: collapses to uniform), "
+           "vocab (the released code's token-id head)")
     a("--read", default="mask", choices=["mask", "last"],
-      help="where the head reads the backbone: the [MASK] position (window = left context) or the window's last "
-           "token (the mask mid-window)")
+      help="where the head reads the backbone: the [MASK] position (window = left context) or the "
+           "window's last token (the mask mid-window)")
     a("--fewshot_episodes", type=int, default=8,
       help="fixed held-out episodes scored with a fresh head at every --eval_every (0 = off)")
     a("--smlmt_ctx", type=int, default=0,
       help="tokens per episode example; 0 = size a meta micro-step like an AR one (min 16)")
-    a("--smlmt_skip_top", type=int, default=100, help="content words exclude the corpus's most frequent tokens")
+    a("--smlmt_skip_top", type=int, default=100,
+      help="content words exclude the corpus's most frequent tokens")
     a("--smlmt_min_count", type=int, default=20, help="content words need at least this many occurrences")
     a("--smlmt_max_occ", type=int, default=1000, help="occurrences kept per word in the SMLMT index")
     a("--bench", action="store_true", help="benchmark micro-steps and dynamics; print numbers; no training")
@@ -212,7 +222,8 @@ def parse_args(argv=None):
 def model_config(args):
     cfg = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, max_seq_len=args.seq_len)
     if cfg.d_model % (2 * cfg.n_heads):
-        raise UserError(f"--d_model {cfg.d_model} must be a multiple of {2 * cfg.n_heads} (12 heads, even head_dim)")
+        raise UserError(f"--d_model {cfg.d_model} must be a multiple of {2 * cfg.n_heads} "
+                        "(12 heads, even head_dim)")
     return cfg
 
 
@@ -412,7 +423,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, ignore_index, chunk_rows):
         want_h, want_w = ctx.needs_input_grad[:2]
-        loss, grad_h, grad_w, n = _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, want_h, want_w)
+        loss, grad_h, grad_w, n = _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows,
+                                                     want_h, want_w)
         n = n.clamp(min=1)  # every row ignored: loss 0 and zero gradients rather than 0 / 0
         ctx.save_for_backward(grad_h.div_(n).to(h.dtype) if want_h else None,
                               grad_w.div_(n).to(weight.dtype) if want_w else None)
@@ -421,7 +433,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss,
+        return (None if grad_h is None else grad_h * grad_loss,
+                None if grad_w is None else grad_w * grad_loss,
                 None, None, None)
 
 
@@ -464,7 +477,8 @@ class Decoder(nn.Module):
             # meta and NER steps stop here: the 50,304-way LM head is the costliest matmul at small d
             return x
         if targets is not None:  # training and evaluation: the loss without ever building the logits
-            return None, linear_cross_entropy(x.flatten(0, 1), self.de_embedding_proj.weight, targets.flatten())
+            return None, linear_cross_entropy(x.flatten(0, 1), self.de_embedding_proj.weight,
+                                              targets.flatten())
         return self.de_embedding_proj(x).float(), None  # logits (B, T, V), fp32 for a stable softmax
 
     @torch.no_grad()
@@ -576,7 +590,8 @@ def content_word_ids(counts, skip_top, min_count):
     frequent = set(np.argsort(-counts)[:skip_top].tolist())
     return np.array([i for i in np.flatnonzero(counts >= min_count)
                      if i < EOT_ID and i not in frequent
-                     and re.fullmatch(rb" [A-Za-z]{3,}", enc.decode_single_token_bytes(int(i)))], dtype=np.int64)
+                     and re.fullmatch(rb" [A-Za-z]{3,}", enc.decode_single_token_bytes(int(i)))],
+                    dtype=np.int64)
 
 
 SMLMT_MARGIN = 256  # indexed occurrences keep this many tokens of room on both sides (so --smlmt_ctx <= 256)
@@ -596,7 +611,8 @@ def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True, split="train"):
         tokens = read_bin(os.path.join(corpus_dir, f"{split}.bin"))
         chunk = 1 << 24
         # Pass 1: token frequencies (the rule's "most frequent" and "too rare" bounds need corpus counts).
-        counts = sum(np.bincount(tokens[i:i + chunk], minlength=1 << 16) for i in range(0, len(tokens), chunk))
+        counts = sum(np.bincount(tokens[i:i + chunk], minlength=1 << 16)
+                     for i in range(0, len(tokens), chunk))
         words = content_word_ids(counts, args.smlmt_skip_top, min_count)
         is_word = np.zeros(1 << 16, dtype=bool)  # a lookup table: is_word[token id] -> content word?
         is_word[words] = True
@@ -758,8 +774,8 @@ def ar_micro_step(model, x, y, scale, amp):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Learning dynamics (paper §3.3 "every 100 steps ... singular values", §6): proportional effective rank (PER)
-# of weights and gradients, attention-head entropy, on a fixed probe batch. Computed on the raw model.
+# Learning dynamics (paper §3.3 "every 100 steps ... singular values", §6): proportional effective rank
+# (PER) of weights and gradients, attention-head entropy, on a fixed probe batch. Computed on the raw model.
 
 def effective_rank(W):
     """ER = exp(H(p)), p = sigma / sum(sigma) over W's singular values (Roy & Vetterli 2007). Zero singular
@@ -851,7 +867,8 @@ def fewshot_eval(model, head_args, episodes, amp):
                          head_args.head_dropout, head_args.head_init, model.cfg.vocab_size)
     head = head.to(model.rope_cos.device).eval()
     model.eval()
-    sums = dict(eval_fewshot_acc_pre=0.0, eval_fewshot_acc=0.0, eval_proto_acc_mask=0.0, eval_proto_acc_prev=0.0)
+    sums = dict(eval_fewshot_acc_pre=0.0, eval_fewshot_acc=0.0,
+                eval_proto_acc_mask=0.0, eval_proto_acc_prev=0.0)
     for ep in episodes:
         with torch.no_grad(), amp:
             hs, hq = (model(ep[f"{s}_x"], return_hidden=True).float() for s in ("support", "query"))
@@ -860,7 +877,8 @@ def fewshot_eval(model, head_args, episodes, amp):
             fs, fq = hs[rows_s, ep["support_at"] - shift], hq[rows_q, ep["query_at"] - shift]
             mu = torch.stack([fs[ep["support_y"] == c].mean(0) for c in range(head_args.n_way)])  # (N, d)
             sums[f"eval_proto_acc_{name}"] += accuracy(-torch.cdist(fq, mu), ep["query_y"]).item()
-        read = (lambda h, at: h[torch.arange(len(h)), at]) if head_args.read == "mask" else (lambda h, at: h[:, -1])
+        read = ((lambda h, at: h[torch.arange(len(h)), at]) if head_args.read == "mask"
+                else (lambda h, at: h[:, -1]))
         fs, fq = read(hs, ep["support_at"]), read(hq, ep["query_at"])
         phi0 = {k: v.detach() for k, v in episode_init(head, fs, ep["support_y"], ep["classes"],
                                                        head_args.head_init).items()}
@@ -1026,7 +1044,8 @@ def get_tokenizer():
         import tiktoken
         path = os.path.join(HERE, "data", "gpt2.tiktoken.xz")
         with lzma.open(path, "rb") as f:
-            ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
+            ranks = {base64.b64decode(tok): int(rank)
+                     for tok, rank in (line.split() for line in f if line.strip())}
         _TOKENIZER = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                                        special_tokens={"<|endoftext|>": EOT_ID})
     return _TOKENIZER
@@ -1062,7 +1081,8 @@ def read_bin(path):
     n = int(header[2]) if len(header) == HEADER_INTS else -1
     if len(header) < HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION \
             or os.path.getsize(path) != HEADER_INTS * 4 + 2 * n:
-        raise UserError(f"{path} is not a valid token file (wrong header or size); delete its folder to re-prepare")
+        raise UserError(f"{path} is not a valid token file (wrong header or size); "
+                        "delete its folder to re-prepare")
     # A memmap reads only the pages a batch touches: a 1B-token corpus costs no RAM until used.
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
 
@@ -1134,8 +1154,9 @@ def hub_documents(spec, split="train", field="text"):
         except OSError:
             offline = "huggingface.co is unreachable"
     if offline:
-        raise UserError(f"cannot stream hub dataset {name!r} ({offline}). Offline, use --data toy (the built-in "
-                        "toy world) or --data PATH (a .txt file, a folder of them, or a .jsonl with a text field)")
+        raise UserError(f"cannot stream hub dataset {name!r} ({offline}). Offline, use --data toy "
+                        "(the built-in toy world) or --data PATH (a .txt file, a folder of them, "
+                        "or a .jsonl with a text field)")
     try:
         import datasets
     except ImportError:
@@ -1188,8 +1209,9 @@ def prepare_corpus(args, rank_is_local_zero=True):
     need = args.seq_len + 2  # at least one window (seq_len inputs + 1 target) and room to draw its start
     for split in ("train", "val"):
         if len(read_bin(os.path.join(out, f"{split}.bin"))) < need:
-            raise UserError(f"--data {data}: the {split} split has fewer than {need} tokens; the corpus is empty or "
-                            f"too small (every {VAL_EVERY}th document is held out for validation)")
+            raise UserError(f"--data {data}: the {split} split has fewer than {need} tokens; "
+                            f"the corpus is empty or too small (every {VAL_EVERY}th document is held out "
+                            "for validation)")
     return out
 
 
@@ -1230,7 +1252,8 @@ def pick_device(device_arg, local_rank=None):
     if device_arg.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError("--device cuda but no CUDA device is available; use --device cpu")
-        return torch.device("cuda", local_rank if local_rank is not None else (torch.device(device_arg).index or 0))
+        return torch.device("cuda", local_rank if local_rank is not None
+                            else (torch.device(device_arg).index or 0))
     if device_arg == "cpu":
         return torch.device("cpu")
     raise UserError(f"--device {device_arg!r}: use auto, cpu, cuda or cuda:N")
@@ -1239,7 +1262,8 @@ def pick_device(device_arg, local_rank=None):
 def setup_distributed(device_arg):
     """-> (rank, local_rank, world, device). torchrun sets RANK; nccl on CUDA, gloo on CPU."""
     ddp = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    rank, local_rank, world = ((int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp
+                               else (0, 0, 1))
     device = pick_device(device_arg, local_rank if ddp else None)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -1249,7 +1273,8 @@ def setup_distributed(device_arg):
 
 
 def autocast_ctx(device, dtype_arg):
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32,
+    dtype = {"auto": (torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported()
+                      else torch.float32),
              "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_arg]
     return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
@@ -1267,11 +1292,12 @@ def setup(args, for_bench=False):
     torch.manual_seed(args.seed)
     cfg = model_config(args)
     orig_model = Decoder(cfg).to(device)
-    head = make_head(cfg.d_model, args.n_way, args.head_hidden, args.head_layers, args.head_dropout, args.head_init,
-                     cfg.vocab_size).to(device)
+    head = make_head(cfg.d_model, args.n_way, args.head_hidden, args.head_layers, args.head_dropout,
+                     args.head_init, cfg.vocab_size).to(device)
     params = list(orig_model.parameters()) + list(head.parameters())  # backbone + the meta-learned head init
     # fused=True on CUDA: one kernel updates every parameter instead of a handful per tensor.
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
     # The fixed probe batch for learning dynamics: evenly spaced held-out windows, the same for every run.
     val = read_bin(os.path.join(corpus, "val.bin"))
     probe = get_batch(val, fixed_windows(len(val), args.seq_len, args.probe_batch), args.seq_len, device)
@@ -1319,8 +1345,8 @@ def load_checkpoint(path, device="cpu"):
     try:
         ck = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, unsafe pickle...
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); it is corrupt or not a "
-                        "maml-gpt checkpoint")
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); "
+                        "it is corrupt or not a maml-gpt checkpoint")
     if not isinstance(ck, dict) or ck.get("format") != "maml-gpt/1":
         raise UserError(f"{path} is not a maml-gpt checkpoint")
     return ck
@@ -1385,15 +1411,16 @@ def start_mode(args):
             prev = os.path.join(out, prev_name("ckpt.pt"))
             hint = (f"; {prev} is the run an --overwrite set aside: rename it to ckpt.pt to continue that run"
                     if os.path.exists(prev) else "")
-            raise UserError(f"no checkpoint at {ckpt} to resume{hint}. Start a new run without --resume, or use "
-                            "--resume auto (continue if there is a checkpoint, else start fresh)")
+            raise UserError(f"no checkpoint at {ckpt} to resume{hint}. Start a new run without --resume, "
+                            "or use --resume auto (continue if there is a checkpoint, else start fresh)")
         return "resume"
     held = any(os.path.exists(os.path.join(out, n)) for n in ("ckpt.pt", "metrics.jsonl", "ckpt.prev.pt",
                                                              "metrics.prev.jsonl"))
     if held and not args.overwrite and args.resume != "auto":
-        raise UserError(f"{out} already holds a run ({run_summary(out)}). Continue it with --resume, or start over "
-                        "with --overwrite (the old ckpt.pt and metrics.jsonl are kept as ckpt.prev.pt and "
-                        "metrics.prev.jsonl until the new run's first checkpoint), or choose another --out_dir")
+        raise UserError(f"{out} already holds a run ({run_summary(out)}). Continue it with --resume, "
+                        "or start over with --overwrite (the old ckpt.pt and metrics.jsonl are kept as "
+                        "ckpt.prev.pt and metrics.prev.jsonl until the new run's first checkpoint), "
+                        "or choose another --out_dir")
     return "fresh"
 
 
@@ -1434,8 +1461,9 @@ def resume_or_start(r, args, resume):
     mine = dict(vars(args), global_batch=r.global_batch)
     diff = [k for k in RUN_KEYS if mine.get(k) != ck["run"].get(k)]
     if ck["model_config"] != asdict(r.orig_model.cfg) or diff:
-        raise UserError(f"{ckpt_path} was trained with different settings ({', '.join(diff) or 'model size'}); "
-                        "resume with the same flags, or use a new --out_dir")
+        raise UserError(f"{ckpt_path} was trained with different settings "
+                        f"({', '.join(diff) or 'model size'}); resume with the same flags, "
+                        "or use a new --out_dir")
     r.orig_model.load_state_dict(ck["model"])
     r.head.load_state_dict(ck["head"])
     r.optimizer.load_state_dict(ck["optimizer"])
@@ -1467,7 +1495,8 @@ def resume_command(argv, world):
     argv = [a for a in argv if a != "--overwrite"]
     if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
         argv.append("--resume")
-    launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}" if world > 1 else "python"
+    launcher = (f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}" if world > 1
+                else "python")
     return f"{launcher} maml_gpt.py {shlex.join(argv)}"
 
 
@@ -1528,7 +1557,8 @@ class Meter:
         self.device, self.sums, self.counts = device, {}, {}
 
     def add(self, key, value):
-        self.sums[key] = self.sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64, device=self.device)
+        self.sums[key] = self.sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64,
+                                                                   device=self.device)
         self.counts[key] = self.counts.get(key, 0) + 1
 
     def add_all(self, stats, **more):
@@ -1540,7 +1570,8 @@ class Meter:
         None."""
         sums = torch.stack([torch.as_tensor(self.sums.get(k, 0.0), dtype=torch.float64, device=self.device)
                             for k in keys])
-        counts = torch.tensor([float(self.counts.get(k, 0)) for k in keys], dtype=torch.float64, device=self.device)
+        counts = torch.tensor([float(self.counts.get(k, 0)) for k in keys], dtype=torch.float64,
+                              device=self.device)
         both = torch.stack([sums, counts])
         if world > 1:
             dist.all_reduce(both)
@@ -1616,7 +1647,8 @@ def fewshot_episodes(args, corpus_dir, device, is_local_zero):
     val = read_bin(os.path.join(corpus_dir, "val.bin"))
     index = build_smlmt_index(corpus_dir, args, is_local_zero, split="val")
     try:
-        return [episode_tensors(val, index, args, [FEWSHOT_KEY, j], device) for j in range(args.fewshot_episodes)]
+        return [episode_tensors(val, index, args, [FEWSHOT_KEY, j], device)
+                for j in range(args.fewshot_episodes)]
     except UserError as e:
         print(f"note: no held-out few-shot eval ({e})")
         return []
@@ -1625,7 +1657,8 @@ def fewshot_episodes(args, corpus_dir, device, is_local_zero):
 def run_header(args, cfg, model, device, world, extra):
     import tiktoken
     return dict(args=vars(args), model_config=asdict(cfg), n_params=count_params(model), world_size=world,
-                device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                device=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or "cpu"),
                 versions=dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
                               tiktoken=tiktoken.__version__), command=" ".join(sys.argv),
                 started=time.strftime("%Y-%m-%d %H:%M:%S"), **extra)
@@ -1655,7 +1688,8 @@ def wandb_logger(args, header):
             # 1 = uniform over T keys
             rgb = matplotlib.colormaps["viridis"](ent / math.log(args.seq_len))[..., :3]
             rec["attn_entropy"] = wandb.Image((rgb * 255).astype(np.uint8).repeat(16, 0).repeat(16, 1),
-                                              caption="rows: layers, columns: heads; colour: entropy / log(seq_len)")
+                                              caption="rows: layers, columns: heads; "
+                                                      "colour: entropy / log(seq_len)")
             rec["attn_entropy_hist"] = wandb.Histogram(ent.flatten())
         run.log(rec, step=rec["step"])
 
@@ -1688,7 +1722,8 @@ class Logbook:
         self.n_branch[meta] += 1  # the branch is the same on every rank: no reduction needed
         evaluate_now = args.eval_every and (done % args.eval_every == 0 or done == args.max_steps)
         dynamics_now = args.dynamics_every and (done % args.dynamics_every == 0 or done == args.max_steps)
-        if not (done % args.log_every == 0 or done == args.max_steps or evaluate_now or dynamics_now or stopping):
+        if not (done % args.log_every == 0 or done == args.max_steps or evaluate_now or dynamics_now
+                or stopping):
             return
         rec = dict(step=done, lr=lr_at(done - 1, args), **counters, n_meta_steps=self.n_branch[True],
                    n_ar_steps=self.n_branch[False])
@@ -1720,10 +1755,11 @@ def open_logbook(r, args, start, counters):
     """Builds the fixed eval data; rank 0 writes config.json, starts W&B, prints the run's shape and logs the
     dynamics of the initialisation (step 0)."""
     from tqdm import tqdm
-    evals, source = fixed_eval_batches(args, r.corpus, r.device, r.local_rank == 0) if args.eval_every else ([], "")
+    evals, source = (fixed_eval_batches(args, r.corpus, r.device, r.local_rank == 0) if args.eval_every
+                     else ([], ""))
     book = Logbook(os.path.join(args.out_dir, "metrics.jsonl"),
-                   tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=r.rank != 0,
-                        dynamic_ncols=True),
+                   tqdm(range(start, args.max_steps), initial=start, total=args.max_steps,
+                        disable=r.rank != 0, dynamic_ncols=True),
                    evals, fewshot_episodes(args, r.corpus, r.device, r.local_rank == 0))
     if r.rank == 0:
         header = run_header(args, r.orig_model.cfg, r.orig_model, r.device, r.world,
@@ -1736,7 +1772,8 @@ def open_logbook(r, args, start, counters):
         print(f"model {count_params(r.orig_model) / 1e6:.1f}M params | {r.world} process(es) on {r.device} | "
               f"global batch {r.global_batch} x {args.seq_len} | hybrid ratio {args.hybrid_ratio}")
         if start == 0 and args.dynamics_every:
-            book.write(dict(step=0, **counters, **learning_dynamics(r.orig_model, *r.probe, r.modules, r.amp)))
+            book.write(dict(step=0, **counters,
+                            **learning_dynamics(r.orig_model, *r.probe, r.modules, r.amp)))
     return book
 
 
@@ -1747,8 +1784,9 @@ def finish(r, args, book, counters, done, stopping, argv):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if stopping and done < args.max_steps:
         if r.rank == 0:
-            print(f"stopped by {signal.Signals(stopping).name} after step {done} of {args.max_steps}; checkpoint "
-                  f"{ckpt_path}. Continue with:\n  {resume_command(list(argv), r.world)}", flush=True)
+            print(f"stopped by {signal.Signals(stopping).name} after step {done} of {args.max_steps}; "
+                  f"checkpoint {ckpt_path}. Continue with:\n  {resume_command(list(argv), r.world)}",
+                  flush=True)
         # the shell's code for "ended by this signal": wrappers see an unfinished run
         sys.exit(128 + stopping)
     if r.rank != 0:
@@ -1782,14 +1820,17 @@ def complete(model, prompt, num_samples=1, max_new_tokens=100, temperature=0.8, 
     # "<|endoftext|>" alone: an unconditional sample
     ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})
     if not ids:
-        raise UserError("the prompt encodes to no tokens; give some text, or '<|endoftext|>' for unconditional samples")
+        raise UserError("the prompt encodes to no tokens; give some text, "
+                        "or '<|endoftext|>' for unconditional samples")
     T = model.cfg.max_seq_len
     if len(ids) > T:
-        print(f"note: the prompt has {len(ids)} tokens and the model's context is {T}: it sees only the last {T}")
+        print(f"note: the prompt has {len(ids)} tokens and the model's context is {T}: "
+              f"it sees only the last {T}")
         ids = ids[-T:]
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
-    out = model.generate(torch.tensor([ids] * num_samples, device=device), max_new_tokens, temperature, top_k, gen)
+    out = model.generate(torch.tensor([ids] * num_samples, device=device), max_new_tokens, temperature,
+                         top_k, gen)
     rows = out[:, len(ids):].tolist()
     return [enc.decode(r[:r.index(EOT_ID)] if EOT_ID in r else r) for r in rows]
 
@@ -1822,8 +1863,8 @@ def hf_state_dict(model):
 
     rename = {"embedding_proj": "model.embed_tokens", "layers": "model.layers", "output_norm": "model.norm",
               "de_embedding_proj": "lm_head", "attention_norm": "input_layernorm", "attention": "self_attn",
-              "swiglu_norm": "post_attention_layernorm", "swiglu": "mlp", "w_0": "gate_proj", "w_1": "up_proj",
-              "w_2": "down_proj"}
+              "swiglu_norm": "post_attention_layernorm", "swiglu": "mlp", "w_0": "gate_proj",
+              "w_1": "up_proj", "w_2": "down_proj"}
     out = {}
     # e.g. layers.3.swiglu.w_0.weight -> model.layers.3.mlp.gate_proj.weight
     for name, w in model.state_dict().items():
@@ -1839,10 +1880,12 @@ def hf_config(cfg):
     hyper-parameter."""
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
                 hidden_size=cfg.d_model, intermediate_size=cfg.ffn_mult * cfg.d_model,
-                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                num_key_value_heads=cfg.n_kv_heads,
                 head_dim=cfg.d_model // cfg.n_heads, hidden_act="silu", rms_norm_eps=cfg.norm_eps,
                 rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False,
-                attention_bias=False, mlp_bias=False, bos_token_id=EOT_ID, eos_token_id=EOT_ID, torch_dtype="float32")
+                attention_bias=False, mlp_bias=False, bos_token_id=EOT_ID, eos_token_id=EOT_ID,
+                torch_dtype="float32")
 
 
 def hf_tokenizer_files(model_max_length):
@@ -1852,7 +1895,8 @@ def hf_tokenizer_files(model_max_length):
     enc = get_tokenizer()
     # Byte-level BPE files spell every byte as a printable character: bytes that are printable stand for
     # themselves, the others are shifted to 256, 257, ... in order (bytes_to_unicode in GPT-2's encoder.py).
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
     shifted = iter(range(256, 512))
     char = {b: chr(b if b in printable else next(shifted)) for b in range(256)}
     # 256 single bytes, then 50,000 merges
@@ -1872,18 +1916,23 @@ def hf_tokenizer_files(model_max_length):
     special = {"<|endoftext|>": EOT_ID, "[MASK]": MASK_ID}
     vocab.update(special)
     fast = dict(version="1.0", truncation=None, padding=None, normalizer=None,
-                added_tokens=[dict(id=i, content=t, single_word=False, lstrip=False, rstrip=False, normalized=False,
-                                   special=True) for t, i in special.items()],
-                pre_tokenizer=dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=True),
-                post_processor=dict(type="ByteLevel", add_prefix_space=True, trim_offsets=False, use_regex=True),
+                added_tokens=[dict(id=i, content=t, single_word=False, lstrip=False, rstrip=False,
+                                   normalized=False, special=True) for t, i in special.items()],
+                pre_tokenizer=dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True,
+                                   use_regex=True),
+                post_processor=dict(type="ByteLevel", add_prefix_space=True, trim_offsets=False,
+                                    use_regex=True),
                 decoder=dict(type="ByteLevel", add_prefix_space=True, trim_offsets=True, use_regex=True),
                 model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix="",
-                           end_of_word_suffix="", fuse_unk=False, byte_fallback=False, vocab=vocab, merges=merges))
-    config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=model_max_length, bos_token="<|endoftext|>",
-                  eos_token="<|endoftext|>", unk_token="<|endoftext|>", mask_token="[MASK]", add_prefix_space=False,
-                  clean_up_tokenization_spaces=False)
-    return {"vocab.json": json.dumps(vocab, ensure_ascii=False), "merges.txt": "\n".join(["#version: 0.2", *merges]),
-            "tokenizer.json": json.dumps(fast, ensure_ascii=False), "tokenizer_config.json": json.dumps(config)}
+                           end_of_word_suffix="", fuse_unk=False, byte_fallback=False, vocab=vocab,
+                           merges=merges))
+    config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=model_max_length,
+                  bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                  mask_token="[MASK]", add_prefix_space=False, clean_up_tokenization_spaces=False)
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+            "merges.txt": "\n".join(["#version: 0.2", *merges]),
+            "tokenizer.json": json.dumps(fast, ensure_ascii=False),
+            "tokenizer_config.json": json.dumps(config)}
 
 
 def export_hf(args):
@@ -1902,19 +1951,22 @@ def export_hf(args):
         save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     except ImportError:
         torch.save(weights, os.path.join(out, "pytorch_model.bin"))
-    files = {"config.json": json.dumps(hf_config(model.cfg), indent=1), **hf_tokenizer_files(model.cfg.max_seq_len)}
+    files = {"config.json": json.dumps(hf_config(model.cfg), indent=1),
+             **hf_tokenizer_files(model.cfg.max_seq_len)}
     for name, text in files.items():
         with open(os.path.join(out, name), "w", encoding="utf-8") as f:
             f.write(text)
-    print(f"wrote {out}: LlamaForCausalLM ({count_params(model) / 1e6:.1f}M params, step {ck['step']} of {path}) "
-          f"and its tokenizer. The meta-learning head is not part of it (it stays in {path}).")
+    print(f"wrote {out}: LlamaForCausalLM ({count_params(model) / 1e6:.1f}M params, "
+          f"step {ck['step']} of {path}) and its tokenizer. "
+          f"The meta-learning head is not part of it (it stays in {path}).")
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Benchmark: seconds per backbone token of AR and meta micro-steps, tokens/s, MFU, memory, dynamics overhead.
 
-PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
-                   "A100": 312e12}  # dense bf16 tensor-core peaks from NVIDIA datasheets; others: unknown
+# dense bf16 tensor-core peaks from NVIDIA datasheets; others: unknown
+PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
+                   "H200": 989e12, "A100": 312e12}
 
 
 def peak_flops(device, amp):
@@ -2030,7 +2082,8 @@ def bench(args, iters=5):
     n_sup = args.n_way * args.k_shot * ctx
     print(f"bench: {args.size or 'demo'} ({count_params(model) / 1e6:.1f}M params) on {device}, "
           f"{'bf16' if not isinstance(amp, nullcontext) else 'fp32'}, compile={args.compile}, "
-          f"{torch.get_num_threads()} CPU thread(s), attention kernel: {sdpa_kernel_used(model, r.probe[0], amp)}")
+          f"{torch.get_num_threads()} CPU thread(s), "
+          f"attention kernel: {sdpa_kernel_used(model, r.probe[0], amp)}")
     print(f"  AR micro-step   {ar_tok:6d} tokens  {t_ar * 1e3:8.1f} ms  {ar_tok / t_ar:10.0f} tok/s  "
           f"{t_ar / ar_tok * 1e6:7.2f} us/token  ({args.batch_size} x {args.seq_len})")
     print(f"  meta micro-step {meta_tok:6d} tokens  {t_meta * 1e3:8.1f} ms  {meta_tok / t_meta:10.0f} tok/s  "
@@ -2038,8 +2091,8 @@ def bench(args, iters=5):
           f"ctx {ctx})")
     print(f"  meta / AR cost per backbone token: {(t_meta / meta_tok) / (t_ar / ar_tok):.3f}")
     if peak:
-        print(f"  MFU: AR {flops['ar'] / t_ar / peak * 100:.1f}%  meta {flops['meta'] / t_meta / peak * 100:.1f}%  "
-              f"(peak {peak / 1e12:.0f} TFLOPS bf16)")
+        print(f"  MFU: AR {flops['ar'] / t_ar / peak * 100:.1f}%  "
+              f"meta {flops['meta'] / t_meta / peak * 100:.1f}%  (peak {peak / 1e12:.0f} TFLOPS bf16)")
     else:
         print("  MFU: unknown (no known bf16 peak for this device/dtype)")
     what = "CUDA peak allocated" if device.type == "cuda" else "peak RSS of this process"

@@ -17,8 +17,8 @@ torch.set_num_threads(2)
 # A small but real configuration: the toy world (2,000 paragraphs), a 2-layer d=24 model, 32-token sequences.
 SMALL = ["--data", "toy", "--toy_docs", "2000", "--d_model", "24", "--n_layers", "2", "--seq_len", "32",
          "--batch_size", "4", "--n_way", "8", "--k_shot", "2", "--q_query", "2", "--inner_steps", "3",
-         "--eval_every", "0", "--dynamics_every", "0", "--log_every", "1", "--lr", "1e-3", "--warmup_steps", "2",
-         "--smlmt_min_count", "8", "--smlmt_skip_top", "50"]
+         "--eval_every", "0", "--dynamics_every", "0", "--log_every", "1", "--lr", "1e-3",
+         "--warmup_steps", "2", "--smlmt_min_count", "8", "--smlmt_skip_top", "50"]
 
 
 @pytest.fixture(scope="session")
@@ -38,9 +38,10 @@ def small_args(data_dir, tmp_path):
     return SMALL + ["--data_dir", data_dir, "--out_dir", str(tmp_path / "run")]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The classroom kit (tests/exercises.py): one marker per lesson function, and a blanked function skips, rather than
-# fails, every test that merely depends on it. Its own tests (the marker) still fail until it is written.
+# ------------------------------------------------------------------------------------------------------------
+# The classroom kit (tests/exercises.py): one marker per lesson function, and a blanked function skips,
+# rather than fails, every test that merely depends on it. Its own tests (the marker) still fail until it is
+# written.
 
 import exercises  # noqa: E402
 
@@ -58,8 +59,8 @@ def pytest_runtest_makereport(item, call):
     rep = (yield).get_result()
     if not rep.failed:
         return
-    # In this process the exception is the stub's NotImplementedError; from a subprocess (a CLI run) it reaches the
-    # test's failure message or captured output as text. Either way the stub names its lesson.
+    # In this process the exception is the stub's NotImplementedError; from a subprocess (a CLI run) it
+    # reaches the test's failure message or captured output as text. Either way the stub names its lesson.
     text = rep.longreprtext + "".join(content for _, content in rep.sections)
     names = sorted(set(exercises.BLANKED.findall(text)) & set(exercises.BY_NAME))
     if names and not any(item.get_closest_marker(n) for n in names):

@@ -1,14 +1,16 @@
-"""Classroom kit: take the heart of a lesson out of the code, have students write it back, grade it with its tests.
+"""Classroom kit: take the heart of a lesson out of the code, have students write it back, grade it with its
+tests.
 
-    python tests/exercises.py list                         # lesson functions, their markers, one line each
-    python tests/exercises.py blank apply_rope inner_loop  # bodies -> raise NotImplementedError("exercise: ...")
-    python -m pytest -m apply_rope                         # grade: its tests, against independent computations
-    python tests/exercises.py restore apply_rope           # the original back (`restore --all` for every one)
+  python tests/exercises.py list                        # lesson functions, their markers, one line each
+  python tests/exercises.py blank apply_rope inner_loop # bodies -> raise NotImplementedError("exercise: ...")
+  python -m pytest -m apply_rope                        # grade: its tests, against independent computations
+  python tests/exercises.py restore apply_rope          # the original back (`restore --all` for every one)
 
 `blank` keeps the signature, decorators and docstring, and saves the original function in .exercises/NAME.py;
-`restore` puts it back from there, or from git (HEAD) when there is no saved copy, and keeps what a student wrote
-in .exercises/NAME.yours.py. Every other test that needs a blanked function is skipped with a message naming it
-(tests/conftest.py), so a half-done exercise reports what is missing instead of dozens of unrelated failures.
+`restore` puts it back from there, or from git (HEAD) when there is no saved copy, and keeps what a student
+wrote in .exercises/NAME.yours.py. Every other test that needs a blanked function is skipped with a message
+naming it (tests/conftest.py), so a half-done exercise reports what is missing instead of dozens of unrelated
+failures.
 Plain text and `ast`: no import of the code under exercise, so it works even when that code is broken.
 """
 import argparse
@@ -32,30 +34,33 @@ class Lesson:
     summary: str
 
 
-# In the paper's order. Every marker's tests compare the function with an independent computation (the formula,
-# numpy, hand-written loops, hand-worked cases), never with the project's own code path.
+# In the paper's order. Every marker's tests compare the function with an independent computation (the
+# formula, numpy, hand-written loops, hand-worked cases), never with the project's own code path.
 LESSONS = [
-    Lesson("rms_norm", "maml_gpt.py", "RMSNorm.forward", "x / sqrt(mean(x^2) + eps) * gain, in fp32 (vs the formula)"),
+    Lesson("rms_norm", "maml_gpt.py", "RMSNorm.forward",
+           "x / sqrt(mean(x^2) + eps) * gain, in fp32 (vs the formula)"),
     Lesson("apply_rope", "maml_gpt.py", "apply_rope", "rotate adjacent feature pairs by t * theta^(-2i/d) "
            "(vs complex multiplication)"),
-    Lesson("attention", "maml_gpt.py", "Attention.forward", "causal attention, 12 query heads sharing 4 kv heads "
+    Lesson("attention", "maml_gpt.py", "Attention.forward",
+           "causal attention, 12 query heads sharing 4 kv heads "
            "(vs explicit softmax with repeated kv heads)"),
-    Lesson("sample_episode", "maml_gpt.py", "sample_episode", "an SMLMT episode: N words, K support + Q query "
-           "masked contexts (vs its invariants)"),
-    Lesson("episode_init", "maml_gpt.py", "episode_init", "Proto-MAML head init: W = 2 mu, b = -||mu||^2 from "
-           "support class means (vs the formula)"),
-    Lesson("inner_loop", "maml_gpt.py", "inner_loop", "first-order inner loop: SGD of the head on the support set "
-           "(vs hand-written SGD)"),
-    Lesson("meta_micro_step", "maml_gpt.py", "meta_micro_step", "one episode's gradient routing: query only, into "
-           "backbone and head init (vs a manual computation)"),
-    Lesson("effective_rank", "maml_gpt.py", "effective_rank", "exp(entropy of sigma / sum sigma), the basis of PER "
-           "(vs numpy's SVD)"),
+    Lesson("sample_episode", "maml_gpt.py", "sample_episode",
+           "an SMLMT episode: N words, K support + Q query masked contexts (vs its invariants)"),
+    Lesson("episode_init", "maml_gpt.py", "episode_init",
+           "Proto-MAML head init: W = 2 mu, b = -||mu||^2 from support class means (vs the formula)"),
+    Lesson("inner_loop", "maml_gpt.py", "inner_loop",
+           "first-order inner loop: SGD of the head on the support set (vs hand-written SGD)"),
+    Lesson("meta_micro_step", "maml_gpt.py", "meta_micro_step",
+           "one episode's gradient routing: query only, into backbone and head init "
+           "(vs a manual computation)"),
+    Lesson("effective_rank", "maml_gpt.py", "effective_rank",
+           "exp(entropy of sigma / sum sigma), the basis of PER (vs numpy's SVD)"),
     Lesson("attention_entropy", "maml_gpt.py", "attention_entropy", "per-head entropy of causal attention "
            "(vs log(t+1) for uniform, explicit softmax)"),
     Lesson("lm_loss", "maml_gpt.py", "_chunked_linear_ce", "fused, chunked LM head + cross-entropy and both "
            "gradients, without the (N, V) logits (vs F.cross_entropy on full logits)"),
-    Lesson("entity_f1", "finetune_ner.py", "entity_f1", "exact-span entity precision / recall / F1, seqeval's "
-           "rules (vs hand-worked cases)"),
+    Lesson("entity_f1", "finetune_ner.py", "entity_f1",
+           "exact-span entity precision / recall / F1, seqeval's rules (vs hand-worked cases)"),
 ]
 BY_NAME = {lesson.name: lesson for lesson in LESSONS}
 
@@ -74,7 +79,8 @@ def find(tree, qualname):
     *outer, last = qualname.split(".")
     for name in outer:
         nodes = next((n.body for n in nodes if isinstance(n, ast.ClassDef) and n.name == name), [])
-    return next((n for n in nodes if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == last), None)
+    return next((n for n in nodes
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == last), None)
 
 
 def parse(path):
@@ -88,7 +94,8 @@ def parse(path):
 
 
 def body_start(lines, node):
-    """1-based first line of the body to replace: after the docstring if there is one, else after the header."""
+    """1-based first line of the body to replace: after the docstring if there is one, else after the
+    header."""
     if node.body and isinstance(node.body[0], ast.Expr) and isinstance(getattr(node.body[0], "value", None),
                                                                         ast.Constant) \
             and isinstance(node.body[0].value.value, str):
@@ -153,7 +160,8 @@ def blank(root, names):
             print(f"{lesson.name}: already blank")
             continue
         keep = saved_path(root, lesson.name)
-        if os.path.exists(keep):  # the function holds something else now (a student's answer?): keep both safe
+        # the function holds something else now (a student's answer?): keep both safe
+        if os.path.exists(keep):
             raise ExerciseError(f"{lesson.name}: {keep} already holds a saved original; restore it first "
                                 f"(python tests/exercises.py restore {lesson.name})")
         os.makedirs(os.path.dirname(keep), exist_ok=True)
@@ -161,14 +169,14 @@ def blank(root, names):
         start = body_start(lines, node)
         write(os.path.join(root, lesson.file),
               "".join(lines[:start - 1] + [stub_line(lesson, node)] + lines[node.end_lineno:]))
-        print(f"{lesson.name}: blanked {lesson.file}:{lesson.qualname} (original in {SAVED}/{lesson.name}.py); "
-              f"grade with: python -m pytest -m {lesson.name}")
+        print(f"{lesson.name}: blanked {lesson.file}:{lesson.qualname} "
+              f"(original in {SAVED}/{lesson.name}.py); grade with: python -m pytest -m {lesson.name}")
 
 
 def original_from_git(root, lesson):
     try:
-        source = subprocess.run(["git", "show", f"HEAD:{lesson.file}"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout
+        source = subprocess.run(["git", "show", f"HEAD:{lesson.file}"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     node = find(ast.parse(source), lesson.qualname)
@@ -186,13 +194,14 @@ def restore(root, names):
         else:
             original, source = original_from_git(root, lesson), "git HEAD"
             if original is None:
-                raise ExerciseError(f"{lesson.name}: no saved copy in {SAVED}/ and no {lesson.qualname} in git "
-                                    f"HEAD:{lesson.file}; nothing to restore from")
+                raise ExerciseError(f"{lesson.name}: no saved copy in {SAVED}/ and no {lesson.qualname} "
+                                    f"in git HEAD:{lesson.file}; nothing to restore from")
         current = function_text(lines, node)
         if current != original:
             if not is_blank(lines, node, lesson):  # someone wrote an answer: never throw it away
                 n = 1
-                while os.path.exists(yours := saved_path(root, lesson.name, f".yours{'' if n == 1 else n}.py")):
+                while os.path.exists(yours := saved_path(root, lesson.name,
+                                                         f".yours{'' if n == 1 else n}.py")):
                     n += 1
                 write(yours, current)
                 print(f"{lesson.name}: your version is kept in {os.path.relpath(yours, root)}")
@@ -232,7 +241,8 @@ def status(root, lesson):
 
 def show(root):
     counts = marked_tests(root)
-    print("lesson = pytest marker   where                                tests  what it computes (graded against)")
+    print("lesson = pytest marker   where                                tests  "
+          "what it computes (graded against)")
     for lesson in LESSONS:
         state = status(root, lesson)
         note = {"blank": "  [BLANK]", "absent": "  [not in this version]", "written": ""}[state]
@@ -241,10 +251,11 @@ def show(root):
 
 
 def main(argv=None, root=ROOT):
-    p = argparse.ArgumentParser(description="Blank lesson functions for students, grade them with pytest -m NAME, "
-                                "restore them.")
+    p = argparse.ArgumentParser(description="Blank lesson functions for students, grade them with "
+                                "pytest -m NAME, restore them.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="lesson names (= pytest markers), where they live, their tests, one line each")
+    sub.add_parser("list",
+                   help="lesson names (= pytest markers), where they live, their tests, one line each")
     for cmd, what in (("blank", "replace the bodies with raise NotImplementedError"),
                       ("restore", "put the originals back (a student's version is kept in .exercises/)")):
         sp = sub.add_parser(cmd, help=what)
@@ -255,8 +266,10 @@ def main(argv=None, root=ROOT):
         if args.cmd == "list":
             return show(root)
         names = [les.name for les in LESSONS if status(root, les) != "absent"] if args.all else args.names
-        if args.all and args.cmd == "restore":  # only the blanked or saved ones; untouched functions stay as they are
-            names = [n for n in names if status(root, BY_NAME[n]) == "blank" or os.path.exists(saved_path(root, n))]
+        # only the blanked or saved ones; untouched functions stay as they are
+        if args.all and args.cmd == "restore":
+            names = [n for n in names
+                     if status(root, BY_NAME[n]) == "blank" or os.path.exists(saved_path(root, n))]
         if not names and args.all:
             return print(f"{args.cmd} --all: nothing to do")
         if not names:

@@ -1,5 +1,6 @@
-"""analyze.py's claims table on planted runs: the speed-up on four axes (the mixed-metric artifact computed by hand),
-diversify-then-compress and the accuracy jump, the held-out few-shot eval, and the NER row from a hand-made grid."""
+"""analyze.py's claims table on planted runs: the speed-up on four axes (the mixed-metric artifact computed
+by hand), diversify-then-compress and the accuracy jump, the held-out few-shot eval, and the NER row from a
+hand-made grid."""
 import csv
 import json
 import math
@@ -18,8 +19,9 @@ Q = 1.0  # planted query cross-entropy: below the AR loss all run long, as log 3
 
 
 def write_run(path, ratio, dynamics=False, fewshot=None):
-    """Windows of 10 steps up to 3000. rho = 0.5 alternates branches exactly: 5 AR + 5 meta steps per window, a meta
-    step costing 500 backbone tokens against 1000 for an AR step. fewshot(step) -> the four eval keys, or None."""
+    """Windows of 10 steps up to 3000. rho = 0.5 alternates branches exactly: 5 AR + 5 meta steps per window,
+    a meta step costing 500 backbone tokens against 1000 for an AR step. fewshot(step) -> the four eval keys,
+    or None."""
     os.makedirs(path)
     json.dump({"args": {"hybrid_ratio": ratio, "n_way": 32}}, open(os.path.join(path, "config.json"), "w"))
     with open(os.path.join(path, "metrics.jsonl"), "w") as fh:
@@ -31,8 +33,8 @@ def write_run(path, ratio, dynamics=False, fewshot=None):
                      loss_ar=f(ar_steps))
             if ratio:
                 r.update(loss_query=Q, loss_mixed=((10 - n_meta) * f(ar_steps) + n_meta * Q) / 10,
-                         acc_query_pre=0.03, acc_query_post=0.05 if step < 2000 else 0.4, acc_support_pre=0.03,
-                         acc_support_post=0.1)
+                         acc_query_pre=0.03, acc_query_post=0.05 if step < 2000 else 0.4,
+                         acc_support_pre=0.03, acc_support_post=0.1)
             if dynamics and step % 100 == 0:  # rise to step 1000, then (MAML only) a sigmoid fall at 1800
                 rise = 0.5 + 0.4 * min(step, 1000) / 1000
                 per = rise - (0.5 / (1 + math.exp(-(step - 1800) / 40)) if ratio else 0.0)
@@ -53,9 +55,9 @@ def test_speedup_on_four_axes_and_the_mixed_metric_artifact(tmp_path, capsys):
     out = str(tmp_path / "an")
     analyze.analyze([str(tmp_path / "maml"), str(tmp_path / "vanilla")], out)
     c = json.load(open(os.path.join(out, "claims.json")))
-    # By hand. MAML ends at 1500 AR steps with loss f(1500), above vanilla's final f(3000), so the ratios ask where
-    # vanilla first reaches f(1500): at step 1500 = 1500 AR steps = 1.5M tokens. MAML ends at step 3000, 1500 AR
-    # steps, 1.5M + 0.75M tokens.
+    # By hand. MAML ends at 1500 AR steps with loss f(1500), above vanilla's final f(3000), so the ratios ask
+    # where vanilla first reaches f(1500): at step 1500 = 1500 AR steps = 1.5M tokens. MAML ends at step 3000,
+    # 1500 AR steps, 1.5M + 0.75M tokens.
     assert c["speedup_arstep_ar"] == pytest.approx(1.0, abs=0.02)  # identical learning per AR step
     assert c["speedup_step_ar"] == pytest.approx(0.5, abs=0.01)  # half the AR steps per step at rho = 0.5
     assert c["speedup_token_ar"] == pytest.approx(1.5 / 2.25, abs=0.01)
@@ -88,7 +90,8 @@ def fewshot_maml(step):
 
 
 def fewshot_vanilla(step):
-    return dict(eval_fewshot_acc_pre=0.04, eval_fewshot_acc=0.2, eval_proto_acc_mask=0.25, eval_proto_acc_prev=0.55)
+    return dict(eval_fewshot_acc_pre=0.04, eval_fewshot_acc=0.2,
+                eval_proto_acc_mask=0.25, eval_proto_acc_prev=0.55)
 
 
 def test_knee_jump_and_fewshot_claims(tmp_path):
@@ -101,15 +104,18 @@ def test_knee_jump_and_fewshot_claims(tmp_path):
     assert c["knee_weight_peak_step_maml"] == pytest.approx(1000, abs=150)
     assert c["knee_weight_step_maml"] == pytest.approx(1800, abs=100)
     assert c["knee_weight_step_maml/swiglu.w_2"] == pytest.approx(1800, abs=100)
-    assert c["entropy_knee_step_maml"] == pytest.approx(1800, abs=100) and c["knee_weight_step_vanilla"] is None
+    assert (c["entropy_knee_step_maml"] == pytest.approx(1800, abs=100)
+            and c["knee_weight_step_vanilla"] is None)
     assert c["verdict_dynamics"] == "holds"
-    assert c["jump_step"] == pytest.approx(2000, abs=20) and c["n_jumps"] == 1 and c["verdict_jump"] == "holds"
+    assert (c["jump_step"] == pytest.approx(2000, abs=20) and c["n_jumps"] == 1
+            and c["verdict_jump"] == "holds")
     # the held-out few-shot eval of both backbones at the last common eval step (3000)
     assert c["fewshot_step"] == 3000
     assert c["eval_fewshot_acc_maml"] == pytest.approx(0.4) and c["eval_fewshot_acc_vanilla"] == 0.2
     assert c["eval_proto_acc_prev_vanilla"] == 0.55 and c["eval_fewshot_acc_pre_maml"] == 0.05
     # MAML's 3000 steps are 2.25M tokens: vanilla's eval there (step 2250, between its evals at 2000 and 2500)
-    assert c["fewshot_tokens_maml"] == 2_250_000 and c["eval_fewshot_acc_vanilla_equal_tokens"] == pytest.approx(0.2)
+    assert (c["fewshot_tokens_maml"] == 2_250_000
+            and c["eval_fewshot_acc_vanilla_equal_tokens"] == pytest.approx(0.2))
     report = open(os.path.join(out, "report.md")).read()
     assert "after adaptation 0.400 vs 0.200" in report
     assert os.path.getsize(os.path.join(out, "adaptation.png")) > 10_000
@@ -162,7 +168,8 @@ def test_ner_claim_from_a_hand_made_grid(tmp_path, capsys):
     assert c["ner_ckpt_maml"] == os.path.join(maml, "ckpt.pt") and c["ner_grid"] == str(grid)
     # head, seen: mean(0.5, 0.3, 0.4) = 0.4 vs mean(0.4, 0.2, 0.3) = 0.3 -> +33.3 %; PUD 0.2 vs 0.25 -> -20 %;
     # other 0.1 vs 0.1 -> 0 %. full: seen 0.6 vs 0.5 -> +20 %, PUD 0 %, other: vanilla F1 0 -> not measurable.
-    assert c["ner_f1_head_seen_maml"] == pytest.approx(0.4) and c["ner_f1_head_seen_vanilla"] == pytest.approx(0.3)
+    assert (c["ner_f1_head_seen_maml"] == pytest.approx(0.4)
+            and c["ner_f1_head_seen_vanilla"] == pytest.approx(0.3))
     assert c["ner_rel_head_seen"] == pytest.approx(100 / 3)
     assert c["ner_rel_head_pud"] == pytest.approx(-20) and c["ner_rel_head_other"] == pytest.approx(0)
     assert c["ner_rel_full_seen"] == pytest.approx(20) and c["ner_rel_full_pud"] == pytest.approx(0)

@@ -34,8 +34,8 @@ def test_toy_world_default_size_and_consistency(data_dir):
 
 
 def test_every_episode_word_has_enough_occurrences(data_dir):
-    args = mg.parse_args(["--data", "toy", "--toy_docs", "2000", "--data_dir", data_dir, "--smlmt_min_count", "8",
-                          "--smlmt_skip_top", "50"])
+    args = mg.parse_args(["--data", "toy", "--toy_docs", "2000", "--data_dir", data_dir,
+                          "--smlmt_min_count", "8", "--smlmt_skip_top", "50"])
     index = mg.build_smlmt_index(os.path.join(data_dir, "toy-2000"), args)
     counts = np.diff(index["offsets"])
     assert len(index["words"]) >= 32 and counts.min() >= 8

@@ -1,4 +1,5 @@
-"""Learning dynamics (§3.3, §6): ER / PER, attention entropy, the probe batch, and analyze.py on planted runs."""
+"""Learning dynamics (§3.3, §6): ER / PER, attention entropy, the probe batch, and analyze.py on planted
+runs."""
 import json
 import math
 import os
@@ -22,17 +23,20 @@ def test_effective_rank_known_matrices():
     W = torch.randn(20, 10)
     assert mg.effective_rank(3.7 * W) == pytest.approx(mg.effective_rank(W), rel=1e-5)  # scale invariant
     D = torch.diag(torch.tensor([2.0, 2.0, 0.0, 0.0]))  # zero singular values contribute 0, no NaN
-    assert mg.effective_rank(D) == pytest.approx(2.0) and mg.proportional_effective_rank(D) == pytest.approx(0.5)
+    assert (mg.effective_rank(D) == pytest.approx(2.0)
+            and mg.proportional_effective_rank(D) == pytest.approx(0.5))
     assert mg.effective_rank(torch.zeros(5, 5)) == 0.0
     s = torch.tensor([3.0, 1.0])  # ER = exp(H(0.75, 0.25))
-    assert mg.effective_rank(torch.diag(s)) == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+    assert mg.effective_rank(torch.diag(s)) == pytest.approx(math.exp(-(0.75 * math.log(0.75)
+                                                                        + 0.25 * math.log(0.25))))
 
 
 @pytest.mark.effective_rank
 def test_per_equals_numpy_svd():
     rng = np.random.default_rng(0)
     for shape in ((7, 7), (12, 5), (5, 30)):
-        W = rng.standard_normal(shape) * rng.uniform(0.1, 3, size=shape[1])  # uneven columns: a sloped spectrum
+        # uneven columns: a sloped spectrum
+        W = rng.standard_normal(shape) * rng.uniform(0.1, 3, size=shape[1])
         s = np.linalg.svd(W, compute_uv=False)
         p = s / s.sum()
         er = float(np.exp(-(p * np.log(p)).sum()))
@@ -56,8 +60,9 @@ def test_attention_entropy_of_uniform_attention_is_mean_log_t():
 
 @pytest.mark.attention_entropy
 def test_attention_entropy_equals_explicit_probabilities():
-    """Layer by layer: q and k from the weights, RoPE by complex multiplication, kv head h // 3 for query head h,
-    causal softmax, entropy -sum p log p (0 log 0 = 0), then the real block gives the next layer's input."""
+    """Layer by layer: q and k from the weights, RoPE by complex multiplication, kv head h // 3 for query
+    head h, causal softmax, entropy -sum p log p (0 log 0 = 0), then the real block gives the next layer's
+    input."""
     torch.manual_seed(0)
     m = mg.Decoder(mg.ModelConfig(d_model=48, n_layers=2, max_seq_len=16)).eval()
     B, T, H, hd = 2, 9, 12, 4
@@ -71,7 +76,8 @@ def test_attention_entropy_equals_explicit_probabilities():
         for layer in m.layers:
             a, h = layer.attention, layer.attention_norm(x)
             q = rope_by_complex((h @ a.q_proj.weight.T).view(B, T, H, hd).transpose(1, 2))
-            k = rope_by_complex((h @ a.k_proj.weight.T).view(B, T, 4, hd).transpose(1, 2))[:, torch.arange(H) // 3]
+            k = rope_by_complex((h @ a.k_proj.weight.T).view(B, T, 4, hd)
+                                .transpose(1, 2))[:, torch.arange(H) // 3]
             p = (q @ k.transpose(-2, -1) / math.sqrt(hd)).masked_fill(future, float("-inf")).softmax(-1)
             want.append(-torch.where(p > 0, p * p.log(), 0.0).sum(-1).mean((0, 2)))  # (H,)
             x = layer(x, m.rope_cos[:T], m.rope_sin[:T])
@@ -81,14 +87,16 @@ def test_attention_entropy_equals_explicit_probabilities():
 @pytest.mark.attention
 @pytest.mark.attention_entropy
 def test_attention_entropy_matches_sdpa_attention():
-    """The explicit probabilities reproduce the model's own attention output (so the entropy is of *its* heads)."""
+    """The explicit probabilities reproduce the model's own attention output (so the entropy is of *its*
+    heads)."""
     torch.manual_seed(0)
     m = mg.Decoder(mg.ModelConfig(d_model=48, n_layers=1, max_seq_len=16)).eval()
     x = torch.randn(1, 9, 48)
     attn, cos, sin = m.layers[0].attention, m.rope_cos[:9], m.rope_sin[:9]
     q, k, v = attn.qkv(x, cos, sin)
     k, v = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
-    p = ((q @ k.transpose(-2, -1)) / 2).masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), -1e9).softmax(-1)
+    p = ((q @ k.transpose(-2, -1)) / 2).masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(),
+                                                     -1e9).softmax(-1)
     out = attn.o_proj((p @ v).transpose(1, 2).flatten(-2))
     torch.testing.assert_close(out, attn(x, cos, sin), atol=1e-5, rtol=1e-4)
     ent = mg.attention_entropy(m, torch.randint(0, 50000, (1, 9)))
@@ -117,10 +125,11 @@ def test_probe_batch_is_identical_across_seeds_and_runs(small_args, tmp_path, mo
     assert all((rows == x.numpy()).all(1).any() for x in probes[0][1])
     rows = [json.loads(open(str(tmp_path / f"s{s}" / "metrics.jsonl")).readlines()[-1]) for s in "12"]
     assert all("attn_entropy" in r and len(r["attn_entropy"]) == 2 for r in rows)
-    assert rows[0]["attn_entropy"] != rows[1]["attn_entropy"]  # different seeds: different models on the same input
+    # different seeds: different models on the same input
+    assert rows[0]["attn_entropy"] != rows[1]["attn_entropy"]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # analyze.py on synthetic runs with a planted 1.5x speed-up and a planted PER knee
 
 def write_run(path, ratio, loss_of_step, knee=None):
@@ -131,7 +140,8 @@ def write_run(path, ratio, loss_of_step, knee=None):
             r = {"step": step, "tokens": step * 1000, "loss_ar": loss_of_step(step)}
             if ratio:
                 r.update(loss_query=2.0, acc_query_pre=0.03, acc_query_post=0.05 if step < 2000 else 0.4,
-                         acc_support_pre=0.03, acc_support_post=0.1, head_weight_mean=0.0, head_weight_std=0.1)
+                         acc_support_pre=0.03, acc_support_post=0.1, head_weight_mean=0.0,
+                         head_weight_std=0.1)
             if step % 100 == 0:
                 for layer in range(2):
                     per = (0.5 + 0.4 * min(step, 1000) / 1000) if step <= 1000 else \
@@ -154,7 +164,8 @@ def test_analyze_reports_planted_speedup_and_knee(tmp_path, capsys):
         assert np.nanmedian(sp["ratios"]) == pytest.approx(1.5, abs=0.05)
     assert res["speedup_step"]["at_final"] == pytest.approx(1.5, abs=0.08)
     knee = res["knees"]["maml"]["weight"]
-    assert knee["peak_step"] == pytest.approx(1000, abs=150) and knee["drop_step"] == pytest.approx(1800, abs=100)
+    assert (knee["peak_step"] == pytest.approx(1000, abs=150)
+            and knee["drop_step"] == pytest.approx(1800, abs=100))
     assert res["knees"]["vanilla"]["weight"] is None  # flat after its rise: no knee
     assert [j["step"] for j in res["jumps"]["maml"]] and abs(res["jumps"]["maml"][0]["step"] - 2000) <= 20
     report = open(os.path.join(out, "report.md")).read()

@@ -1,6 +1,6 @@
 """The classroom kit (tests/exercises.py): blank, restore and list, and the grading itself. In a copy of the
-repository, every lesson's marker tests all fail on a blank body, catch each planted wrong version, and pass again
-once it is restored; a blanked function skips the tests that merely depend on it."""
+repository, every lesson's marker tests all fail on a blank body, catch each planted wrong version, and pass
+again once it is restored; a blanked function skips the tests that merely depend on it."""
 import ast
 import contextlib
 import io
@@ -14,8 +14,8 @@ import pytest
 
 import exercises as kit
 
-# Plausible wrong versions, at least one per lesson: description -> [(original snippet, wrong snippet), ...], applied
-# in order inside the function. The lesson's marker tests must fail on every one of them.
+# Plausible wrong versions, at least one per lesson: description -> [(original snippet, wrong snippet), ...],
+# applied in order inside the function. The lesson's marker tests must fail on every one of them.
 PLANTS = {
     "rms_norm": {
         "sum of squares instead of their mean": [("xf.pow(2).mean(-1", "xf.pow(2).sum(-1")],
@@ -72,8 +72,9 @@ PLANTS = {
              "g.scatter_add_(1, safe_t[rows], 0 * counted[rows, None].float())")],
     },
     "entity_f1": {
-        "precision and recall swapped": [("pr = tp / len(ps) if ps else 0.0", "pr = tp / len(gs) if gs else 0.0"),
-                                         ("rc = tp / len(gs) if gs else 0.0", "rc = tp / len(ps) if ps else 0.0")],
+        "precision and recall swapped": [
+            ("pr = tp / len(ps) if ps else 0.0", "pr = tp / len(gs) if gs else 0.0"),
+            ("rc = tp / len(gs) if gs else 0.0", "rc = tp / len(ps) if ps else 0.0")],
         "entities matched across sentences (no sentence index)": [
             ("g = {(s,) + e for", "g = {e for"), ("p = {(s,) + e for", "p = {e for")],
     },
@@ -83,8 +84,9 @@ PRESENT = [les for les in kit.LESSONS if kit.status(kit.ROOT, les) != "absent"]
 
 
 def copy_repo(dst):
-    """The code, data and tests (no caches, runs or virtual environments), with every lesson function original:
-    these tests check the kit against the reference code, even while a class has some of it blank or rewritten."""
+    """The code, data and tests (no caches, runs or virtual environments), with every lesson function
+    original: these tests check the kit against the reference code, even while a class has some of it blank or
+    rewritten."""
     os.makedirs(dst)
     for name in os.listdir(kit.ROOT):
         if name.endswith(".py"):
@@ -94,8 +96,10 @@ def copy_repo(dst):
         if os.path.isdir(os.path.join(kit.ROOT, name)):
             shutil.copytree(os.path.join(kit.ROOT, name), os.path.join(dst, name), ignore=skip)
     with contextlib.redirect_stdout(io.StringIO()):
-        assert kit.main(["restore", "--all"], root=str(dst)) is None, "cannot restore the original lesson functions"
-    shutil.rmtree(os.path.join(dst, kit.SAVED), ignore_errors=True)  # students' versions stay in the real checkout
+        assert kit.main(["restore", "--all"], root=str(dst)) is None, \
+            "cannot restore the original lesson functions"
+    # students' versions stay in the real checkout
+    shutil.rmtree(os.path.join(dst, kit.SAVED), ignore_errors=True)
     return str(dst)
 
 
@@ -105,22 +109,26 @@ def original(tmp_path_factory):
 
 
 def planted(source, lesson, subs):
-    """`source` with the substitutions applied inside the lesson's function (each must match exactly once there)."""
+    """`source` with the substitutions applied inside the lesson's function (each must match exactly once
+    there)."""
     lines = source.splitlines(keepends=True)
     node = kit.find(ast.parse(source), lesson.qualname)
     body = kit.function_text(lines, node)
     for old, new in subs:
-        assert body.count(old) == 1, f"{lesson.name}: {old!r} occurs {body.count(old)} times in {lesson.qualname}"
+        assert body.count(old) == 1, \
+            f"{lesson.name}: {old!r} occurs {body.count(old)} times in {lesson.qualname}"
         body = body.replace(old, new)
     return "".join(lines[:node.lineno - 1]) + body + "".join(lines[node.end_lineno:])
 
 
 @pytest.mark.parametrize("lesson", kit.LESSONS, ids=lambda les: les.name)
 def test_every_lesson_has_tests_and_plants(lesson, pytestconfig, original):
-    assert any(m.startswith(lesson.name + ":") for m in pytestconfig.getini("markers"))  # registered: no warnings
+    # registered: no warnings
+    assert any(m.startswith(lesson.name + ":") for m in pytestconfig.getini("markers"))
     if lesson not in PRESENT:
         pytest.skip(f"{lesson.qualname} is not in {lesson.file} yet")
-    assert kit.marked_tests(kit.ROOT).get(lesson.name, 0) >= 1, f"no test is marked @pytest.mark.{lesson.name}"
+    assert kit.marked_tests(kit.ROOT).get(lesson.name, 0) >= 1, \
+        f"no test is marked @pytest.mark.{lesson.name}"
     assert PLANTS.get(lesson.name), f"no planted wrong version of {lesson.name}"
     source = open(os.path.join(original, lesson.file)).read()
     for subs in PLANTS[lesson.name].values():
@@ -139,7 +147,8 @@ def test_blank_keeps_signature_and_docstring_and_restore_is_exact(tmp_path, caps
         assert [ast.dump(d) for d in after.decorator_list] == [ast.dump(d) for d in before.decorator_list]
         assert ast.get_docstring(after) == ast.get_docstring(before)
         raise_ = after.body[-1]
-        assert isinstance(raise_, ast.Raise) and len(after.body) == 1 + (ast.get_docstring(before) is not None)
+        assert (isinstance(raise_, ast.Raise)
+                and len(after.body) == 1 + (ast.get_docstring(before) is not None))
         assert kit.BLANKED.search(ast.unparse(raise_)).group(1) == les.name
         assert kit.status(root, les) == "blank"
     assert kit.main(["blank", "rms_norm"], root=root) is None and "already blank" in capsys.readouterr().out
@@ -207,32 +216,37 @@ def test_marker_tests_fail_on_blanks_and_plants_and_pass_on_the_original(tmp_pat
             problems.append(f"{name} / {variant}: not caught, all {len(outcomes)} tests passed")
         elif variant == "dependents":  # rms_norm blank, all of test_model.py: its test fails, the others skip
             bad = {t: o for t, o in outcomes.items() if o == "failed" and "rms_norm" not in t}
-            if bad or not any(o.startswith("skipped: needs maml_gpt.py:RMSNorm.forward") for o in outcomes.values()):
+            if bad or not any(o.startswith("skipped: needs maml_gpt.py:RMSNorm.forward")
+                              for o in outcomes.values()):
                 problems.append(f"rms_norm blank, test_model.py: {outcomes}")
     assert not problems, "\n".join(problems)
 
 
 def grade_all(root, out):
-    """For every lesson present, in the repository copy at `root`: blank -> run its marker's tests; each plant ->
-    run them (stop at the first failure); restore -> run them. One process, so torch is imported once; the copy's
-    own modules are imported afresh for every pytest run. Writes [(lesson, variant, {test: outcome})] to `out`."""
+    """For every lesson present, in the repository copy at `root`: blank -> run its marker's tests; each
+    plant -> run them (stop at the first failure); restore -> run them. One process, so torch is imported
+    once; the copy's own modules are imported afresh for every pytest run. Writes
+    [(lesson, variant, {test: outcome})] to `out`."""
     sys.dont_write_bytecode = True  # a same-size edit within a second must never reuse a stale .pyc
 
     def run(*args):
-        for name, mod in list(sys.modules.items()):  # maml_gpt, finetune_ner, conftest, test_*: fresh each time
-            if name != "__main__" and os.path.abspath(getattr(mod, "__file__", None) or "/").startswith(root + os.sep):
+        # maml_gpt, finetune_ner, conftest, test_*: fresh each time
+        for name, mod in list(sys.modules.items()):
+            if (name != "__main__"
+                    and os.path.abspath(getattr(mod, "__file__", None) or "/").startswith(root + os.sep)):
                 del sys.modules[name]
         rec = Recorder()
         # no:unraisableexception: its five gc.collect() per session cost more than the tests themselves here
-        pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--rootdir", root, *args],
-                    plugins=[rec])
+        pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--rootdir", root,
+                     *args], plugins=[rec])
         return rec.outcomes
 
     results = []
     tests = os.path.join(root, "tests")
     for lesson in PRESENT:
         files = [os.path.join(tests, f) for f in sorted(os.listdir(tests))
-                 if f.startswith("test_") and f"@pytest.mark.{lesson.name}\n" in open(os.path.join(tests, f)).read()]
+                 if f.startswith("test_")
+                 and f"@pytest.mark.{lesson.name}\n" in open(os.path.join(tests, f)).read()]
         path = os.path.join(root, lesson.file)
         original = open(path).read()
         kit.main(["blank", lesson.name], root=root)
@@ -260,13 +274,15 @@ class Recorder:
 
     def pytest_sessionstart(self, session):
         import torch
-        torch.set_num_threads(1)  # after conftest's 2: on a busy machine a second thread spins, 10x slower here
+        # after conftest's 2: on a busy machine a second thread spins, 10x slower here
+        torch.set_num_threads(1)
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or not report.passed:
             if self.outcomes.get(report.nodeid) != "failed":
-                self.outcomes[report.nodeid] = report.outcome if not report.skipped else \
-                    f"skipped: {report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr}"
+                self.outcomes[report.nodeid] = report.outcome if not report.skipped else (
+                    "skipped: "
+                    f"{report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Our decoder computes the same function as Hugging Face's LlamaForCausalLM given the same weights (the q/k rows
-permuted for HF's rotate-half RoPE). Needs transformers (requirements-dev.txt); skipped without it."""
+"""Our decoder computes the same function as Hugging Face's LlamaForCausalLM given the same weights (the q/k
+rows permuted for HF's rotate-half RoPE). Needs transformers (requirements-dev.txt); skipped without it."""
 import pytest
 import torch
 
@@ -34,7 +34,8 @@ def test_rope_permutation_is_needed():
     hf = bench.to_hf_llama(ours).eval()
     with torch.no_grad():
         for proj in ("q_proj", "k_proj"):
-            getattr(hf.model.layers[0].self_attn, proj).weight.copy_(getattr(ours.layers[0].attention, proj).weight)
+            getattr(hf.model.layers[0].self_attn, proj).weight.copy_(
+                getattr(ours.layers[0].attention, proj).weight)
         x = torch.randint(0, mg.EOT_ID, (1, 16))
         assert (ours(x)[0] - hf(input_ids=x).logits).abs().max() > 1e-3
 

@@ -79,8 +79,9 @@ def test_decoder_loss_and_every_gradient_equal_the_plain_path():
 
 
 def test_forward_and_fused_loss_compile_as_one_graph():
-    """--compile: the AR branch's forward + loss is a single graph (fullgraph=True raises on any graph break), and
-    its gradients equal eager mode's. aot_eager traces forward and backward without generating code (fast)."""
+    """--compile: the AR branch's forward + loss is a single graph (fullgraph=True raises on any graph break),
+    and its gradients equal eager mode's. aot_eager traces forward and backward without generating code
+    (fast)."""
     torch.manual_seed(0)
     m = mg.Decoder(mg.ModelConfig(d_model=24, n_layers=2, max_seq_len=16))
     x, y = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))

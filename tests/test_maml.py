@@ -1,4 +1,5 @@
-"""SMLMT episodes (§3.2) and first-order MAML (§3.3): sampler invariants, the meta-gradient, branch handling."""
+"""SMLMT episodes (§3.2) and first-order MAML (§3.3): sampler invariants, the meta-gradient, branch
+handling."""
 import os
 
 import numpy as np
@@ -76,7 +77,8 @@ def test_head_architecture():
         linears = [m for m in head["body"] if isinstance(m, torch.nn.Linear)]
         assert [(l.in_features, l.out_features) for l in linears] == [(96, 128), (128, 128), (128, 128)]
         assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in head["body"]) == 3
-        assert (head["out"].out_features if "out" in head else None) == out  # proto builds its last layer per episode
+        # proto builds its last layer per episode
+        assert (head["out"].out_features if "out" in head else None) == out
 
 
 def body_by_hand(head, x):
@@ -99,7 +101,8 @@ def test_proto_init_equals_the_formula():
     torch.testing.assert_close(phi["out.bias"], -(mu ** 2).sum(1))
     # and the logits are nearest-prototype: -||z - mu_c||^2 up to a per-row constant
     logits = mg.head_logits(head, phi, feats)
-    torch.testing.assert_close(logits - (z ** 2).sum(1, keepdim=True), -torch.cdist(z, mu) ** 2, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits - (z ** 2).sum(1, keepdim=True), -torch.cdist(z, mu) ** 2,
+                               atol=1e-4, rtol=0)
 
 
 @pytest.mark.episode_init
@@ -166,8 +169,9 @@ def test_inner_loop_is_plain_sgd_and_keeps_head():
 @pytest.mark.episode_init
 @pytest.mark.parametrize("init", ["learned", "proto"])
 def test_fomaml_gradient_equals_manual_computation(init):
-    """head.grad after the query loss = d L_query / d phi_T, pulled back through phi_0 = init(head): for "learned"
-    the identity; for "proto" also through the prototypes W = 2 mu, b = -||mu||^2 into layers 1-3."""
+    """head.grad after the query loss = d L_query / d phi_T, pulled back through phi_0 = init(head): for
+    "learned" the identity; for "proto" also through the prototypes W = 2 mu, b = -||mu||^2 into layers
+    1-3."""
     torch.manual_seed(0)
     head = mg.make_head(16, 4, dropout=0.0, init=init)
     sf, sy = torch.randn(8, 16), torch.arange(4).repeat(2)
@@ -178,7 +182,8 @@ def test_fomaml_gradient_equals_manual_computation(init):
     # manual: 5 explicit SGD steps from phi_0's values, then the query gradient g_T AT the adapted weights
     w = sgd_by_hand(head, {k: v.detach() for k, v in phi0.items()}, sf, sy, 5, 0.5)
     w = {k: v.requires_grad_() for k, v in w.items()}
-    g_T = dict(zip(w, torch.autograd.grad(F.cross_entropy(mg.head_logits(head, w, qf), qy), list(w.values()))))
+    g_T = dict(zip(w, torch.autograd.grad(F.cross_entropy(mg.head_logits(head, w, qf), qy),
+                                          list(w.values()))))
     for k in w:
         torch.testing.assert_close(adapted[k].detach(), w[k].detach())
     params = dict(head.named_parameters())
@@ -186,8 +191,8 @@ def test_fomaml_gradient_equals_manual_computation(init):
         for k, p in params.items():
             torch.testing.assert_close(p.grad, g_T[k])
         return
-    # proto: body.grad = g_T[body] + d/d body of <g_T[out.weight], 2 mu(body)> + <g_T[out.bias], -||mu(body)||^2>,
-    # with mu computed by hand from relu matmuls
+    # proto: body.grad = g_T[body] + d/d body of <g_T[out.weight], 2 mu(body)>
+    # + <g_T[out.bias], -||mu(body)||^2>, with mu computed by hand from relu matmuls
     body = {k: p.detach().clone().requires_grad_() for k, p in params.items()}
     lin = [k for k in body if k.endswith(".weight")]
     x = sf
@@ -213,12 +218,14 @@ def test_backbone_gradient_comes_from_the_query_only(corpus):
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert "de_embedding_proj.weight" not in got  # the LM head is unused on meta steps
     assert got["embedding_proj.weight"][mg.MASK_ID].abs().sum() > 0  # the [MASK] embedding learns here
-    # expected: the query loss at the adapted head held fixed, read at the [MASK] (the last token); no support term
+    # expected: the query loss at the adapted head held fixed, read at the [MASK] (the last token);
+    # no support term
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         hs = model(ep["support_x"], return_hidden=True)[:, -1]
     phi0 = mg.episode_init(head, hs, ep["support_y"], None, "proto")
-    adapted = {k: v.detach() for k, v in mg.inner_loop(head, phi0, hs, ep["support_y"], 3, args.inner_lr).items()}
+    adapted = {k: v.detach()
+               for k, v in mg.inner_loop(head, phi0, hs, ep["support_y"], 3, args.inner_lr).items()}
     hq = model(ep["query_x"], return_hidden=True)[:, -1]
     assert (ep["query_x"][:, -1] == mg.MASK_ID).all()
     F.cross_entropy(mg.head_logits(head, adapted, hq), ep["query_y"]).backward()
@@ -229,8 +236,8 @@ def test_backbone_gradient_comes_from_the_query_only(corpus):
 
 @pytest.mark.meta_micro_step
 def test_meta_step_sends_the_scaled_query_gradient_to_backbone_and_head(corpus):
-    """Gradient routing with a micro-step scale: backbone.grad and head.grad = scale x d L_query, where L_query is
-    the loss at the adapted head on query features, and the support features carry no graph."""
+    """Gradient routing with a micro-step scale: backbone.grad and head.grad = scale x d L_query, where
+    L_query is the loss at the adapted head on query features, and the support features carry no graph."""
     tokens, index = corpus
     torch.manual_seed(0)
     args = mg.parse_args(SMALL)
@@ -238,13 +245,14 @@ def test_meta_step_sends_the_scaled_query_gradient_to_backbone_and_head(corpus):
     head = mg.make_head(24, 8, dropout=0.0)
     ep = mg.episode_tensors(tokens, index, args, [0, 0, 0, 3], "cpu")
     stats = mg.meta_micro_step(model, head, ep, args, 0.25, mg.nullcontext())
-    got = {n: p.grad.clone() for n, p in [*model.named_parameters(), *head.named_parameters()] if p.grad is not None}
+    got = {n: p.grad.clone() for n, p in [*model.named_parameters(), *head.named_parameters()]
+           if p.grad is not None}
     model.zero_grad(set_to_none=True)
     head.zero_grad(set_to_none=True)
     with torch.no_grad():
         hs = model(ep["support_x"], return_hidden=True)[:, -1]  # read at the [MASK], the window's last token
-    adapted = mg.inner_loop(head, mg.episode_init(head, hs, ep["support_y"], None, "proto"), hs, ep["support_y"],
-                            args.inner_steps, args.inner_lr)
+    adapted = mg.inner_loop(head, mg.episode_init(head, hs, ep["support_y"], None, "proto"), hs,
+                            ep["support_y"], args.inner_steps, args.inner_lr)
     loss = F.cross_entropy(mg.head_logits(head, adapted, model(ep["query_x"], return_hidden=True)[:, -1]),
                            ep["query_y"])
     (0.25 * loss).backward()
@@ -264,9 +272,10 @@ def test_branch_decision_is_a_function_of_seed_and_step():
 
 
 def test_unused_parameters_are_untouched_on_the_other_branch(small_args):
-    """The real loop, step by step (a resume after each): an AR step leaves the MLP head as it was, a meta step the
-    LM head, even after an AR step gave AdamW moments for it."""
-    seed = next(s for s in range(1000) if [mg.is_meta_step(s, t, 0.5) for t in range(3)] == [False, True, False])
+    """The real loop, step by step (a resume after each): an AR step leaves the MLP head as it was, a meta
+    step the LM head, even after an AR step gave AdamW moments for it."""
+    seed = next(s for s in range(1000)
+                if [mg.is_meta_step(s, t, 0.5) for t in range(3)] == [False, True, False])
     argv = small_args + ["--seed", str(seed)]
     r = mg.setup(mg.parse_args(argv))  # the initial weights, as the run builds them
     states = [dict(model=r.orig_model.state_dict(), head=r.head.state_dict())]

@@ -124,8 +124,8 @@ def test_rms_norm_equals_the_formula():
 
 @pytest.mark.attention
 def test_attention_equals_explicit_softmax_with_repeated_kv_heads():
-    """Every step written out: projections, RoPE by complex multiplication, kv head h // 3 for query head h, scores
-    / sqrt(hd), causal mask, softmax, weighted values, output projection."""
+    """Every step written out: projections, RoPE by complex multiplication, kv head h // 3 for query head h,
+    scores / sqrt(hd), causal mask, softmax, weighted values, output projection."""
     torch.manual_seed(0)
     attn = mg.Attention(mg.ModelConfig(d_model=48, n_layers=1, max_seq_len=16))
     B, T, H, hd = 2, 10, 12, 4

@@ -1,4 +1,5 @@
-"""finetune_ner.py: IOB2 parsing, alignment, the seqeval-compatible metric, regimes, early stopping, end to end."""
+"""finetune_ner.py: IOB2 parsing, alignment, the seqeval-compatible metric, regimes, early stopping, end to
+end."""
 import json
 import os
 import random
@@ -16,7 +17,8 @@ def test_read_iob2_comments_oth_and_blank_lines(tmp_path):
     p = tmp_path / "x-ud-test.iob2"
     p.write_text("# sent_id = 1\n# text = Ann went\n1\tAnn\tB-PER\t-\t-\n2\twent\tO\t-\t-\n\n"
                  "# sent_id = 2\n1\tBelgrade\tB-OTH\t-\t-\n2\tCity\tI-OTH\t-\t-\n3\tx\tB-O\t-\t-\n\n\n")
-    assert fn.read_iob2(str(p)) == [(["Ann", "went"], ["B-PER", "O"]), (["Belgrade", "City", "x"], ["O", "O", "O"])]
+    assert fn.read_iob2(str(p)) == [(["Ann", "went"], ["B-PER", "O"]),
+                                    (["Belgrade", "City", "x"], ["O", "O", "O"])]
 
 
 def test_read_iob2_malformed_lines(tmp_path):
@@ -72,8 +74,8 @@ def test_entity_f1_per_type_and_micro():
 @pytest.mark.entity_f1
 @pytest.mark.parametrize("seed", range(5))
 def test_entity_f1_equals_seqeval_on_random_tags(seed):
-    """Random tag sequences, ill-formed ones included (I- after O, type changes inside a span): micro and per-type
-    precision, recall and F1 as seqeval's default mode computes them."""
+    """Random tag sequences, ill-formed ones included (I- after O, type changes inside a span): micro and
+    per-type precision, recall and F1 as seqeval's default mode computes them."""
     metrics = pytest.importorskip("seqeval.metrics")
     rng = random.Random(seed)
     tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
@@ -81,7 +83,8 @@ def test_entity_f1_equals_seqeval_on_random_tags(seed):
     gold = [rng.choices(tags, weights, k=rng.randint(1, 12)) for _ in range(200)]
     pred = [[t if rng.random() < 0.8 else rng.choice(tags) for t in sent] for sent in gold]  # partly right
     ours = fn.entity_f1(gold, pred)
-    for k, f in (("precision", metrics.precision_score), ("recall", metrics.recall_score), ("f1", metrics.f1_score)):
+    for k, f in (("precision", metrics.precision_score), ("recall", metrics.recall_score),
+                 ("f1", metrics.f1_score)):
         assert ours[k] == pytest.approx(f(gold, pred), abs=1e-12)
     report = metrics.classification_report(gold, pred, output_dict=True, zero_division=0)
     for typ, row in ours["per_type"].items():
@@ -101,8 +104,9 @@ def ckpt(tmp_path_factory, data_dir):
 
 
 def args_for(ckpt, tmp_path, *extra):
-    return fn.build_parser().parse_args(["--ckpt", ckpt, "--out", str(tmp_path / "ner"), "--toy_sentences", "200",
-                                         "--epochs", "3", "--train_on", "toy"] + list(extra))
+    return fn.build_parser().parse_args(["--ckpt", ckpt, "--out", str(tmp_path / "ner"),
+                                         "--toy_sentences", "200", "--epochs", "3", "--train_on", "toy"]
+                                        + list(extra))
 
 
 def test_head_only_leaves_the_backbone_bit_identical(ckpt, tmp_path):
@@ -146,7 +150,8 @@ def test_early_stopping_restores_the_best_dev_epoch(ckpt, tmp_path, monkeypatch)
 
 def test_offline_end_to_end_beats_all_o(ckpt, tmp_path, capsys):
     out = tmp_path / "ner"
-    fn.main(["--ckpt", ckpt, "--out", str(out), "--toy_sentences", "300", "--epochs", "4", "--regime", "head"])
+    fn.main(["--ckpt", ckpt, "--out", str(out), "--toy_sentences", "300", "--epochs", "4",
+             "--regime", "head"])
     res = json.load(open(out / "results.json"))
     assert set(res["eval"]) == {"toy", "toy_heldout"}
     assert res["eval"]["toy"]["f1"] > 0.0  # predicting O everywhere finds no entity: F1 = 0
@@ -179,8 +184,8 @@ def test_sweep_grid_tables_and_resume(ckpt, data_dir, tmp_path, capsys):
     maml = str(tmp_path / "maml")
     mg.main(SMALL + ["--data_dir", data_dir, "--out_dir", maml, "--max_steps", "4"])
     out = tmp_path / "grid"
-    argv = ["--sweep", "--ckpt", os.path.join(maml, "ckpt.pt"), ckpt, "--out", str(out), "--toy_sentences", "100",
-            "--epochs", "1"]
+    argv = ["--sweep", "--ckpt", os.path.join(maml, "ckpt.pt"), ckpt, "--out", str(out),
+            "--toy_sentences", "100", "--epochs", "1"]
     fn.main(argv)
     rows = (out / "grid.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 2 * 2  # header + 2 checkpoints x 2 regimes x 2 eval sets (toy, toy_heldout)
@@ -189,7 +194,8 @@ def test_sweep_grid_tables_and_resume(ckpt, data_dir, tmp_path, capsys):
     assert len([p for p in os.listdir(out) if p.startswith("heatmap_")]) == 4
     fn.main(argv)  # resumes: every cell is already done, nothing is re-run or duplicated
     assert (out / "grid.csv").read_text().splitlines() == rows
-    with pytest.raises(SystemExit):  # other settings would mix two grids in one table: refused, nothing touched
+    # other settings would mix two grids in one table: refused, nothing touched
+    with pytest.raises(SystemExit):
         fn.main(argv[:-1] + ["2"])
     assert "other settings (--epochs 1 there, 2 now)" in capsys.readouterr().err
     assert (out / "grid.csv").read_text().splitlines() == rows

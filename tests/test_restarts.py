@@ -1,5 +1,5 @@
-"""Never lose a run: refusal to start over, --overwrite, --resume auto, and stopping cleanly on SIGTERM / Ctrl-C
-(one process and two gloo processes), each followed by a bitwise-exact resume."""
+"""Never lose a run: refusal to start over, --overwrite, --resume auto, and stopping cleanly on SIGTERM /
+Ctrl-C (one process and two gloo processes), each followed by a bitwise-exact resume."""
 import os
 import signal
 import socket
@@ -47,8 +47,9 @@ def test_rerun_without_a_flag_is_refused_and_touches_nothing(small_args, capsys)
     capsys.readouterr()
     assert run(small_args + ["--max_steps", "3"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "already holds a run (ckpt.pt at step 3 of 3; metrics.jsonl up to step 3)" \
-        in err and "--resume" in err and "--overwrite" in err and "Traceback" not in err
+    assert (err.startswith("error:")
+            and "already holds a run (ckpt.pt at step 3 of 3; metrics.jsonl up to step 3)" in err
+            and "--resume" in err and "--overwrite" in err and "Traceback" not in err)
     assert {n: open(os.path.join(out, n), "rb").read() for n in mg.RUN_FILES} == before  # byte-identical
     assert sorted(os.listdir(out)) == sorted(mg.RUN_FILES)
 
@@ -58,8 +59,10 @@ def test_overwrite_keeps_the_previous_run_until_the_new_checkpoint_exists(small_
     ar = AR
     assert run(small_args + ar + ["--max_steps", "2"]) == 0
     old_ckpt, old_metrics = (open(os.path.join(out, n), "rb").read() for n in ("ckpt.pt", "metrics.jsonl"))
-    # An --overwrite run that dies before its first checkpoint (non-finite loss at step 2, no save before 100).
-    assert run(small_args + ar + ["--max_steps", "8", "--overwrite", "--lr", "1e30", "--save_every", "100"]) == 1
+    # An --overwrite run that dies before its first checkpoint (non-finite loss at step 2, no save before
+    # 100).
+    assert run(small_args + ar + ["--max_steps", "8", "--overwrite", "--lr", "1e30",
+                                  "--save_every", "100"]) == 1
     assert "non-finite" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(out, "ckpt.pt"))
     assert open(os.path.join(out, "ckpt.prev.pt"), "rb").read() == old_ckpt
@@ -92,7 +95,8 @@ def test_resume_auto_starts_fresh_then_continues_exactly(small_args, tmp_path, c
     assert [r["step"] for r in metrics(str(tmp_path / "ref"))] == list(range(1, 5))
     good = open(os.path.join(out, "ckpt.pt"), "rb").read()
     capsys.readouterr()
-    assert run(small_args + ["--max_steps", "6", "--resume", "auto", "--seed", "7"]) == 1  # never a silent restart
+    # never a silent restart
+    assert run(small_args + ["--max_steps", "6", "--resume", "auto", "--seed", "7"]) == 1
     assert "different settings (seed)" in capsys.readouterr().err
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == good
 
@@ -117,19 +121,23 @@ def test_stop_signals_first_sets_the_flag_a_later_ctrl_c_quits():
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# A real signal during a real run. The stopped run uses a constant lr schedule and a --max_steps it never reaches,
-# so the reference run for "the same steps, uninterrupted" is simply a run of k + 2 steps.
+# ------------------------------------------------------------------------------------------------------------
+# A real signal during a real run. The stopped run uses a constant lr schedule and a --max_steps it never
+# reaches, so the reference run for "the same steps, uninterrupted" is simply a run of k + 2 steps.
 
-STOPPABLE = ["--lr_schedule", "constant", "--max_steps", "100000", "--save_every", "100000", "--device", "cpu"]
+STOPPABLE = ["--lr_schedule", "constant", "--max_steps", "100000", "--save_every", "100000",
+             "--device", "cpu"]
 
 
 def start(argv, out, env=None):
     os.makedirs(out, exist_ok=True)
-    rank = (env or {}).get("RANK", "0")  # rank 0 prints the messages; files, not pipes: tqdm would fill a pipe
-    logs = open(os.path.join(out, f"stdout{rank}.txt"), "w"), open(os.path.join(out, f"stderr{rank}.txt"), "w")
+    # rank 0 prints the messages; files, not pipes: tqdm would fill a pipe
+    rank = (env or {}).get("RANK", "0")
+    logs = (open(os.path.join(out, f"stdout{rank}.txt"), "w"),
+            open(os.path.join(out, f"stderr{rank}.txt"), "w"))
     cmd = [sys.executable, os.path.join(mg.HERE, "maml_gpt.py")] + argv
-    return subprocess.Popen(cmd, stdout=logs[0], stderr=logs[1], env=dict(os.environ, OMP_NUM_THREADS="1", **env or {}))
+    return subprocess.Popen(cmd, stdout=logs[0], stderr=logs[1],
+                            env=dict(os.environ, OMP_NUM_THREADS="1", **env or {}))
 
 
 def wait_for_steps(out, n, procs, timeout=120):
@@ -142,9 +150,11 @@ def wait_for_steps(out, n, procs, timeout=120):
 
 
 def stop_and_check(procs, target, out, signum=signal.SIGTERM):
-    """Signal `target` only; every process must exit 128 + signum soon, leaving a checkpoint at the step reached."""
+    """Signal `target` only; every process must exit 128 + signum soon, leaving a checkpoint at the step
+    reached."""
     os.kill(target.pid, signum)
-    codes = [p.wait(timeout=60) for p in procs]  # bounded: a hang fails the test instead of stalling the suite
+    # bounded: a hang fails the test instead of stalling the suite
+    codes = [p.wait(timeout=60) for p in procs]
     assert codes == [128 + signum] * len(procs), open(os.path.join(out, "stderr0.txt")).read()[-3000:]
     k = load(out)["step"]
     assert 3 <= k < 100000 and metrics(out)[-1]["step"] == k  # the step reached, not a --save_every multiple
@@ -176,7 +186,8 @@ def free_port():
 
 def test_sigterm_to_rank_1_only_stops_both_gloo_ranks_at_the_same_step(small_args, tmp_path):
     out = out_of(small_args)
-    dist_env = dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist_env = dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(free_port()))
     procs = [start(small_args + STOPPABLE + ["--grad_accum", "1"], out,
                    dict(dist_env, RANK=str(r), LOCAL_RANK=str(r))) for r in (0, 1)]
     try:
@@ -187,7 +198,8 @@ def test_sigterm_to_rank_1_only_stops_both_gloo_ranks_at_the_same_step(small_arg
             if p.poll() is None:
                 p.kill()
     assert "torchrun --nproc_per_node=2" in open(os.path.join(out, "stdout0.txt")).read()
-    # 2 processes x 1 micro-step == 1 process x 2 micro-steps bitwise (test_train.py), so the rest can run here.
+    # 2 processes x 1 micro-step == 1 process x 2 micro-steps bitwise (test_train.py), so the rest can run
+    # here.
     with one_thread():
         assert run(small_args + STOPPABLE + ["--max_steps", str(k + 2), "--grad_accum", "2", "--resume"]) == 0
         ref = with_out(small_args, tmp_path / "ref")

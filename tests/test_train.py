@@ -40,7 +40,8 @@ def test_checkpoint_round_trip_and_logged_keys(small_args, tmp_path):
     out = str(tmp_path / "run")
     assert run(small_args + ["--max_steps", "4", "--dynamics_every", "2", "--eval_every", "2"]) == 0
     ck = load(out)  # weights_only=True: plain containers and tensors only
-    assert ck["step"] == 4 and ck["model_config"]["d_model"] == 24 and "exp_avg" in str(ck["optimizer"]["state"])
+    assert (ck["step"] == 4 and ck["model_config"]["d_model"] == 24
+            and "exp_avg" in str(ck["optimizer"]["state"]))
     model = mg.model_from_checkpoint(ck)
     assert all(torch.equal(v, ck["model"][k]) for k, v in model.state_dict().items())
     rows = metrics(out)
@@ -53,7 +54,8 @@ def test_checkpoint_round_trip_and_logged_keys(small_args, tmp_path):
     assert meta_rows and ar_rows
     assert all("loss_query" in r and "loss_ar" not in r and "acc_query_post" in r for r in meta_rows)
     assert all("loss_ar" in r and "loss_query" not in r for r in ar_rows)
-    assert "eval_ppl" in rows[1] and "per_grad/layers.1.swiglu.w_2" in rows[1] and "ref/per_grad_attn" in rows[1]
+    assert ("eval_ppl" in rows[1] and "per_grad/layers.1.swiglu.w_2" in rows[1]
+            and "ref/per_grad_attn" in rows[1])
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["versions"]["torch"] == torch.__version__ and cfg["args"]["max_steps"] == 4
 
@@ -81,13 +83,14 @@ def test_resume_is_exact(small_args, tmp_path):
     assert run(small_args + ["--max_steps", "6", "--resume"]) == 0
     part = str(tmp_path / "run")
     assert_same_weights(load(full), load(part))
-    assert load(full)["optimizer"]["state"][0]["exp_avg"].equal(load(part)["optimizer"]["state"][0]["exp_avg"])
+    assert load(full)["optimizer"]["state"][0]["exp_avg"].equal(
+        load(part)["optimizer"]["state"][0]["exp_avg"])
     assert metrics(full) == [{**r, "sec": metrics(full)[i]["sec"]} for i, r in enumerate(metrics(part))]
 
 
 def test_vanilla_twin_sees_the_same_ar_batches(small_args, tmp_path, monkeypatch):
-    """--hybrid_ratio 0 takes an AR step at every step, with the batch the hybrid run uses at that step: the inputs
-    both runs actually feed the model, recorded at ar_micro_step."""
+    """--hybrid_ratio 0 takes an AR step at every step, with the batch the hybrid run uses at that step: the
+    inputs both runs actually feed the model, recorded at ar_micro_step."""
     seen = []  # (run, step, x) for every AR micro-step
 
     def branch(args, step, r):
@@ -107,16 +110,17 @@ def test_vanilla_twin_sees_the_same_ar_batches(small_args, tmp_path, monkeypatch
     x = {(ratio, step): x for ratio, step, x in seen if x is not None}
     hybrid_ar = [step for ratio, step in x if ratio == 0.5]
     assert sorted(step for ratio, step in x if ratio == 0) == list(range(6))  # vanilla: AR at every step
-    assert 0 < len(hybrid_ar) < 6 and max(hybrid_ar) > min(set(range(6)) - set(hybrid_ar))  # AR after a meta step
+    # AR after a meta step
+    assert 0 < len(hybrid_ar) < 6 and max(hybrid_ar) > min(set(range(6)) - set(hybrid_ar))
     assert all(torch.equal(x[0.5, step], x[0.0, step]) for step in hybrid_ar)
     assert not torch.equal(x[0.0, 0], x[0.0, 1])  # and the batches do change from step to step
     assert all(r["n_ar_steps"] == 1 and "loss_query" not in r for r in metrics(str(tmp_path / "vanilla")))
 
 
 def test_fewshot_eval_is_identical_across_seeds_and_resumes(small_args, tmp_path):
-    """The held-out few-shot eval scores fixed tasks with a fixed fresh head: runs with different --seed see the
-    same episodes, the eval of one backbone does not depend on the global RNG (nor changes it), and a resumed run
-    logs exactly what an uninterrupted one does."""
+    """The held-out few-shot eval scores fixed tasks with a fixed fresh head: runs with different --seed see
+    the same episodes, the eval of one backbone does not depend on the global RNG (nor changes it), and a
+    resumed run logs exactly what an uninterrupted one does."""
     a, b = (mg.parse_args(small_args + ["--seed", s, "--eval_every", "2"]) for s in ("1", "2"))
     corpus = mg.prepare_corpus(a)
     ea, eb = (mg.fewshot_episodes(x, corpus, "cpu", True) for x in (a, b))
@@ -134,7 +138,8 @@ def test_fewshot_eval_is_identical_across_seeds_and_resumes(small_args, tmp_path
     state = torch.get_rng_state()
     r2 = mg.fewshot_eval(model, b, eb, mg.nullcontext())
     assert r1 == r2 and torch.equal(state, torch.get_rng_state())
-    assert set(r1) == {"eval_fewshot_acc_pre", "eval_fewshot_acc", "eval_proto_acc_mask", "eval_proto_acc_prev"}
+    assert set(r1) == {"eval_fewshot_acc_pre", "eval_fewshot_acc",
+                       "eval_proto_acc_mask", "eval_proto_acc_prev"}
     assert all(0.0 <= v <= 1.0 for v in r1.values())
     # resume: eval rows of an interrupted run equal the uninterrupted run's
     full = str(tmp_path / "full")
@@ -145,13 +150,15 @@ def test_fewshot_eval_is_identical_across_seeds_and_resumes(small_args, tmp_path
     assert run(small_args + ["--eval_every", "2", "--max_steps", "4", "--resume"]) == 0
     keys = ("step", "eval_fewshot_acc", "eval_fewshot_acc_pre", "eval_proto_acc_mask", "eval_proto_acc_prev")
     got = [[r.get(k) for k in keys] for r in metrics(str(tmp_path / "run")) if "eval_fewshot_acc" in r]
-    assert got == [[r.get(k) for k in keys] for r in metrics(full) if "eval_fewshot_acc" in r] and len(got) == 2
+    assert (got == [[r.get(k) for k in keys] for r in metrics(full) if "eval_fewshot_acc" in r]
+            and len(got) == 2)
 
 
 def launch(argv, nproc):
     """Run maml_gpt.py in fresh processes (torchrun when nproc > 1), one thread each so both runs use the same
     kernels and reduction orders."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
+                else [])
     cmd = [sys.executable] + launcher + [os.path.join(mg.HERE, "maml_gpt.py")] + argv
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -176,7 +183,7 @@ def test_ddp_two_processes_equal_one_process_with_grad_accum(small_args, tmp_pat
             assert (k in ra) == (k in rb) and (k not in ra or abs(ra[k] - rb[k]) < 1e-5)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Errors a user can cause: one clear message, no traceback, non-zero exit, the checkpoint kept.
 
 def test_bad_size_is_rejected(capsys):
@@ -239,15 +246,17 @@ def test_bench_prints_costs_and_says_when_mfu_is_unknown(small_args, capsys):
     assert not os.path.exists(small_args[small_args.index("--out_dir") + 1])  # a benchmark writes no run
 
 
-# ------------------------------------------------------------------------------------------------ presets, lr, all-reduce
+# ------------------------------------------------------------------------------------ presets, lr, all-reduce
 
 def test_presets_are_the_parser_defaults_and_explicit_flags_win(capsys):
-    demo, tiny, small = mg.parse_args([]), mg.parse_args(["--size", "tiny"]), mg.parse_args(["--size", "small"])
-    assert (demo.d_model, demo.batch_size, demo.seq_len, demo.grad_accum, demo.out_dir) == (96, 16, 128, 1,
-                                                                                           os.path.join("out", "demo"))
-    assert (tiny.d_model, tiny.batch_size, tiny.seq_len, tiny.global_batch, tiny.lr) == (96, 16, 512, 256, 3e-4)
-    assert (small.d_model, small.batch_size, small.grad_accum, small.out_dir) == (384, 8, None,
-                                                                                  os.path.join("out", "small"))
+    demo, tiny, small = (mg.parse_args([]), mg.parse_args(["--size", "tiny"]),
+                         mg.parse_args(["--size", "small"]))
+    assert ((demo.d_model, demo.batch_size, demo.seq_len, demo.grad_accum, demo.out_dir)
+            == (96, 16, 128, 1, os.path.join("out", "demo")))
+    assert ((tiny.d_model, tiny.batch_size, tiny.seq_len, tiny.global_batch, tiny.lr)
+            == (96, 16, 512, 256, 3e-4))
+    assert ((small.d_model, small.batch_size, small.grad_accum, small.out_dir)
+            == (384, 8, None, os.path.join("out", "small")))
     mine = mg.parse_args(["--size", "small", "--batch_size", "4", "--lr", "1e-3", "--d_model", "48",
                           "--out_dir", "x", "--seq_len", "64"])
     assert (mine.batch_size, mine.lr, mine.d_model, mine.out_dir, mine.seq_len) == (4, 1e-3, 48, "x", 64)
@@ -256,15 +265,16 @@ def test_presets_are_the_parser_defaults_and_explicit_flags_win(capsys):
     with pytest.raises(SystemExit):  # --help shows the chosen size's values
         mg.parse_args(["--size", "medium", "--help"])
     help_text = " ".join(capsys.readouterr().out.split()).replace(os.sep, "/")
-    for flag, value in (("d_model D_MODEL", 768), ("out_dir OUT_DIR", "out/medium"), ("max_steps MAX_STEPS", 6000),
-                        ("batch_size BATCH_SIZE", 8), ("global_batch GLOBAL_BATCH", 256), ("seq_len SEQ_LEN", 512)):
+    for flag, value in (("d_model D_MODEL", 768), ("out_dir OUT_DIR", "out/medium"),
+                        ("max_steps MAX_STEPS", 6000), ("batch_size BATCH_SIZE", 8),
+                        ("global_batch GLOBAL_BATCH", 256), ("seq_len SEQ_LEN", 512)):
         # the flag's own help, up to the next flag's heading ("--name NAME"): ends with its default
         assert re.search(rf" --{flag} (?:(?! --\w+ [A-Z_]+ ).)*?\(default: {value}\)", help_text), flag
 
 
 def test_lr_schedule_known_values():
-    args = mg.parse_args(["--lr", "1e-3", "--warmup_steps", "10", "--max_steps", "110", "--min_lr_frac", "0.1",
-                          "--lr_schedule", "cosine"])
+    args = mg.parse_args(["--lr", "1e-3", "--warmup_steps", "10", "--max_steps", "110",
+                          "--min_lr_frac", "0.1", "--lr_schedule", "cosine"])
     lr = lambda step, schedule="cosine": mg.lr_at(step, argparse.Namespace(**{**vars(args),  # noqa: E731
                                                                             "lr_schedule": schedule}))
     assert lr(0) == pytest.approx(1e-4) and lr(4) == pytest.approx(5e-4) and lr(9) == pytest.approx(1e-3)
@@ -277,13 +287,13 @@ def test_lr_schedule_known_values():
     assert all(a >= b for a, b in zip(cos, cos[1:]))  # decays monotonically
 
 
-@pytest.mark.parametrize("sizes, buffers", [((3, 5, 2, 7), [8, 9]),  # a bucket closes once it reaches the bound
-                                            ((8, 1), [8, 1]),  # exactly at the bound, then a last partial bucket
+@pytest.mark.parametrize("sizes, buffers", [((3, 5, 2, 7), [8, 9]),  # a bucket closes at the bound
+                                            ((8, 1), [8, 1]),  # exactly at the bound, then a partial one
                                             ((20,), [20]),  # one tensor larger than a bucket goes alone
                                             ((1, 2), [3])])  # everything in the final flush
 def test_all_reduce_buckets_return_every_element_to_its_tensor(sizes, buffers, monkeypatch):
-    """all_reduce_ with an 8-element bucket, the collective replaced by a stand-in for 2 ranks whose other rank
-    holds 1000 + the same values: each tensor must get exactly its own elements' sums back."""
+    """all_reduce_ with an 8-element bucket, the collective replaced by a stand-in for 2 ranks whose other
+    rank holds 1000 + the same values: each tensor must get exactly its own elements' sums back."""
     seen = []
 
     def fake_all_reduce(flat):
@@ -297,4 +307,5 @@ def test_all_reduce_buckets_return_every_element_to_its_tensor(sizes, buffers, m
     mg.all_reduce_(tensors, world=2)
     assert seen == buffers
     for t, a, b in zip(tensors, start, start[1:]):
-        assert t.shape == (b - a, 1) and torch.equal(t.flatten(), 2 * torch.arange(a, b, dtype=torch.float32) + 1000)
+        assert (t.shape == (b - a, 1)
+                and torch.equal(t.flatten(), 2 * torch.arange(a, b, dtype=torch.float32) + 1000))

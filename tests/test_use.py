@@ -33,8 +33,8 @@ def gen(seed):
 
 @pytest.fixture(scope="session")
 def trained(data_dir, tmp_path_factory):
-    """A 2-step run, trained once: (its folder, what it printed). Its weights are then perturbed so that every norm
-    gain and matrix matters below."""
+    """A 2-step run, trained once: (its folder, what it printed). Its weights are then perturbed so that every
+    norm gain and matrix matters below."""
     out = str(tmp_path_factory.mktemp("use") / "run")
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
         assert run(SMALL + ["--data_dir", data_dir, "--out_dir", out, "--max_steps", "2"]) == 0
@@ -84,8 +84,10 @@ def test_generate_never_emits_mask_or_padding(monkeypatch):
 def test_generate_stops_at_endoftext_row_by_row(monkeypatch):
     model, calls = tiny(), []
 
-    def scripted(h):  # the LM head, once per new token: token 11, and <|endoftext|> for row 0 from the 2nd call on,
-        logits = torch.zeros(h.shape[0], model.cfg.vocab_size)  # for row 1 from the 4th
+    # the LM head, once per new token: token 11, and <|endoftext|> for row 0 from the 2nd call on, for row 1
+    # from the 4th
+    def scripted(h):
+        logits = torch.zeros(h.shape[0], model.cfg.vocab_size)
         logits[:, 11] = 1.0
         logits[torch.tensor([1, 3]) <= len(calls), mg.EOT_ID] = 2.0
         calls.append(h.shape)
@@ -102,7 +104,8 @@ def test_prompt_longer_than_the_context_is_cropped_from_the_left(capsys):
     a = model.generate(long, 8, temperature=1.0, generator=gen(5))[:, 40:]
     assert torch.equal(a, model.generate(long[:, -16:], 8, temperature=1.0, generator=gen(5))[:, 16:])
     texts = mg.complete(model, "word" + " word" * 29, max_new_tokens=3)
-    assert "the prompt has 30 tokens and the model's context is 16" in capsys.readouterr().out and len(texts) == 1
+    assert ("the prompt has 30 tokens and the model's context is 16" in capsys.readouterr().out
+            and len(texts) == 1)
 
 
 # ------------------------------------------------------------------------------------------------ --sample
@@ -154,7 +157,8 @@ def test_exported_llama_gives_our_logits(run_dir, export, exported, capsys):
     assert "The meta-learning head is not part of it (it stays in" in export[1]
     assert os.path.exists(os.path.join(exported, "model.safetensors"))
     hf, info = transformers.LlamaForCausalLM.from_pretrained(exported, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]  # every weight, nothing else (no meta head)
+    # every weight, nothing else (no meta head)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
     ours = mg.model_from_checkpoint(mg.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))).eval()
     idx = torch.randint(0, ours.cfg.vocab_size, (3, ours.cfg.max_seq_len), generator=gen(0))
     with torch.no_grad():
@@ -180,7 +184,8 @@ def test_exported_tokenizer_encodes_like_ours(exported):
         ids = enc.encode_ordinary(s)
         assert tok.encode(s) == ids and tok(s)["input_ids"] == ids, s  # no BOS added, no prefix space
         assert tok.decode(ids) == enc.decode(ids) == s
-    assert tok.encode("a<|endoftext|>[MASK]") == enc.encode("a<|endoftext|>", allowed_special="all") + [mg.MASK_ID]
+    assert (tok.encode("a<|endoftext|>[MASK]")
+            == enc.encode("a<|endoftext|>", allowed_special="all") + [mg.MASK_ID])
     assert (tok.eos_token_id, tok.mask_token_id, len(tok)) == (mg.EOT_ID, mg.MASK_ID, mg.MASK_ID + 1)
 
 
@@ -204,7 +209,8 @@ def test_rope_row_permutation_keeps_attention_scores():
     Wp = W.unflatten(0, (2, hd // 2, 2)).transpose(1, 2).flatten(0, 2)  # what hf_state_dict does
     h = (x @ Wp.T).unflatten(-1, (2, hd)).transpose(0, 1)  # (2, T, hd), halves layout
     c, s = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
-    hf = h * c + torch.cat([-h[..., hd // 2:], h[..., :hd // 2]], -1) * s  # HF: q * cos + rotate_half(q) * sin
+    # HF: q * cos + rotate_half(q) * sin
+    hf = h * c + torch.cat([-h[..., hd // 2:], h[..., :hd // 2]], -1) * s
     assert torch.allclose(ours @ ours.transpose(-1, -2), hf @ hf.transpose(-1, -2), atol=1e-5)
     assert torch.allclose(ours.unflatten(-1, (hd // 2, 2)).transpose(-1, -2).flatten(-2), hf, atol=1e-6)
 
