@@ -76,3 +76,13 @@ def pytest_terminal_summary(terminalreporter):
     for name, n in sorted(_SKIPPED_FOR.items()):
         terminalreporter.write_line(f"exercise {name} is blank: {n} test(s) that need it were skipped; "
                                     f"grade it with: python -m pytest -m {name}")
+
+
+def run_cli(argv):
+    """Run maml_gpt's CLI in-process; returns the exit code (0 on success)."""
+    import maml_gpt
+    try:
+        maml_gpt.main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0

@@ -11,15 +11,7 @@ import pytest
 import torch
 
 import maml_gpt as mg
-
-
-def run(argv):
-    """Run the CLI in-process; returns the exit code (0 on success)."""
-    try:
-        mg.main(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
+from conftest import run_cli as run
 
 
 def load(out_dir):
