@@ -726,11 +726,14 @@ def accuracy(logits, labels):
     return (logits.argmax(-1) == labels).float().mean()
 
 
+def read_at(h, mask_at, read):
+    """h (n, ctx, d) -> (n, d) in fp32 at the position the head reads: the [MASK] (read="mask", mask_at (n,))
+    or the last token (read="last")."""
+    return (h[torch.arange(len(h), device=h.device), mask_at] if read == "mask" else h[:, -1]).float()
+
+
 def read_features(model, x, mask_at, read):
-    """Hidden states (n, d) in fp32 at the position the head reads: the [MASK] (read="mask") or the last
-    token."""
-    h = model(x, return_hidden=True)  # (n, ctx, d)
-    return (h[torch.arange(len(x), device=x.device), mask_at] if read == "mask" else h[:, -1]).float()
+    return read_at(model(x, return_hidden=True), mask_at, read)  # x (n, ctx) -> (n, d)
 
 
 def meta_micro_step(model, head, ep, args, scale, amp):
@@ -873,13 +876,12 @@ def fewshot_eval(model, head_args, episodes, amp):
         with torch.no_grad(), amp:
             hs, hq = (model(ep[f"{s}_x"], return_hidden=True).float() for s in ("support", "query"))
         for name, shift in (("mask", 0), ("prev", 1)):  # nearest prototype on raw features, no training
-            rows_s, rows_q = torch.arange(len(hs)), torch.arange(len(hq))
-            fs, fq = hs[rows_s, ep["support_at"] - shift], hq[rows_q, ep["query_at"] - shift]
+            fs = read_at(hs, ep["support_at"] - shift, "mask")
+            fq = read_at(hq, ep["query_at"] - shift, "mask")
             mu = torch.stack([fs[ep["support_y"] == c].mean(0) for c in range(head_args.n_way)])  # (N, d)
             sums[f"eval_proto_acc_{name}"] += accuracy(-torch.cdist(fq, mu), ep["query_y"]).item()
-        read = ((lambda h, at: h[torch.arange(len(h)), at]) if head_args.read == "mask"
-                else (lambda h, at: h[:, -1]))
-        fs, fq = read(hs, ep["support_at"]), read(hq, ep["query_at"])
+        fs = read_at(hs, ep["support_at"], head_args.read)
+        fq = read_at(hq, ep["query_at"], head_args.read)
         phi0 = {k: v.detach() for k, v in episode_init(head, fs, ep["support_y"], ep["classes"],
                                                        head_args.head_init).items()}
         adapted = inner_loop(head, phi0, fs, ep["support_y"], head_args.inner_steps, head_args.inner_lr)
