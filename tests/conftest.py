@@ -78,11 +78,11 @@ def pytest_terminal_summary(terminalreporter):
                                     f"grade it with: python -m pytest -m {name}")
 
 
-def run_cli(argv):
-    """Run maml_gpt's CLI in-process; returns the exit code (0 on success)."""
+def run_cli(argv, main=None):
+    """Run a command in-process (maml_gpt's by default, or another entry point's main); -> its exit code."""
     import maml_gpt
     try:
-        maml_gpt.main(argv)
+        (main or maml_gpt.main)(argv)
     except SystemExit as e:
         return e.code
     return 0
