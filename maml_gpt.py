@@ -1349,18 +1349,6 @@ RUN_KEYS = ("seed", "seq_len", "global_batch", "hybrid_ratio", "n_way", "k_shot"
             "head_layers", "head_init", "read", "smlmt_ctx", "data", "toy_docs")
 
 
-def save_checkpoint(path, model, head, optimizer, step, args, counters, world):
-    """Everything needed to continue exactly, as tensors and plain containers (torch.load(weights_only=True)).
-    The data position is `step` itself (see Randomness)."""
-    settings = dict(vars(args), global_batch=args.batch_size * args.grad_accum * world)
-    state = dict(format="maml-gpt/1", model=model.state_dict(), head=head.state_dict(),
-                 optimizer=optimizer.state_dict(), step=step, model_config=asdict(model.cfg), args=vars(args),
-                 run={k: settings[k] for k in RUN_KEYS}, counters=dict(counters),
-                 rng=dict(torch=torch.get_rng_state(),
-                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
-
-
 def load_checkpoint(path, device="cpu"):
     """Load and sanity-check a maml-gpt checkpoint; a clear UserError for anything unreadable."""
     if not os.path.exists(path):
@@ -1486,13 +1474,20 @@ def resume_or_start(run, args, resume):
 
 
 def save(run, args, done, counters):
-    """The checkpoint after step `done`: rank 0 writes (the weights are identical on every rank), all wait."""
+    """ckpt.pt after step `done`: everything needed to continue exactly, as tensors and plain containers
+    (torch.load(weights_only=True)); the data position is the step itself (see Randomness). Rank 0 writes
+    (the weights are identical on every rank), all wait."""
     if not all(torch.isfinite(p).all() for p in run.params):
         raise UserError(f"non-finite weights at step {done}; the last good checkpoint is kept. "
                         "Lower --lr, enable --grad_clip, or use --dtype float32")
     if run.rank == 0:
-        save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), run.orig_model, run.head, run.optimizer, done,
-                        args, counters, run.world)
+        settings = dict(vars(args), global_batch=run.global_batch)
+        state = dict(format="maml-gpt/1", model=run.orig_model.state_dict(), head=run.head.state_dict(),
+                     optimizer=run.optimizer.state_dict(), step=done, model_config=asdict(run.orig_model.cfg),
+                     args=vars(args), run={k: settings[k] for k in RUN_KEYS}, counters=dict(counters),
+                     rng=dict(torch=torch.get_rng_state(),
+                              cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+        write_atomically(os.path.join(args.out_dir, "ckpt.pt"), lambda tmp: torch.save(state, tmp))
         drop_prev(args.out_dir)
     if run.world > 1:
         dist.barrier()  # nobody races ahead (or exits) while rank 0 is still writing

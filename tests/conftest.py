@@ -40,8 +40,8 @@ def small_args(data_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------------
 # The classroom kit (tests/exercises.py): one marker per lesson function, and a blanked function skips,
-# rather than fails, every test that merely depends on it. Its own tests (the marker) still fail until it is
-# written.
+# rather than fails, every test that merely depends on it. Its own tests (the marker) still fail until it
+# is written.
 
 import exercises  # noqa: E402
 

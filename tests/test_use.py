@@ -193,12 +193,13 @@ def test_exported_tokenizer_encodes_like_ours(exported):
 
 def test_export_without_safetensors_writes_pytorch_model_bin(run_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if the package were not installed
-    monkeypatch.setattr(export_py, "hf_tokenizer_files", lambda n: {})  # not under test here (and the slow part)
+    monkeypatch.setattr(export_py, "hf_tokenizer_files", lambda n: {})  # not under test here, and slow
     out = str(tmp_path / "hf")
     assert export_hf(["--out_dir", run_dir, out]) == 0
     assert sorted(os.listdir(out)) == ["config.json", "pytorch_model.bin"]
     saved = torch.load(os.path.join(out, "pytorch_model.bin"), weights_only=True)
-    want = export_py.hf_state_dict(mg.model_from_checkpoint(mg.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))))
+    ck = mg.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    want = export_py.hf_state_dict(mg.model_from_checkpoint(ck))
     assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want)
 
 
