@@ -86,3 +86,29 @@ def run_cli(argv, main=None):
     except SystemExit as e:
         return e.code
     return 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Graders that name the idea: a lesson test says what is wrong in the student's terms, not "Mismatched
+# elements: 2010 / 2048". The first line of a failure is what `exercises.py grade` shows for that student.
+
+def close(a, b, atol, rtol):
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    return a.shape == b.shape and torch.allclose(a.double(), b.double(), atol=atol, rtol=rtol)
+
+
+def check_close(got, want, idea, mistakes=(), atol=1e-5, rtol=1e-5):
+    """Assert got == want (to atol, rtol). Otherwise fail with `idea` (what the function must do); when `got`
+    equals a known wrong answer (mistakes: [(what the mistake is, its result)]), name that mistake first."""
+    if close(got, want, atol, rtol):
+        return
+    for what, wrong in mistakes:
+        if close(got, wrong, atol, rtol):
+            pytest.fail(f"{what} ({idea})", pytrace=False)
+    got, want = torch.as_tensor(got), torch.as_tensor(want)
+    if got.shape != want.shape:
+        pytest.fail(f"{idea}: shape {tuple(got.shape)}, expected {tuple(want.shape)}", pytrace=False)
+    err = (got.double() - want.double()).abs()
+    pytest.fail(f"{idea}: off by up to {err.max().item():.3g} at {err.argmax().item()} (flat index) of "
+                f"{err.numel()} values, {(err > atol + rtol * want.double().abs()).sum().item()} of them "
+                f"beyond tolerance", pytrace=False)

@@ -3,6 +3,7 @@ repository, every lesson's marker tests all fail on a blank body, catch each pla
 again once it is restored; a blanked function skips the tests that merely depend on it."""
 import ast
 import contextlib
+import csv
 import io
 import json
 import os
@@ -39,6 +40,10 @@ PLANTS = {
             ('classes[labels] = index["words"][chosen]', 'classes[:] = index["words"][chosen]')],
         "[MASK] one token before the window's end": [
             ("mask_at = np.full(occ.shape, ctx - 1)", "mask_at = np.full(occ.shape, ctx - 2)")],
+        "support and query drawn separately (a query can repeat a support occurrence)": [
+            ("rng.choice(counts[w], per_class, replace=False)",
+             "np.concatenate([rng.choice(counts[w], k_shot, replace=False), "
+             "rng.choice(counts[w], q_query, replace=False)])")],
     },
     "episode_init": {
         "sign flip in the bias: +||mu||^2": [("-(mu * mu).sum(-1)", "(mu * mu).sum(-1)")],
@@ -80,6 +85,28 @@ PLANTS = {
     },
 }
 
+# What the first failure must say about each plant: the grader names the idea, in the student's terms.
+NAMES_THE_IDEA = {
+    "sum of squares instead of their mean": "sum of squares",
+    "no learned gain": "gain",
+    "rotate-half pairing (x_i, x_i+d/2), HF's convention": "wrong feature pairs",
+    "sign flip: rotation by minus the angle": "minus the angle",
+    "no causal mask": "not causal",
+    "kv heads tiled, not grouped (query head h reads kv head h % 4)": "h // 3",
+    "classes not inverted: classes[c] is not label c's word": "invert the label permutation",
+    "[MASK] one token before the window's end": "window's last token",
+    "support and query drawn separately (a query can repeat a support occurrence)":
+        "a query window repeats a support occurrence",
+    "entropy of sigma^2 / sum sigma^2 (energy)": "squares of the singular values",
+    "mean instead of sum in the normaliser": "sum",
+    "mean over keys instead of sum": "sum over keys",
+    "kv heads tiled, not grouped": "h // 3",
+    "log-sum-exp without the log": "forgets the log",
+    "gradient is softmax only (one-hot forgotten)": "one-hot of the target is not subtracted",
+    "precision and recall swapped": "swapped",
+    "entities matched across sentences (no sentence index)": "different sentences",
+}
+
 PRESENT = [les for les in kit.LESSONS if kit.status(kit.ROOT, les) != "absent"]
 
 
@@ -89,7 +116,7 @@ def copy_repo(dst):
     rewritten."""
     os.makedirs(dst)
     for name in os.listdir(kit.ROOT):
-        if name.endswith(".py"):
+        if name.endswith((".py", ".md")):
             shutil.copy2(os.path.join(kit.ROOT, name), dst)
     skip = shutil.ignore_patterns("__pycache__", "cache", "*.pyc", ".pytest_cache")
     for name in ("data", "tests", kit.SAVED):
@@ -194,6 +221,100 @@ def test_list_shows_every_lesson(capsys):
     assert [line.split()[0] for line in out] == [les.name for les in kit.LESSONS]
 
 
+def unique_body_lines(root, lesson, files):
+    """Lines of the lesson's original body (comments included) that occur nowhere else in the project: if
+    one of them is in a hand-out, the answer is."""
+    source = kit.reference_source(root, lesson.file)
+    lines = source.splitlines(keepends=True)
+    node = kit.find(ast.parse(source), lesson.qualname)
+    body = {ln.strip() for ln in lines[kit.body_start(lines, node) - 1:node.end_lineno] if len(ln.strip()) > 8}
+    rest = "".join(lines[:node.lineno - 1] + lines[node.end_lineno:])
+    rest += "".join(open(os.path.join(root, f), errors="replace").read() for f in files if f != lesson.file)
+    return [ln for ln in body if ln not in rest]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_handout_holds_no_answer_anywhere(original, tmp_path, capsys):
+    """Every lesson handed out at once: no line unique to a blanked body is in any file of the hand-out,
+    hidden ones included, nor in any git object; LAB.md says what to write and how to grade it."""
+    out = str(tmp_path / "lab")
+    assert kit.main(["handout", *[les.name for les in PRESENT], "--out", out], root=original) is None
+    assert "fresh git repository with one commit" in capsys.readouterr().out
+    files = [f for f in kit.project_files(original) if f not in kit.TEACHER_ONLY]
+    handed = {}
+    for d, _, names in os.walk(out):
+        for n in names:
+            handed[os.path.relpath(os.path.join(d, n), out)] = open(os.path.join(d, n), "rb").read()
+    git = lambda *a: subprocess.run(["git", *a], cwd=out, check=True, capture_output=True).stdout  # noqa: E731
+    handed["<every git object>"] = git("cat-file", "--batch-all-objects", "--batch")
+    assert git("rev-list", "--all").count(b"\n") == 1  # one commit, no history
+    assert not os.path.exists(os.path.join(out, kit.SAVED)) and "tests/test_exercises.py" not in handed
+    assert "## For teachers" not in handed["README.md"].decode() and "LAB.md" in handed["README.md"].decode()
+    for les in PRESENT:
+        unique = unique_body_lines(original, les, files)
+        assert unique, f"{les.name}: no line of its body is unique to it (the leak check would be empty)"
+        leaks = [(ln, f) for ln in unique for f, data in handed.items() if ln.encode() in data]
+        assert not leaks, f"{les.name}: the hand-out holds its answer: {leaks[:3]}"
+        assert kit.status(out, les) == "blank"
+        assert f"pytest -q -m {les.name}" in handed["LAB.md"].decode() or f"`{les.name}`" in \
+            handed["LAB.md"].decode()
+    assert kit.main(["handout", "rms_norm", "--out", out], root=original) == 1  # never over a folder
+    assert "not empty" in capsys.readouterr().err
+
+
+def write_submissions(original, subs):
+    """A class of five: a correct copy (a whole hand-out, the answer written differently from the reference),
+    a blank one, a wrong one, one that does not import and one that does not parse (just maml_gpt.py)."""
+    lab = os.path.join(subs, "ann", "maml-gpt")  # unpacked one level down, as from an archive
+    with contextlib.redirect_stdout(io.StringIO()):
+        kit.main(["handout", "rms_norm", "--out", lab], root=original)
+    source = open(os.path.join(lab, "maml_gpt.py")).read()
+    stub = kit.STUB.format(name="rms_norm")
+    right = "return (x.float() / (x.float() ** 2).mean(-1, keepdim=True).add(self.eps).sqrt()).to(x.dtype) " \
+            "* self.weight"
+    versions = dict(bob=source, carol=source.replace(stub, right.replace(".mean(", ".sum(")),
+                    dave="import numpyy  # a typo\n" + source.replace(stub, right),
+                    eve=source.replace(stub, "return x +"))
+    open(os.path.join(lab, "maml_gpt.py"), "w").write(source.replace(stub, right))
+    for name, text in versions.items():
+        os.makedirs(os.path.join(subs, name))
+        open(os.path.join(subs, name, "maml_gpt.py"), "w").write(text)
+
+
+def test_grade_gives_one_right_row_per_student(original, tmp_path, capsys):
+    subs, table = str(tmp_path / "subs"), str(tmp_path / "grades.csv")
+    write_submissions(original, subs)
+    assert kit.main(["grade", subs, "--lessons", "rms_norm", "--csv", table, "--jobs", "2"],
+                    root=original) is None
+    rows = {r["student"]: r for r in csv.DictReader(open(table))}
+    assert {s: r["status"] for s, r in rows.items()} == dict(ann="passed", bob="blank", carol="failed",
+                                                             dave="error", eve="error")
+    assert "sum of squares" in rows["carol"]["message"]  # the grader names the mistake
+    assert "does not import: ModuleNotFoundError" in rows["dave"]["message"]
+    assert "does not parse (line" in rows["eve"]["message"]
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["student", "rms_norm", "passed"]
+    assert "carol / rms_norm: failed: test_rms_norm_equals_the_formula: RMSNorm divides" in out
+
+
+def test_grade_survives_an_infinite_loop(original, tmp_path, monkeypatch):
+    """One student's grading that never ends costs that cell its time limit; the others are graded. (The
+    commands are stand-ins: a loop, and one that reports a pass at once.)"""
+    subs = str(tmp_path / "subs")
+    source = open(os.path.join(original, "maml_gpt.py")).read().replace("xf = x.float()", "xf = x.float()  # ")
+    for name in ("loops", "next"):
+        os.makedirs(os.path.join(subs, name))
+        open(os.path.join(subs, name, "maml_gpt.py"), "w").write(source)
+    passes = "import json, sys; json.dump(dict(code=0, outcomes={'t': 'passed'}, messages={}, errors=[]), " \
+             "open(sys.argv[1], 'w'))"
+    monkeypatch.setattr(kit, "grading_command", lambda tree, lesson, result: (
+        [sys.executable, "-c", "while True: pass"] if f"{os.sep}loops{os.sep}" in tree
+        else [sys.executable, "-c", passes, result]))
+    rows = kit.grade(original, subs, ["rms_norm"], timeout=2, jobs=1)
+    assert [(s, st) for s, _, st, _ in rows] == [("loops", "error"), ("next", "passed")]
+    assert "ran past the time limit of 2 s" in rows[0][3]
+
+
 def test_marker_tests_fail_on_blanks_and_plants_and_pass_on_the_original(tmp_path):
     """The grading, end to end, in one subprocess (see grade_all)."""
     root = copy_repo(tmp_path / "repo")
@@ -203,7 +324,7 @@ def test_marker_tests_fail_on_blanks_and_plants_and_pass_on_the_original(tmp_pat
                        timeout=900, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     problems = []
-    for name, variant, outcomes in json.load(open(out)):
+    for name, variant, outcomes, messages in json.load(open(out)):
         n_failed = sum(o == "failed" for o in outcomes.values())
         if not outcomes:
             problems.append(f"{name} / {variant}: no test ran")
@@ -214,6 +335,10 @@ def test_marker_tests_fail_on_blanks_and_plants_and_pass_on_the_original(tmp_pat
             problems.append(f"{name} / restored: {outcomes}")
         elif variant.startswith("plant") and not n_failed:
             problems.append(f"{name} / {variant}: not caught, all {len(outcomes)} tests passed")
+        elif variant.startswith("plant") and variant[7:] in NAMES_THE_IDEA \
+                and NAMES_THE_IDEA[variant[7:]] not in messages[0]:
+            problems.append(f"{name} / {variant}: caught, but the message does not say "
+                            f"{NAMES_THE_IDEA[variant[7:]]!r}: {messages[0]!r}")
         elif variant == "dependents":  # rms_norm blank, all of test_model.py: its test fails, the others skip
             bad = {t: o for t, o in outcomes.items() if o == "failed" and "rms_norm" not in t}
             if bad or not any(o.startswith("skipped: needs maml_gpt.py:RMSNorm.forward")
@@ -235,11 +360,11 @@ def grade_all(root, out):
             if (name != "__main__"
                     and os.path.abspath(getattr(mod, "__file__", None) or "/").startswith(root + os.sep)):
                 del sys.modules[name]
-        rec = Recorder()
+        rec = kit.Recorder(threads=1)  # after conftest's 2: on a busy machine a second thread spins
         # no:unraisableexception: its five gc.collect() per session cost more than the tests themselves here
         pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--rootdir", root,
                      *args], plugins=[rec])
-        return rec.outcomes
+        return rec.outcomes, list(rec.messages.values())
 
     results = []
     tests = os.path.join(root, "tests")
@@ -250,39 +375,20 @@ def grade_all(root, out):
         path = os.path.join(root, lesson.file)
         original = open(path).read()
         kit.main(["blank", lesson.name], root=root)
-        results.append((lesson.name, "blank", run("-m", lesson.name, *files)))
+        results.append((lesson.name, "blank", *run("-m", lesson.name, *files)))
         kit.main(["restore", lesson.name], root=root)
         for desc, subs in PLANTS[lesson.name].items():
             with open(path, "w") as f:
                 f.write(planted(original, lesson, subs))
-            results.append((lesson.name, f"plant: {desc}", run("-m", lesson.name, "--maxfail=1", *files)))
+            results.append((lesson.name, f"plant: {desc}", *run("-m", lesson.name, "--maxfail=1", *files)))
         with open(path, "w") as f:
             f.write(original)
-        results.append((lesson.name, "restored", run("-m", lesson.name, *files)))
+        results.append((lesson.name, "restored", *run("-m", lesson.name, *files)))
     kit.main(["blank", "rms_norm"], root=root)
-    results.append(("rms_norm", "dependents", run(os.path.join(root, "tests", "test_model.py"))))
+    results.append(("rms_norm", "dependents", *run(os.path.join(root, "tests", "test_model.py"))))
     kit.main(["restore", "rms_norm"], root=root)
     with open(out, "w") as f:
         json.dump(results, f)
-
-
-class Recorder:
-    """pytest plugin: {test id: "passed" | "failed" | "skipped: reason"}, a failure in any phase counting."""
-
-    def __init__(self):
-        self.outcomes = {}
-
-    def pytest_sessionstart(self, session):
-        import torch
-        # after conftest's 2: on a busy machine a second thread spins, 10x slower here
-        torch.set_num_threads(1)
-
-    def pytest_runtest_logreport(self, report):
-        if report.when == "call" or not report.passed:
-            if self.outcomes.get(report.nodeid) != "failed":
-                self.outcomes[report.nodeid] = report.outcome if not report.skipped else (
-                    "skipped: "
-                    f"{report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import maml_gpt as mg
+from conftest import check_close
 
 N, D, V = 111, 24, 1000  # 111 rows: 5 and 64 do not divide it; 111 and 4096 give one chunk
 
@@ -29,10 +30,25 @@ def test_loss_and_both_gradients_equal_full_logits(chunk):
     ref_loss, ref_gh, ref_gw = reference(h, w, t)
     loss = mg.linear_cross_entropy(h, w, t, chunk_rows=chunk)
     (3.0 * loss).backward()  # the backward scales the stored gradients by the incoming one
-    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=2e-6)
-    torch.testing.assert_close(h.grad / 3, ref_gh, rtol=0, atol=1e-7)
-    torch.testing.assert_close(w.grad / 3, ref_gw, rtol=0, atol=1e-7)
-    assert h.grad[[0, 5, 50, 110]].abs().max() == 0
+    z = (h @ w.T).detach().double()
+    kept = t != -100
+    lse, z_t = z.logsumexp(-1), z.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+    no_log = (z.exp().sum(-1) / z.amax(-1).exp() - (z_t - z.amax(-1)))[kept].mean()  # exp-sum, no log
+    check_close(loss, ref_loss, f"the loss must be the mean over counted rows of log(sum_j exp z_j) - z_target "
+                f"(chunks of {chunk} rows)", [
+                    ("the loss forgets the log of the sum of exponentials (log-sum-exp - z_target)", no_log),
+                    ("ignored rows (target -100) are counted in the loss", (lse - z_t).mean()),
+                    ("the loss is a sum over rows, not their mean", (lse - z_t)[kept].sum())],
+                atol=2e-6, rtol=0)
+    softmax_only = torch.where(kept[:, None], z.softmax(-1), 0.0) / kept.sum()
+    check_close(h.grad / 3, ref_gh, f"d loss / d h must be (softmax - one_hot(target)) @ W / rows counted "
+                f"(chunks of {chunk} rows)", [
+                    ("the gradient is softmax only: the one-hot of the target is not subtracted",
+                     softmax_only @ w.detach().double())], atol=1e-7, rtol=0)
+    check_close(w.grad / 3, ref_gw, "d loss / d W must be (softmax - one_hot(target))^T @ h / rows counted",
+                [("the gradient is softmax only: the one-hot of the target is not subtracted",
+                  softmax_only.T @ h.detach().double())], atol=1e-7, rtol=0)
+    assert h.grad[[0, 5, 50, 110]].abs().max() == 0, "ignored rows (target -100) must get zero gradient"
 
 
 @pytest.mark.lm_loss

@@ -27,31 +27,89 @@ def test_content_words_follow_the_rule(corpus):
     assert enc.encode(" the")[0] not in set(index["words"].tolist())  # too frequent to be a content word
 
 
+def check_episode(ep, tokens, index, N, K, Q, ctx, read, key):
+    """Every rule of sample_episode's docstring on one episode, each failure in the student's terms."""
+    at = f"(key {key}, read={read!r})"
+    for k in ("support_x", "support_y", "query_x", "query_y", "classes", "positions", "mask_at"):
+        assert k in ep, f"the episode has no {k!r} {at}"
+        assert isinstance(ep[k], np.ndarray) and ep[k].dtype == np.int64, \
+            f"{k} must be an int64 numpy array, got {type(ep[k]).__name__} {getattr(ep[k], 'dtype', '')} {at}"
+    for k, shape in (("support_x", (N * K, ctx)), ("support_y", (N * K,)), ("query_x", (N * Q, ctx)),
+                     ("query_y", (N * Q,)), ("classes", (N,)), ("positions", (N, K + Q)),
+                     ("mask_at", (N, K + Q))):
+        assert ep[k].shape == shape, f"{k} must have shape {shape}, got {ep[k].shape} {at}"
+    assert len(set(ep["classes"].tolist())) == N, f"the N classes must be N distinct words {at}"
+    assert set(ep["classes"].tolist()) <= set(index["words"].tolist()), f"a class is not a content word {at}"
+    sy, qy = ep["support_y"].reshape(N, K), ep["query_y"].reshape(N, Q)
+    assert (sy == sy[:, :1]).all() and (qy == sy[:, :1]).all(), \
+        f"rows are not grouped by word: support rows i*K..i*K+K-1 and query rows i*Q..i*Q+Q-1 must all " \
+        f"carry word i's label {at}"
+    assert sorted(sy[:, 0].tolist()) == list(range(N)), f"the labels must be 0..N-1, one per word {at}"
+    pos, m = ep["positions"], ep["mask_at"]
+    for c in range(N):
+        assert not set(pos[c, K:].tolist()) & set(pos[c, :K].tolist()), \
+            f"a query window repeats a support occurrence (word {c}: support {pos[c, :K].tolist()}, query " \
+            f"{pos[c, K:].tolist()}); draw a word's K+Q occurrences together, without replacement {at}"
+        assert len(set(pos[c].tolist())) == K + Q, f"an occurrence is used twice for word {c} {at}"
+    x = np.concatenate([ep["support_x"].reshape(N, K, ctx), ep["query_x"].reshape(N, Q, ctx)], axis=1)
+    n_masks = (x == mg.MASK_ID).sum(-1)
+    assert (n_masks == 1).all(), f"every window must hold exactly one [MASK] (found {n_masks.min()} to " \
+                                 f"{n_masks.max()}): the chosen occurrence, nothing else {at}"
+    if read == "mask":  # the [MASK] closes the window: all left context, nothing after it
+        assert (m == ctx - 1).all(), \
+            f"with read='mask' the [MASK] must be the window's last token (mask_at = ctx - 1 = {ctx - 1}), " \
+            f"got mask_at from {m.min()} to {m.max()} {at}"
+    else:  # context on both sides of the mask
+        assert (m >= ctx // 4).all() and (m < ctx - ctx // 4).all(), \
+            f"with read='last' the [MASK] must leave >= ctx/4 tokens on each side: mask_at in " \
+            f"[{ctx // 4}, {ctx - ctx // 4}), got {m.min()} to {m.max()} {at}"
+    assert ((x == mg.MASK_ID).argmax(-1) == m).all(), f"mask_at does not say where the [MASK] is {at}"
+    for c in range(N):
+        word = ep["classes"][sy[c, 0]]
+        for j in range(K + Q):  # the masked token is that class's word, the rest is the corpus verbatim
+            p, a = pos[c, j], m[c, j]
+            window = np.asarray(tokens[p - a:p - a + ctx]).astype(np.int64)
+            assert window[a] == word, \
+                f"classes[label] is not the word masked in that label's windows: label {sy[c, 0]} masks " \
+                f"token {window[a]}, classes says {word}; classes[c] must be the word behind label c " \
+                f"(invert the label permutation) {at}"
+            assert (np.delete(x[c, j], a) == np.delete(window, a)).all(), \
+                f"a window is not the corpus verbatim around its occurrence: it must be " \
+                f"tokens[p - mask_at : p - mask_at + ctx] with only the occurrence masked {at}"
+
+
+KEYS = [[1, 2, j] for j in range(40)]  # 40 episodes: what holds for one key may fail for the next
+
+
 @pytest.mark.sample_episode
 @pytest.mark.parametrize("read", ["mask", "last"])
 def test_episode_invariants(corpus, read):
     tokens, index = corpus
     N, K, Q, ctx = 8, 3, 2, 24
-    ep = mg.sample_episode(tokens, index, N, K, Q, ctx, [1, 2, 3], read)
-    assert ep["support_x"].shape == (N * K, ctx) and ep["query_x"].shape == (N * Q, ctx)
-    assert len(set(ep["classes"].tolist())) == N  # N distinct classes
-    for y, n in ((ep["support_y"], K), (ep["query_y"], Q)):
-        assert y.min() >= 0 and y.max() < N and np.bincount(y, minlength=N).tolist() == [n] * N
-    assert set(ep["query_y"].tolist()) <= set(ep["support_y"].tolist())  # every query label is a class
-    assert len(np.unique(ep["positions"])) == N * (K + Q)  # support and query occurrences are disjoint
-    x = np.concatenate([ep["support_x"].reshape(N, K, ctx), ep["query_x"].reshape(N, Q, ctx)], axis=1)
-    assert ((x == mg.MASK_ID).sum(-1) == 1).all()  # exactly one [MASK] per example
-    m = ep["mask_at"]
-    if read == "mask":  # the [MASK] closes the window: all left context, nothing after it
-        assert (m == ctx - 1).all()
-    else:  # context on both sides of the mask
-        assert (m >= ctx // 4).all() and (m < ctx - ctx // 4).all()
-    for c in range(N):
-        word = ep["classes"][ep["support_y"].reshape(N, K)[c, 0]]
-        for j in range(K + Q):  # the masked token is that class's word, the rest is the corpus verbatim
-            p, a = ep["positions"][c, j], m[c, j]
-            window = np.asarray(tokens[p - a:p - a + ctx]).astype(np.int64)
-            assert window[a] == word and (np.delete(x[c, j], a) == np.delete(window, a)).all()
+    first_labels = []
+    for key in KEYS:
+        ep = mg.sample_episode(tokens, index, N, K, Q, ctx, key, read)
+        check_episode(ep, tokens, index, N, K, Q, ctx, read, key)
+        first_labels.append(ep["support_y"][0])
+    assert len(set(first_labels)) > 1, \
+        f"word 0 gets label {first_labels[0]} in all {len(KEYS)} episodes: the labels must be a fresh random " \
+        "permutation per episode, so that a label carries no word identity"
+
+
+@pytest.mark.sample_episode
+def test_query_never_repeats_a_support_occurrence(corpus):
+    """The overlapping sampler (support and query occurrences drawn separately) passes any single episode with
+    some luck; over 60 episodes of a corpus whose words have few occurrences it cannot."""
+    tokens, index = corpus
+    N, K, Q = 8, 3, 3
+    for j in range(60):
+        ep = mg.sample_episode(tokens, index, N, K, Q, 16, [7, j])
+        for c in range(N):
+            s, q = set(ep["positions"][c, :K].tolist()), set(ep["positions"][c, K:].tolist())
+            assert not s & q, \
+                f"a query window repeats a support occurrence (episode key [7, {j}], word {c}: corpus " \
+                f"position(s) {sorted(s & q)}): draw each word's K+Q occurrences in one draw without " \
+                "replacement, then split them into support and query"
 
 
 @pytest.mark.sample_episode
@@ -60,15 +118,27 @@ def test_episode_is_a_function_of_its_key(corpus):
     a = mg.sample_episode(tokens, index, 8, 2, 2, 16, [1, 5, 0, 2])
     b = mg.sample_episode(tokens, index, 8, 2, 2, 16, [1, 5, 0, 2])
     c = mg.sample_episode(tokens, index, 8, 2, 2, 16, [1, 5, 1, 2])  # another rank / micro-step
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert not np.array_equal(a["support_x"], c["support_x"])
+    assert all(np.array_equal(a[k], b[k]) for k in a), \
+        "the same key gave two different episodes: every random choice must come from " \
+        "np.random.default_rng(key), nothing else (no global numpy or Python random state)"
+    assert not np.array_equal(a["support_x"], c["support_x"]), "two different keys gave the same episode"
 
 
 @pytest.mark.sample_episode
 def test_too_few_words_is_a_clear_error(corpus):
     tokens, index = corpus
-    with pytest.raises(mg.UserError, match="content words"):
+    try:
         mg.sample_episode(tokens, index, 10_000, 2, 2, 16, [0])
+    except mg.UserError as e:
+        assert "content words" in str(e), \
+            f"the UserError must say how many content words have K+Q occurrences ('... content words ...'), " \
+            f"got: {e}"
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"too few content words must raise maml_gpt.UserError, not {type(e).__name__}: {e}",
+                    pytrace=False)
+    else:
+        pytest.fail("N = 10,000 classes on a corpus with far fewer content words must raise "
+                    "maml_gpt.UserError ('... content words ...')", pytrace=False)
 
 
 def test_head_architecture():

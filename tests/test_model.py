@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import maml_gpt as mg
+from conftest import check_close
 
 
 def small_model(**kw):
@@ -34,8 +35,10 @@ def test_causality():
     b = a.clone()
     b[0, 12:] = torch.randint(0, 50257, (8,))
     la, lb = m(a)[0], m(b)[0]
-    torch.testing.assert_close(la[:, :12], lb[:, :12])
-    assert not torch.allclose(la[:, 12:], lb[:, 12:])
+    check_close(la[:, :12], lb[:, :12], "attention is not causal: changing the tokens at positions 12.. "
+                "changed the outputs at positions 0..11 (position t may attend to 0..t only)")
+    assert not torch.allclose(la[:, 12:], lb[:, 12:]), \
+        "the outputs at positions 12.. do not depend on the tokens there (is the attention reading its input?)"
 
 
 def test_sequence_length_one_and_max():
@@ -61,7 +64,9 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
             getattr(mha, name).weight.copy_(w.repeat_interleave(3, dim=0).reshape(48, 48))
     cos, sin = mg.rope_tables(hd, 16, 1e4)
     x = torch.randn(2, 16, 48)
-    torch.testing.assert_close(gqa(x, cos, sin), mha(x, cos, sin))
+    check_close(gqa(x, cos, sin), mha(x, cos, sin), "grouped-query attention is not multi-head attention "
+                "with each kv head repeated for its 3 query heads: query head h must read kv head h // 3 "
+                "(heads 0-2 share kv head 0), not h % 4")
 
 
 @pytest.mark.apply_rope
@@ -73,9 +78,14 @@ def test_rope_relative_position_property():
     def rot(v, pos):
         return mg.apply_rope(v.view(1, 1, 1, hd), cos[pos:pos + 1], sin[pos:pos + 1]).view(hd)
 
-    # <R_m q, R_n k> depends only on m - n
-    assert torch.allclose(rot(q, 10) @ rot(k, 3), rot(q, 40) @ rot(k, 33), atol=1e-5)
-    assert torch.allclose(rot(q, 7).norm(), q.norm(), atol=1e-6)  # a rotation
+    # <R_m q, R_n k> depends only on m - n, for many positions and vectors
+    for m, n, shift in ((10, 3, 30), (7, 7, 50), (0, 20, 41), (63, 1, -1)):
+        assert torch.allclose(rot(q, m) @ rot(k, n), rot(q, m + shift) @ rot(k, n + shift), atol=1e-5), \
+            f"RoPE is not relative: <R_{m} q, R_{n} k> differs from <R_{m + shift} q, R_{n + shift} k>; " \
+            "pair i at position t must turn by t times its own frequency (the same rotation for q and k)"
+    for pos in (0, 7, 63):
+        assert torch.allclose(rot(q, pos).norm(), q.norm(), atol=1e-6), \
+            f"RoPE is not a rotation: it changed the length of a vector at position {pos}"
 
 
 @pytest.mark.apply_rope
@@ -84,16 +94,24 @@ def test_rope_rotates_adjacent_pairs():
     cos, sin = mg.rope_tables(4, 8, 1e4)
     x = torch.tensor([1.0, 0.0, 1.0, 0.0]).view(1, 1, 1, 4)
     out = mg.apply_rope(x, cos[1:2], sin[1:2]).view(4)
-    assert torch.allclose(out[:2], torch.tensor([math.cos(1), math.sin(1)]))
-    assert torch.allclose(out[2:], torch.tensor([math.cos(1e-2), math.sin(1e-2)]), atol=1e-6)
+    ok = torch.allclose(out, torch.tensor([math.cos(1), math.sin(1), math.cos(1e-2), math.sin(1e-2)]),
+                        atol=1e-6)
+    if not ok and torch.allclose(out, torch.tensor([math.cos(1), -math.sin(1), math.cos(1e-2),
+                                                    -math.sin(1e-2)]), atol=1e-6):
+        pytest.fail("RoPE rotates by minus the angle: (1, 0) at position 1 must become (cos 1, +sin 1)",
+                    pytrace=False)
+    assert ok, ("RoPE rotates the wrong feature pairs: features (0, 1) are one pair and (2, 3) the next "
+                f"(adjacent, Meta-Llama's convention); (1, 0, 1, 0) at position 1 must become (cos 1, sin 1, "
+                f"cos 0.01, sin 0.01), got {[round(v, 4) for v in out.tolist()]}")
 
 
-def rope_by_complex(x, theta=1e4):
+def rope_by_complex(x, theta=1e4, sign=1):
     """RoPE written independently: features (2i, 2i+1) are the complex number x_2i + i x_2i+1, multiplied by
-    e^(i t theta^(-2i/hd)) at position t. x: (..., T, hd) -> same shape."""
+    e^(i t theta^(-2i/hd)) at position t (sign=-1: the opposite rotation, a mistake). x: (..., T, hd) -> same
+    shape."""
     T, hd = x.shape[-2:]
     pair = torch.arange(0, hd, 2, dtype=torch.float64)  # 2i
-    angles = torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-pair / hd)  # (T, hd/2)
+    angles = sign * torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-pair / hd)  # (T, hd/2)
     z = torch.view_as_complex(x.double().reshape(*x.shape[:-1], hd // 2, 2).contiguous())
     return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
 
@@ -103,10 +121,20 @@ def test_rope_equals_complex_multiplication():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 11, 8)
     got = mg.apply_rope(x, *mg.rope_tables(8, 11, 1e4))
-    torch.testing.assert_close(got.double(), rope_by_complex(x), atol=1e-5, rtol=1e-5)
+    # the usual mistakes, written out: HF's rotate-half pairing (x_i, x_i+d/2), and the opposite rotation
+    half_pairs = rope_by_complex(torch.stack(x.chunk(2, -1), -1).flatten(-2))
+    half_pairs = torch.cat([half_pairs[..., 0::2], half_pairs[..., 1::2]], -1)
+    check_close(got, rope_by_complex(x), "RoPE must multiply each adjacent pair (x_2i, x_2i+1), as the complex "
+                "number x_2i + i x_2i+1, by e^(i t theta^(-2i/d)) at position t",
+                [("RoPE rotates the wrong feature pairs: it pairs x_i with x_i+d/2 (HF's rotate_half), this "
+                  "project pairs adjacent features", half_pairs),
+                 ("RoPE rotates by minus the angle", rope_by_complex(x, sign=-1)),
+                 ("RoPE does nothing: x comes back unchanged", x)])
     half = mg.apply_rope(x.bfloat16(), *mg.rope_tables(8, 11, 1e4))  # under autocast q and k arrive in bf16
-    assert half.dtype == torch.bfloat16
-    torch.testing.assert_close(half.double(), rope_by_complex(x.bfloat16()), atol=2e-2, rtol=2e-2)
+    assert half.dtype == torch.bfloat16, \
+        f"apply_rope must return x's dtype (bf16 in, bf16 out; computed in fp32 inside), got {half.dtype}"
+    check_close(half, rope_by_complex(x.bfloat16()), "RoPE on bf16 input is not the rotation (compute in "
+                "fp32, return bf16)", atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.rms_norm
@@ -116,10 +144,23 @@ def test_rms_norm_equals_the_formula():
     with torch.no_grad():
         norm.weight.copy_(torch.randn(16))  # a gain that is not all ones
     x = 0.4 * torch.randn(3, 5, 16)
-    want = x.double() / torch.sqrt((x.double() ** 2).mean(-1, keepdim=True) + 0.5) * norm.weight.double()
-    torch.testing.assert_close(norm(x).double(), want, atol=1e-6, rtol=1e-5)
-    assert norm(x.bfloat16()).dtype == torch.float32  # bf16 activations times the fp32 gain (autocast's rule)
-    torch.testing.assert_close(norm(x.bfloat16()).double(), want, atol=3e-2, rtol=3e-2)
+    xd, g = x.double(), norm.weight.double()
+    want = xd / torch.sqrt((xd ** 2).mean(-1, keepdim=True) + 0.5) * g
+    check_close(norm(x), want, "RMSNorm must be x / sqrt(mean(x^2 over the last dim) + eps) * weight", [
+        ("RMSNorm divides by the root of the sum of squares, not of their mean",
+         xd / torch.sqrt((xd ** 2).sum(-1, keepdim=True) + 0.5) * g),
+        ("RMSNorm adds eps outside the square root: sqrt(mean(x^2)) + eps",
+         xd / (torch.sqrt((xd ** 2).mean(-1, keepdim=True)) + 0.5) * g),
+        ("RMSNorm forgets the learned gain (self.weight)", want / g),
+        ("RMSNorm subtracts the mean (that is LayerNorm)",
+         (xd - xd.mean(-1, keepdim=True)) / torch.sqrt(xd.var(-1, unbiased=False, keepdim=True) + 0.5) * g),
+        ("RMSNorm takes the mean over the wrong dimension (it must be the last, the features)",
+         xd / torch.sqrt((xd ** 2).mean(0, keepdim=True) + 0.5) * g),
+    ], atol=1e-6, rtol=1e-5)
+    out = norm(x.bfloat16())
+    assert out.dtype == torch.float32, (f"RMSNorm of bf16 x must return fp32 (the normalised x in x's dtype "
+                                        f"times the fp32 gain promotes to fp32), got {out.dtype}")
+    check_close(out, want, "RMSNorm of bf16 x is not the formula (compute in fp32)", atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.attention
@@ -137,7 +178,21 @@ def test_attention_equals_explicit_softmax_with_repeated_kv_heads():
     scores = q @ k[:, group].transpose(-2, -1) / math.sqrt(hd)  # (B, H, T, T)
     scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1), float("-inf"))
     y = (scores.softmax(-1) @ v[:, group]).transpose(1, 2).reshape(B, T, 48) @ attn.o_proj.weight.T
-    torch.testing.assert_close(attn(x, *mg.rope_tables(hd, T, 1e4)), y, atol=1e-5, rtol=1e-4)
+
+    def variant(scores=scores, group=group):  # the same computation with one thing changed
+        return (scores.softmax(-1) @ v[:, group]).transpose(1, 2).reshape(B, T, 48) @ attn.o_proj.weight.T
+
+    unmasked = q @ k[:, group].transpose(-2, -1) / math.sqrt(hd)
+    tiled = torch.arange(H) % 4
+    tiled_scores = (q @ k[:, tiled].transpose(-2, -1) / math.sqrt(hd)).masked_fill(
+        torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1), float("-inf"))
+    check_close(attn(x, *mg.rope_tables(hd, T, 1e4)), y, "attention must be softmax(q k^T / sqrt(hd)) v per "
+                "head, causal, query head h reading kv head h // 3, then o_proj", [
+                    ("attention is not causal: position t also attends to later positions", variant(unmasked)),
+                    ("kv heads are tiled, not grouped: query head h reads kv head h % 4 instead of h // 3",
+                     variant(tiled_scores, tiled)),
+                    ("the scores are not scaled by 1/sqrt(head_dim)", variant(scores * math.sqrt(hd))),
+                ], atol=1e-5, rtol=1e-4)
 
 
 def test_rope_buffers_are_per_model_and_not_saved():

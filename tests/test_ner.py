@@ -57,8 +57,18 @@ def test_label_alignment_on_multi_token_words():
 @pytest.mark.entity_f1
 def test_entity_f1_hand_worked(gold, pred, p, r):
     res = fn.entity_f1(gold, pred)
-    assert res["precision"] == pytest.approx(p) and res["recall"] == pytest.approx(r)
-    assert res["f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
+    got = (res["precision"], res["recall"])
+    if (p, r) != (r, p) and got == pytest.approx((r, p)):
+        pytest.fail("precision and recall are swapped: precision = hits / predicted entities, recall = hits / "
+                    f"gold entities (gold {gold}, predicted {pred})", pytrace=False)
+    if len(gold) > 1 and [["O"] * len(s) for s in gold[:-1]] == gold[:-1] and got != pytest.approx((p, r)):
+        pytest.fail("entities in different sentences are matched with each other: an entity is (sentence, "
+                    f"type, start, end) (gold {gold}, predicted {pred})", pytrace=False)
+    assert got == pytest.approx((p, r)), \
+        f"exact-span entities (type, start, end), seqeval's IOB2 rules: gold {gold}, predicted {pred} must give " \
+        f"precision {p}, recall {r}; got {got}"
+    assert res["f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0), \
+        "f1 must be the harmonic mean 2 P R / (P + R) (0 when both are 0)"
 
 
 @pytest.mark.entity_f1
@@ -66,9 +76,16 @@ def test_entity_f1_per_type_and_micro():
     gold = [["B-PER", "I-PER", "O", "B-LOC", "O", "B-ORG"]]
     pred = [["B-PER", "I-PER", "O", "B-ORG", "O", "B-ORG"]]
     res = fn.entity_f1(gold, pred)
-    assert res["precision"] == pytest.approx(2 / 3) and res["recall"] == pytest.approx(2 / 3)
-    assert res["per_type"]["PER"]["f1"] == 1.0 and res["per_type"]["LOC"]["f1"] == 0.0
-    assert res["per_type"]["ORG"] == dict(precision=0.5, recall=1.0, f1=pytest.approx(2 / 3), support=1)
+    assert res["precision"] == pytest.approx(2 / 3) and res["recall"] == pytest.approx(2 / 3), \
+        "micro precision and recall pool the entities of every type: 2 hits of 3 predicted, of 3 gold"
+    assert res["per_type"]["PER"]["f1"] == 1.0 and res["per_type"]["LOC"]["f1"] == 0.0, \
+        "per_type[TYPE] scores the entities of that type only"
+    org = res["per_type"]["ORG"]
+    if org.get("precision") == 1.0 and org.get("recall") == 0.5:
+        pytest.fail("precision and recall are swapped in per_type: ORG has 1 hit of 2 predicted, of 1 gold",
+                    pytrace=False)
+    assert org == dict(precision=0.5, recall=1.0, f1=pytest.approx(2 / 3), support=1), \
+        f"per_type['ORG'] must be precision 1/2, recall 1/1, f1 2/3, support 1 (gold entities); got {org}"
 
 
 @pytest.mark.entity_f1
@@ -85,12 +102,15 @@ def test_entity_f1_equals_seqeval_on_random_tags(seed):
     ours = fn.entity_f1(gold, pred)
     for k, f in (("precision", metrics.precision_score), ("recall", metrics.recall_score),
                  ("f1", metrics.f1_score)):
-        assert ours[k] == pytest.approx(f(gold, pred), abs=1e-12)
+        assert ours[k] == pytest.approx(f(gold, pred), abs=1e-12), \
+            f"micro {k} differs from seqeval's on 200 random sentences (seed {seed}): {ours[k]:.4f} vs " \
+            f"{f(gold, pred):.4f}"
     report = metrics.classification_report(gold, pred, output_dict=True, zero_division=0)
     for typ, row in ours["per_type"].items():
         ref = report[typ]
         assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx(
-            (ref["precision"], ref["recall"], ref["f1-score"], ref["support"]), abs=1e-12)
+            (ref["precision"], ref["recall"], ref["f1-score"], ref["support"]), abs=1e-12), \
+            f"per-type {typ} (precision, recall, f1, support) differs from seqeval's (seed {seed})"
     assert set(ours["per_type"]) == {"PER", "LOC", "ORG"}
 
 
