@@ -371,7 +371,7 @@ def strip_teacher_sections(readme):
     return "".join(out)
 
 
-def student_lab(lessons):
+def student_lab(root, lessons):
     """LAB.md of a hand-out: what to write, where, the contract, one hint, how to grade."""
     names = [les.name for les in lessons]
     text = ["# Lab: write these functions back\n\n",
@@ -387,9 +387,11 @@ def student_lab(lessons):
             "While a function is blank, other tests that need it are skipped with a note, not failed. "
             "This folder is a git repository with one commit: `git diff` shows what you wrote. To hand in, "
             "give your teacher the folder (or just the files you changed).\n\n",
-            "| lesson (`-m`) | function | what it computes | builds on |\n|---|---|---|---|\n"]
+            "| lesson (`-m`) | function | what it computes | builds on | quickest grading |\n"
+            "|---|---|---|---|---|\n"]
     text += [f"| `{les.name}` | `{les.file}:{les.qualname}` | {les.summary} | "
-             f"{', '.join(les.needs) or '-'} |\n" for les in lessons]
+             f"{', '.join(les.needs) or '-'} | `python -m pytest -q -m {les.name} "
+             f"{' '.join(marker_files(root, les.name))}` |\n" for les in lessons]
     text.append("\n## Hints (one per lesson)\n\n")
     text += [f"- **{les.name}**: {les.hint}.\n" for les in lessons]
     return "".join(text)
@@ -423,7 +425,7 @@ def handout(root, names, out):
         finally:
             sys.stdout = stdout
     shutil.rmtree(os.path.join(out, SAVED))  # the originals blank() saved: the answers
-    write(os.path.join(out, "LAB.md"), student_lab(lessons))
+    write(os.path.join(out, "LAB.md"), student_lab(out, lessons))
     git = shutil.which("git")
     if git:  # a fresh repository: its only objects are this blank copy
         env = dict(os.environ, GIT_AUTHOR_NAME="lab", GIT_AUTHOR_EMAIL="lab@example.org",

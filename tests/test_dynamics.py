@@ -17,8 +17,12 @@ from test_model import rope_by_complex
 @pytest.mark.effective_rank
 def test_effective_rank_known_matrices():
     er = mg.effective_rank
-    assert er(torch.eye(16)) == pytest.approx(16.0), \
-        f"ER of the 16 x 16 identity (16 equal singular values) must be 16, got {er(torch.eye(16))}"
+    got = er(torch.eye(16))
+    assert got != pytest.approx(1.0), \
+        "ER of the 16 x 16 identity came out 1: p = sigma / sum(sigma) must sum to 1 (divide by the sum of the " \
+        "singular values, not their mean or max)"
+    assert got == pytest.approx(16.0), \
+        f"ER of the 16 x 16 identity must be 16 (p = sigma / sum(sigma) = 1/16 each), got {got}"
     assert mg.proportional_effective_rank(torch.eye(16)) == pytest.approx(1.0), "PER of the identity must be 1"
     torch.manual_seed(0)
     u, v = torch.randn(12, 1), torch.randn(1, 7)
@@ -73,7 +77,7 @@ def test_attention_entropy_of_uniform_attention_is_mean_log_t():
                 f"log(t+1) at query position t, {expected:.4f} nats on average over positions", [
                     ("the entropy averages over keys instead of summing -p log p over them: it must be a sum "
                      "over keys, then a mean over batch and query positions",
-                     torch.full((2, 12), float(np.mean([math.log(t) / t for t in range(1, T + 1)])))),
+                     torch.full((2, 12), expected / T)),
                     ("attention is not causal: every query sees all T keys",
                      torch.full((2, 12), math.log(T)))], atol=1e-5, rtol=0)
 
