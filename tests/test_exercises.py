@@ -54,13 +54,21 @@ PLANTS = {
         "gradient ascent: w + lr * grad": [("(w - lr * g)", "(w + lr * g)")],
         "phi_T returned without its path to phi_0 (no meta-gradient)": [
             ("return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}", "return fast")],
+        "second order: create_graph=True and no detach, the graph runs through every step": [
+            ("fast = {k: p.detach().clone().requires_grad_() for k, p in phi0.items()}", "fast = dict(phi0)"),
+            ("torch.autograd.grad(loss, list(fast.values()))",
+             "torch.autograd.grad(loss, list(fast.values()), create_graph=True)"),
+            ("(w - lr * g).detach().requires_grad_()", "(w - lr * g)"),
+            ("return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}", "return fast")],
     },
     "meta_micro_step": {
         "support features computed with a graph": [("with torch.no_grad(), amp:", "with amp:")],
         "micro-step scale ignored": [("(loss * scale).backward()", "loss.backward()")],
     },
     "effective_rank": {
-        "entropy of sigma^2 / sum sigma^2 (energy)": [
+        "second order: create_graph=True and no detach, the graph runs through every step":
+        "the inner loop is second order",
+    "entropy of sigma^2 / sum sigma^2 (energy)": [
             ("svdvals(W.detach().float())", "svdvals(W.detach().float()) ** 2")],
         "mean instead of sum in the normaliser": [("total = s.sum()", "total = s.mean()")],
     },
@@ -97,6 +105,8 @@ NAMES_THE_IDEA = {
     "[MASK] one token before the window's end": "window's last token",
     "support and query drawn separately (a query can repeat a support occurrence)":
         "a query window repeats a support occurrence",
+    "second order: create_graph=True and no detach, the graph runs through every step":
+        "the inner loop is second order",
     "entropy of sigma^2 / sum sigma^2 (energy)": "squares of the singular values",
     "mean instead of sum in the normaliser": "sum",
     "mean over keys instead of sum": "sum over keys",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import maml_gpt as mg
-from conftest import SMALL
+from conftest import SMALL, check_close
 
 
 @pytest.fixture
@@ -235,6 +235,49 @@ def test_inner_loop_is_plain_sgd_and_keeps_head():
     assert all(p.grad is None for p in head.parameters())  # no .backward() inside the inner loop
 
 
+def second_order_by_hand(head, phi0, sf, sy, qf, qy, steps, lr):
+    """d L_query(phi_T) / d phi_0 with the graph through every step kept (full MAML, Hessians included)."""
+    w = {k: v.detach().clone().requires_grad_() for k, v in phi0.items()}
+    start, fast = w, dict(w)
+    for _ in range(steps):
+        g = torch.autograd.grad(F.cross_entropy(mg.head_logits(head, fast, sf), sy), list(fast.values()),
+                                create_graph=True)
+        fast = {k: v - lr * gi for (k, v), gi in zip(fast.items(), g)}
+    loss = F.cross_entropy(mg.head_logits(head, fast, qf), qy)
+    return dict(zip(start, torch.autograd.grad(loss, list(start.values()))))
+
+
+@pytest.mark.inner_loop
+def test_inner_loop_is_first_order():
+    """FOMAML: the meta-gradient is the query gradient AT the adapted weights, passed straight to phi_0. A
+    second-order loop (create_graph=True, no detach between steps) adds the support Hessian terms, and does
+    not even change the adapted values, so only the gradient can tell."""
+    torch.manual_seed(3)
+    head = mg.make_head(12, 3, hidden=16, dropout=0.0, init="learned")
+    sf, sy = torch.randn(9, 12), torch.arange(3).repeat(3)
+    qf, qy = torch.randn(6, 12), torch.arange(3).repeat(2)
+    phi0 = mg.episode_init(head, sf, sy, None, "learned")  # phi_0 is the head's own parameters
+    adapted = mg.inner_loop(head, phi0, sf, sy, steps=4, lr=0.5)
+    F.cross_entropy(mg.head_logits(head, adapted, qf), qy).backward()
+    w = sgd_by_hand(head, {k: v.detach() for k, v in phi0.items()}, sf, sy, 4, 0.5)
+    w = {k: v.requires_grad_() for k, v in w.items()}
+    first = dict(zip(w, torch.autograd.grad(F.cross_entropy(mg.head_logits(head, w, qf), qy),
+                                            list(w.values()))))
+    second = second_order_by_hand(head, phi0, sf, sy, qf, qy, 4, 0.5)
+    params = dict(head.named_parameters())
+    assert all(p.grad is not None for p in params.values()), \
+        "the adapted weights carry no gradient path to phi_0: the query loss cannot train the head's init"
+    got = torch.cat([params[k].grad.flatten() for k in w])
+    want, hessian = (torch.cat([d[k].flatten() for k in w]) for d in (first, second))
+    assert (want - hessian).abs().max() > 1e-3  # the episode is one where the two orders differ
+    if torch.allclose(got, hessian, atol=1e-5, rtol=1e-4):
+        pytest.fail("the inner loop is second order: head.grad depends on the support Hessian (the steps are "
+                    "linked by a graph: create_graph=True or no detach between steps); first-order MAML hands "
+                    "the query gradient at phi_T straight to phi_0", pytrace=False)
+    check_close(got, want, "head.grad must be the first-order meta-gradient: d L_query / d phi_T at the "
+                "adapted weights, passed unchanged to phi_0", atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.inner_loop
 @pytest.mark.episode_init
 @pytest.mark.parametrize("init", ["learned", "proto"])
@@ -334,3 +377,4 @@ def test_unused_parameters_are_untouched_on_the_other_branch(small_args):
     assert same(states[0], states[1], "head") and not same(states[0], states[1], "model")  # step 0: AR
     assert same(states[1], states[2], "model", "de_embedding_proj") and not same(states[1], states[2], "head")
     assert same(states[2], states[3], "head") and not same(states[2], states[3], "model")  # step 2: AR
+
