@@ -66,9 +66,7 @@ PLANTS = {
         "micro-step scale ignored": [("(loss * scale).backward()", "loss.backward()")],
     },
     "effective_rank": {
-        "second order: create_graph=True and no detach, the graph runs through every step":
-        "the inner loop is second order",
-    "entropy of sigma^2 / sum sigma^2 (energy)": [
+        "entropy of sigma^2 / sum sigma^2 (energy)": [
             ("svdvals(W.detach().float())", "svdvals(W.detach().float()) ** 2")],
         "mean instead of sum in the normaliser": [("total = s.sum()", "total = s.mean()")],
     },
