@@ -17,9 +17,9 @@ failures.
 repository whose only commit is that copy: no saved original, no history, not the kit's own test (its planted
 bugs quote the originals) and not the teacher's sections of the README. `grade` takes a folder of submissions
 (one sub-folder per student: a whole copy, or just the student's maml_gpt.py) and grades every lesson in
-isolation: the student's file with every *other* lesson function put back to the reference, the teacher's tests,
-one subprocess per student and lesson with a time limit, so an infinite loop or a file that does not import costs
-only its own cell.
+isolation: the student's file with every *other* lesson function put back to the reference, the teacher's
+tests, one subprocess per student and lesson with a time limit, so an infinite loop or a file that does not
+import costs only its own cell.
 Plain text and `ast`: no import of the code under exercise, so it works even when that code is broken.
 """
 import argparse
@@ -48,7 +48,7 @@ class Lesson:
     qualname: str  # a function, or Class.method
     summary: str
     hint: str = ""  # one hint for the hand-out (LAB.md): the idea, not the code
-    needs: tuple = ()  # lessons whose ideas this one builds on (the lab's order); grading never depends on them
+    needs: tuple = ()  # lessons whose ideas this one builds on (the lab's order); never needed to grade it
 
 
 # In the paper's order. Every marker's tests compare the function with an independent computation (the
@@ -61,29 +61,30 @@ LESSONS = [
     Lesson("apply_rope", "maml_gpt.py", "apply_rope", "rotate adjacent feature pairs by t * theta^(-2i/d) "
            "(vs complex multiplication)",
            hint="pair feature 2i with 2i+1 (not i with i + d/2); pair i at position t turns by the angle "
-                "whose cos and sin are cos[t, i], sin[t, i], counter-clockwise, like multiplying x_2i + i x_2i+1 "
-                "by e^(i angle)"),
+                "whose cos and sin are cos[t, i], sin[t, i], counter-clockwise, like multiplying "
+                "x_2i + i x_2i+1 by e^(i angle)"),
     Lesson("attention", "maml_gpt.py", "Attention.forward",
            "causal attention, 12 query heads sharing 4 kv heads "
            "(vs explicit softmax with repeated kv heads)",
-           hint="self.qkv gives q (B, 12, T, hd) and k, v (B, 4, T, hd); query heads 0-2 share kv head 0, 3-5 "
-                "kv head 1 (h // 3, not h % 4); position t sees positions 0..t; scale by 1/sqrt(hd)",
+           hint="self.qkv gives q (B, 12, T, hd) and k, v (B, 4, T, hd); query heads 0-2 share kv head 0, "
+                "3-5 kv head 1 (h // 3, not h % 4); position t sees positions 0..t; scale by 1/sqrt(hd)",
            needs=("apply_rope",)),
     Lesson("sample_episode", "maml_gpt.py", "sample_episode",
            "an SMLMT episode: N words, K support + Q query masked contexts (vs its invariants)",
-           hint="everything random comes from np.random.default_rng(key); draw a word's K+Q occurrences in one "
-                "draw without replacement, then split them (drawing support and query separately lets a query "
-                "repeat a support example); classes[label] is the word, so invert the label permutation"),
+           hint="everything random comes from np.random.default_rng(key); draw a word's K+Q occurrences in "
+                "one draw without replacement, then split them (drawing support and query separately lets a "
+                "query repeat a support example); classes[label] is the word, so invert the label "
+                "permutation"),
     Lesson("episode_init", "maml_gpt.py", "episode_init",
            "Proto-MAML head init: W = 2 mu, b = -||mu||^2 from support class means (vs the formula)",
            hint="mu_c is the mean over class c's support rows of the body's output (the layer-3 activations, "
-                "not the raw features); with W = 2 mu and b = -||mu||^2 the logits are -||z - mu_c||^2 plus a "
-                "per-row constant. Keep the graph: the meta-gradient reaches the body through mu"),
+                "not the raw features); with W = 2 mu and b = -||mu||^2 the logits are -||z - mu_c||^2 plus "
+                "a per-row constant. Keep the graph: the meta-gradient reaches the body through mu"),
     Lesson("inner_loop", "maml_gpt.py", "inner_loop",
            "first-order inner loop: SGD of the head on the support set (vs hand-written SGD)",
-           hint="take steps on fresh copies with torch.autograd.grad (never .backward()); nothing may link one "
-                "step to the next (first order); the result has the adapted values but hands its gradient "
-                "straight to phi0",
+           hint="take steps on fresh copies with torch.autograd.grad (never .backward()); nothing may link "
+                "one step to the next (first order); the result has the adapted values but hands its "
+                "gradient straight to phi0",
            needs=("episode_init",)),
     Lesson("meta_micro_step", "maml_gpt.py", "meta_micro_step",
            "one episode's gradient routing: query only, into backbone and head init "
@@ -322,7 +323,8 @@ def project_files(root):
     files = []
     for d, dirs, names in os.walk(root):
         dirs[:] = sorted(x for x in dirs if x not in SKIP_DIRS)
-        files += [os.path.relpath(os.path.join(d, n), root) for n in names if not n.endswith((".pyc", ".tmp"))]
+        files += [os.path.relpath(os.path.join(d, n), root) for n in names
+                  if not n.endswith((".pyc", ".tmp"))]
     return sorted(files)
 
 

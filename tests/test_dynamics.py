@@ -19,18 +19,20 @@ def test_effective_rank_known_matrices():
     er = mg.effective_rank
     got = er(torch.eye(16))
     assert got != pytest.approx(1.0), \
-        "ER of the 16 x 16 identity came out 1: p = sigma / sum(sigma) must sum to 1 (divide by the sum of the " \
-        "singular values, not their mean or max)"
+        "ER of the 16 x 16 identity came out 1: p = sigma / sum(sigma) must sum to 1 (divide by the sum " \
+        "of the singular values, not their mean or max)"
     assert got == pytest.approx(16.0), \
         f"ER of the 16 x 16 identity must be 16 (p = sigma / sum(sigma) = 1/16 each), got {got}"
-    assert mg.proportional_effective_rank(torch.eye(16)) == pytest.approx(1.0), "PER of the identity must be 1"
+    assert mg.proportional_effective_rank(torch.eye(16)) == pytest.approx(1.0), \
+        "PER of the identity must be 1"
     torch.manual_seed(0)
     u, v = torch.randn(12, 1), torch.randn(1, 7)
     assert er(u @ v) == pytest.approx(1.0, abs=1e-4), f"ER of a rank-one matrix must be 1, got {er(u @ v)}"
     assert mg.proportional_effective_rank(u @ v) == pytest.approx(1 / 7, abs=1e-4)
     W = torch.randn(20, 10)
     assert er(3.7 * W) == pytest.approx(er(W), rel=1e-5), \
-        "ER must not change when W is scaled (p = sigma / sum sigma): normalise by the sum of the singular values"
+        "ER must not change when W is scaled (p = sigma / sum sigma): normalise by the sum of the singular " \
+        "values"
     D = torch.diag(torch.tensor([2.0, 2.0, 0.0, 0.0]))  # zero singular values contribute 0, no NaN
     assert er(D) == pytest.approx(2.0), \
         f"ER of diag(2, 2, 0, 0) must be 2 (zero singular values add nothing: 0 log 0 = 0), got {er(D)}"
@@ -41,7 +43,8 @@ def test_effective_rank_known_matrices():
     got = er(torch.diag(s))
     energy = math.exp(-(0.9 * math.log(0.9) + 0.1 * math.log(0.1)))  # p = sigma^2 / sum sigma^2
     assert got != pytest.approx(energy), \
-        "ER uses the squares of the singular values (sigma^2 / sum sigma^2, the energy); p = sigma / sum sigma"
+        "ER uses the squares of the singular values (sigma^2 / sum sigma^2, the energy); " \
+        "p = sigma / sum sigma"
     assert got == pytest.approx(want), \
         f"ER of diag(3, 1) must be exp(H(0.75, 0.25)) = {want:.4f} (p = sigma / sum sigma), got {got:.4f}"
 
@@ -127,15 +130,16 @@ def test_attention_entropy_matches_sdpa_attention():
         p = (s.masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), -1e9) if causal else s).softmax(-1)
         return attn.o_proj((p @ v).transpose(1, 2).flatten(-2))
 
-    check_close(attn(x, cos, sin), explicit(), "attention must equal the explicit causal softmax over kv head "
-                "h // 3 for query head h", [
+    check_close(attn(x, cos, sin), explicit(), "attention must equal the explicit causal softmax over kv "
+                "head h // 3 for query head h", [
                     ("attention is not causal: position t also attends to later positions",
                      explicit(causal=False)),
                     ("kv heads are tiled, not grouped: query head h reads kv head h % 4 instead of h // 3",
                      explicit(torch.arange(12) % 4))], atol=1e-5, rtol=1e-4)
     ent = mg.attention_entropy(m, torch.randint(0, 50000, (1, 9)))
     assert (ent >= 0).all() and (ent <= math.log(9)).all(), \
-        f"an entropy over at most 9 keys lies in [0, log 9]; got {ent.min().item():.3f} to {ent.max().item():.3f}"
+        f"an entropy over at most 9 keys lies in [0, log 9]; got {ent.min().item():.3f} to " \
+        f"{ent.max().item():.3f}"
 
 
 def test_probe_batch_is_identical_across_seeds_and_runs(small_args, tmp_path, monkeypatch):

@@ -235,7 +235,8 @@ def unique_body_lines(root, lesson, files):
     source = kit.reference_source(root, lesson.file)
     lines = source.splitlines(keepends=True)
     node = kit.find(ast.parse(source), lesson.qualname)
-    body = {ln.strip() for ln in lines[kit.body_start(lines, node) - 1:node.end_lineno] if len(ln.strip()) > 8}
+    body = {ln.strip() for ln in lines[kit.body_start(lines, node) - 1:node.end_lineno]
+            if len(ln.strip()) > 8}
     rest = "".join(lines[:node.lineno - 1] + lines[node.end_lineno:])
     rest += "".join(open(os.path.join(root, f), errors="replace").read() for f in files if f != lesson.file)
     return [ln for ln in body if ln not in rest]
@@ -253,7 +254,9 @@ def test_handout_holds_no_answer_anywhere(original, tmp_path, capsys):
     for d, _, names in os.walk(out):
         for n in names:
             handed[os.path.relpath(os.path.join(d, n), out)] = open(os.path.join(d, n), "rb").read()
-    git = lambda *a: subprocess.run(["git", *a], cwd=out, check=True, capture_output=True).stdout  # noqa: E731
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=out, check=True, capture_output=True).stdout
+
     handed["<every git object>"] = git("cat-file", "--batch-all-objects", "--batch")
     assert git("rev-list", "--all").count(b"\n") == 1  # one commit, no history
     assert not os.path.exists(os.path.join(out, kit.SAVED)) and "tests/test_exercises.py" not in handed
@@ -309,7 +312,8 @@ def test_grade_survives_an_infinite_loop(original, tmp_path, monkeypatch):
     """One student's grading that never ends costs that cell its time limit; the others are graded. (The
     commands are stand-ins: a loop, and one that reports a pass at once.)"""
     subs = str(tmp_path / "subs")
-    source = open(os.path.join(original, "maml_gpt.py")).read().replace("xf = x.float()", "xf = x.float()  # ")
+    source = open(os.path.join(original, "maml_gpt.py")).read()
+    source = source.replace("xf = x.float()", "xf = x.float()  # ")  # not the reference: it must run
     for name in ("loops", "next"):
         os.makedirs(os.path.join(subs, name))
         open(os.path.join(subs, name, "maml_gpt.py"), "w").write(source)

@@ -34,8 +34,8 @@ def test_loss_and_both_gradients_equal_full_logits(chunk):
     kept = t != -100
     lse, z_t = z.logsumexp(-1), z.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
     no_log = (z.exp().sum(-1) / z.amax(-1).exp() - (z_t - z.amax(-1)))[kept].mean()  # exp-sum, no log
-    check_close(loss, ref_loss, f"the loss must be the mean over counted rows of log(sum_j exp z_j) - z_target "
-                f"(chunks of {chunk} rows)", [
+    check_close(loss, ref_loss, f"the loss must be the mean over counted rows of log(sum_j exp z_j) - "
+                f"z_target (chunks of {chunk} rows)", [
                     ("the loss forgets the log of the sum of exponentials (log-sum-exp - z_target)", no_log),
                     ("ignored rows (target -100) are counted in the loss", (lse - z_t).mean()),
                     ("the loss is a sum over rows, not their mean", (lse - z_t)[kept].sum())],

@@ -92,8 +92,8 @@ def test_episode_invariants(corpus, read):
         check_episode(ep, tokens, index, N, K, Q, ctx, read, key)
         first_labels.append(ep["support_y"][0])
     assert len(set(first_labels)) > 1, \
-        f"word 0 gets label {first_labels[0]} in all {len(KEYS)} episodes: the labels must be a fresh random " \
-        "permutation per episode, so that a label carries no word identity"
+        f"word 0 gets label {first_labels[0]} in all {len(KEYS)} episodes: the labels must be a fresh " \
+        "random permutation per episode, so that a label carries no word identity"
 
 
 @pytest.mark.sample_episode
@@ -131,8 +131,8 @@ def test_too_few_words_is_a_clear_error(corpus):
         mg.sample_episode(tokens, index, 10_000, 2, 2, 16, [0])
     except mg.UserError as e:
         assert "content words" in str(e), \
-            f"the UserError must say how many content words have K+Q occurrences ('... content words ...'), " \
-            f"got: {e}"
+            f"the UserError must say how many content words have K+Q occurrences ('... content words " \
+            f"...'), got: {e}"
     except Exception as e:  # noqa: BLE001
         pytest.fail(f"too few content words must raise maml_gpt.UserError, not {type(e).__name__}: {e}",
                     pytrace=False)
@@ -271,9 +271,9 @@ def test_inner_loop_is_first_order():
     want, hessian = (torch.cat([d[k].flatten() for k in w]) for d in (first, second))
     assert (want - hessian).abs().max() > 1e-3  # the episode is one where the two orders differ
     if torch.allclose(got, hessian, atol=1e-5, rtol=1e-4):
-        pytest.fail("the inner loop is second order: head.grad depends on the support Hessian (the steps are "
-                    "linked by a graph: create_graph=True or no detach between steps); first-order MAML hands "
-                    "the query gradient at phi_T straight to phi_0", pytrace=False)
+        pytest.fail("the inner loop is second order: head.grad depends on the support Hessian (the steps "
+                    "are linked by a graph: create_graph=True or no detach between steps); first-order MAML "
+                    "hands the query gradient at phi_T straight to phi_0", pytrace=False)
     check_close(got, want, "head.grad must be the first-order meta-gradient: d L_query / d phi_T at the "
                 "adapted weights, passed unchanged to phi_0", atol=1e-5, rtol=1e-4)
 

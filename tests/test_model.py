@@ -38,7 +38,7 @@ def test_causality():
     check_close(la[:, :12], lb[:, :12], "attention is not causal: changing the tokens at positions 12.. "
                 "changed the outputs at positions 0..11 (position t may attend to 0..t only)")
     assert not torch.allclose(la[:, 12:], lb[:, 12:]), \
-        "the outputs at positions 12.. do not depend on the tokens there (is the attention reading its input?)"
+        "the outputs at positions 12.. do not depend on the tokens there (does attention read its input?)"
 
 
 def test_sequence_length_one_and_max():
@@ -124,8 +124,8 @@ def test_rope_equals_complex_multiplication():
     # the usual mistakes, written out: HF's rotate-half pairing (x_i, x_i+d/2), and the opposite rotation
     half_pairs = rope_by_complex(torch.stack(x.chunk(2, -1), -1).flatten(-2))
     half_pairs = torch.cat([half_pairs[..., 0::2], half_pairs[..., 1::2]], -1)
-    check_close(got, rope_by_complex(x), "RoPE must multiply each adjacent pair (x_2i, x_2i+1), as the complex "
-                "number x_2i + i x_2i+1, by e^(i t theta^(-2i/d)) at position t",
+    check_close(got, rope_by_complex(x), "RoPE must multiply each adjacent pair (x_2i, x_2i+1), as the "
+                "complex number x_2i + i x_2i+1, by e^(i t theta^(-2i/d)) at position t",
                 [("RoPE rotates the wrong feature pairs: it pairs x_i with x_i+d/2 (HF's rotate_half), this "
                   "project pairs adjacent features", half_pairs),
                  ("RoPE rotates by minus the angle", rope_by_complex(x, sign=-1)),
@@ -188,7 +188,8 @@ def test_attention_equals_explicit_softmax_with_repeated_kv_heads():
         torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1), float("-inf"))
     check_close(attn(x, *mg.rope_tables(hd, T, 1e4)), y, "attention must be softmax(q k^T / sqrt(hd)) v per "
                 "head, causal, query head h reading kv head h // 3, then o_proj", [
-                    ("attention is not causal: position t also attends to later positions", variant(unmasked)),
+                    ("attention is not causal: position t also attends to later positions",
+                     variant(unmasked)),
                     ("kv heads are tiled, not grouped: query head h reads kv head h % 4 instead of h // 3",
                      variant(tiled_scores, tiled)),
                     ("the scores are not scaled by 1/sqrt(head_dim)", variant(scores * math.sqrt(hd))),

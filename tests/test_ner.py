@@ -59,8 +59,8 @@ def test_entity_f1_hand_worked(gold, pred, p, r):
     res = fn.entity_f1(gold, pred)
     got = (res["precision"], res["recall"])
     if (p, r) != (r, p) and got == pytest.approx((r, p)):
-        pytest.fail("precision and recall are swapped: precision = hits / predicted entities, recall = hits / "
-                    f"gold entities (gold {gold}, predicted {pred})", pytrace=False)
+        pytest.fail("precision and recall are swapped: precision = hits / predicted entities, recall = "
+                    f"hits / gold entities (gold {gold}, predicted {pred})", pytrace=False)
     blind = [{e for tags in seqs for e in fn.entities(tags)} for seqs in (gold, pred)]  # no sentence index
     blind = (len(blind[0] & blind[1]) / len(blind[1]) if blind[1] else 0.0,
              len(blind[0] & blind[1]) / len(blind[0]) if blind[0] else 0.0)
@@ -68,8 +68,8 @@ def test_entity_f1_hand_worked(gold, pred, p, r):
         pytest.fail("entities in different sentences are matched with each other: an entity is (sentence, "
                     f"type, start, end) (gold {gold}, predicted {pred})", pytrace=False)
     assert got == pytest.approx((p, r)), \
-        f"exact-span entities (type, start, end), seqeval's IOB2 rules: gold {gold}, predicted {pred} must give " \
-        f"precision {p}, recall {r}; got {got}"
+        f"exact-span entities (type, start, end), seqeval's IOB2 rules: gold {gold}, predicted {pred} must " \
+        f"give precision {p}, recall {r}; got {got}"
     assert res["f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0), \
         "f1 must be the harmonic mean 2 P R / (P + R) (0 when both are 0)"
 
