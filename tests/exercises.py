@@ -301,9 +301,9 @@ def show(root):
 # ------------------------------------------------------------------------------------------------------------
 # Hand-outs and grading a class
 
-# Never in a student's copy: the kit's own test (its planted bugs quote the original code), the teacher's lab
-# plan, and the saved originals.
-TEACHER_ONLY = ("tests/test_exercises.py", "LAB.md")
+# Never in a student's copy: the kit's own test (its planted bugs quote the original code), the answer key, the
+# teacher's lab plan, and the saved originals.
+TEACHER_ONLY = ("tests/test_exercises.py", "tests/answer_key.py", "LAB.md")
 SKIP_DIRS = {".git", SAVED, "__pycache__", ".pytest_cache", "out", "cache", ".venv", "venv"}
 TEACHER_SECTION = "## For teachers"  # README sections from here to the next "## " stay with the teacher
 
@@ -370,7 +370,7 @@ def strip_teacher_sections(readme):
                 out.append("## Lab\n\nYour exercises, and how they are graded, are in [LAB.md](LAB.md).\n\n")
         if not skipping:
             out.append(line)
-    return "".join(out)
+    return re.sub(r"\[For teachers\]\(#for-teachers[\w-]*\)", "[LAB.md](LAB.md)", "".join(out))
 
 
 def student_lab(root, lessons):
