@@ -610,36 +610,48 @@ def figure_meta(plt, runs, results):
 
 def figure_adaptation(plt, runs):
     """Learning to learn, for every run: how much the inner loop adds (post - pre) on the training episodes,
-    and the held-out few-shot eval, where a fresh fixed-seed head measures the backbone (vanilla runs log it
-    too)."""
+    the support loss it minimises (before and after), and the held-out few-shot eval, where a fresh
+    fixed-seed head measures the backbone (vanilla runs log it too)."""
     meta = [r for r in runs if not r["vanilla"]]
     has_fs = [r for r in runs if len(series(r, "eval_fewshot_acc")[0])]
     if not (meta or has_fs):
         return None
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (gain, loss, fs) = plt.subplots(1, 3, figsize=(16, 4))
     color = {run["name"]: f"C{i}" for i, run in enumerate(runs)}  # one colour per run, one style per series
     for run in meta:
         for part, style in (("support", ":"), ("query", "-")):
             x, pre = series(run, f"acc_{part}_pre")
             x2, post = series(run, f"acc_{part}_post")
             if len(x) and np.array_equal(x, x2):
-                ax[0].plot(x, smooth(post - pre, 3), style, color=color[run["name"]],
-                           label=f"{run['name']} {part}")
-    ax[0].axhline(0, color="grey", lw=0.8)
-    ax[0].set(title="adaptation gain: accuracy after - before the inner loop", xlabel="optimizer step",
-              ylabel="accuracy gain")
+                gain.plot(x, smooth(post - pre, 3), style, color=color[run["name"]],
+                          label=f"{run['name']} {part}")
+        # the inner loop's own objective: an inner loop that works puts post below pre
+        for key, style in (("loss_support_pre", ":"), ("loss_support_post", "-")):
+            x, y = series(run, key)
+            if len(x):
+                loss.plot(x, smooth(y, 3), style, color=color[run["name"]], label=f"{run['name']} {key}")
     for run in has_fs:
+        for key, style in (("eval_fewshot_loss_support_pre", ":"), ("eval_fewshot_loss_support_post", "-")):
+            x, y = series(run, key)
+            if len(x):
+                loss.plot(x, y, style, marker="o", ms=3, color=color[run["name"]],
+                          label=f"{run['name']} {key}")
         for key, style in zip(FEWSHOT_KEYS, (":", "-", "--", "-.")):
             x, y = series(run, key)
             if len(x):
-                ax[1].plot(x, y, style, marker=".", color=color[run["name"]], label=f"{run['name']} {key}")
+                fs.plot(x, y, style, marker=".", color=color[run["name"]], label=f"{run['name']} {key}")
+    gain.axhline(0, color="grey", lw=0.8)
+    gain.set(title="adaptation gain: accuracy after - before the inner loop", xlabel="optimizer step",
+             ylabel="accuracy gain")
+    loss.set(title="support loss before (:) / after (-) the inner loop", xlabel="optimizer step",
+             ylabel="N-way cross-entropy")
     n_way = (meta or runs)[0]["config"]["args"].get("n_way", 32)
-    ax[1].axhline(1 / n_way, color="grey", lw=0.8, label=f"chance 1/{n_way}")
+    fs.axhline(1 / n_way, color="grey", lw=0.8, label=f"chance 1/{n_way}")
     if not has_fs:
-        ax[1].text(0.5, 0.5, "no held-out few-shot eval logged\n(eval_fewshot_acc)", ha="center",
-                   va="center", transform=ax[1].transAxes)
-    ax[1].set(title="held-out few-shot eval (query accuracy)", xlabel="optimizer step", ylabel="accuracy")
-    for a in ax:
+        fs.text(0.5, 0.5, "no held-out few-shot eval logged\n(eval_fewshot_acc)", ha="center", va="center",
+                transform=fs.transAxes)
+    fs.set(title="held-out few-shot eval (query accuracy)", xlabel="optimizer step", ylabel="accuracy")
+    for a in (gain, loss, fs):
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
     return fig

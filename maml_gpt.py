@@ -490,7 +490,7 @@ def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.0, init="proto",
     return head
 
 
-def episode_init(head, support_feats, support_labels, classes, init):
+def episode_init(head, support_feats, support_labels, classes, init, tied=False):
     """phi_0, this episode's starting weights, as {name: tensor}: the body's parameters as they are, and a
     last layer (out.weight (N, h), out.bias (N,)) set by `init`. Gradients flow back through every entry:
     into the body directly, and for "proto" also through the prototypes (the support features carry no
@@ -501,7 +501,10 @@ def episode_init(head, support_feats, support_labels, classes, init):
         n_way = int(support_labels.max()) + 1  # labels are 0..N-1, each with K examples
         mu = torch.zeros(n_way, z.shape[1], device=z.device).index_add(0, support_labels, z)
         mu = mu / torch.bincount(support_labels, minlength=n_way)[:, None]  # (N, h): class means
-        phi["out.weight"], phi["out.bias"] = 2 * mu, -(mu * mu).sum(-1)
+        if tied:
+            phi["out.proto"] = mu
+        else:
+            phi["out.weight"], phi["out.bias"] = 2 * mu, -(mu * mu).sum(-1)
     elif init == "learned":
         phi["out.weight"], phi["out.bias"] = head["out"].weight, head["out"].bias
     else:  # vocab: the rows of this episode's class words, in label order (classes[c] = word id of label c)
@@ -510,13 +513,33 @@ def episode_init(head, support_feats, support_labels, classes, init):
 
 
 def head_logits(head, phi, feats):
-    """The head as a function of its weights: feats (n, d) -> logits (n, N)."""
+    """The head as a function of its weights: feats (n, d) -> logits (n, N); with prototypes P (N, h) the
+    logits are 2 z.P - ||P||^2 = -||z - P||^2 + ||z||^2 (nearest prototype: the ||z||^2 is the same for
+    every class)."""
     z = functional_call(head["body"], {k[5:]: v for k, v in phi.items() if k.startswith("body.")}, (feats,))
+    if "out.proto" in phi:
+        P = phi["out.proto"]
+        return F.linear(z, 2 * P, -(P * P).sum(-1))
     return F.linear(z, phi["out.weight"], phi["out.bias"])
 
 
+def inner_lrs(args):
+    """The inner loop's step sizes: one float for all four layers (the paper's plain SGD), or per layer
+    group {"body": lr of layers 1-3, "out": lr of the last layer} (--inner_loop layerwise)."""
+    return args.inner_lr if args.inner_loop == "sgd" else dict(body=args.inner_lr, out=args.inner_lr_out)
+
+
 def inner_loop(head, phi0, support_feats, support_labels, steps, lr):
-    """`steps` plain SGD steps of the head on the support set, in fp32, starting from phi0 ({name: tensor}).
+    """`steps` SGD steps of the head on the support set, in fp32, starting from phi0 ({name: tensor}). lr: a
+    float for every entry, or {"body": lr, "out": lr} per layer group (inner_lrs); an entry whose step is 0
+    (the body with {"body": 0}: ANIL) stays as it is.
+
+    Why per layer, and why prototypes (README, "What the toy demo shows"): at the untied proto init of a
+    trained demo head (W = 2 mu, b = -||mu||^2) the largest Hessian eigenvalue of the support loss is ~220 in
+    layers 1-3 and ~3 in the last layer, so plain SGD is unstable above lr ~0.009 in the body while the last
+    layer barely moves; and a step on W and b separately turns the nearest-prototype classifier into a
+    plainer linear one, which loses support accuracy while it lowers the loss. Steps on the prototypes
+    themselves (out.proto, lr ~10) keep it a nearest-prototype classifier and fit the support set.
 
     Returns phi_T as {name: tensor} for head_logits(). First order: each step's gradient comes from
     torch.autograd.grad, never .backward(), which would add the support gradients to the head's .grad (where
@@ -525,16 +548,19 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr):
     d loss / d phi_T straight into phi_0 (and from there into the head's parameters), which is exactly the
     FOMAML meta-gradient."""
     feats = support_feats.detach().float()  # (N*K, d): no gradient reaches the backbone from the support set
+    step = {k: (lr if not isinstance(lr, dict) else lr.get(k.split(".")[0], 0.0)) for k in phi0}
+    moving = [k for k in phi0 if step[k] != 0]
     # Fresh leaf copies: the head itself is never modified, so there is nothing to snapshot and restore (the
     # reference's state_dict dance).
-    fast = {k: p.detach().clone().requires_grad_() for k, p in phi0.items()}
+    fast = {k: p.detach().clone().requires_grad_(k in moving) for k, p in phi0.items()}
     # fp32 even under bf16 autocast: 10 SGD steps on a small MLP are cheap, and bf16 would round them away.
     with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
         for _ in range(steps):
             loss = F.cross_entropy(head_logits(head, fast, feats), support_labels)
-            grads = torch.autograd.grad(loss, list(fast.values()))
+            grads = torch.autograd.grad(loss, [fast[k] for k in moving])
             # phi_t = phi_{t-1} - lr * grad; detach() makes it first order (no graph through the steps)
-            fast = {k: (w - lr * g).detach().requires_grad_() for (k, w), g in zip(fast.items(), grads)}
+            for k, g in zip(moving, grads):
+                fast[k] = (fast[k] - step[k] * g).detach().requires_grad_()
     # Value phi_T, gradient path to phi_0 with Jacobian I: the straight-through form of FOMAML.
     return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}
 
@@ -561,8 +587,9 @@ def meta_micro_step(model, head, ep, args, scale, amp):
     # reference's 10 recomputations (one per inner step) would produce these same features 10 times.
     with torch.no_grad(), amp:
         hs = read_features(model, ep["support_x"], ep["support_at"], args.read)  # (N*K, d)
-    phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init)
-    adapted = inner_loop(head, phi0, hs, ep["support_y"], args.inner_steps, args.inner_lr)  # phi_T
+    tied = args.inner_loop == "layerwise"
+    phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init, tied)
+    adapted = inner_loop(head, phi0, hs, ep["support_y"], args.inner_steps, inner_lrs(args))  # phi_T
     # Query: a forward WITH a graph; its loss at the adapted head is the meta-objective.
     with amp:
         hq = read_features(model, ep["query_x"], ep["query_at"], args.read)  # (N*Q, d), with grad
@@ -570,17 +597,24 @@ def meta_micro_step(model, head, ep, args, scale, amp):
     # backbone.grad += d loss / d backbone (through hq); head.grad += d loss / d phi_T (through `adapted` and
     # phi0). Scaled by 1 / (grad_accum * world): gradients summed over micro-steps and ranks are then a mean.
     (loss * scale).backward()
-    with torch.no_grad():  # accuracies before and after adaptation, without dropout (prototypes included)
+    with torch.no_grad():  # support loss and accuracies before and after adaptation, without dropout
         head.eval()
-        hq = hq.detach()
-        phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init)
-        stats = dict(loss_query=loss.detach(),
-                     acc_support_pre=accuracy(head_logits(head, phi0, hs), ep["support_y"]),
-                     acc_support_post=accuracy(head_logits(head, adapted, hs), ep["support_y"]),
-                     acc_query_pre=accuracy(head_logits(head, phi0, hq), ep["query_y"]),
-                     acc_query_post=accuracy(head_logits(head, adapted, hq), ep["query_y"]))
+        phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init, tied)  # prototypes too
+        stats = dict(loss_query=loss.detach(), **adaptation_stats(head, phi0, adapted, hs, ep["support_y"],
+                                                                  hq.detach(), ep["query_y"]))
         head.train()
     return stats
+
+
+def adaptation_stats(head, phi0, adapted, hs, sy, hq, qy):
+    """Did the inner loop fit the support set, and did that help the query? Support loss and support / query
+    accuracy at phi_0 (_pre) and phi_T (_post)."""
+    out = {}
+    for tag, phi in (("pre", phi0), ("post", adapted)):
+        s = head_logits(head, phi, hs)
+        out.update({f"loss_support_{tag}": F.cross_entropy(s, sy), f"acc_support_{tag}": accuracy(s, sy),
+                    f"acc_query_{tag}": accuracy(head_logits(head, phi, hq), qy)})
+    return out
 
 
 def ar_micro_step(model, x, y, scale, amp):
@@ -702,8 +736,8 @@ FEWSHOT_KEY = 20250802  # episodes and the fresh head depend on this constant on
 
 
 def fewshot_eval(model, head_args, episodes, amp):
-    """{eval_fewshot_acc_pre, eval_fewshot_acc, eval_proto_acc_mask, eval_proto_acc_prev}: means over
-    `episodes`. The last two need no head: nearest class mean of the raw features (d) at the [MASK] and at the
+    """{eval_fewshot_acc_pre, eval_fewshot_acc, eval_fewshot_loss_support_pre / _post, eval_proto_acc_mask,
+    eval_proto_acc_prev}: means over `episodes`. The last two need no head: nearest class mean of the raw features (d) at the [MASK] and at the
     token before it (what a next-token model reads naturally). Runs on the raw model, without dropout."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(FEWSHOT_KEY)
@@ -711,8 +745,8 @@ def fewshot_eval(model, head_args, episodes, amp):
                          head_args.head_dropout, head_args.head_init, model.cfg.vocab_size)
     head = head.to(model.rope_cos.device).eval()
     model.eval()
-    sums = dict(eval_fewshot_acc_pre=0.0, eval_fewshot_acc=0.0,
-                eval_proto_acc_mask=0.0, eval_proto_acc_prev=0.0)
+    sums = dict(eval_fewshot_acc_pre=0.0, eval_fewshot_acc=0.0, eval_fewshot_loss_support_pre=0.0,
+                eval_fewshot_loss_support_post=0.0, eval_proto_acc_mask=0.0, eval_proto_acc_prev=0.0)
     for ep in episodes:
         with torch.no_grad(), amp:
             hs, hq = (model(ep[f"{s}_x"], return_hidden=True).float() for s in ("support", "query"))
@@ -724,11 +758,15 @@ def fewshot_eval(model, head_args, episodes, amp):
         fs = read_at(hs, ep["support_at"], head_args.read)
         fq = read_at(hq, ep["query_at"], head_args.read)
         phi0 = {k: v.detach() for k, v in episode_init(head, fs, ep["support_y"], ep["classes"],
-                                                       head_args.head_init).items()}
-        adapted = inner_loop(head, phi0, fs, ep["support_y"], head_args.inner_steps, head_args.inner_lr)
+                                                       head_args.head_init,
+                                                       tied=head_args.inner_loop == "layerwise").items()}
+        adapted = inner_loop(head, phi0, fs, ep["support_y"], head_args.inner_steps, inner_lrs(head_args))
         with torch.no_grad():
-            sums["eval_fewshot_acc_pre"] += accuracy(head_logits(head, phi0, fq), ep["query_y"]).item()
-            sums["eval_fewshot_acc"] += accuracy(head_logits(head, adapted, fq), ep["query_y"]).item()
+            st = adaptation_stats(head, phi0, adapted, fs, ep["support_y"], fq, ep["query_y"])
+        for k, name in (("acc_query_pre", "eval_fewshot_acc_pre"), ("acc_query_post", "eval_fewshot_acc"),
+                        ("loss_support_pre", "eval_fewshot_loss_support_pre"),
+                        ("loss_support_post", "eval_fewshot_loss_support_post")):
+            sums[name] += st[k].item()
     model.train()
     return {k: v / len(episodes) for k, v in sums.items()}
 
@@ -916,7 +954,16 @@ def build_parser():
     a("--k_shot", type=int, default=4, help="K: support examples per class")
     a("--q_query", type=int, default=4, help="query examples per class (distinct from the support ones)")
     a("--inner_steps", type=int, default=10, help="SGD steps of the head on the support set")
-    a("--inner_lr", type=float, default=0.01, help="inner SGD lr (released runs: 0.01; paper text: 0.001)")
+    a("--inner_loop", default="layerwise", choices=["layerwise", "sgd"],
+      help="layerwise: the last layer steps by --inner_lr_out, layers 1-3 by --inner_lr, and a proto head's "
+           "last layer is its prototypes (steps move them; README); sgd: the paper's plain SGD, one "
+           "--inner_lr for all four layers (with proto: on W = 2 mu, b = -||mu||^2)")
+    a("--inner_lr", type=float, default=0.001,
+      help="inner SGD step of the head's layers 1-3 (--inner_loop sgd: of all four layers; released runs: "
+           "0.01, paper text: 0.001)")
+    a("--inner_lr_out", type=float, default=10.0,
+      help="--inner_loop layerwise: inner SGD step of the head's last layer (the prototypes; set for N = 32: "
+           "at near-uniform logits a step expands them by ~1 + 2 lr / N, so scale it with N; 30 diverges)")
     a("--head_hidden", type=int, default=128, help="hidden width of the MLP head")
     a("--head_layers", type=int, default=4, help="linear layers in the MLP head")
     a("--head_dropout", type=float, default=0.0, help="dropout in the MLP head (paper text: 0.1)")
@@ -1583,8 +1630,8 @@ class Meter:
 # over the vocabulary, or the N-way query cross-entropy), as the reference's `train/loss`. Never compare it
 # with loss_ar: the query part sits near log N (3.47 at chance for 32-way) or lower, below the AR loss for
 # most of a run, so mixing it in makes a hybrid run look ahead. analyze.py measures that artifact.
-LOG_KEYS = ["loss_ar", "loss_query", "loss_mixed", "acc_support_pre", "acc_support_post", "acc_query_pre",
-            "acc_query_post", "head_grad_norm"]
+LOG_KEYS = ["loss_ar", "loss_query", "loss_mixed", "loss_support_pre", "loss_support_post", "acc_support_pre",
+            "acc_support_post", "acc_query_pre", "acc_query_post", "head_grad_norm"]
 
 
 def fixed_eval_batches(args, corpus_dir, device, is_local_zero):
@@ -1715,8 +1762,8 @@ class Logbook:
         if self.wandb_log:
             self.wandb_log(rec)
         self.last = rec
-        self.bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_ar", "loss_query", "acc_query_post")
-                              if k in rec})
+        self.bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_ar", "loss_query", "loss_support_pre",
+                                                            "loss_support_post", "acc_query_post") if k in rec})
 
 
 def open_logbook(run, args, start, counters):
@@ -1788,8 +1835,9 @@ def finish(run, args, book, counters, done, stopping, argv):
           f"{time.time() - book.t0:.0f}s; checkpoint {ckpt_path}")
     if book.last:
         print("last window: " + ", ".join(f"{k} {book.last[k]:.3f}" for k in
-                                          ("loss_ar", "eval_loss", "acc_query_pre", "acc_query_post",
-                                           "eval_fewshot_acc") if k in book.last))
+                                          ("loss_ar", "eval_loss", "loss_support_pre", "loss_support_post",
+                                           "acc_query_pre", "acc_query_post", "eval_fewshot_acc")
+                                          if k in book.last))
     text = SAMPLE_PROMPT + complete(run.orig_model, SAMPLE_PROMPT, max_new_tokens=40, seed=args.seed)[0]
     print(f"sample (40 tokens, temperature 0.8, top_k 200): {text!r}")
     print(f"next: python sample.py --out_dir {args.out_dir} \"{SAMPLE_PROMPT}\"   |   "
