@@ -737,8 +737,9 @@ FEWSHOT_KEY = 20250802  # episodes and the fresh head depend on this constant on
 
 def fewshot_eval(model, head_args, episodes, amp):
     """{eval_fewshot_acc_pre, eval_fewshot_acc, eval_fewshot_loss_support_pre / _post, eval_proto_acc_mask,
-    eval_proto_acc_prev}: means over `episodes`. The last two need no head: nearest class mean of the raw features (d) at the [MASK] and at the
-    token before it (what a next-token model reads naturally). Runs on the raw model, without dropout."""
+    eval_proto_acc_prev}: means over `episodes`. The last two need no head: nearest class mean of the raw
+    features (d) at the [MASK] and at the token before it (what a next-token model reads naturally). Runs on
+    the raw model, without dropout."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(FEWSHOT_KEY)
         head = make_head(model.cfg.d_model, head_args.n_way, head_args.head_hidden, head_args.head_layers,
