@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from finetune_ner import TEST_CONFIGS, TRAIN_CONFIGS
+from finetune_ner import GROUPS
 from maml_gpt import UserError, pyplot
 
 # ------------------------------------------------------------------------------------------------------------
@@ -447,78 +447,6 @@ def claims(runs, results, ner_rows):
         out[f"verdict_{cid}"] = kind
         rows.append(f"| {name} | {paper} | {shows} | **{kind}**{': ' + why if why else ''} |")
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in out.items()}, rows
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The NER grid of `finetune_ner.py --sweep` (paper Figures 13-28, Tables 3-5): tables and heatmaps
-
-GROUPS = {"seen": list(TRAIN_CONFIGS) + ["toy"], "pud": [c for c in TEST_CONFIGS if c.endswith("_pud")],
-          "other": ["ceb_gja", "tl_trg", "tl_ugnayan", "toy_heldout"]}
-
-
-def ner_grid_report(rows, out):
-    """grid.md (every cell), one heatmap per checkpoint and regime, and MAML-vs-vanilla relative
-    improvements."""
-    plt = pyplot()
-    lines = ["# NER fine-tuning grid (entity micro-F1)", ""]
-    for ckpt in dict.fromkeys(r["ckpt"] for r in rows):
-        for regime in ("head", "full"):
-            cells = [r for r in rows if r["ckpt"] == ckpt and r["regime"] == regime]
-            if not cells:
-                continue
-            tr = list(dict.fromkeys(r["train_on"] for r in cells))
-            ev = list(dict.fromkeys(r["eval_on"] for r in cells))
-            grid = np.full((len(tr), len(ev)), np.nan)
-            for r in cells:
-                grid[tr.index(r["train_on"]), ev.index(r["eval_on"])] = float(r["f1"])
-            lines += [f"## {ckpt} ({regime})", "", "| fine-tuned on | " + " | ".join(ev) + " |",
-                      "|---" * (len(ev) + 1) + "|"]
-            lines += [f"| {t} | " + " | ".join("-" if np.isnan(v) else f"{v:.3f}" for v in grid[i]) + " |"
-                      for i, t in enumerate(tr)]
-            lines.append("")
-            fig, ax = plt.subplots(figsize=(1 + 0.7 * len(ev), 1 + 0.45 * len(tr)))
-            im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(0.01, np.nanmax(grid)))
-            ax.set_xticks(range(len(ev)), ev, rotation=60, ha="right")
-            ax.set_yticks(range(len(tr)), tr)
-            for i in range(len(tr)):
-                for j in range(len(ev)):
-                    if not np.isnan(grid[i, j]):
-                        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
-            ax.set_title(f"micro-F1: {os.path.basename(os.path.dirname(ckpt)) or ckpt} ({regime})")
-            fig.colorbar(im)
-            fig.tight_layout()
-            fig.savefig(os.path.join(out, f"heatmap_{os.path.basename(os.path.dirname(ckpt)) or 'model'}"
-                                          f"_{regime}.png"),
-                        dpi=110)
-            plt.close(fig)
-    maml = [c for c in dict.fromkeys(r["ckpt"] for r in rows) if float(next(
-        r["hybrid_ratio"] for r in rows if r["ckpt"] == c) or 0) > 0]
-    vanilla = [c for c in dict.fromkeys(r["ckpt"] for r in rows) if c not in maml]
-    if maml and vanilla:
-        def mean_f1(ckpt, regime, evs):
-            v = [float(r["f1"]) for r in rows
-                 if r["ckpt"] == ckpt and r["regime"] == regime and r["eval_on"] in evs]
-            return float(np.mean(v)) if v else None
-
-        def rel(m, v):
-            return "-" if m is None or v is None or v == 0 else f"{(m - v) / v * 100:+.1f}%"
-        m, v = maml[0], vanilla[0]
-        lines += [f"## Relative improvement of MAML ({m}) over vanilla ({v}), "
-                  "% of vanilla micro-F1 (Table 3)", "",
-                  "| regime | seen | PUD | other |", "|---|---|---|---|"]
-        for regime in ("head", "full"):
-            lines.append(f"| {regime} | " + " | ".join(rel(mean_f1(m, regime, GROUPS[g]),
-                                                           mean_f1(v, regime, GROUPS[g]))
-                                                       for g in ("seen", "pud", "other")) + " |")
-        evs = list(dict.fromkeys(r["eval_on"] for r in rows))
-        lines += ["", "## Per evaluation set (Tables 4-5), averaged over fine-tuning configs", "",
-                  "| regime | " + " | ".join(evs) + " |", "|---" * (len(evs) + 1) + "|"]
-        for regime in ("head", "full"):
-            lines.append(f"| {regime} | " + " | ".join(rel(mean_f1(m, regime, [e]), mean_f1(v, regime, [e]))
-                                                      for e in evs) + " |")
-    with open(os.path.join(out, "grid.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"grid: {os.path.join(out, 'grid.csv')}, {os.path.join(out, 'grid.md')}, heatmaps in {out}")
 
 
 # ------------------------------------------------------------------------------------------------------------
