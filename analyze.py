@@ -689,8 +689,8 @@ def verdict(per, rows_per, cid, test):
         return "holds", f"{tail}; {est}"
     if test["p_opposite"] < P_LEVEL:
         return "does not hold", f"{n} seeds, the opposite sign, exact sign-flip p = {test['p_opposite']:.3g}; {est}"
-    return (f"inconclusive (n = {n})", f"p = {min(test['p'], test['p_opposite']):.3g} in either direction (the "
-            f"smallest p {n} pairs can give is {2.0 ** -n:.3g}); {est}")
+    return (f"inconclusive (n = {n})", f"p = {test['p']:.3g} for the claimed sign, {test['p_opposite']:.3g} for "
+            f"the opposite (the smallest p {n} pairs can give is {2.0 ** -n:.3g}); {est}")
 
 
 PAPER_IDS = [cid for cid, _, _ in PAPER_CLAIMS]
@@ -702,7 +702,7 @@ def seeds_shows(s, cid, per):
         if s.get(k) is None:
             return "-"
         ci = s.get(f"{k}_ci95")
-        f = (lambda v: f"{v:.{nd}f}{'x' if x else ''}{' %' if pct else ''}")
+        f = (lambda v: f"{v:{'+' if pct else ''}.{nd}f}{'x' if x else ''}{' %' if pct else ''}")
         return f(s[k]) + (f" [{f(ci[0])}, {f(ci[1])}]" if ci else "")
 
     def count(k):
@@ -778,13 +778,16 @@ def figures(runs, out, results, pair_results):
     """Every figure these runs support, as PNGs in `out`; -> their file names. An arm of several seeds is drawn
     as the mean of its runs with a +-1 sd band and a thin line per seed."""
     plt = pyplot()
-    figs = [("loss.png", figure_loss(plt, runs)), ("speedup.png", figure_speedup(plt, pair_results)),
-            ("meta.png", figure_meta(plt, runs, results)), ("adaptation.png", figure_adaptation(plt, runs))]
+    # drawn one at a time (each closed before the next): ten runs make two dozen figures
+    figs = [("loss.png", lambda: figure_loss(plt, runs)), ("speedup.png", lambda: figure_speedup(plt, pair_results)),
+            ("meta.png", lambda: figure_meta(plt, runs, results)),
+            ("adaptation.png", lambda: figure_adaptation(plt, runs))]
     for run in runs:
-        figs += [(f"per_{run['name']}.png", figure_per(plt, run, results)),
-                 (f"entropy_{run['name']}.png", figure_entropy(plt, run))]
+        figs += [(f"per_{run['name']}.png", lambda run=run: figure_per(plt, run, results)),
+                 (f"entropy_{run['name']}.png", lambda run=run: figure_entropy(plt, run))]
     made = []
-    for name, fig in figs:
+    for name, draw in figs:
+        fig = draw()
         if fig is not None:  # None: nothing in these runs to show in this figure
             fig.tight_layout()
             fig.savefig(os.path.join(out, name), dpi=110)
@@ -803,7 +806,7 @@ def arms(runs):
 
 def band(ax, curves, label, color=None, ls="-", marker=None):
     """Several seeds of one curve, [(x, y)]: their mean on the x values every seed logged, a +-1 sd band
-    (across seeds) and a thin line per seed. -> the colour used."""
+    (across seeds, within the seeds' range) and a thin line per seed. -> the colour used."""
     curves = [(x, y) for x, y in curves if len(x)]
     if not curves:
         return color
@@ -814,7 +817,9 @@ def band(ax, curves, label, color=None, ls="-", marker=None):
     mean, sd = ys.mean(0), ys.std(0, ddof=1) if len(ys) > 1 else np.zeros(len(common))
     color = ax.plot(common, mean, ls=ls, marker=marker, color=color,
                     label=f"{label} (mean of {len(ys)}, band +-1 sd)")[0].get_color()
-    ax.fill_between(common, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
+    # clipped to the seeds' own range: with few seeds, mean +- sd can leave it (below 0 on a log axis)
+    ax.fill_between(common, np.maximum(mean - sd, ys.min(0)), np.minimum(mean + sd, ys.max(0)), color=color,
+                    alpha=0.2, lw=0)
     for x, y in curves:
         ax.plot(x, y, ls=ls, lw=0.5, alpha=0.4, color=color)
     return color
@@ -911,7 +916,8 @@ def figure_meta(plt, runs, results):
     for a, t in zip(ax, ("support accuracy (pre / post adaptation)", "query accuracy (pre / post adaptation)",
                          "classifier head weights")):
         a.set(title=t, xlabel="optimizer step")
-        a.legend(fontsize=7)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
     return fig
 
 
