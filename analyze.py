@@ -209,15 +209,15 @@ def entropy_series(run):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Statistics across seeds. A seed fixes a run's AR batches, so a MAML run and its vanilla twin of the same seed
-# see the same data at every AR step, and every run sees the same held-out episodes: pairs by seed are a paired
-# design, and each pair gives one number d_i (MAML minus vanilla, or the log of a speed-up ratio).
+# Statistics across seeds. A seed fixes a run's AR batches, so a MAML run and its vanilla twin of the same
+# seed see the same data at every AR step, and every run sees the same held-out episodes: pairs by seed are a
+# paired design, and each pair gives one number d_i (MAML minus vanilla, or the log of a speed-up ratio).
 #  * Test: the exact sign-flip (permutation) test of mean(d), one-sided in the claimed direction. Under "no
-#    effect" the two runs of a pair are exchangeable, so each of the 2^n sign patterns of d is equally likely;
-#    p is the share of patterns whose sum is >= the observed one. It assumes no distribution (3-10 pairs cannot
-#    show one) and its smallest p is 1 / 2^n: 0.125 at n = 3, 0.0625 at 4, 0.031 at 5, 0.0039 at 8. The same
-#    test in the other direction decides "does not hold". The paired t-test's two-sided p is reported beside
-#    it, for reference only.
+#    effect" the two runs of a pair are exchangeable, so each of the 2^n sign patterns of d is equally
+#    likely; p is the share of patterns whose sum is >= the observed one. It assumes no distribution (3-10
+#    pairs cannot show one) and its smallest p is 1 / 2^n: 0.125 at n = 3, 0.0625 at 4, 0.031 at 5, 0.0039 at
+#    8. The same test in the other direction decides "does not hold". The paired t-test's two-sided p is
+#    reported beside it, for reference only.
 #  * Interval: mean +- t(0.975, n - 1) sd / sqrt(n), the t-interval (on log ratios for speed-ups, shown as
 #    ratios). The t quantile is computed here (no scipy): the inverse of the t CDF, which is a regularised
 #    incomplete beta function.
@@ -466,8 +466,8 @@ def claim_dynamics(maml, van):
     shows = " / ".join(text) or "-"
     # The paired number across seeds: the share of the two curves (weight PER, attention entropy) that rise
     # then fall, MAML minus vanilla (in [-1, 1]; 0 when both behave alike).
-    share = {t: [c[f"rise_fall_{k}_{t}"] for k in ("weight", "entropy") if c[f"rise_fall_{k}_{t}"] is not None]
-             for t in ("maml", "vanilla")}
+    share = {t: [c[f"rise_fall_{k}_{t}"] for k in ("weight", "entropy")
+                 if c[f"rise_fall_{k}_{t}"] is not None] for t in ("maml", "vanilla")}
     c["rise_fall_diff"] = (float(np.mean(share["maml"]) - np.mean(share["vanilla"]))
                            if share["maml"] and share["vanilla"] and c["rise_fall_weight_maml"] is not None
                            else None)
@@ -590,9 +590,10 @@ def check_arm(runs, arm):
     for k in keys:
         vals = {r["path"]: r["config"]["args"].get(k) for r in runs}
         if len({json.dumps(v) for v in vals.values()}) > 1:
-            raise UserError(f"the {arm} runs differ in --{k} (" + ", ".join(f"{p}: {v}" for p, v in vals.items())
-                            + f"); the runs of an arm may differ only in --seed: give runs made with the same "
-                            f"flags")
+            raise UserError(f"the {arm} runs differ in --{k} ("
+                            + ", ".join(f"{p}: {v}" for p, v in vals.items())
+                            + "); the runs of an arm may differ only in --seed: give runs made with the same "
+                            "flags")
 
 
 def pair_by_seed(mamls, vans):
@@ -603,8 +604,8 @@ def pair_by_seed(mamls, vans):
         for r in runs:
             s = r["config"]["args"].get("seed")
             if s is None:
-                raise UserError(f"{r['path']} has no seed in config.json; pairing by seed needs runs written by "
-                                "maml_gpt.py")
+                raise UserError(f"{r['path']} has no seed in config.json; pairing by seed needs runs written "
+                                "by maml_gpt.py")
             if s in by[arm]:
                 raise UserError(f"{by[arm][s]['path']} and {r['path']} are both seed {s} of the {arm} arm; "
                                 "give one run per seed and arm")
@@ -615,8 +616,8 @@ def pair_by_seed(mamls, vans):
     common = sorted(set(by["MAML"]) & set(by["vanilla"]))
     if not common:
         raise UserError(f"no seed is in both arms (MAML seeds {sorted(by['MAML'])}, vanilla seeds "
-                        f"{sorted(by['vanilla'])}); give each MAML run its vanilla twin: the same --seed with "
-                        "--hybrid_ratio 0")
+                        f"{sorted(by['vanilla'])}); give each MAML run its vanilla twin: the same --seed "
+                        "with --hybrid_ratio 0")
     return [(s, by["MAML"][s], by["vanilla"][s]) for s in common], notes
 
 
@@ -675,7 +676,8 @@ def verdict(per, rows_per, cid, test):
     key, log, label = HEADLINES[cid]
     n = test["n"]
     if n == 0:
-        whys = [w for (c_id, _, kind, w) in (r[PAPER_IDS.index(cid)] for r in rows_per) if kind == "not measurable"]
+        whys = [w for (_, _, kind, w) in (r[PAPER_IDS.index(cid)] for r in rows_per)
+                if kind == "not measurable"]
         return "not measurable", whys[0] if whys else f"needs {key} in the pairs"
     if n == 1:  # one measurable pair: today's rule on it
         i = next(i for i, c in enumerate(per) if c.get(key) is not None)
@@ -688,9 +690,10 @@ def verdict(per, rows_per, cid, test):
     if test["p"] < P_LEVEL:
         return "holds", f"{tail}; {est}"
     if test["p_opposite"] < P_LEVEL:
-        return "does not hold", f"{n} seeds, the opposite sign, exact sign-flip p = {test['p_opposite']:.3g}; {est}"
-    return (f"inconclusive (n = {n})", f"p = {test['p']:.3g} for the claimed sign, {test['p_opposite']:.3g} for "
-            f"the opposite (the smallest p {n} pairs can give is {2.0 ** -n:.3g}); {est}")
+        return ("does not hold",
+                f"{n} seeds, the opposite sign, exact sign-flip p = {test['p_opposite']:.3g}; {est}")
+    return (f"inconclusive (n = {n})", f"p = {test['p']:.3g} for the claimed sign, {test['p_opposite']:.3g} "
+            f"for the opposite (the smallest p {n} pairs can give is {2.0 ** -n:.3g}); {est}")
 
 
 PAPER_IDS = [cid for cid, _, _ in PAPER_CLAIMS]
@@ -709,28 +712,33 @@ def seeds_shows(s, cid, per):
         vals = [v for v in s.get(f"{k}_per_seed", []) if v is not None]
         return f"{sum(bool(v) for v in vals)}/{len(vals)}"
     if cid == "speedup":
-        return (f"per step {mci('speedup_step_ar', x=True)}, per backbone token {mci('speedup_token_ar', x=True)}, "
-                f"per AR step {mci('speedup_arstep_ar', x=True)} (AR loss); per step on the reference's mixed "
-                f"train/loss {mci('speedup_step_mixed', x=True)} (geometric means, 95 % intervals)")
+        return (f"per step {mci('speedup_step_ar', x=True)}, per backbone token "
+                f"{mci('speedup_token_ar', x=True)}, per AR step {mci('speedup_arstep_ar', x=True)} "
+                "(AR loss); per step on the reference's mixed train/loss "
+                f"{mci('speedup_step_mixed', x=True)} (geometric means, 95 % intervals)")
     if cid == "ner":
         cells = [f"{r} {g} {mci(f'ner_rel_{r}_{g}', 1, pct=True)}" for r in NER_REGIMES
-                 for g in ("seen", "pud", "other", "toy", "toy_heldout") if s.get(f"ner_rel_{r}_{g}") is not None]
+                 for g in ("seen", "pud", "other", "toy", "toy_heldout")
+                 if s.get(f"ner_rel_{r}_{g}") is not None]
         return ("; ".join(cells) + " (relative change of mean micro-F1)") if cells else "-"
     if cid == "dynamics":
         return (f"rise then fall: weight PER in {count('rise_fall_weight_maml')} MAML and "
                 f"{count('rise_fall_weight_vanilla')} vanilla runs, attention entropy in "
-                f"{count('rise_fall_entropy_maml')} and {count('rise_fall_entropy_vanilla')}; MAML weight-PER knee "
-                f"at step {mci('knee_weight_step_maml', 0)}; last attention entropy {mci('entropy_last_maml')} vs "
-                f"{mci('entropy_last_vanilla')} nats")
+                f"{count('rise_fall_entropy_maml')} and {count('rise_fall_entropy_vanilla')}; MAML "
+                f"weight-PER knee at step {mci('knee_weight_step_maml', 0)}; last attention entropy "
+                f"{mci('entropy_last_maml')} vs {mci('entropy_last_vanilla')} nats")
     return (f"query accuracy after adaptation, last window {mci('acc_query_post_last', 3)} (before "
             f"{mci('acc_query_pre_last', 3)}); a jump in {count('jump_step')} seeds; held-out few-shot eval "
             f"after adaptation {mci('eval_fewshot_acc_maml', 3)} vs {mci('eval_fewshot_acc_vanilla', 3)}, "
             f"difference {mci('eval_fewshot_acc_diff', 3)}")
 
 
-# The numbers of the "Across seeds" table: (claims.json key, label). Knee and jump steps only where they exist.
-SEED_TABLE = [("speedup_step_ar", "speed-up per step, AR loss"), ("speedup_token_ar", "speed-up per backbone token"),
-              ("speedup_arstep_ar", "speed-up per AR step"), ("speedup_step_mixed", "speed-up per step, mixed metric"),
+# The numbers of the "Across seeds" table: (claims.json key, label). Knee and jump steps only where they
+# exist.
+SEED_TABLE = [("speedup_step_ar", "speed-up per step, AR loss"),
+              ("speedup_token_ar", "speed-up per backbone token"),
+              ("speedup_arstep_ar", "speed-up per AR step"),
+              ("speedup_step_mixed", "speed-up per step, mixed metric"),
               ("ner_rel_avg", "NER: average relative change, %")] + \
     [(f"ner_rel_{r}_{g}", f"NER {r}, {g}, %") for r in NER_REGIMES
      for g in ("seen", "pud", "other", "toy", "toy_heldout")] + \
@@ -741,21 +749,25 @@ SEED_TABLE = [("speedup_step_ar", "speed-up per step, AR loss"), ("speedup_token
      ("eval_fewshot_acc_pre_vanilla", "few-shot eval before adaptation, vanilla"),
      ("eval_proto_acc_prev_maml", "prototypes at the token before, MAML"),
      ("eval_proto_acc_prev_vanilla", "prototypes at the token before, vanilla"),
-     ("final_loss_ar_maml", "AR loss, last window, MAML"), ("final_loss_ar_vanilla", "AR loss, last window, vanilla"),
+     ("final_loss_ar_maml", "AR loss, last window, MAML"),
+     ("final_loss_ar_vanilla", "AR loss, last window, vanilla"),
      ("final_eval_ppl_maml", "eval perplexity, MAML"), ("final_eval_ppl_vanilla", "eval perplexity, vanilla"),
      ("acc_query_pre_last", "query accuracy before adaptation, last window"),
      ("acc_query_post_last", "query accuracy after adaptation, last window"),
      ("rise_fall_diff", "rise-then-fall share, MAML - vanilla"),
-     ("knee_weight_step_maml", "weight-PER knee step, MAML"), ("knee_grad_step_maml", "gradient-PER knee step, MAML"),
+     ("knee_weight_step_maml", "weight-PER knee step, MAML"),
+     ("knee_grad_step_maml", "gradient-PER knee step, MAML"),
      ("knee_weight_step_vanilla", "weight-PER knee step, vanilla"),
-     ("entropy_knee_step_maml", "attention-entropy knee step, MAML"), ("jump_step", "query-accuracy jump step")]
+     ("entropy_knee_step_maml", "attention-entropy knee step, MAML"),
+     ("jump_step", "query-accuracy jump step")]
 
 
 def seed_table(s, seeds, tests):
     """Markdown rows: every number of SEED_TABLE that some pair has."""
     head = {HEADLINES[cid][0]: t for cid, t in tests.items()}
-    lines = [f"| number | mean | 95 % interval | sd | per seed ({', '.join(map(str, seeds))}) | p, exact sign-flip "
-             "(one-sided, claimed direction) | p, paired t-test (two-sided) |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| number | mean | 95 % interval | sd | per seed ({', '.join(map(str, seeds))}) | p, exact "
+             "sign-flip (one-sided, claimed direction) | p, paired t-test (two-sided) |",
+             "|---|---|---|---|---|---|---|"]
     for k, label in SEED_TABLE:
         vals = s.get(f"{k}_per_seed")
         if not vals or all(v is None for v in vals):
@@ -775,11 +787,12 @@ def seed_table(s, seeds, tests):
 # Figures
 
 def figures(runs, out, results, pair_results):
-    """Every figure these runs support, as PNGs in `out`; -> their file names. An arm of several seeds is drawn
-    as the mean of its runs with a +-1 sd band and a thin line per seed."""
+    """Every figure these runs support, as PNGs in `out`; -> their file names. An arm of several seeds is
+    drawn as the mean of its runs with a +-1 sd band and a thin line per seed."""
     plt = pyplot()
     # drawn one at a time (each closed before the next): ten runs make two dozen figures
-    figs = [("loss.png", lambda: figure_loss(plt, runs)), ("speedup.png", lambda: figure_speedup(plt, pair_results)),
+    figs = [("loss.png", lambda: figure_loss(plt, runs)),
+            ("speedup.png", lambda: figure_speedup(plt, pair_results)),
             ("meta.png", lambda: figure_meta(plt, runs, results)),
             ("adaptation.png", lambda: figure_adaptation(plt, runs))]
     for run in runs:
@@ -801,7 +814,8 @@ def arms(runs):
     groups = {}
     for r in runs:
         groups.setdefault(r["ratio"], []).append(r)
-    return [(g[0]["name"] if len(g) == 1 else f"rho={ratio}, {len(g)} seeds", g) for ratio, g in groups.items()]
+    return [(g[0]["name"] if len(g) == 1 else f"rho={ratio}, {len(g)} seeds", g)
+            for ratio, g in groups.items()]
 
 
 def band(ax, curves, label, color=None, ls="-", marker=None):
@@ -1087,8 +1101,8 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
     else:
         if not (mamls and vans):
             raise UserError(f"{len(mamls or vans)} {'MAML' if mamls else 'vanilla'} runs and no "
-                            f"{'vanilla' if mamls else 'MAML'} run: give the MAML runs, then --vanilla and their "
-                            "--hybrid_ratio 0 twins (the same seeds)")
+                            f"{'vanilla' if mamls else 'MAML'} run: give the MAML runs, then --vanilla and "
+                            "their --hybrid_ratio 0 twins (the same seeds)")
         check_arm(mamls, "MAML")
         check_arm(vans, "vanilla")
         pairs, notes = pair_by_seed(mamls, vans)
@@ -1128,18 +1142,20 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
                                                                    tests[cid]["p_t"])
         claim_rows.append(f"| {name} | {paper} | {shows} | **{kind}**{': ' + why if why else ''} |")
     if len(pairs) == 1:
-        c.update(per[0])  # the exact values of the one pair (a geometric mean of one ratio can move its last bit)
+        c.update(per[0])  # the one pair's exact values (a geometric mean of one ratio can move its last bit)
     c.update(n_pairs=len(pairs) if pairs[0][1] and pairs[0][2] else 0, seeds=seeds, left_out=notes,
              ner_grid=grids[0] if grids else None, ner_grids=grids)
     c = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in c.items()}
     with open(os.path.join(out, "claims.json"), "w") as f:
         json.dump(c, f, indent=1)
+    if len(pairs) == 1:
+        results.update(pair_results[0])  # the one pair's speed-ups, where callers have always found them
     results.update(claims=c, per_pair=per, pair_results=pair_results)
     made = figures(runs, out, results, pair_results) if draw else []
 
     maml, van = pairs[0][1], pairs[0][2]
     if len(pairs) == 1:
-        what = (f"{maml['name'] if maml else '(no MAML run)'} vs {van['name'] if van else '(no vanilla run)'}")
+        what = f"{maml['name'] if maml else '(no MAML run)'} vs {van['name'] if van else '(no vanilla run)'}"
     else:
         what = (f"{len(pairs)} pairs by seed (seeds {', '.join(map(str, seeds))}): "
                 + ", ".join(f"{m['name']} vs {v['name']}" for _, m, v in pairs)
@@ -1152,9 +1168,9 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
     sentence = artifact(c, len(pairs))
     claims_md += ["", sentence] if sentence else []
     multi = len(pairs) > 1
-    runs_md = ["| run |" + (" seed |" if multi else "") + " rho | steps | tokens | AR loss (last window) | eval ppl "
-               "| query acc pre | query acc post | chance |", "|---|---|---|---|---|---|---|---|---|"
-               + ("---|" if multi else "")]
+    runs_md = ["| run |" + (" seed |" if multi else "") + " rho | steps | tokens | AR loss (last window) | "
+               "eval ppl | query acc pre | query acc post | chance |",
+               "|---|---|---|---|---|---|---|---|---|" + ("---|" if multi else "")]
     for r in runs:
         n_way = r["config"]["args"].get("n_way", 32)
         runs_md.append(f"| {r['name']} |" + (f" {r['config']['args'].get('seed')} |" if multi else "") +
@@ -1163,17 +1179,18 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
                        f"| {fmt(last(r, 'loss_ar'))} | {fmt(last(r, 'eval_ppl'), 1)} "
                        f"| {fmt(last(r, 'acc_query_pre'))} "
                        f"| {fmt(last(r, 'acc_query_post'))} | {'-' if r['vanilla'] else fmt(1 / n_way)} |")
-    seeds_md = (["## Across seeds", "", f"Every number of the claims over the {len(pairs)} pairs: mean (geometric "
-                 "for speed-up ratios, whose sd is of the log), 95 % t-interval, the value per seed, and for each "
-                 "claim's headline number the exact sign-flip p (one-sided in the claimed direction; the smallest "
-                 f"{len(pairs)} pairs can give is {2.0 ** -len(pairs):.3g}) and the paired t-test's two-sided p.",
-                 ""] + seed_table(c, seeds, tests)) if multi else []
-    lines = ["# maml-gpt analysis", "", "Runs: " + ", ".join(f"`{r['path']}`" for r in runs), ""] + claims_md + \
-        ["", "## Runs", ""] + runs_md + ([""] + seeds_md if seeds_md else [])
+    seeds_md = (["## Across seeds", "",
+                 f"Every number of the claims over the {len(pairs)} pairs: mean (geometric for speed-up "
+                 "ratios, whose sd is of the log), 95 % t-interval, the value per seed, and for each claim's "
+                 "headline number the exact sign-flip p (one-sided in the claimed direction; the smallest "
+                 f"{len(pairs)} pairs can give is {2.0 ** -len(pairs):.3g}) and the paired t-test's "
+                 "two-sided p.", ""] + seed_table(c, seeds, tests)) if multi else []
+    lines = (["# maml-gpt analysis", "", "Runs: " + ", ".join(f"`{r['path']}`" for r in runs), ""] + claims_md
+             + ["", "## Runs", ""] + runs_md + ([""] + seeds_md if seeds_md else []))
     summary = []
     if any(f"speedup_{key}" in res for res in pair_results for key, *_ in SPEEDUPS):
-        lines += ["", f"## Reaches the same loss N x sooner ({what if multi else maml['name'] + ' vs ' + van['name']})",
-                  "",
+        pair = what if multi else f"{maml['name']} vs {van['name']}"
+        lines += ["", f"## Reaches the same loss N x sooner ({pair})", "",
                   "Ratio of the steps (tokens) each run needs to first reach a loss level (smoothed running"
                   " minimum of the loss), vanilla / MAML, over the levels both reach (minus the top 10 % of"
                   " the range, i.e. warm-up). Tokens count every backbone token, AR and meta; AR steps are"
@@ -1190,8 +1207,8 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
                                  f" {sp['max']:.2f}x | {sp['max_level']:.3f} | "
                                  f"{fmt(sp['at_final'], 2)}{'x' if sp['at_final'] else ''} "
                                  f"({sp['final_loss']:.3f}) |")
-                    summary.append(f"speed-up {label}{f' (seed {seed})' if multi else ''}: max {sp['max']:.2f}x, "
-                                   f"at the final loss {fmt(sp['at_final'], 2)}")
+                    summary.append(f"speed-up {label}{f' (seed {seed})' if multi else ''}: max "
+                                   f"{sp['max']:.2f}x, at the final loss {fmt(sp['at_final'], 2)}")
     lines += ["", "## Phase transitions", "",
               "PER knee: peak of the smoothed mean PER (over layers and matrices), then the steepest drop"
               " after it (reported if it falls >= 5 % of the peak). Query-accuracy jump: a rise of the"
@@ -1223,7 +1240,8 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Claims table, figures, report.md and claims.json from "
-                                "maml_gpt.py runs: MAML runs and their --hybrid_ratio 0 twins, paired by seed.")
+                                "maml_gpt.py runs: MAML runs and their --hybrid_ratio 0 twins, paired by "
+                                "seed.")
     p.add_argument("runs", nargs="*",
                    help="run folders: the MAML runs (with --vanilla), or a MAML run and its vanilla twin "
                    "(default: out/demo and, if present, out/demo-vanilla)")

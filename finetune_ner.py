@@ -384,9 +384,10 @@ def sweep(args):
         configs = [c for c in TRAIN_CONFIGS
                    if args.data_dir is None or uner_file(c, "train", args.data_dir, None)]
         configs += ["all"] if len(configs) == len(TRAIN_CONFIGS) else []
-    # ckpt_seed: the --seed the checkpoint was pretrained with (analyze.py pairs the arms by it); empty in rows
-    # of grids written before it was recorded
-    fields = ["ckpt", "hybrid_ratio", "ckpt_seed", "regime", "train_on", "eval_on", "precision", "recall", "f1"]
+    # ckpt_seed: the --seed the checkpoint was pretrained with (analyze.py pairs the arms by it); empty in
+    # rows of grids written before it was recorded
+    fields = ["ckpt", "hybrid_ratio", "ckpt_seed", "regime", "train_on", "eval_on", "precision", "recall",
+              "f1"]
     for ckpt in args.ckpt:
         for regime in ("head", "full"):
             for cfg in configs:
@@ -421,23 +422,25 @@ GROUPS = {"seen": list(TRAIN_CONFIGS) + ["toy"], "pud": [c for c in TEST_CONFIGS
 
 
 def grid_pairs(rows):
-    """The grid's checkpoints as (seed, MAML ckpt, vanilla ckpt) pairs -> (pairs, notes on those left out). One
-    checkpoint per arm: that pair (the seed as recorded, if any). More: paired by the seed each checkpoint was
-    pretrained with (ckpt_seed); a seed with one arm only is left out."""
+    """The grid's checkpoints as (seed, MAML ckpt, vanilla ckpt) pairs -> (pairs, notes on those left out).
+    One checkpoint per arm: that pair (the seed as recorded, if any). More: paired by the seed each checkpoint
+    was pretrained with (ckpt_seed); a seed with one arm only is left out."""
     ckpts = list(dict.fromkeys(r["ckpt"] for r in rows))
     info = {c: next(r for r in rows if r["ckpt"] == c) for c in ckpts}
     maml = [c for c in ckpts if float(info[c]["hybrid_ratio"] or 0) > 0]
     vanilla = [c for c in ckpts if c not in maml]
     if len(maml) <= 1 and len(vanilla) <= 1:
-        return ([(info[maml[0]].get("ckpt_seed") or None, maml[0], vanilla[0])] if maml and vanilla else []), []
+        one = [(info[maml[0]].get("ckpt_seed") or None, maml[0], vanilla[0])] if maml and vanilla else []
+        return one, []
     by = {arm: {} for arm in ("MAML", "vanilla")}
     notes = []
     for arm, cs in (("MAML", maml), ("vanilla", vanilla)):
         for c in cs:
             s = info[c].get("ckpt_seed") or None  # "" in grids written before the seed was recorded
             if s is None or s in by[arm]:
-                notes.append(f"{c}: " + ("no ckpt_seed in grid.csv (re-run the sweep to record it)" if s is None
-                                         else f"a second {arm} checkpoint of seed {s}") + ": left out of the pairs")
+                why = ("no ckpt_seed in grid.csv (re-run the sweep to record it)" if s is None
+                       else f"a second {arm} checkpoint of seed {s}")
+                notes.append(f"{c}: {why}: left out of the pairs")
                 continue
             by[arm][s] = c
     for arm, other in (("MAML", "vanilla"), ("vanilla", "MAML")):
@@ -487,7 +490,8 @@ def ner_grid_report(rows, out):
         print(f"note: {n}")
 
     def mean_f1(ckpt, regime, evs):
-        v = [float(r["f1"]) for r in rows if r["ckpt"] == ckpt and r["regime"] == regime and r["eval_on"] in evs]
+        v = [float(r["f1"]) for r in rows
+             if r["ckpt"] == ckpt and r["regime"] == regime and r["eval_on"] in evs]
         return float(np.mean(v)) if v else None
 
     def rel(m, v, evs, regime):  # -> % of vanilla micro-F1, or None
@@ -510,8 +514,8 @@ def ner_grid_report(rows, out):
         if len(pairs) > 1:
             lines.append("")
     if len(pairs) > 1:
-        lines += [f"## Mean over the {len(pairs)} seed pairs ({', '.join(str(s) for s, _, _ in pairs)}) of the "
-                  "relative improvement, % (analyze.py adds intervals and a test)", "",
+        lines += [f"## Mean over the {len(pairs)} seed pairs ({', '.join(str(s) for s, _, _ in pairs)}) of "
+                  "the relative improvement, % (analyze.py adds intervals and a test)", "",
                   "| regime | seen | PUD | other |", "|---|---|---|---|"]
         for regime in ("head", "full"):
             lines.append(f"| {regime} | " + " | ".join(cell(mean_rel(GROUPS[g], regime))

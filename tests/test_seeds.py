@@ -1,6 +1,6 @@
 """analyze.py over several seeds per arm: pairs by seed, the exact sign-flip test, t-intervals, verdicts on
-planted runs (a consistent effect holds, random signs are inconclusive, the opposite effect does not hold), the
-messages for unpaired seeds and mixed settings, and the NER grid paired by the checkpoints' seeds."""
+planted runs (a consistent effect holds, random signs are inconclusive, the opposite effect does not hold),
+the messages for unpaired seeds and mixed settings, and the NER grid paired by the checkpoints' seeds."""
 import csv
 import itertools
 import json
@@ -57,8 +57,8 @@ def plant(tmp_path, signs, effect=1.3, seeds=SEEDS, vanilla_seeds=None, grid=Tru
                                 (f"ckpts/vanilla-{s}.pt", 0.0, 0.4)):
             for regime in ("head", "full"):
                 for ev in ("toy", "toy_heldout"):  # checkpoints outside the run folders: paired by ckpt_seed
-                    rows.append(dict(ckpt=ckpt, hybrid_ratio=ratio, ckpt_seed=s, regime=regime, train_on="toy",
-                                     eval_on=ev, precision=f1, recall=f1, f1=f1))
+                    rows.append(dict(ckpt=ckpt, hybrid_ratio=ratio, ckpt_seed=s, regime=regime,
+                                     train_on="toy", eval_on=ev, precision=f1, recall=f1, f1=f1))
     for i, s in enumerate(vanilla_seeds or seeds):
         v = str(tmp_path / f"vanilla-s{s}")
         write_run(v, 0.0, s, rise_fall=signs[i % len(signs)] < 0)
@@ -90,7 +90,8 @@ def test_t_quantile_and_incomplete_beta_known_values():
         assert analyze.t_quantile(0.025, df) == pytest.approx(-t, abs=1e-8)
     assert analyze.t_cdf(0.0, 3) == 0.5 and analyze.t_cdf(1.0, 1) == pytest.approx(0.75)  # Cauchy: 1/2 + 1/4
     for x in (0.1, 0.5, 0.9):
-        assert analyze.betainc(1, 1, x) == pytest.approx(x) and analyze.betainc(3, 1, x) == pytest.approx(x ** 3)
+        assert analyze.betainc(1, 1, x) == pytest.approx(x)
+        assert analyze.betainc(3, 1, x) == pytest.approx(x ** 3)
         assert analyze.betainc(2.5, 0.5, x) == pytest.approx(1 - analyze.betainc(0.5, 2.5, 1 - x))
     assert analyze.betainc(7, 7, 0.5) == pytest.approx(0.5)
     # the interval of 1, 2, 3: mean 2, sd 1, 2 df
@@ -99,8 +100,10 @@ def test_t_quantile_and_incomplete_beta_known_values():
 
 
 def test_sign_flip_p_is_the_share_of_sign_patterns_and_its_floor_is_one_over_two_to_the_n():
-    for d in ([0.3, 0.1, 0.5, 0.2, 0.4], [1.0, -2.0, 3.0, -4.0, 5.0], [-0.1, -0.2, 0.05], [2.0, 0.0, 1.0, 1.0]):
-        sums = [sum(s * abs(x) for s, x in zip(signs, d)) for signs in itertools.product((1, -1), repeat=len(d))]
+    for d in ([0.3, 0.1, 0.5, 0.2, 0.4], [1.0, -2.0, 3.0, -4.0, 5.0], [-0.1, -0.2, 0.05],
+              [2.0, 0.0, 1.0, 1.0]):
+        sums = [sum(s * abs(x) for s, x in zip(signs, d))
+                for signs in itertools.product((1, -1), repeat=len(d))]
         greater = sum(t >= sum(d) - 1e-12 for t in sums) / len(sums)
         less = sum(t <= sum(d) + 1e-12 for t in sums) / len(sums)
         assert analyze.sign_flip_p(d) == pytest.approx((greater, less))
@@ -238,8 +241,9 @@ def test_several_seeds_are_drawn_as_mean_band_and_thin_lines(tmp_path):
 
 def test_ner_grid_pairs_checkpoints_by_seed(tmp_path, capsys):
     rows = []
-    for ck, ratio, seed, f1 in (("a/m2.pt", 0.5, "2", 0.6), ("a/m1.pt", 0.5, "1", 0.5), ("a/v1.pt", 0.0, "1", 0.4),
-                                ("a/v2.pt", 0.0, "2", 0.4), ("a/m3.pt", 0.5, "3", 0.9)):
+    for ck, ratio, seed, f1 in (("a/m2.pt", 0.5, "2", 0.6), ("a/m1.pt", 0.5, "1", 0.5),
+                                ("a/v1.pt", 0.0, "1", 0.4), ("a/v2.pt", 0.0, "2", 0.4),
+                                ("a/m3.pt", 0.5, "3", 0.9)):
         for regime in ("head", "full"):
             rows.append(dict(ckpt=ck, hybrid_ratio=str(ratio), ckpt_seed=seed, regime=regime, train_on="toy",
                              eval_on="toy", precision=f1, recall=f1, f1=str(f1)))
@@ -253,5 +257,6 @@ def test_ner_grid_pairs_checkpoints_by_seed(tmp_path, capsys):
     assert "## Mean over the 2 seed pairs (1, 2)" in md and "| head | +37.5% | - | - |" in md
     assert "left out of the pairs" in capsys.readouterr().out
     # a grid written before ckpt_seed existed, one checkpoint per arm: today's single pair
-    old = [{k: v for k, v in r.items() if k != "ckpt_seed"} for r in rows if r["ckpt"] in ("a/m1.pt", "a/v1.pt")]
+    old = [{k: v for k, v in r.items() if k != "ckpt_seed"} for r in rows
+           if r["ckpt"] in ("a/m1.pt", "a/v1.pt")]
     assert fn.grid_pairs(old) == ([(None, "a/m1.pt", "a/v1.pt")], [])
