@@ -1,15 +1,18 @@
 """
-analyze.py: which of the paper's four claims hold on a MAML run and its vanilla twin, with figures and a
+analyze.py: which of the paper's four claims hold on MAML runs and their vanilla twins, with figures and a
 report (paper §4-§6: speed-up, NER F1, PER and attention entropy, meta-learning curves).
 
     python analyze.py                                   # the demo run(s): out/demo [and out/demo-vanilla]
     python analyze.py out/small out/small-vanilla       # a MAML run and its vanilla twin
     python analyze.py RUN_MAML RUN_VANILLA --ner GRID   # + the NER row, from `finetune_ner.py --sweep` output
+    python analyze.py out/s1 out/s2 out/s3 --vanilla out/v1 out/v2 out/v3   # several seeds, paired by --seed
     python analyze.py RUN [RUN ...] --out figures/      # choose the output folder (default RUN1/analysis)
 
 Reads RUN/metrics.jsonl and RUN/config.json; writes claims.json, report.md (the Claims table on top) and PNG
-figures, and prints the Claims table. Runs with --hybrid_ratio 0 are "vanilla"; the claims compare the first
-MAML run with the first vanilla one.
+figures, and prints the Claims table. Runs with --hybrid_ratio 0 are "vanilla". One run per arm: the claims
+compare the two. Several: the runs are paired by seed, every number is given per seed with its mean and 95 %
+interval, and each claim's verdict rests on an exact sign-flip test over the pairs (see "Statistics across
+seeds" below).
 """
 import argparse
 import json
