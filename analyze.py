@@ -1146,7 +1146,8 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
         claim_rows.append(f"| {name} | {paper} | {shows} | **{kind}**{': ' + why if why else ''} |")
     if len(pairs) == 1:
         c.update(per[0])  # the one pair's exact values (a geometric mean of one ratio can move its last bit)
-    c.update(n_pairs=len(pairs) if pairs[0][1] and pairs[0][2] else 0, seeds=seeds, left_out=notes,
+    c.update(n_pairs=len(pairs) if pairs[0][1] and pairs[0][2] else 0, seeds=seeds,
+             left_out=[n for n in notes if n.endswith("left out")],
              ner_grid=grids[0] if grids else None, ner_grids=grids)
     c = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in c.items()}
     with open(os.path.join(out, "claims.json"), "w") as f:
@@ -1166,7 +1167,7 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
                 f"{P_LEVEL}; intervals: 95 % t-intervals")
     claims_md = ["## Claims", "", what + (f"; NER grid {', '.join(f'`{g}`' for g in grids)}" if grids else "")
                  + ". Rules: analyze.py docstrings and the README.", ""]
-    claims_md += [f"Left out: {n}." for n in notes if "left out" in n] + ([""] if notes else [])
+    claims_md += [f"Note: {n}." for n in notes] + ([""] if notes else [])
     claims_md += ["| claim | paper | these runs | verdict |", "|---|---|---|---|"] + claim_rows
     sentence = artifact(c, len(pairs))
     claims_md += ["", sentence] if sentence else []
