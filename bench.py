@@ -1,18 +1,21 @@
 """
-Speed against Hugging Face: one forward+backward of the same model, same weights, same tokens, in maml-gpt and
-in transformers.LlamaForCausalLM (SDPA attention). Needs `pip install -r requirements-dev.txt`.
+Speed, memory and cost of maml-gpt's training steps. Two benchmarks:
 
-    python bench.py                                   # tiny, 8 x 256, fp32, on the CPU
-    python bench.py --size small --batch_size 4       # any preset; --device cuda --dtype bfloat16 on a GPU
+    python bench.py                            # the demo's AR and meta micro-steps, MFU, memory, probe cost
+    python bench.py --size small               # any maml_gpt.py flags: the run they describe, not trained
+    python bench.py --vs_hf                    # against Hugging Face LlamaForCausalLM: tiny, 8 x 256, fp32
+    python bench.py --vs_hf --size small --batch_size 4 --device cuda --dtype bfloat16
 
-Both models see the same random tokens and compute the same mean next-token loss over B x (T - 1) targets (HF
-shifts its labels inside; we mark the last position ignore_index). A third contestant is our model with the
-plain loss on full logits (what the fused loss replaced). The three take turns in one process, the first place
-rotating, so that a machine shared with other work slows all of them alike; a ratio is the median of per-round
-ratios.
+The first times the micro-steps of the training loop on the batches and episodes of steps 0, 1, 2, ... and
+writes no run. The second needs `pip install -r requirements-dev.txt`: both models see the same random tokens
+and compute the same mean next-token loss over B x (T - 1) targets (HF shifts its labels inside; we mark the
+last position ignore_index). A third contestant is our model with the plain loss on full logits (what the
+fused loss replaced). The three take turns in one process, the first place rotating, so that a machine
+shared with other work slows all of them alike; a ratio is the median of per-round ratios.
 """
 import argparse
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 
@@ -22,17 +25,162 @@ import torch.nn.functional as F
 import maml_gpt as mg
 
 
+# dense bf16 tensor-core peaks from NVIDIA datasheets; others: unknown
+PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
+                   "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device, amp):
+    if device.type != "cuda" or isinstance(amp, nullcontext):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(cfg, T, backward=True, lm_head=True):
+    """6N per token (2N forward + 4N backward) for the matmul weights, plus attention scores (nanoGPT's
+    estimate)."""
+    n = cfg.n_layers * cfg.d_model ** 2 * (8 / 3 + 3 * cfg.ffn_mult) + lm_head * cfg.d_model * cfg.vocab_size
+    f = 6 * n + 12 * cfg.n_layers * cfg.d_model * T
+    return f if backward else f / 3
+
+
+def micro_step_flops(cfg, args):
+    """FLOPs of one AR and one meta micro-step: every FLOP count behind the MFU figures is here.
+    AR: B x T tokens, forward + backward, LM head included (the fused loss does the same matmuls as F.linear).
+    Meta: the support set forward only, the query set forward + backward; neither touches the LM head. The
+    MLP head (d x 128 ... x N, a few hundred K weights) is left out: < 0.1% of the backbone at every size."""
+    ctx = mg.smlmt_ctx(args)
+    n_sup, n_query = args.n_way * args.k_shot * ctx, args.n_way * args.q_query * ctx
+    return dict(ar=flops_per_token(cfg, args.seq_len) * args.batch_size * args.seq_len,
+                meta=flops_per_token(cfg, ctx, backward=False, lm_head=False) * n_sup
+                + flops_per_token(cfg, ctx, lm_head=False) * n_query)
+
+
+def reset_peak_memory(device):
+    """Restart the peak-memory counter from the current usage: CUDA's allocator peak, or on Linux the
+    process's peak RSS (writing 5 to /proc/self/clear_refs resets VmHWM). -> False where it cannot be
+    reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_gib(device):
+    """CUDA: peak bytes allocated by tensors. CPU: peak resident set size of this process (VmHWM on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 2 ** 20  # kB
+    except (OSError, StopIteration):
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2 ** (30 if sys.platform == "darwin" else 20)  # bytes on macOS, KiB elsewhere
+
+
+def sdpa_kernel_used(model, idx, amp):
+    """The kernel F.scaled_dot_product_attention picks for this model's q, k, v (shapes, dtype, device, GQA):
+    asked of the same dispatcher function SDPA itself calls. On an H100 in bf16 it should be flash or cuDNN;
+    the math fallback would cost several times the attention time. Measured on CPU (fp32): FLASH_ATTENTION
+    (the CPU flash kernel). On CUDA: not yet measured."""
+    from torch.nn.attention import SDPBackend
+    T = idx.shape[1]
+    layer = model.layers[0]
+    with torch.no_grad(), amp:
+        q, k, v = layer.attention.qkv(layer.attention_norm(model.embedding_proj(idx[:1])), model.rope_cos[:T],
+                                      model.rope_sin[:T])
+        try:  # a private function (torch >= 2.1): say "unknown" rather than fail if it moves
+            return SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=True, enable_gqa=True)).name
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            return "unknown"
+
+
+def bench(args, iters=5):
+    """Time AR and meta micro-steps and one dynamics probe of the run `args` describes; print the numbers."""
+    run = mg.setup(args, for_bench=True)
+    model, amp, device, cfg = run.orig_model, run.amp, run.device, run.orig_model.cfg
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn):
+        sync()
+        t = time.perf_counter()
+        for i in range(iters):
+            fn(i + 1)
+        sync()
+        return (time.perf_counter() - t) / iters
+
+    def ar(i):  # the micro-steps of the training loop, on the batches and episodes of steps 0, 1, 2...
+        starts = mg.batch_indices(args.seed, i, len(run.tokens), args.seq_len, args.batch_size)
+        mg.ar_micro_step(run.model, *mg.get_batch(run.tokens, starts, args.seq_len, device), 1.0, amp)
+        run.optimizer.zero_grad(set_to_none=True)
+
+    def meta(i):
+        key = mg.stream_key(args.seed, i, "episode", 0)
+        ep = mg.episode_tensors(run.tokens, run.index, args, key, device)
+        mg.meta_micro_step(run.model, run.head, ep, args, 1.0, amp)
+        run.optimizer.zero_grad(set_to_none=True)
+
+    ctx = mg.smlmt_ctx(args)
+    ar_tok, meta_tok = run.micro_tokens["ar"], run.micro_tokens["meta"]
+    for fn in (ar, meta, ar, meta):  # warm-up (and compilation), not timed
+        fn(0)
+    sync()
+    # The peak below is that of training itself: corpus preparation and warm-up are over.
+    reset = reset_peak_memory(device)
+    t_ar, t_meta = timed(ar), timed(meta)
+    t = time.perf_counter()
+    mg.learning_dynamics(model, *run.probe, run.modules, amp)
+    sync()
+    t_dyn = time.perf_counter() - t
+    mem = peak_memory_gib(device)
+    step_time = args.grad_accum * (args.hybrid_ratio * t_meta + (1 - args.hybrid_ratio) * t_ar)
+    peak, flops = peak_flops(device, amp), micro_step_flops(cfg, args)
+    n_sup = args.n_way * args.k_shot * ctx
+    print(f"bench: {args.size or 'demo'} ({mg.count_params(model) / 1e6:.1f}M params) on {device}, "
+          f"{'bf16' if not isinstance(amp, nullcontext) else 'fp32'}, compile={args.compile}, "
+          f"{torch.get_num_threads()} CPU thread(s), "
+          f"attention kernel: {sdpa_kernel_used(model, run.probe[0], amp)}")
+    print(f"  AR micro-step   {ar_tok:6d} tokens  {t_ar * 1e3:8.1f} ms  {ar_tok / t_ar:10.0f} tok/s  "
+          f"{t_ar / ar_tok * 1e6:7.2f} us/token  ({args.batch_size} x {args.seq_len})")
+    print(f"  meta micro-step {meta_tok:6d} tokens  {t_meta * 1e3:8.1f} ms  {meta_tok / t_meta:10.0f} tok/s  "
+          f"{t_meta / meta_tok * 1e6:7.2f} us/token  (support {n_sup} no-grad + query {meta_tok - n_sup}; "
+          f"ctx {ctx})")
+    print(f"  meta / AR cost per backbone token: {(t_meta / meta_tok) / (t_ar / ar_tok):.3f}")
+    if peak:
+        print(f"  MFU: AR {flops['ar'] / t_ar / peak * 100:.1f}%  "
+              f"meta {flops['meta'] / t_meta / peak * 100:.1f}%  (peak {peak / 1e12:.0f} TFLOPS bf16)")
+    else:
+        print("  MFU: unknown (no known bf16 peak for this device/dtype)")
+    what = "CUDA peak allocated" if device.type == "cuda" else "peak RSS of this process"
+    print(f"  peak memory: {mem:.2f} GiB ({what}, {'after warm-up' if reset else 'since start'}: "
+          f"AR and meta micro-steps and a dynamics probe)")
+    print(f"  dynamics probe: {t_dyn:.2f} s every {args.dynamics_every} steps = "
+          f"{t_dyn / (t_dyn + args.dynamics_every * step_time) * 100:.2f}% of training time "
+          f"(est. step {step_time:.2f} s at grad_accum {args.grad_accum})")
+    return dict(t_ar=t_ar, t_meta=t_meta, ar_tok=ar_tok, meta_tok=meta_tok, t_dyn=t_dyn, peak_memory_gib=mem)
+
+
 def to_hf_llama(model):
     """A transformers.LlamaForCausalLM (sdpa) computing the same function as `model` (a maml_gpt.Decoder): the
-    config and weights of --export_hf."""
+    config and weights export.py writes."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    hf = LlamaForCausalLM(LlamaConfig(**mg.hf_config(model.cfg), attn_implementation="sdpa"))
-    hf.load_state_dict(mg.hf_state_dict(model), strict=True)
+    from export import hf_config, hf_state_dict
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config(model.cfg), attn_implementation="sdpa"))
+    hf.load_state_dict(hf_state_dict(model), strict=True)
     return hf.to(next(model.parameters()).device)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+def vs_hf(argv):
+    """--vs_hf: one forward+backward of the same model, same weights, same tokens, in maml-gpt and in
+    transformers.LlamaForCausalLM (SDPA attention)."""
+    p = argparse.ArgumentParser(prog="bench.py --vs_hf", description=vs_hf.__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--size", default="tiny", choices=list(mg.SIZES))
     p.add_argument("--batch_size", type=int, default=8)
@@ -98,6 +246,14 @@ def main(argv=None):
         print(f"  {names[w]:32s} {med[w] * 1e3:8.1f} ms  {tok / med[w]:7.0f} tok/s{vs}")
     return dict(med, ratio=statistics.median(ratios["ours"]), ratio_plain=statistics.median(ratios["plain"]),
                 losses=losses)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--vs_hf" in argv:
+        argv.remove("--vs_hf")
+        return vs_hf(argv)
+    return mg.cli(lambda: bench(mg.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -3,19 +3,18 @@ maml-gpt: first-order MAML interleaved with next-token pretraining of a small Ll
 file. A minimal reproduction of "Learning Dynamics of Meta-Learning in Small Model Pretraining" (arXiv
 2508.02189).
 
-    python maml_gpt.py                                   # offline demo: toy world, tiny model, CPU, ~4 min
+    python maml_gpt.py                                   # offline demo: toy world, tiny model, CPU, minutes
     python maml_gpt.py --hybrid_ratio 0 --out_dir out/demo-vanilla     # its vanilla twin (same AR batches)
     torchrun --nproc_per_node=2 maml_gpt.py --device cpu # the demo under DDP (gloo) on a laptop
     torchrun --nproc_per_node=4 maml_gpt.py --size large # the released recipe at 570M on 4 GPUs
     python maml_gpt.py --size tiny --data toy            # the released recipe, offline corpus
-    python maml_gpt.py --bench --size small              # tokens/s, MFU, memory, meta/AR and dynamics cost
-    python maml_gpt.py --sample "The main industry of"   # continuations by the model in out/demo
-    python maml_gpt.py --export_hf out/demo-hf           # a Hugging Face Llama folder (lm-eval, BLiMP...)
 
-The file reads in the paper's order: config (§3.1, App. A) -> model (§3.1) -> SMLMT episodes (§3.2) ->
-first-order MAML (§3.3, Algorithm 1) -> learning dynamics (§3.3, §6) -> the training loop (Algorithm 1,
-App. A.1). An appendix holds the plumbing no reader of the paper needs: tokenizer, corpus caching, processes,
-checkpoints, logging and evaluation batches, sampling and export, the benchmark, main().
+Using a trained run: sample.py (text), export.py (a Hugging Face folder), finetune_ner.py, analyze.py;
+bench.py measures speed. The file reads in the paper's order: config (§3.1, App. A) -> model (§3.1) ->
+SMLMT episodes (§3.2) -> first-order MAML (§3.3, Algorithm 1) -> learning dynamics and evaluation (§3.3,
+§6) -> the training loop (Algorithm 1, App. A.1). An appendix holds the plumbing no reader of the paper
+needs: the argument parser, tokenizer, corpus caching, processes, checkpoints and run folders, logging.
+
 Every optimizer step is one of two branches:
   AR   : next-token loss on a batch of corpus windows;
   meta : an SMLMT episode; a small MLP head adapts to the support set in 10 SGD steps (no backbone gradient),
@@ -47,13 +46,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad flag, missing file, corrupt checkpoint): printed without a
-    traceback."""
+    """A problem the user can fix (bad flag, missing file, corrupt checkpoint): one line, no traceback."""
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Config (paper §3.1, App. A). The presets are the parser's defaults, so `--help` shows the values a run will
-# use.
+# Config (paper §3.1, App. A). The presets below are the parser's defaults, so `--help` shows the values a
+# run will use; the parser itself is in the appendix.
 
 @dataclass
 class ModelConfig:
@@ -67,12 +65,13 @@ class ModelConfig:
     rope_theta: float = 1e4
     max_seq_len: int = 512
 
+
 EOT_ID = 50256  # <|endoftext|> separates documents
 MASK_ID = 50257  # [MASK]: one extra id after GPT-2's vocabulary; only SMLMT episodes use it
 
 # One row per size: the width (the only thing that scales: 12 layers everywhere) and the sequences per
-# micro-step per process. The released runs used 8 per GPU x 4 GPUs x 8 accumulation steps for a global batch
-# of 256, except tiny: 16 x 4 x 4.
+# micro-step per process. The released runs used 8 per GPU x 4 GPUs x 8 accumulation steps for a global
+# batch of 256, except tiny: 16 x 4 x 4.
 SIZES = {"tiny": dict(d_model=96, batch_size=16), "small": dict(d_model=384, batch_size=8),
          "medium": dict(d_model=768, batch_size=8), "large": dict(d_model=1536, batch_size=8)}
 
@@ -81,8 +80,7 @@ DEMO = dict(data="toy", out_dir=os.path.join("out", "demo"), d_model=SIZES["tiny
             batch_size=16, grad_accum=1, max_steps=200, lr=1e-3, warmup_steps=20, lr_schedule="cosine",
             log_every=10, save_every=100, eval_every=50, eval_batches=2, dynamics_every=25, eval_data="val")
 # `--size S`: the recipe that produced the released models (what their code ran, which differs from the
-# paper's text in places): seq 512, global batch 256, AdamW 3e-4, linear warm-up 2500 steps, then effectively
-# constant, 6000 steps, logs every 10.
+# paper's text in places): seq 512, global batch 256, AdamW 3e-4, warm-up over 2,500 steps, then constant.
 RELEASED = dict(data="HuggingFaceFW/fineweb-edu:sample-10BT", seq_len=512, global_batch=256, grad_accum=None,
                 max_steps=6000, lr=3e-4, warmup_steps=2500, lr_schedule="constant", log_every=10,
                 save_every=100, eval_every=100, eval_batches=16, dynamics_every=100, eval_data="paloma")
@@ -90,134 +88,8 @@ RELEASED = dict(data="HuggingFaceFW/fineweb-edu:sample-10BT", seq_len=512, globa
 
 def preset(size):
     """The parser defaults for `--size size` (None: the demo)."""
-    if size is None:
-        return DEMO
-    return dict(RELEASED, **SIZES[size], out_dir=os.path.join("out", size))
+    return DEMO if size is None else dict(RELEASED, **SIZES[size], out_dir=os.path.join("out", size))
 
-def build_parser():
-    p = argparse.ArgumentParser(description="FOMAML + next-token pretraining of a Llama-style decoder "
-                                "(arXiv 2508.02189).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--size", choices=list(SIZES),
-      help="model width and the released training recipe (none: the CPU demo); "
-           "the defaults shown are those of the chosen size")
-    a("--data",
-      help="'toy' (offline toy world), a local .txt / folder / .jsonl, or a hub dataset ID[:CONFIG]")
-    a("--data_dir", default=os.path.join(HERE, "data", "cache"), help="where prepared corpora are cached")
-    a("--max_tokens", type=int, default=1_000_000_000, help="tokens to take from a hub or local corpus")
-    a("--toy_docs", type=int, default=30_000, help="paragraphs in the toy world corpus (30k ~ 2.3M tokens)")
-    a("--d_model", type=int, help="width (a multiple of 24: 12 heads, even head_dim)")
-    a("--n_layers", type=int, default=12, help="number of layers (12 in every paper size)")
-    a("--out_dir", help="run folder: ckpt.pt, metrics.jsonl, config.json")
-    # optimisation
-    a("--max_steps", type=int, help="optimizer steps")
-    a("--batch_size", type=int, help="sequences per micro-step per process")
-    a("--grad_accum", type=int, help="micro-steps per optimizer step (None: reach --global_batch)")
-    a("--global_batch", type=int, help="sequences per optimizer step, used when --grad_accum is not given")
-    a("--seq_len", type=int, help="tokens per training sequence (also the model's max length)")
-    a("--lr", type=float, help="peak AdamW learning rate")
-    a("--warmup_steps", type=int, help="linear warm-up steps")
-    a("--lr_schedule", choices=["constant", "cosine", "linear"],
-      help="after warm-up: constant (what the released runs effectively did), cosine (the paper's text) or "
-           "linear decay to --min_lr_frac x lr at --max_steps")
-    a("--min_lr_frac", type=float, default=0.1, help="final lr / peak lr for cosine and linear decay")
-    a("--weight_decay", type=float, default=0.01, help="AdamW weight decay (torch default)")
-    a("--grad_clip", type=float, default=0.0, help="clip the global grad norm (0 = off, as in the paper)")
-    a("--seed", type=int, default=1337, help="seeds everything; batches and episodes are functions of it")
-    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-      help="autocast dtype (auto: bf16 on CUDA)")
-    a("--compile", action="store_true",
-      help="torch.compile the model (AR: forward + loss; meta: the backbone)")
-    a("--resume", nargs="?", const="continue", choices=["continue", "auto"],
-      help="continue the run in --out_dir from its ckpt.pt ('--resume' alone means 'continue'); "
-           "'auto': continue if there is a checkpoint, else start fresh (one command line for the first "
-           "start and every restart)")
-    a("--overwrite", action="store_true",
-      help="start over in an --out_dir that holds a run; its ckpt.pt, metrics.jsonl and config.json are "
-           "kept as *.prev.* until the new run writes its first checkpoint")
-    # logging and evaluation
-    a("--log_every", type=int, help="optimizer steps per logging window")
-    a("--save_every", type=int, help="steps between checkpoints (and at the end)")
-    a("--eval_every", type=int, help="steps between eval-perplexity measurements (0 = never)")
-    a("--eval_batches", type=int, help="fixed eval batches of --batch_size sequences")
-    a("--eval_data", choices=["paloma", "val"],
-      help="paloma: pico-lm/pretokenized-paloma-tinsy (falls back to val offline); "
-           "val: held-out corpus split")
-    a("--dynamics_every", type=int,
-      help="steps between learning-dynamics probes (PER, attention entropy; 0 = never)")
-    a("--dynamics_modules", default="attention.v_proj,attention.o_proj,swiglu.w_2",
-      help="comma-separated per-layer matrices whose weight/gradient PER is logged")
-    a("--probe_batch", type=int, default=4, help="sequences in the fixed probe batch for dynamics")
-    # the meta-learning branch (§3.2-3.3)
-    a("--hybrid_ratio", type=float, default=0.5,
-      help="probability that an optimizer step is a meta step (0 = vanilla)")
-    a("--n_way", type=int, default=32, help="N: classes (content words) per episode")
-    a("--k_shot", type=int, default=4, help="K: support examples per class")
-    a("--q_query", type=int, default=4, help="query examples per class (disjoint from the support ones)")
-    a("--inner_steps", type=int, default=10, help="SGD steps of the head on the support set")
-    a("--inner_lr", type=float, default=0.01, help="inner SGD lr (released runs: 0.01; paper text: 0.001)")
-    a("--head_hidden", type=int, default=128, help="hidden width of the MLP head")
-    a("--head_layers", type=int, default=4, help="linear layers in the MLP head")
-    a("--head_dropout", type=float, default=0.0,
-      help="dropout in the MLP head: the paper says 0.1, the released code silently applies none, and with "
-           "prototypes 0.1 drowns the class differences (README)")
-    a("--head_init", default="proto", choices=["proto", "learned", "vocab"],
-      help="the head's last layer each episode: proto (from support class means, Proto-MAML), "
-           "learned (meta-learned N-way layer, the paper's text: collapses to uniform), "
-           "vocab (the released code's token-id head)")
-    a("--read", default="mask", choices=["mask", "last"],
-      help="where the head reads the backbone: the [MASK] position (window = left context) or the "
-           "window's last token (the mask mid-window)")
-    a("--fewshot_episodes", type=int, default=8,
-      help="fixed held-out episodes scored with a fresh head at every --eval_every (0 = off)")
-    a("--smlmt_ctx", type=int, default=0,
-      help="tokens per episode example; 0 = size a meta micro-step like an AR one (min 16)")
-    a("--smlmt_skip_top", type=int, default=100,
-      help="content words exclude the corpus's most frequent tokens")
-    a("--smlmt_min_count", type=int, default=20, help="content words need at least this many occurrences")
-    a("--smlmt_max_occ", type=int, default=1000, help="occurrences kept per word in the SMLMT index")
-    a("--bench", action="store_true", help="benchmark micro-steps and dynamics; print numbers; no training")
-    a("--wandb", nargs="?", const="maml-gpt", metavar="PROJECT",
-      help="also log every metrics.jsonl record and the run config to Weights & Biases project PROJECT "
-           "(maml-gpt if not given; pip install wandb; WANDB_MODE=offline writes locally)")
-    # using a trained model: these read --out_dir/ckpt.pt and do not train
-    a("--sample", metavar="PROMPT", help="print continuations of PROMPT by the model in --out_dir "
-      "('<|endoftext|>' for unconditional samples)")
-    a("--num_samples", type=int, default=3, help="--sample: continuations to print")
-    a("--max_new_tokens", type=int, default=100,
-      help="--sample: tokens per continuation, unless <|endoftext|> comes first")
-    a("--temperature", type=float, default=0.8, help="--sample: softmax temperature (0 = greedy)")
-    a("--top_k", type=int, default=200, help="--sample: sample among the k most likely tokens (0 = all)")
-    a("--export_hf", metavar="DIR", help="write the model in --out_dir to DIR as a Hugging Face Llama folder "
-      "(config, weights, GPT-2 + [MASK] tokenizer); the meta-learning head stays in ckpt.pt")
-    return p
-
-
-def parse_args(argv=None):
-    """The command line over the preset of its --size: explicit flags always win."""
-    first = argparse.ArgumentParser(add_help=False)  # a first pass reads --size alone (and ignores --help)
-    first.add_argument("--size")
-    size = first.parse_known_args(argv)[0].size
-    parser = build_parser()
-    parser.set_defaults(**preset(size if size in SIZES else None))  # a bad --size: the full parser says so
-    args = parser.parse_args(argv)
-    for k in ("max_steps", "batch_size", "seq_len", "log_every", "save_every", "n_way", "k_shot", "q_query",
-              "num_samples", "max_new_tokens"):
-        if getattr(args, k) < 1:
-            raise UserError(f"--{k} must be >= 1 (got {getattr(args, k)})")
-    if args.overwrite and args.resume:
-        raise UserError("--overwrite starts over and --resume continues: give one of them")
-    if not 0.0 <= args.hybrid_ratio <= 1.0:
-        raise UserError(f"--hybrid_ratio must be in [0, 1] (got {args.hybrid_ratio})")
-    if args.temperature < 0 or args.top_k < 0:
-        raise UserError(f"--temperature and --top_k must be >= 0 (got {args.temperature}, {args.top_k})")
-    # checked on every rank, before any work: only rank 0 imports it, but all must stop together
-    if args.wandb:
-        import importlib.util
-        if importlib.util.find_spec("wandb") is None:
-            raise UserError("--wandb needs the wandb package: pip install wandb (or run without --wandb)")
-    return args
 
 def model_config(args):
     cfg = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, max_seq_len=args.seq_len)
@@ -236,8 +108,7 @@ STREAMS = {"batch": (0,), "branch": (1,), "episode": (2,), "dropout": ()}
 
 
 def stream_key(seed, step, stream, j=None):
-    """The seed sequence of one stream: [seed, step, slot], or [seed, step, j, slot] for a per-micro-step
-    stream."""
+    """The seed sequence of a stream: [seed, step, slot], or [seed, step, j, slot] per micro-step."""
     return [seed, step, *([] if j is None else [j]), *STREAMS[stream]]
 
 
@@ -251,9 +122,9 @@ def torch_seed(seed, step, j):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Model (paper §3.1): pre-norm Llama decoder. RMSNorm, RoPE, grouped-query attention, SwiGLU, untied
+# Model (paper §3.1): a pre-norm Llama decoder. RMSNorm, RoPE, grouped-query attention, SwiGLU, untied
 # embeddings, no biases, no dropout, PyTorch default init (as pico-decoder). Parameter names follow the
-# reference code.
+# reference code. After the Decoder: the fused LM-head loss it calls.
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -262,27 +133,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # x / rms(x) over the feature dimension, then a learned per-feature gain. No mean subtraction, no bias
-        # (unlike LayerNorm). Computed in fp32 even under bf16 autocast: the mean of squares loses precision
-        # in bf16.
+        # x / rms(x) over the feature dimension, then a learned per-feature gain. No mean subtraction and no
+        # bias (unlike LayerNorm). In fp32 even under bf16 autocast: a bf16 mean of squares loses precision.
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def rope_tables(head_dim, max_len, theta):
-    """cos/sin of shape (max_len, head_dim/2): pair i of position t is rotated by angle t *
-    theta^(-2i/head_dim)."""
-    # Pair 0 turns fastest (1 rad per position), the last pair slowest (~theta^-1): a spectrum of "clock
-    # hands".
+    """cos, sin (max_len, head_dim/2): pair i at position t turns by the angle t * theta^(-2i/head_dim)."""
+    # Pair 0 turns fastest (1 rad per position), the last pair slowest (~1/theta): a spectrum of clock hands.
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hd/2)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs (x0,x1), (x2,x3)... (Meta-Llama convention, not HF's rotate_half).
-    x: (B, H, T, hd); cos, sin: (T, hd/2). Real arithmetic, so the tables can be ordinary (NCCL-safe)
-    buffers."""
+    """Rotate adjacent feature pairs (x0, x1), (x2, x3), ... (Meta-Llama's convention, not HF's rotate_half).
+    x (B, H, T, hd); cos, sin (T, hd/2) fp32. Computed in fp32, returned in x's dtype. Real arithmetic, so the
+    tables can be ordinary (NCCL-safe) buffers."""
     # Each pair is a complex number x0 + i x1 multiplied by e^(i angle): a 2-D rotation. Rotating q at
     # position m and k at position n makes q.k depend on m - n only: attention sees relative positions.
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, T, hd/2): even and odd features
@@ -312,9 +180,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin):
         q, k, v = self.qkv(x, cos, sin)
         # enable_gqa: query head h reads kv head h // 3 without materialising repeated k/v (torch >= 2.5).
-        # is_causal: position t attends to 0..t; SDPA picks a fused kernel (flash / memory-efficient) when it
-        # can. Which one `--bench` prints: flash on the CPU (fp32, measured); on an H100 in bf16, not yet
-        # measured.
+        # is_causal: position t attends to 0..t. SDPA picks a fused kernel when it can; bench.py prints which
+        # (flash on the CPU in fp32, measured; on a GPU in bf16, not yet measured).
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).flatten(-2))  # heads back side by side: (B, T, d)
 
@@ -328,8 +195,7 @@ class SwiGLU(nn.Module):
         self.w_2 = nn.Linear(hidden, cfg.d_model, bias=False)  # down projection
 
     def forward(self, x):
-        # A gated MLP: silu(w_0 x) decides, per hidden unit, how much of w_1 x passes. (B, T, d) -> (B, T, 4d)
-        # -> d
+        # A gated MLP: silu(w_0 x) decides, per hidden unit, how much of w_1 x passes. (B, T, d) -> 4d -> d
         return self.w_2(F.silu(self.w_0(x)) * self.w_1(x))
 
 
@@ -348,31 +214,94 @@ class Block(nn.Module):
         return x + self.swiglu(self.swiglu_norm(x))
 
 
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding_proj = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.output_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.de_embedding_proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied from the input
+        cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        # Per-model, real, non-persistent: not in checkpoints, moved by .to(), safe to broadcast.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx, targets=None, return_hidden=False):
+        """idx (B, T) token ids. Returns the hidden states after output_norm (B, T, d) if return_hidden (the
+        features the MAML head and the NER head read). Otherwise (logits, loss): with targets (B, T), (None,
+        mean next-token loss), the logits never materialised; without, (logits (B, T, V) fp32, None)."""
+        T = idx.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens > max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # any length 1..max_seq_len: slice the tables
+        x = self.embedding_proj(idx)  # (B, T, d); no position embedding: RoPE carries position
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        x = self.output_norm(x)  # (B, T, d)
+        if return_hidden:  # meta and NER steps stop here: the 50,304-way LM head is the costliest matmul
+            return x
+        if targets is not None:  # training and evaluation: the loss without ever building the logits
+            return None, linear_cross_entropy(x.flatten(0, 1), self.de_embedding_proj.weight,
+                                              targets.flatten())
+        return self.de_embedding_proj(x).float(), None  # logits (B, T, V), fp32 for a stable softmax
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.8, top_k=None, generator=None):
+        """Sample continuations of idx (B, T) -> (B, T + n), n <= max_new_tokens. Deterministic for a
+        `generator` (temperature 0: greedy). A row that emits <|endoftext|> is finished: it is padded with
+        <|endoftext|> until every row is. [MASK] (50257) and the padding ids 50258..50303 are never sampled.
+
+        No KV cache: every new token re-runs the model on the whole (cropped) window. At these sizes that
+        costs little, and a cache would need a second attention path plus re-rotation of cached keys once the
+        window slides past max_seq_len; nanoGPT makes the same trade."""
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            h = self(idx[:, -self.cfg.max_seq_len:], return_hidden=True)  # (B, T, d): a long prompt's end
+            logits = self.de_embedding_proj(h[:, -1]).float()  # (B, V): only the last position predicts
+            logits[:, MASK_ID:] = float("-inf")  # [MASK] and padding: never trained as targets, never emitted
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                logits = logits / temperature
+                if top_k:  # keep the k most likely tokens: cuts the long tail of nonsense at small sizes
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
+            nxt = nxt.masked_fill(finished, EOT_ID)
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            finished |= nxt == EOT_ID
+            if finished.all():
+                break
+        return idx
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
 # The LM-head loss, fused and chunked. At tiny width the (B*T, V) logits are the largest tensors of a step by
 # far: 16 x 512 x 50,304 fp32 is 1.6 GB, and a plain F.cross_entropy keeps several such copies alive (the
 # logits, the log-softmax, their gradients). But the loss of a row needs only log-sum-exp minus the target
-# logit, and the backward needs only d loss / d logits = softmax - one-hot, multiplied into two matmuls (for h
-# and for W). So we walk the rows in chunks: compute a chunk's logits, its loss and both its gradient
-# contributions, then reuse the buffer for the next chunk. Nothing of size (B*T, V) ever exists, and the
-# backward pass is two multiplications by a scalar. (The technique of Liger-Kernel's FusedLinearCrossEntropy
-# and Apple's Cut Cross-Entropy, in plain torch.)
-
+# logit, and the backward needs only d loss / d logits = softmax - one-hot, multiplied into two matmuls (for
+# h and for W). So we walk the rows in chunks: a chunk's logits, its loss and both its gradient contributions,
+# then the same buffer for the next chunk. Nothing of size (B*T, V) ever exists, and the backward pass is two
+# multiplications by a scalar. (The technique of Liger-Kernel's FusedLinearCrossEntropy and Apple's Cut
+# Cross-Entropy, in plain torch.)
+#
 # Rows per chunk: 256 x 50,304 fp32 = 51 MB live at a time. Measured on the CPU (d = 96, 2,048 rows, 1
 # thread), the fastest of 128 / 256 / 512 / 1,024 / 2,048 (1.49 / 1.42 / 1.46 / 1.56 / 1.72 s for loss +
-# gradients; the plain F.cross_entropy took 2.87 s). On a GPU, 256 x d x 50,304 matmuls are still large at d
-# >= 384; a larger chunk may be faster there: not yet measured.
+# gradients; the plain F.cross_entropy took 2.87 s). On a GPU a larger chunk may be faster: not yet measured.
 LOSS_CHUNK_ROWS = 256
 
 
 def _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, want_h, want_w):
-    """Sum over rows of cross_entropy(h @ weight.T, targets), and (if asked) its gradients w.r.t. h and
-    weight. h (N, d), weight (V, d), targets (N,) int64. Rows whose target is ignore_index add 0 and get 0
-    gradient. -> (loss_sum fp32 scalar, grad_h (N, d) fp32 or None, grad_w (V, d) fp32 or None, n_counted
-    int64 scalar)."""
+    """Sum over rows of cross_entropy(h @ weight.T, targets) and, if asked, its gradients w.r.t. h and weight.
+    h (N, d), weight (V, d), targets (N,) int64; rows whose target is ignore_index add 0 and get 0 gradient.
+    -> (loss sum, fp32 scalar; grad_h (N, d) fp32 or None; grad_w (V, d) fp32 or None; rows counted)."""
     dev = h.device.type
     # Under autocast the matmuls run in its dtype (bf16), as nn.Linear's would; the softmax, the loss and the
-    # sums of gradient contributions stay fp32. Autocast does not look inside an autograd.Function, so cast by
-    # hand.
+    # sums of gradient contributions stay fp32. Autocast does not look inside an autograd.Function: cast here.
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     with torch.autocast(dev, enabled=False):
         hc, wc = h.to(dtype), weight.to(dtype)
@@ -404,8 +333,7 @@ def _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, want_h, wan
             g = e.div_(torch.where(counted[rows], sum_e, torch.inf)[:, None])
             g.scatter_add_(1, safe_t[rows], -counted[rows, None].float())  # (n, V)
             g = g.to(dtype)
-            # Chain rule through logits = h @ W.T: d/dh = g @ W (n, d), d/dW = g.T @ h (V, d), summed over
-            # chunks.
+            # Chain rule through logits = h @ W.T: d/dh = g @ W (n, d); d/dW = g.T @ h (V, d), summed.
             if want_h:
                 grad_h[rows] = g @ wc
             if want_w and dtype == torch.float32:
@@ -448,95 +376,52 @@ def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_rows=LOSS_
     return loss / n.clamp(min=1)
 
 
-class Decoder(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.embedding_proj = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.output_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.de_embedding_proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied from the input
-        cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-        # Per-model, real, non-persistent: not in checkpoints, moved by .to(), safe to broadcast.
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-
-    def forward(self, idx, targets=None, return_hidden=False):
-        """idx (B, T) token ids. Returns the hidden states after output_norm (B, T, d) if return_hidden (the
-        features the MAML head and the NER head read). Otherwise (logits, loss): with targets (B, T), (None,
-        mean next-token loss), the logits never materialised; without, (logits (B, T, V) fp32, None)."""
-        T = idx.shape[1]
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens > max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # any length 1..max_seq_len: slice the tables
-        x = self.embedding_proj(idx)  # (B, T, d); no position embedding: RoPE carries position
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        x = self.output_norm(x)  # (B, T, d)
-        if return_hidden:
-            # meta and NER steps stop here: the 50,304-way LM head is the costliest matmul at small d
-            return x
-        if targets is not None:  # training and evaluation: the loss without ever building the logits
-            return None, linear_cross_entropy(x.flatten(0, 1), self.de_embedding_proj.weight,
-                                              targets.flatten())
-        return self.de_embedding_proj(x).float(), None  # logits (B, T, V), fp32 for a stable softmax
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.8, top_k=None, generator=None):
-        """Sample continuations of idx (B, T) -> (B, T + n), n <= max_new_tokens. Deterministic for a
-        `generator` (temperature 0: greedy). A row that emits <|endoftext|> is finished: it is padded with
-        <|endoftext|> until every row is. [MASK] (50257) and the padding ids 50258..50303 are never sampled.
-
-        No KV cache: every new token re-runs the model on the whole (cropped) window. At these sizes that
-        costs little, and a cache would need a second attention path plus re-rotation of cached keys once the
-        window slides past max_seq_len; nanoGPT makes the same trade."""
-        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            # (B, T, d); a long prompt: keep its end
-            h = self(idx[:, -self.cfg.max_seq_len:], return_hidden=True)
-            # (B, V): only the last position predicts a new token
-            logits = self.de_embedding_proj(h[:, -1]).float()
-            # [MASK] and padding ids: never trained as targets, never emitted
-            logits[:, MASK_ID:] = float("-inf")
-            if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                logits = logits / temperature
-                if top_k:  # keep the k most likely tokens: cuts the long tail of nonsense at small sizes
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
-            nxt = nxt.masked_fill(finished, EOT_ID)
-            idx = torch.cat([idx, nxt[:, None]], dim=1)
-            finished |= nxt == EOT_ID
-            if finished.all():
-                break
-        return idx
-
-
-def count_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
 # ------------------------------------------------------------------------------------------------------------
 # SMLMT episodes (paper §3.2): N content words, K support + Q query contexts each, the word replaced by
-# [MASK].
+# [MASK]. An episode is an N-way classification task made from raw text: which of N words was masked here?
+
+def content_word_ids(counts, skip_top, min_count):
+    """The words SMLMT may mask: GPT-2 tokens that are whole words (a leading space and >= 3 ASCII letters),
+    not among the corpus's `skip_top` most frequent tokens (function words), and seen >= `min_count` times.
+    counts (65536,) corpus token counts -> (n_words,) int64 token ids."""
+    enc = get_tokenizer()
+    frequent = set(np.argsort(-counts)[:skip_top].tolist())
+    return np.array([i for i in np.flatnonzero(counts >= min_count)
+                     if i < EOT_ID and i not in frequent
+                     and re.fullmatch(rb" [A-Za-z]{3,}", enc.decode_single_token_bytes(int(i)))],
+                    dtype=np.int64)
+
+
+# The index sample_episode draws from (built once per corpus by build_smlmt_index, in the appendix): for each
+# content word, where it occurs, in one flat CSR layout. Word i is the token index["words"][i]; its corpus
+# positions are index["positions"][index["offsets"][i]:index["offsets"][i + 1]], at most --smlmt_max_occ of
+# them, each at least SMLMT_MARGIN tokens from either end of the corpus, so any window of <= SMLMT_MARGIN
+# tokens around an occurrence fits.
+SMLMT_MARGIN = 256
+
 
 def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key, read="mask"):
     """One N-way K-shot episode, drawn from the seed sequence `key` alone (stream_key(seed, step, "episode",
-    j)).
+    j)): the same key always gives the same episode.
 
-    Returns support_x (N*K, ctx), support_y (N*K,), query_x (N*Q, ctx), query_y (N*Q,) as int64 numpy arrays,
-    and the class word ids (N,): label c means word classes[c]. Each example is a corpus window around one
-    occurrence of its word, with that occurrence replaced by [MASK]. The layout follows where the head reads
-    (`read`):
-      mask: the [MASK] is the window's last token. The head reads the hidden state AT the [MASK]; in a causal
-            model nothing after it could reach that state, so the whole window is left context (no dead
-              compute);
-      last: the [MASK] sits at a random offset with >= ctx/4 tokens on each side, and the head reads the
-        window's
-            last token, which has attended to both sides of the mask.
-    Support and query occurrences are distinct positions, and every query label is one of the N classes."""
+    tokens: the corpus (1-D uint16 array); index: the CSR index above; ctx: tokens per example window.
+    Returns a dict of int64 numpy arrays, rows grouped by word: word i (i = 0..N-1, in drawing order) owns
+    rows i*K .. i*K+K-1 of the support arrays, rows i*Q .. i*Q+Q-1 of the query arrays, and row i of the
+    (N, K+Q) arrays, whose first K columns are its support examples and last Q its query examples:
+      support_x (N*K, ctx), support_y (N*K,)   windows (the occurrence replaced by MASK_ID) and labels
+      query_x (N*Q, ctx),   query_y (N*Q,)     the same for the query set
+      classes (N,)          classes[c] is the token id of the word behind label c
+      positions (N, K+Q)    the corpus position of each masked occurrence
+      mask_at (N, K+Q)      where the [MASK] sits inside its window
+    Rules: N distinct words, drawn among those with >= K+Q indexed occurrences; the K+Q occurrences of a word
+    are distinct positions (a query never repeats a support example); labels are a fresh random permutation
+    per episode, so a label carries no word identity; only the chosen occurrence is masked. Raises UserError
+    ("... content words ...") when fewer than N words have K+Q occurrences.
+    Where the [MASK] sits follows where the head reads (`read`):
+      mask: the window's last token. The head reads the hidden state AT the [MASK]; in a causal model nothing
+            after it could reach that state, so the whole window is left context (no dead compute);
+      last: a random offset with >= ctx/4 tokens on each side; the head reads the window's last token, which
+            has attended to both sides of the mask."""
     rng = np.random.default_rng(key)  # every random choice below comes from this one generator
     counts = np.diff(index["offsets"])  # occurrences indexed per word
     eligible = np.flatnonzero(counts >= k_shot + q_query)
@@ -544,21 +429,19 @@ def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key, read="mask")
         raise UserError(f"only {len(eligible)} content words have >= K+Q = {k_shot + q_query} occurrences; "
                         f"need N = {n_way}. Use a larger corpus, lower --n_way, or relax --smlmt_min_count")
     chosen = rng.choice(eligible, size=n_way, replace=False)  # word slots in the index
-    labels = rng.permutation(n_way)  # a fresh class order per episode: labels carry no word identity
+    labels = rng.permutation(n_way)  # chosen[i] gets label labels[i]
     per_class = k_shot + q_query
     occ = np.stack([index["positions"][index["offsets"][w] + rng.choice(counts[w], per_class, replace=False)]
                     for w in chosen])  # (N, K+Q) distinct corpus positions of each word
     if read == "mask":
-        mask_at = np.full(occ.shape, ctx - 1)  # (N, K+Q) where [MASK] sits in each window: the last token
-    # a random offset per example, so a last-token reader cannot learn "the answer is always at position 8"
-    else:
+        mask_at = np.full(occ.shape, ctx - 1)  # (N, K+Q): the last token of every window
+    else:  # a random offset per example: a last-token reader cannot learn "the answer is always at 8"
         mask_at = rng.integers(ctx // 4, ctx - ctx // 4, size=occ.shape)
     windows = np.asarray(tokens[(occ - mask_at)[..., None] + np.arange(ctx)], dtype=np.int64)  # (N, K+Q, ctx)
     # Only this occurrence is masked: if the word also appears elsewhere in the window it stays visible (a
     # shortcut; see the README's exercises).
     np.put_along_axis(windows, mask_at[..., None], MASK_ID, axis=-1)
-    # (N, K+Q): row i is word i's label, support and query alike
-    y = np.repeat(labels[:, None], per_class, axis=1)
+    y = np.repeat(labels[:, None], per_class, axis=1)  # (N, K+Q): row i is word i's label
     classes = np.empty(n_way, dtype=np.int64)
     classes[labels] = index["words"][chosen]  # invert the permutation: classes[label] = that word's token id
     # The first K occurrences of each word are its support set, the remaining Q its query set.
@@ -568,89 +451,27 @@ def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key, read="mask")
 
 
 def smlmt_ctx(args):
-    """Tokens per episode example. Auto: a meta micro-step reads about as many backbone tokens as an AR one,
-    N * (K + Q) * ctx ~ batch_size * seq_len, but never fewer than 16 (8 tokens of context on each side)."""
+    """Tokens per episode example: --smlmt_ctx, or (0) sized so that a meta micro-step reads about as many
+    backbone tokens as an AR one, N * (K + Q) * ctx ~ batch_size * seq_len; 16 at least, so that even a small
+    batch leaves every example some context (all of it to the left under --read mask)."""
     ctx = args.smlmt_ctx or args.batch_size * args.seq_len // (args.n_way * (args.k_shot + args.q_query))
     return int(min(max(ctx, 16), args.seq_len, SMLMT_MARGIN))
 
 
 def episode_tensors(tokens, index, args, key, device):
+    """sample_episode with the run's settings, as device tensors, plus support_at (N*K,) and query_at (N*Q,):
+    the [MASK] position of each support / query row."""
     ep = sample_episode(tokens, index, args.n_way, args.k_shot, args.q_query, smlmt_ctx(args), key, args.read)
     at = ep["mask_at"]  # (N, K+Q)
     ep = dict(ep, support_at=at[:, :args.k_shot].reshape(-1), query_at=at[:, args.k_shot:].reshape(-1))
     return {k: torch.from_numpy(ep[k]).to(device) for k in ("support_x", "support_y", "query_x", "query_y",
                                                             "classes", "support_at", "query_at")}
 
-# The index that feeds sample_episode: where each content word occurs in the corpus.
-
-def content_word_ids(counts, skip_top, min_count):
-    """A content word is a GPT-2 token that is a whole word (leading space + >= 3 ASCII letters), not among
-    the corpus's `skip_top` most frequent tokens (function words), and seen at least `min_count` times."""
-    enc = get_tokenizer()
-    frequent = set(np.argsort(-counts)[:skip_top].tolist())
-    return np.array([i for i in np.flatnonzero(counts >= min_count)
-                     if i < EOT_ID and i not in frequent
-                     and re.fullmatch(rb" [A-Za-z]{3,}", enc.decode_single_token_bytes(int(i)))],
-                    dtype=np.int64)
-
-
-SMLMT_MARGIN = 256  # indexed occurrences keep this many tokens of room on both sides (so --smlmt_ctx <= 256)
-
-
-def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True, split="train"):
-    """{word id -> occurrence positions in SPLIT.bin}, capped at --smlmt_max_occ per word; cached as .npz.
-    Training episodes come from train.bin only; the few-shot eval's from val.bin (its own word counts, and a
-    word needs only K+Q occurrences there)."""
-    min_count = args.smlmt_min_count if split == "train" else args.k_shot + args.q_query
-    prefix = "smlmt" if split == "train" else f"smlmt-{split}"
-    path = os.path.join(corpus_dir, f"{prefix}-{args.smlmt_skip_top}-{min_count}-{args.smlmt_max_occ}.npz")
-    if not os.path.exists(path) and not rank_is_local_zero:
-        while not os.path.exists(path):
-            time.sleep(2)
-    if not os.path.exists(path):
-        tokens = read_bin(os.path.join(corpus_dir, f"{split}.bin"))
-        chunk = 1 << 24
-        # Pass 1: token frequencies (the rule's "most frequent" and "too rare" bounds need corpus counts).
-        counts = sum(np.bincount(tokens[i:i + chunk], minlength=1 << 16)
-                     for i in range(0, len(tokens), chunk))
-        words = content_word_ids(counts, args.smlmt_skip_top, min_count)
-        is_word = np.zeros(1 << 16, dtype=bool)  # a lookup table: is_word[token id] -> content word?
-        is_word[words] = True
-        found = {int(w): [] for w in words}
-        have = dict.fromkeys(found, 0)
-        lo, hi = SMLMT_MARGIN, len(tokens) - SMLMT_MARGIN
-        # Pass 2: positions, in corpus order, up to the cap (web corpora are document-shuffled, so the first
-        # 1,000 occurrences are as good a sample as any). Chunked: a 1B-token corpus needs no 1B-entry arrays.
-        for start in range(lo, hi, chunk):
-            seg = np.asarray(tokens[start:min(start + chunk, hi)])
-            pos = np.flatnonzero(is_word[seg])  # offsets of content words in this chunk
-            ids = seg[pos]
-            order = np.argsort(ids, kind="stable")  # group by word, keeping corpus order within a word
-            ids, pos = ids[order], pos[order] + start
-            bounds = np.flatnonzero(np.diff(ids)) + 1  # where one word's group ends and the next begins
-            for grp_ids, grp_pos in zip(np.split(ids, bounds), np.split(pos, bounds)):
-                w = int(grp_ids[0]) if len(grp_ids) else None
-                if w is not None and have[w] < args.smlmt_max_occ:
-                    take = grp_pos[:args.smlmt_max_occ - have[w]]
-                    found[w].append(take)
-                    have[w] += len(take)
-        keep = [w for w in found if have[w] >= min_count]  # enough occurrences away from the edges
-        positions = [np.concatenate(found[w]) for w in keep]
-        # CSR layout: word i's positions are positions[offsets[i]:offsets[i + 1]] (one flat array, fast to
-        # load)
-        offsets = np.cumsum([0] + [len(p) for p in positions])
-        np.savez(path + ".tmp.npz", words=np.array(keep, dtype=np.int64), offsets=offsets,
-                 positions=np.concatenate(positions) if positions else np.zeros(0, np.int64))
-        os.replace(path + ".tmp.npz", path)
-    z = np.load(path)
-    return {"words": z["words"], "offsets": z["offsets"], "positions": z["positions"]}
-
 
 # ------------------------------------------------------------------------------------------------------------
 # First-order MAML (paper §3.3, Algorithm 1): an MLP head adapts to the support set; the query loss at the
-# adapted head trains the backbone and the head's initialisation. Beside it, the other branch: one next-token
-# micro-step.
-#
+# adapted head trains the backbone and the head's initialisation. Then the other branch: a next-token step.
+
 def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.0, init="proto", vocab_size=None):
     """`body`: d -> 128 -> 128 -> 128 (3 linear layers, ReLU, dropout), shared by all classes, so the label
     order cannot hurt it; plus `out`, a learned last layer: N-way (init="learned"), over the vocabulary
@@ -671,9 +492,9 @@ def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.0, init="proto",
 
 def episode_init(head, support_feats, support_labels, classes, init):
     """phi_0, this episode's starting weights, as {name: tensor}: the body's parameters as they are, and a
-    last layer (out.weight (N, h), out.bias (N,)) set by `init`. Gradients flow back through every entry: into
-    the body directly, and for "proto" also through the prototypes (the support features carry no backbone
-    graph)."""
+    last layer (out.weight (N, h), out.bias (N,)) set by `init`. Gradients flow back through every entry:
+    into the body directly, and for "proto" also through the prototypes (the support features carry no
+    backbone graph)."""
     phi = {f"body.{k}": p for k, p in head["body"].named_parameters()}
     if init == "proto":
         z = functional_call(head["body"], dict(head["body"].named_parameters()), (support_feats.float(),))
@@ -698,27 +519,23 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr):
     """`steps` plain SGD steps of the head on the support set, in fp32, starting from phi0 ({name: tensor}).
 
     Returns phi_T as {name: tensor} for head_logits(). First order: each step's gradient comes from
-    torch.autograd.grad (never .backward(): under DDP that would all-reduce support gradients across ranks,
-    i.e. across different tasks) and no graph links the steps. The returned tensors equal the adapted weights
-    phi_T, written as phi_0 + (phi_T - phi_0).detach(): a loss computed with them back-propagates d loss / d
-    phi_T straight into phi_0 (and from there into the head's parameters), which is exactly the FOMAML
-    meta-gradient."""
+    torch.autograd.grad, never .backward(), which would add the support gradients to the head's .grad (where
+    only the meta-gradient belongs), and no graph links the steps. The returned tensors equal the adapted
+    weights phi_T, written as phi_0 + (phi_T - phi_0).detach(): a loss computed with them back-propagates
+    d loss / d phi_T straight into phi_0 (and from there into the head's parameters), which is exactly the
+    FOMAML meta-gradient."""
     feats = support_feats.detach().float()  # (N*K, d): no gradient reaches the backbone from the support set
     # Fresh leaf copies: the head itself is never modified, so there is nothing to snapshot and restore (the
-    # reference's state_dict dance), and its .grad is left for the outer update alone.
+    # reference's state_dict dance).
     fast = {k: p.detach().clone().requires_grad_() for k, p in phi0.items()}
-    # fp32 even under bf16 autocast: 10 small SGD steps on a 4-layer MLP are cheap, and bf16 would round them
-    # away.
+    # fp32 even under bf16 autocast: 10 SGD steps on a small MLP are cheap, and bf16 would round them away.
     with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
         for _ in range(steps):
             loss = F.cross_entropy(head_logits(head, fast, feats), support_labels)
-            # local to this rank: no DDP hook, no .grad
             grads = torch.autograd.grad(loss, list(fast.values()))
-            # phi_t = phi_{t-1} - lr * grad; detach() is what makes it first order (no graph through the
-            # steps)
+            # phi_t = phi_{t-1} - lr * grad; detach() makes it first order (no graph through the steps)
             fast = {k: (w - lr * g).detach().requires_grad_() for (k, w), g in zip(fast.items(), grads)}
-    # Value phi_T, gradient path to phi_0 with Jacobian I: the straight-through form of the FOMAML
-    # approximation.
+    # Value phi_T, gradient path to phi_0 with Jacobian I: the straight-through form of FOMAML.
     return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}
 
 
@@ -750,14 +567,12 @@ def meta_micro_step(model, head, ep, args, scale, amp):
     with amp:
         hq = read_features(model, ep["query_x"], ep["query_at"], args.read)  # (N*Q, d), with grad
     loss = F.cross_entropy(head_logits(head, adapted, hq), ep["query_y"])  # scalar, N-way CE
-    # Backbone.grad += d loss / d backbone (through hq); head.grad += d loss / d phi_T (through `adapted` and
-    # phi0). Scaled by 1 / (grad_accum * world) so that gradients summed over micro-steps and ranks are a
-    # mean.
+    # backbone.grad += d loss / d backbone (through hq); head.grad += d loss / d phi_T (through `adapted` and
+    # phi0). Scaled by 1 / (grad_accum * world): gradients summed over micro-steps and ranks are then a mean.
     (loss * scale).backward()
-    with torch.no_grad():  # accuracies without dropout, before and after adaptation
+    with torch.no_grad():  # accuracies before and after adaptation, without dropout (prototypes included)
         head.eval()
         hq = hq.detach()
-        # prototypes without dropout
         phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init)
         stats = dict(loss_query=loss.detach(),
                      acc_support_pre=accuracy(head_logits(head, phi0, hs), ep["support_y"]),
@@ -777,8 +592,9 @@ def ar_micro_step(model, x, y, scale, amp):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Learning dynamics (paper §3.3 "every 100 steps ... singular values", §6): proportional effective rank
-# (PER) of weights and gradients, attention-head entropy, on a fixed probe batch. Computed on the raw model.
+# Learning dynamics and evaluation (paper §3.3 "every 100 steps ... singular values", §6): proportional
+# effective rank (PER) of weights and gradients and attention-head entropy on a fixed probe batch; eval
+# perplexity; the held-out few-shot eval. All run on the raw (uncompiled) model, between optimizer steps.
 
 def effective_rank(W):
     """ER = exp(H(p)), p = sigma / sum(sigma) over W's singular values (Roy & Vetterli 2007). Zero singular
@@ -827,31 +643,56 @@ def learning_dynamics(model, probe_x, probe_y, modules, amp):
     the model's .grad, so call it between optimizer steps, never during gradient accumulation."""
     names = [f"layers.{i}.{m}" for i in range(model.cfg.n_layers) for m in modules]
     mats = dict(model.named_parameters())
+    weight_er = {}  # one SVD per weight matrix: the ref/ set below repeats the modules' v and o weights
+
+    def er_weight(name):
+        if name not in weight_er:
+            weight_er[name] = effective_rank(mats[name])
+        return weight_er[name]
+
     out = {}
     model.zero_grad(set_to_none=True)
     with amp:
         _, loss = model(probe_x, probe_y)
     loss.backward()  # the gradient of the next-token loss (RoPE on, the model's own context length)
     for n in names:
-        W, G = mats[n + ".weight"], mats[n + ".weight"].grad
-        out[f"per_weight/{n}"] = proportional_effective_rank(W)
-        out[f"per_grad/{n}"] = proportional_effective_rank(G)
-        out[f"er_weight/{n}"] = effective_rank(W)
-        out[f"er_grad/{n}"] = effective_rank(G)
+        W = mats[n + ".weight"]
+        er_w, er_g = er_weight(n + ".weight"), effective_rank(W.grad)  # PER = ER / min(shape): same spectrum
+        out[f"per_weight/{n}"], out[f"per_grad/{n}"] = er_w / min(W.shape), er_g / min(W.shape)
+        out[f"er_weight/{n}"], out[f"er_grad/{n}"] = er_w, er_g
     # The reference analysis: mean over every q/k/v/o matrix, gradient of logits.mean() (not the loss).
     model.zero_grad(set_to_none=True)
     with amp:
         logits, _ = model(probe_x)
     logits.mean().backward()
-    attn = [p for n, p in mats.items() if ".attention." in n]
-    for kind, tensors in (("weight", attn), ("grad", [p.grad for p in attn])):
-        out[f"ref/per_{kind}_attn"] = float(np.mean([proportional_effective_rank(t) for t in tensors]))
-        out[f"ref/er_{kind}_attn"] = float(np.mean([effective_rank(t) for t in tensors]))
+    attn = [n for n in mats if ".attention." in n]
+    for kind, ers in (("weight", [er_weight(n) for n in attn]),
+                      ("grad", [effective_rank(mats[n].grad) for n in attn])):
+        out[f"ref/per_{kind}_attn"] = float(np.mean([e / min(mats[n].shape) for e, n in zip(ers, attn)]))
+        out[f"ref/er_{kind}_attn"] = float(np.mean(ers))
     model.zero_grad(set_to_none=True)
     ent = attention_entropy(model, probe_x)
     out["attn_entropy"] = [[round(v, 5) for v in row] for row in ent.tolist()]  # (layers, heads)
     out["attn_entropy_mean"] = ent.mean().item()
     return out
+
+
+def evaluate(model, batches, amp, rank, world):
+    """Mean next-token loss over fixed batches, sharded over ranks and all-reduced; -> (loss, perplexity)."""
+    model.eval()
+    tot = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device if batches else "cpu")
+    with torch.no_grad(), amp:
+        for i in range(rank, len(batches), world):
+            x, y = batches[i]
+            _, loss = model(x, y)
+            tot += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), dtype=torch.float64,
+                                                                         device=tot.device)])
+    if world > 1:
+        dist.all_reduce(tot)
+    model.train()
+    mean = (tot[0] / tot[1]).item()
+    return mean, math.exp(min(mean, 50.0))
+
 
 # Held-out few-shot eval ("learning to learn"): does the BACKBONE make new episodes easier? Fixed episodes
 # from the held-out split, a fresh head with a fixed seed, the same inner loop. Identical for every run, seed
@@ -895,35 +736,22 @@ def fewshot_eval(model, head_args, episodes, amp):
 # ------------------------------------------------------------------------------------------------------------
 # Training loop (Algorithm 1, App. A.1). No DDP wrapper: each rank accumulates its own gradients and one
 # explicit all-reduce per optimizer step averages them, over exactly the parameters the branch used (the same
-# set on every rank, because the branch is). Unused parameters keep grad None, so AdamW leaves them untouched.
+# set on every rank, because the branch is). Unused parameters keep grad None, so AdamW skips them.
 
 def is_meta_step(seed, step, ratio):
     """The branch of optimizer step `step`: meta with probability `ratio`, else AR."""
     return bool(ratio > 0 and stream_rng(seed, step, "branch").random() < ratio)
 
 
-BUCKET_NUMEL = 1 << 26  # elements per all-reduce buffer: 256 MB of fp32 gradients
-
-
-def all_reduce_(tensors, world):
-    """Sum a list of tensors across ranks in place, one flat buffer per BUCKET_NUMEL elements. Each rank
-    scaled its losses by 1 / (grad_accum * world), so the sum of the gradients is the global-batch mean."""
-    if world == 1 or not tensors:
-        return
-    # One all-reduce per bucket instead of one per tensor (latency), but never one buffer the size of the
-    # whole model (memory). The None sentinel flushes the last bucket. Every rank passes the same list: same
-    # branch.
-    bucket, size = [], 0
-    for t in tensors + [None]:
-        if t is not None:
-            bucket.append(t)
-            size += t.numel()
-        if bucket and (t is None or size >= BUCKET_NUMEL):
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat)
-            for b, v in zip(bucket, flat.split([b.numel() for b in bucket])):
-                b.copy_(v.view_as(b))
-            bucket, size = [], 0
+def choose_branch(args, step, run):
+    """Algorithm 1, line 3: rank 0 draws this step's branch and broadcasts it; every rank uses what it
+    receives. One branch for the whole step (every micro-step, every rank) makes the set of parameters with
+    gradients the same everywhere, which is what makes one plain all-reduce correct. -> "meta" or "ar"."""
+    drawn = run.rank == 0 and is_meta_step(args.seed, step, args.hybrid_ratio)
+    meta = torch.tensor([int(drawn)], device=run.device)
+    if run.world > 1:
+        dist.broadcast(meta, src=0)
+    return "meta" if meta.item() else "ar"
 
 
 def lr_at(step, args):
@@ -937,15 +765,10 @@ def lr_at(step, args):
     decay = 0.5 * (1 + math.cos(math.pi * frac)) if args.lr_schedule == "cosine" else 1 - frac
     return args.lr * (lo + (1 - lo) * decay)
 
-def choose_branch(args, step, r):
-    """Algorithm 1, line 3: rank 0 draws this step's branch and broadcasts it; every rank uses what it
-    receives. One branch for the whole step (every micro-step, every rank) makes the set of parameters with
-    gradients the same everywhere, which is what makes one plain all-reduce correct."""
-    drawn = r.rank == 0 and is_meta_step(args.seed, step, args.hybrid_ratio)
-    meta = torch.tensor([int(drawn)], device=r.device)
-    if r.world > 1:
-        dist.broadcast(meta, src=0)
-    return bool(meta.item())
+
+def due(done, every, args):
+    """Is a task that runs every `every` steps (0 = never) due after step `done`? The last step always is."""
+    return bool(every) and (done % every == 0 or done == args.max_steps)
 
 
 @dataclass
@@ -966,67 +789,173 @@ class Run:
     amp: object  # the autocast context (or a nullcontext in fp32)
     global_batch: int  # sequences per optimizer step, over all ranks
     scale: float  # 1 / (grad_accum * world): the all-reduced SUM of gradients is then the global-batch mean
-    micro_tokens: dict  # backbone tokens of one micro-step: {True: meta, False: AR}
+    micro_tokens: dict  # backbone tokens of one micro-step of each branch: {"meta": ..., "ar": ...}
     probe: tuple  # the fixed probe batch of learning dynamics: x, y (probe_batch, seq_len)
     modules: list  # the per-layer matrices whose PER is logged
 
 
 def train(args, stop=None, argv=()):
-    """The run. `stop` is stop_signals()'s flag (main() installs the handlers); `argv` goes into the resume
-    hint."""
+    """The run. `stop` is stop_signals()'s flag (main() installs the handlers); `argv`, the resume hint's."""
     stop = stop or dict(signum=0, armed=False)
-    resume = start_mode(args) == "resume"  # may refuse; nothing in --out_dir has been touched yet
-    r = setup(args)
-    start, counters = resume_or_start(r, args, resume)
-    book = open_logbook(r, args, start, counters)  # config.json, fixed eval data, the dynamics of step 0
-    meter, done, stopping = Meter(r.device), start, 0
+    resume = wants_resume(args)  # may refuse; nothing in --out_dir has been touched yet
+    run = setup(args)
+    start, counters = resume_or_start(run, args, resume)
+    book = open_logbook(run, args, start, counters)  # config.json, fixed eval data, the dynamics of step 0
+    meter, done, stopping = Meter(run.device), start, 0
     stop["armed"] = True  # from here on a signal means "finish the step and save" (stop_signals)
     for step in book.bar:  # range(start, max_steps)
-        meta = choose_branch(args, step, r)
-        starts = None if meta else batch_indices(args.seed, step, len(r.tokens), args.seq_len, r.global_batch)
+        branch = choose_branch(args, step, run)
+        starts = (None if branch == "meta"
+                  else batch_indices(args.seed, step, len(run.tokens), args.seq_len, run.global_batch))
         for micro in range(args.grad_accum):  # gradients accumulate in .grad across micro-steps
-            j = micro * r.world + r.rank  # this micro-step's slot in the global batch
+            j = micro * run.world + run.rank  # this micro-step's slot in the global batch
             torch.manual_seed(torch_seed(args.seed, step, j))  # the head's dropout masks
-            if meta:  # one SMLMT episode per micro-step per rank: a meta-batch of grad_accum x world episodes
-                key = stream_key(args.seed, step, "episode", j)
-                ep = episode_tensors(r.tokens, r.index, args, key, r.device)
-                stats = meta_micro_step(r.model, r.head, ep, args, r.scale, r.amp)
+            if branch == "meta":  # one episode per micro-step per rank: a meta-batch of grad_accum x world
+                ep = episode_tensors(run.tokens, run.index, args, stream_key(args.seed, step, "episode", j),
+                                     run.device)
+                stats = meta_micro_step(run.model, run.head, ep, args, run.scale, run.amp)
             else:
-                x, y = get_batch(r.tokens, micro_slice(starts, micro, r.rank, r.world, args.batch_size),
-                                 args.seq_len, r.device)
-                stats = ar_micro_step(r.model, x, y, r.scale, r.amp)
-            meter.add_all(stats, loss_mixed=stats["loss_query" if meta else "loss_ar"])  # see LOG_KEYS
-        # Only the parameters this branch used have a .grad (the LM head idles on meta steps, the MLP head on
-        # AR).
-        params = [p for p in r.params if p.grad is not None]
-        all_reduce_([p.grad for p in params], r.world)
-        if meta:  # the FOMAML meta-gradient of the head init, measured before clipping and zeroing
+                x, y = get_batch(run.tokens, micro_slice(starts, micro, run.rank, run.world, args.batch_size),
+                                 args.seq_len, run.device)
+                stats = ar_micro_step(run.model, x, y, run.scale, run.amp)
+            meter.add_all(stats, loss_mixed=stats["loss_query" if branch == "meta" else "loss_ar"])
+        # Only the parameters this branch used have a .grad (the LM head idles on meta steps, the head on AR).
+        params = [p for p in run.params if p.grad is not None]
+        all_reduce_([p.grad for p in params], run.world)
+        if branch == "meta":  # the FOMAML meta-gradient of the head init, before clipping and zeroing
             meter.add("head_grad_norm", torch.linalg.vector_norm(torch.stack(
-                [p.grad.norm() for p in r.head.parameters()])))
+                [p.grad.norm() for p in run.head.parameters()])))
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        for group in r.optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        r.optimizer.step()  # AdamW skips parameters whose .grad is None: no momentum or weight-decay drift
-        # None, not zeros: a zero gradient still moves them by momentum
-        r.optimizer.zero_grad(set_to_none=True)
-        # backbone tokens: the x-axis of "equal compute"
-        n_tok = r.micro_tokens[meta] * args.grad_accum * r.world
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)  # None, not zeros: a zero gradient still moves by momentum
+        n_tok = run.micro_tokens[branch] * args.grad_accum * run.world  # backbone tokens: "equal compute"
         counters["tokens"] += n_tok
-        counters["tokens_meta" if meta else "tokens_ar"] += n_tok
-        done, stopping = step + 1, stop_requested(stop, r.world, r.device)  # a signal on any rank: save, exit
-        book.record(r, args, meta, meter, done, counters, stopping)  # log, evaluate, probe dynamics when due
-        if done % args.save_every == 0 or done == args.max_steps or stopping:
-            save(r, args, done, counters)
+        counters[f"tokens_{branch}"] += n_tok
+        done, stopping = step + 1, stop_requested(stop, run.world, run.device)  # a signal on any rank
+        book.n_steps[branch] += 1
+        # What the paper measures, when it is due: eval perplexity and the held-out few-shot eval, and the
+        # learning-dynamics probe. The logbook writes them with the window's training means.
+        eval_now, probe_now = due(done, args.eval_every, args), due(done, args.dynamics_every, args)
+        if due(done, args.log_every, args) or eval_now or probe_now or stopping:
+            rec = book.window(run, args, meter, done, counters)  # means over micro-steps and ranks
+            if eval_now:
+                rec["eval_loss"], rec["eval_ppl"] = evaluate(run.orig_model, book.evals, run.amp, run.rank,
+                                                             run.world)
+                if run.rank == 0 and book.fewshots:
+                    rec.update(fewshot_eval(run.orig_model, args, book.fewshots, run.amp))
+            if probe_now and run.rank == 0:
+                rec.update(learning_dynamics(run.orig_model, *run.probe, run.modules, run.amp))
+            book.write(rec, run.rank)
+        if due(done, args.save_every, args) or stopping:
+            save(run, args, done, counters)
         if stopping:
             break
     stop["armed"] = False
-    finish(r, args, book, counters, done, stopping, argv)
+    finish(run, args, book, counters, done, stopping, argv)
+
 
 # ============================================================================================================
-# APPENDIX: the plumbing. Nothing below is part of the method; it makes runs reproducible, restartable and
-# fast.
+# APPENDIX: the plumbing. Nothing below is the method; it makes runs reproducible, restartable and fast.
 # ============================================================================================================
+
+# ------------------------------------------------------------------------------------------------------------
+# The command line. The presets at the top are its defaults; the README explains each setting.
+
+def build_parser():
+    p = argparse.ArgumentParser(description="FOMAML + next-token pretraining of a Llama-style decoder "
+                                "(arXiv 2508.02189).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--size", choices=list(SIZES), help="width and the released recipe (none: the CPU demo); the defaults "
+      "shown are those of the chosen size")
+    a("--data", help="toy (offline toy world), a local .txt / folder / .jsonl, or a hub dataset ID[:CONFIG]")
+    a("--data_dir", default=os.path.join(HERE, "data", "cache"), help="where prepared corpora are cached")
+    a("--max_tokens", type=int, default=1_000_000_000, help="tokens to take from a hub or local corpus")
+    a("--toy_docs", type=int, default=30_000, help="paragraphs in the toy world corpus (30k ~ 2.3M tokens)")
+    a("--d_model", type=int, help="width (a multiple of 24: 12 heads, even head_dim)")
+    a("--n_layers", type=int, default=12, help="layers (12 in every paper size)")
+    a("--out_dir", help="run folder: ckpt.pt, metrics.jsonl, config.json")
+    # optimisation
+    a("--max_steps", type=int, help="optimizer steps")
+    a("--batch_size", type=int, help="sequences per micro-step per process")
+    a("--grad_accum", type=int, help="micro-steps per optimizer step (None: reach --global_batch)")
+    a("--global_batch", type=int, help="sequences per optimizer step, used when --grad_accum is not given")
+    a("--seq_len", type=int, help="tokens per training sequence (also the model's max length)")
+    a("--lr", type=float, help="peak AdamW learning rate")
+    a("--warmup_steps", type=int, help="linear warm-up steps")
+    a("--lr_schedule", choices=["constant", "cosine", "linear"], help="after warm-up; decays end at "
+      "--min_lr_frac x lr")
+    a("--min_lr_frac", type=float, default=0.1, help="final lr / peak lr for cosine and linear decay")
+    a("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
+    a("--grad_clip", type=float, default=0.0, help="clip the global grad norm (0 = off, as in the paper)")
+    a("--seed", type=int, default=1337, help="seeds everything; batches and episodes are functions of it")
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast (auto: CUDA bf16)")
+    a("--compile", action="store_true", help="torch.compile the backbone")
+    a("--resume", nargs="?", const="continue", choices=["continue", "auto"], help="continue the run in "
+      "--out_dir; auto: continue if it has a checkpoint, else start fresh")
+    a("--overwrite", action="store_true", help="start over in an --out_dir that holds a run (kept as "
+      "*.prev.* until the new run's first checkpoint)")
+    # logging and evaluation
+    a("--log_every", type=int, help="optimizer steps per logging window")
+    a("--save_every", type=int, help="steps between checkpoints (and at the end)")
+    a("--eval_every", type=int, help="steps between eval perplexity and few-shot evals (0 = never)")
+    a("--eval_batches", type=int, help="fixed eval batches of --batch_size sequences")
+    a("--eval_data", choices=["paloma", "val"], help="paloma: pico-lm/pretokenized-paloma-tinsy (the "
+      "held-out split if unavailable); val: the held-out split")
+    a("--dynamics_every", type=int, help="steps between learning-dynamics probes (0 = never)")
+    a("--dynamics_modules", default="attention.v_proj,attention.o_proj,swiglu.w_2",
+      help="per-layer matrices whose weight and gradient PER are logged")
+    a("--probe_batch", type=int, default=4, help="sequences in the fixed probe batch")
+    a("--wandb", nargs="?", const="maml-gpt", metavar="PROJECT", help="also log to Weights & Biases")
+    # the meta-learning branch (§3.2-3.3)
+    a("--hybrid_ratio", type=float, default=0.5, help="probability that a step is a meta step (0 = vanilla)")
+    a("--n_way", type=int, default=32, help="N: classes (content words) per episode")
+    a("--k_shot", type=int, default=4, help="K: support examples per class")
+    a("--q_query", type=int, default=4, help="query examples per class (distinct from the support ones)")
+    a("--inner_steps", type=int, default=10, help="SGD steps of the head on the support set")
+    a("--inner_lr", type=float, default=0.01, help="inner SGD lr (released runs: 0.01; paper text: 0.001)")
+    a("--head_hidden", type=int, default=128, help="hidden width of the MLP head")
+    a("--head_layers", type=int, default=4, help="linear layers in the MLP head")
+    a("--head_dropout", type=float, default=0.0, help="dropout in the MLP head (paper text: 0.1)")
+    a("--head_init", default="proto", choices=["proto", "learned", "vocab"], help="the head's last layer: "
+      "from support class means, meta-learned N-way, or the released code's token-id rows")
+    a("--read", default="mask", choices=["mask", "last"], help="where the head reads the backbone: at the "
+      "[MASK] (window = left context) or the window's last token")
+    a("--fewshot_episodes", type=int, default=8, help="held-out episodes of the few-shot eval (0 = off)")
+    a("--smlmt_ctx", type=int, default=0, help="tokens per episode example (0: a meta micro-step the size "
+      "of an AR one)")
+    a("--smlmt_skip_top", type=int, default=100, help="content words exclude the most frequent tokens")
+    a("--smlmt_min_count", type=int, default=20, help="content words need this many occurrences")
+    a("--smlmt_max_occ", type=int, default=1000, help="occurrences kept per word in the SMLMT index")
+    return p
+
+
+def parse_args(argv=None, parser=None):
+    """The command line over the preset of its --size: explicit flags always win. `parser` (build_parser()
+    with more arguments) lets bench.py add its own."""
+    first = argparse.ArgumentParser(add_help=False)  # a first pass reads --size alone (and ignores --help)
+    first.add_argument("--size")
+    size = first.parse_known_args(argv)[0].size
+    parser = parser or build_parser()
+    parser.set_defaults(**preset(size if size in SIZES else None))  # a bad --size: the full parser says so
+    args = parser.parse_args(argv)
+    for k in ("max_steps", "batch_size", "seq_len", "log_every", "save_every", "n_way", "k_shot", "q_query"):
+        if getattr(args, k) < 1:
+            raise UserError(f"--{k} must be >= 1 (got {getattr(args, k)})")
+    if args.overwrite and args.resume:
+        raise UserError("--overwrite starts over and --resume continues: give one of them")
+    if not 0.0 <= args.hybrid_ratio <= 1.0:
+        raise UserError(f"--hybrid_ratio must be in [0, 1] (got {args.hybrid_ratio})")
+    # checked on every rank, before any work: only rank 0 imports it, but all must stop together
+    if args.wandb:
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("--wandb needs the wandb package: pip install wandb (or run without --wandb)")
+    return args
+
 
 # ------------------------------------------------------------------------------------------------------------
 # Tokenizer: GPT-2 BPE via tiktoken, built offline from the merge ranks shipped in data/ (see data/README.md).
@@ -1063,15 +992,41 @@ BIN_MAGIC, BIN_VERSION, HEADER_INTS = 20250802, 1, 256
 VAL_EVERY = 50  # every 50th document goes to the held-out split (doc-level: no window straddles the split)
 
 
+def write_atomically(path, write):
+    """write(tmp) to a temporary name beside `path`, then rename it to `path`: a crash mid-write leaves the
+    previous file (or none), never a half-written one that looks complete. The temporary keeps the suffix
+    (np.savez appends .npz otherwise) and names the process, so two writers never share one."""
+    stem, ext = os.path.splitext(path)
+    tmp = f"{stem}.tmp{os.getpid()}{ext}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def wait_for(path, what):
+    """Block until another process (local rank 0) has written `path`. No collective: a long download or
+    tokenization cannot hit a distributed timeout."""
+    if not os.path.exists(path):
+        print(f"waiting for local rank 0 to write {what} ({path})", flush=True)
+    while not os.path.exists(path):
+        time.sleep(2)
+
+
 def write_bin(path, tokens):
     # uint16 holds every GPT-2 id (< 65,536) in half the bytes of int32; the 1 KiB header makes a truncated or
     # foreign file detectable before it silently trains on garbage.
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = BIN_MAGIC, BIN_VERSION, len(tokens)
-    with open(path + ".tmp", "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
-    os.replace(path + ".tmp", path)  # atomic: a half-written file never looks prepared
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+    write_atomically(path, write)
 
 
 def read_bin(path):
@@ -1124,8 +1079,8 @@ def tokenize_documents(docs, out_dir, max_tokens, desc):
 
 
 def local_documents(path):
-    """Documents from a .txt file (paragraphs split on blank lines), a folder of .txt files, or .jsonl
-    {"text"}."""
+    """Documents from a .txt file (paragraphs split on blank lines), a .jsonl ({"text": ...} per line), or a
+    folder of them."""
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
                    if f.endswith((".txt", ".jsonl"))) if os.path.isdir(path) else [path]
     if not files:
@@ -1177,12 +1132,10 @@ def toyworld():
 
 def prepare_corpus(args, rank_is_local_zero=True):
     """Tokenize the chosen corpus once into args.data_dir/<name>/ and return that folder. Only local rank 0
-    writes; other ranks wait for the files (no collective, so a long download cannot hit a distributed
-    timeout)."""
+    writes; the other ranks wait for its files (wait_for)."""
     data = args.data
     # The cache folder's name identifies its content: the toy size, a local path's identity (path, size,
-    # mtime), or the hub ID and token budget. Change any of them and the corpus is prepared again, never
-    # reused stale.
+    # mtime), or the hub ID and token budget. Change any of them and the corpus is prepared again.
     if data == "toy":
         name = f"toy-{args.toy_docs}"
     elif os.path.exists(data):
@@ -1198,8 +1151,7 @@ def prepare_corpus(args, rank_is_local_zero=True):
     done = os.path.join(out, "val.bin")
     if not os.path.exists(done):
         if not rank_is_local_zero:
-            while not os.path.exists(done):
-                time.sleep(2)
+            wait_for(done, f"the prepared corpus {name}")
             return out
         if data == "toy":
             docs = toyworld().documents(seed=1337, n_docs=args.toy_docs)
@@ -1243,6 +1195,53 @@ def fixed_windows(n_tokens, seq_len, count):
     return np.linspace(0, n_tokens - seq_len - 1, num=count).astype(np.int64)
 
 
+def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True, split="train"):
+    """{word id -> occurrence positions in SPLIT.bin}, capped at --smlmt_max_occ per word; cached as .npz.
+    Training episodes come from train.bin only; the few-shot eval's from val.bin (its own word counts, and a
+    word needs only K+Q occurrences there)."""
+    min_count = args.smlmt_min_count if split == "train" else args.k_shot + args.q_query
+    prefix = "smlmt" if split == "train" else f"smlmt-{split}"
+    path = os.path.join(corpus_dir, f"{prefix}-{args.smlmt_skip_top}-{min_count}-{args.smlmt_max_occ}.npz")
+    if not rank_is_local_zero:
+        wait_for(path, "the SMLMT index")
+    if not os.path.exists(path):
+        tokens = read_bin(os.path.join(corpus_dir, f"{split}.bin"))
+        chunk = 1 << 24
+        # Pass 1: token frequencies (the rule's "most frequent" and "too rare" bounds need corpus counts).
+        counts = sum(np.bincount(tokens[i:i + chunk], minlength=1 << 16)
+                     for i in range(0, len(tokens), chunk))
+        words = content_word_ids(counts, args.smlmt_skip_top, min_count)
+        is_word = np.zeros(1 << 16, dtype=bool)  # a lookup table: is_word[token id] -> content word?
+        is_word[words] = True
+        found = {int(w): [] for w in words}
+        have = dict.fromkeys(found, 0)
+        lo, hi = SMLMT_MARGIN, len(tokens) - SMLMT_MARGIN
+        # Pass 2: positions, in corpus order, up to the cap (web corpora are document-shuffled, so the first
+        # 1,000 occurrences are as good a sample as any). Chunked: a 1B-token corpus needs no 1B-entry arrays.
+        for start in range(lo, hi, chunk):
+            seg = np.asarray(tokens[start:min(start + chunk, hi)])
+            pos = np.flatnonzero(is_word[seg])  # offsets of content words in this chunk
+            ids = seg[pos]
+            order = np.argsort(ids, kind="stable")  # group by word, keeping corpus order within a word
+            ids, pos = ids[order], pos[order] + start
+            bounds = np.flatnonzero(np.diff(ids)) + 1  # where one word's group ends and the next begins
+            for grp_ids, grp_pos in zip(np.split(ids, bounds), np.split(pos, bounds)):
+                w = int(grp_ids[0]) if len(grp_ids) else None
+                if w is not None and have[w] < args.smlmt_max_occ:
+                    take = grp_pos[:args.smlmt_max_occ - have[w]]
+                    found[w].append(take)
+                    have[w] += len(take)
+        keep = [w for w in found if have[w] >= min_count]  # enough occurrences away from the edges
+        positions = [np.concatenate(found[w]) for w in keep]
+        # The CSR layout sample_episode reads (see SMLMT_MARGIN): one flat array, fast to load.
+        offsets = np.cumsum([0] + [len(p) for p in positions])
+        write_atomically(path, lambda tmp: np.savez(
+            tmp, words=np.array(keep, dtype=np.int64), offsets=offsets,
+            positions=np.concatenate(positions) if positions else np.zeros(0, np.int64)))
+    z = np.load(path)
+    return {"words": z["words"], "offsets": z["offsets"], "positions": z["positions"]}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Processes, devices and the objects of a run.
 
@@ -1272,6 +1271,30 @@ def setup_distributed(device_arg):
     if ddp and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, local_rank, world, device
+
+
+BUCKET_NUMEL = 1 << 26  # elements per all-reduce buffer: 256 MB of fp32 gradients
+
+
+def all_reduce_(tensors, world):
+    """Sum a list of tensors across ranks in place, one flat buffer per BUCKET_NUMEL elements. Each rank
+    scaled its losses by 1 / (grad_accum * world), so the sum of the gradients is the global-batch mean."""
+    if world == 1 or not tensors:
+        return
+    # One all-reduce per bucket instead of one per tensor (latency), but never one buffer the size of the
+    # whole model (memory). The None sentinel flushes the last bucket. Every rank passes the same list (the
+    # branch is the same everywhere).
+    bucket, size = [], 0
+    for t in tensors + [None]:
+        if t is not None:
+            bucket.append(t)
+            size += t.numel()
+        if bucket and (t is None or size >= BUCKET_NUMEL):
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat)
+            for b, v in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(v.view_as(b))
+            bucket, size = [], 0
 
 
 def autocast_ctx(device, dtype_arg):
@@ -1307,37 +1330,23 @@ def setup(args, for_bench=False):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # --compile covers Decoder.forward: the AR branch's whole forward + fused loss (one graph, no break), and
     # the meta branch's backbone forward (nearly all of its FLOPs). Not the MLP head: its inner loop calls
-    # torch.autograd.grad, which torch.compile cannot put in a graph, and it is a few hundred K weights
-    # anyway.
+    # torch.autograd.grad, which torch.compile cannot put in a graph, and it has a few hundred K weights.
     model = torch.compile(orig_model) if args.compile else orig_model
     return Run(rank=rank, local_rank=local_rank, world=world, device=device, corpus=corpus, tokens=tokens,
                index=index, orig_model=orig_model, model=model, head=head, params=params, optimizer=optimizer,
                amp=autocast_ctx(device, args.dtype), global_batch=args.batch_size * args.grad_accum * world,
                scale=1.0 / (args.grad_accum * world),
-               micro_tokens={True: args.n_way * (args.k_shot + args.q_query) * smlmt_ctx(args),
-                             False: args.batch_size * args.seq_len},
+               micro_tokens=dict(meta=args.n_way * (args.k_shot + args.q_query) * smlmt_ctx(args),
+                                 ar=args.batch_size * args.seq_len),
                probe=probe, modules=[m.strip() for m in args.dynamics_modules.split(",") if m.strip()])
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Run folders, checkpoints and stop signals: a run is never lost, and never silently overwritten.
 
+# What a resumed run must agree on to continue exactly.
 RUN_KEYS = ("seed", "seq_len", "global_batch", "hybrid_ratio", "n_way", "k_shot", "q_query", "head_hidden",
-            # what a resumed run must agree on to continue exactly
             "head_layers", "head_init", "read", "smlmt_ctx", "data", "toy_docs")
-
-
-def save_checkpoint(path, model, head, optimizer, step, args, counters, world):
-    """Everything needed to continue exactly, as tensors and plain containers (torch.load(weights_only=True)).
-    The data position is `step` itself (see Randomness)."""
-    run = dict(vars(args), global_batch=args.batch_size * args.grad_accum * world)
-    state = dict(format="maml-gpt/1", model=model.state_dict(), head=head.state_dict(),
-                 optimizer=optimizer.state_dict(), step=step, model_config=asdict(model.cfg), args=vars(args),
-                 run={k: run[k] for k in RUN_KEYS}, counters=dict(counters),
-                 rng=dict(torch=torch.get_rng_state(),
-                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash mid-write leaves the previous checkpoint intact
 
 
 def load_checkpoint(path, device="cpu"):
@@ -1370,125 +1379,117 @@ def check_out_dir(out_dir):
         raise UserError(f"cannot write to --out_dir {out_dir} ({e.strerror}); choose a writable folder")
 
 
-# one run; --overwrite keeps them as *.prev.* for a while
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json")
-
-
-def prev_name(name):
-    return "{0}.prev{1}".format(*os.path.splitext(name))  # ckpt.pt -> ckpt.prev.pt
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json")  # one run; --overwrite keeps them as *.prev.* a while
+PREV = {n: "{0}.prev{1}".format(*os.path.splitext(n)) for n in RUN_FILES}  # ckpt.pt -> ckpt.prev.pt
 
 
 def run_summary(out_dir):
     """What the run in out_dir reached, for the refusal message: 'ckpt.pt at step 100 of 6000; ...'."""
     parts = []
-    for name in ("ckpt.pt", prev_name("ckpt.pt")):
+    for name in ("ckpt.pt", PREV["ckpt.pt"], "metrics.jsonl", PREV["metrics.jsonl"]):
         path = os.path.join(out_dir, name)
-        if os.path.exists(path):
-            try:  # mmap: unpickles the small fields without reading the weights (GBs at --size large)
+        if not os.path.exists(path):
+            continue
+        try:
+            if name.endswith(".pt"):  # mmap: the small fields, without reading GBs of weights
                 ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 parts.append(f"{name} at step {ck['step']} of {ck['args']['max_steps']}")
-            except Exception:
-                parts.append(f"{name} (unreadable)")
-    for name in ("metrics.jsonl", prev_name("metrics.jsonl")):
-        path = os.path.join(out_dir, name)
-        if os.path.exists(path):
-            steps = []
-            with open(path) as f:
-                for line in f:
-                    try:
-                        steps.append(json.loads(line)["step"])
-                    except (ValueError, KeyError):  # a line cut short by a hard kill
-                        pass
-            parts.append(f"{name} up to step {max(steps, default=0)}")
+            else:  # a last line without its newline was cut short by a hard kill
+                with open(path) as f:
+                    steps = [json.loads(ln).get("step", 0) for ln in f if ln.endswith("\n")]
+                parts.append(f"{name} up to step {max(steps, default=0)}")
+        except Exception:
+            parts.append(f"{name} (unreadable)")
     return "; ".join(parts)
 
 
-def start_mode(args):
-    """-> 'resume' or 'fresh'. Refuses to start over an existing run unless told to (--resume, --overwrite).
-    Reads files only, before anything in --out_dir is written, so every rank reaches the same answer."""
+def wants_resume(args):
+    """Does this command continue the run in --out_dir? Refuses to start over an existing run unless told
+    to (--resume, --overwrite). Reads files only, before anything in --out_dir is written, so every rank
+    reaches the same answer."""
     out = args.out_dir
     ckpt = os.path.join(out, "ckpt.pt")
     if args.resume == "continue" or (args.resume == "auto" and os.path.exists(ckpt)):
         if not os.path.exists(ckpt):
-            prev = os.path.join(out, prev_name("ckpt.pt"))
+            prev = os.path.join(out, PREV["ckpt.pt"])
             hint = (f"; {prev} is the run an --overwrite set aside: rename it to ckpt.pt to continue that run"
                     if os.path.exists(prev) else "")
             raise UserError(f"no checkpoint at {ckpt} to resume{hint}. Start a new run without --resume, "
                             "or use --resume auto (continue if there is a checkpoint, else start fresh)")
-        return "resume"
-    held = any(os.path.exists(os.path.join(out, n)) for n in ("ckpt.pt", "metrics.jsonl", "ckpt.prev.pt",
-                                                             "metrics.prev.jsonl"))
+        return True
+    held = any(os.path.exists(os.path.join(out, n)) for n in ("ckpt.pt", "metrics.jsonl", PREV["ckpt.pt"],
+                                                             PREV["metrics.jsonl"]))
     if held and not args.overwrite and args.resume != "auto":
         raise UserError(f"{out} already holds a run ({run_summary(out)}). Continue it with --resume, "
                         "or start over with --overwrite (the old ckpt.pt and metrics.jsonl are kept as "
                         "ckpt.prev.pt and metrics.prev.jsonl until the new run's first checkpoint), "
                         "or choose another --out_dir")
-    return "fresh"
+    return False
 
 
 def set_aside(out_dir):
-    """A fresh start in a folder that held a run: its files become *.prev.*, until our first checkpoint
-    (drop_prev)."""
+    """A fresh start in a folder that holds a run: its files become *.prev.* until our first checkpoint
+    (drop_prev). If an earlier --overwrite stopped before its first checkpoint, the *.prev.* files already are
+    the last run with a checkpoint: they stay, and what that attempt logged goes."""
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
-    if not os.path.exists(path("ckpt.pt")) and os.path.exists(path(prev_name("ckpt.pt"))):
-        # An earlier --overwrite stopped before its first checkpoint: the *.prev.* files are still the last
-        # run that has a checkpoint. What that attempt logged has no checkpoint behind it.
-        for name in RUN_FILES[1:]:
-            if os.path.exists(path(name)):
-                os.remove(path(name))
-        return
+    keep_prev = not os.path.exists(path("ckpt.pt")) and os.path.exists(path(PREV["ckpt.pt"]))
     for name in RUN_FILES:
         if os.path.exists(path(name)):
-            os.replace(path(name), path(prev_name(name)))
+            os.remove(path(name)) if keep_prev else os.replace(path(name), path(PREV[name]))
 
 
 def drop_prev(out_dir):
     """The new run has a checkpoint of its own: the run it replaced goes."""
-    for name in map(prev_name, RUN_FILES):
+    for name in PREV.values():
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
 
 
-def resume_or_start(r, args, resume):
+def resume_or_start(run, args, resume):
     """-> (first step, token counters). Resume: restore everything from ckpt.pt (the data position is the step
     itself) and drop log lines written after it. Fresh: the old run in --out_dir (if any) is set aside until
     this one's first checkpoint."""
     counters = dict(tokens=0, tokens_ar=0, tokens_meta=0)
     if not resume:
-        if r.rank == 0:
+        if run.rank == 0:
             set_aside(args.out_dir)
         return 0, counters
     ckpt_path, metrics_path = (os.path.join(args.out_dir, n) for n in ("ckpt.pt", "metrics.jsonl"))
-    ck = load_checkpoint(ckpt_path, r.device)
-    mine = dict(vars(args), global_batch=r.global_batch)
+    ck = load_checkpoint(ckpt_path, run.device)
+    mine = dict(vars(args), global_batch=run.global_batch)
     diff = [k for k in RUN_KEYS if mine.get(k) != ck["run"].get(k)]
-    if ck["model_config"] != asdict(r.orig_model.cfg) or diff:
+    if ck["model_config"] != asdict(run.orig_model.cfg) or diff:
         raise UserError(f"{ckpt_path} was trained with different settings "
                         f"({', '.join(diff) or 'model size'}); resume with the same flags, "
                         "or use a new --out_dir")
-    r.orig_model.load_state_dict(ck["model"])
-    r.head.load_state_dict(ck["head"])
-    r.optimizer.load_state_dict(ck["optimizer"])
+    run.orig_model.load_state_dict(ck["model"])
+    run.head.load_state_dict(ck["head"])
+    run.optimizer.load_state_dict(ck["optimizer"])
     torch.set_rng_state(ck["rng"]["torch"].cpu())
-    if r.rank == 0 and os.path.exists(metrics_path):
+    if run.rank == 0 and os.path.exists(metrics_path):
         with open(metrics_path) as f:
             keep = [ln for ln in f if ln.endswith("\n") and json.loads(ln).get("step", 0) <= ck["step"]]
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(metrics_path + ".tmp", metrics_path)  # atomic, like the checkpoint
+        write_atomically(metrics_path, lambda tmp: write_text(tmp, "".join(keep)))
     return ck["step"], ck["counters"]
 
 
-def save(r, args, done, counters):
-    """The checkpoint after step `done`: rank 0 writes (the weights are identical on every rank), all wait."""
-    if not all(torch.isfinite(p).all() for p in r.params):
+def save(run, args, done, counters):
+    """ckpt.pt after step `done`: everything needed to continue exactly, as tensors and plain containers
+    (torch.load(weights_only=True)); the data position is the step itself (see Randomness). Rank 0 writes
+    (the weights are identical on every rank), all wait."""
+    if not all(torch.isfinite(p).all() for p in run.params):
         raise UserError(f"non-finite weights at step {done}; the last good checkpoint is kept. "
                         "Lower --lr, enable --grad_clip, or use --dtype float32")
-    if r.rank == 0:
-        save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), r.orig_model, r.head, r.optimizer, done, args,
-                        counters, r.world)
+    if run.rank == 0:
+        settings = dict(vars(args), global_batch=run.global_batch)
+        state = dict(format="maml-gpt/1", model=run.orig_model.state_dict(), head=run.head.state_dict(),
+                     optimizer=run.optimizer.state_dict(), step=done, model_config=asdict(run.orig_model.cfg),
+                     args=vars(args), run={k: settings[k] for k in RUN_KEYS}, counters=dict(counters),
+                     rng=dict(torch=torch.get_rng_state(),
+                              cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+        write_atomically(os.path.join(args.out_dir, "ckpt.pt"), lambda tmp: torch.save(state, tmp))
         drop_prev(args.out_dir)
-    if r.world > 1:
+    if run.world > 1:
         dist.barrier()  # nobody races ahead (or exits) while rank 0 is still writing
 
 
@@ -1539,8 +1540,7 @@ def stop_signals(verbose=True):
 
 def stop_requested(stop, world, device):
     """The signal number if any rank was asked to stop, else 0. An all-reduce (MAX) once per step: a signal
-    sent to one rank stops every rank after the same step, and none is left waiting in a collective the others
-    skip."""
+    sent to one rank stops every rank after the same step, and none is left waiting in a collective."""
     if world == 1:
         return stop["signum"]
     flag = torch.tensor([stop["signum"]], device=device)
@@ -1552,8 +1552,7 @@ def stop_requested(stop, world, device):
 # Logging and evaluation: metrics.jsonl (and W&B), fixed evaluation batches, eval loss.
 
 class Meter:
-    """Sums and counts of per-micro-step statistics over one logging window, kept on the device (no sync per
-    step)."""
+    """Sums and counts of per-micro-step statistics over a logging window, kept on the device (no sync)."""
 
     def __init__(self, device):
         self.device, self.sums, self.counts = device, {}, {}
@@ -1568,8 +1567,7 @@ class Meter:
             self.add(key, value)
 
     def means(self, world, keys):
-        """Means over the window and over ranks (every rank calls this with the same keys); absent keys ->
-        None."""
+        """Means over the window and the ranks (every rank calls this with the same keys); absent: None."""
         sums = torch.stack([torch.as_tensor(self.sums.get(k, 0.0), dtype=torch.float64, device=self.device)
                             for k in keys])
         counts = torch.tensor([float(self.counts.get(k, 0)) for k in keys], dtype=torch.float64,
@@ -1584,27 +1582,9 @@ class Meter:
 # loss_mixed: the mean over the window's micro-steps of whichever loss each one computed (AR cross-entropy
 # over the vocabulary, or the N-way query cross-entropy), as the reference's `train/loss`. Never compare it
 # with loss_ar: the query part sits near log N (3.47 at chance for 32-way) or lower, below the AR loss for
-# most of a run, so mixing it in makes a hybrid run look ahead. It is logged so that analyze.py can measure
-# that artifact.
+# most of a run, so mixing it in makes a hybrid run look ahead. analyze.py measures that artifact.
 LOG_KEYS = ["loss_ar", "loss_query", "loss_mixed", "acc_support_pre", "acc_support_post", "acc_query_pre",
             "acc_query_post", "head_grad_norm"]
-
-
-def evaluate(model, batches, amp, rank, world):
-    """Mean next-token loss over fixed batches, sharded over ranks and all-reduced; -> (loss, perplexity)."""
-    model.eval()
-    tot = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device if batches else "cpu")
-    with torch.no_grad(), amp:
-        for i in range(rank, len(batches), world):
-            x, y = batches[i]
-            _, loss = model(x, y)
-            tot += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), dtype=torch.float64,
-                                                                         device=tot.device)])
-    if world > 1:
-        dist.all_reduce(tot)
-    model.train()
-    mean = (tot[0] / tot[1]).item()
-    return mean, math.exp(min(mean, 50.0))
 
 
 def fixed_eval_batches(args, corpus_dir, device, is_local_zero):
@@ -1627,14 +1607,12 @@ def fixed_eval_batches(args, corpus_dir, device, is_local_zero):
         if dist.is_initialized():  # every rank learns whether every machine got it: all fall back together
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if ok.item():
-            while not os.path.exists(path):
-                time.sleep(2)
+            wait_for(path, "Paloma")
             tokens, source = read_bin(path), "paloma"
     if tokens is None:
         tokens = read_bin(os.path.join(corpus_dir, "val.bin"))
         starts = fixed_windows(len(tokens), args.seq_len, args.eval_batches * args.batch_size)
-    # Paloma rows are back to back: score the first eval_batches * batch_size of them, each from its start
-    else:
+    else:  # Paloma rows are back to back: score the first eval_batches * batch_size, each from its start
         n_rows = len(tokens) // (args.seq_len + 1)
         starts = np.arange(min(n_rows, args.eval_batches * args.batch_size)) * (args.seq_len + 1)
     return [get_batch(tokens, s, args.seq_len, device) for s in np.array_split(starts, args.eval_batches)
@@ -1675,9 +1653,8 @@ def pyplot():
 
 
 def wandb_logger(args, header):
-    """--wandb (rank 0): starts a W&B run with the run header as its config; returns (run, log), where
-    log(record) mirrors one metrics.jsonl record. WANDB_MODE=offline (read by wandb itself) writes to
-    OUT_DIR/wandb/ only."""
+    """--wandb (rank 0): starts a W&B run with the run header as its config; -> (run, log), log(record)
+    mirroring one metrics.jsonl record. WANDB_MODE=offline (read by wandb) writes to OUT_DIR/wandb/ only."""
     import matplotlib
     import wandb  # optional, so imported only here (parse_args checked that it is installed)
     run = wandb.init(project=args.wandb, name=os.path.basename(os.path.normpath(args.out_dir)), config=header,
@@ -1701,126 +1678,82 @@ def wandb_logger(args, header):
 @dataclass
 class Logbook:
     """Rank 0's metrics.jsonl (mirrored to W&B with --wandb), the fixed evaluation data, and the progress
-    bar."""
+    bar. train() decides what goes into a record; the logbook writes it."""
     path: str
     bar: object  # tqdm over range(start, max_steps): the loop iterates it
     evals: list  # fixed eval batches [(x, y)]
     fewshots: list  # fixed held-out episodes
     wandb_run: object = None
     wandb_log: object = None
-    n_branch: dict = field(default_factory=lambda: {True: 0, False: 0})  # steps of each branch in this window
+    n_steps: dict = field(default_factory=lambda: dict(meta=0, ar=0))  # steps of each branch in this window
     last: dict = None  # the last record written
     t0: float = field(default_factory=time.time)
 
-    def write(self, rec):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.wandb_log:
-            self.wandb_log(rec)
-
-    def record(self, r, args, meta, meter, done, counters, stopping):
-        """After optimizer step `done`: at the end of a logging window (or when an eval, a dynamics probe or a
-        stop is due), one record of the window's means over micro-steps and ranks, plus what is due."""
-        self.n_branch[meta] += 1  # the branch is the same on every rank: no reduction needed
-        evaluate_now = args.eval_every and (done % args.eval_every == 0 or done == args.max_steps)
-        dynamics_now = args.dynamics_every and (done % args.dynamics_every == 0 or done == args.max_steps)
-        if not (done % args.log_every == 0 or done == args.max_steps or evaluate_now or dynamics_now
-                or stopping):
-            return
-        rec = dict(step=done, lr=lr_at(done - 1, args), **counters, n_meta_steps=self.n_branch[True],
-                   n_ar_steps=self.n_branch[False])
-        self.n_branch = {True: 0, False: 0}
-        m = meter.means(r.world, LOG_KEYS)
+    def window(self, run, args, meter, done, counters):
+        """The record of the logging window that ends after step `done`: the means of its micro-steps'
+        statistics over steps and ranks (every rank calls this), the head's weight statistics, the time."""
+        rec = dict(step=done, lr=lr_at(done - 1, args), **counters, n_meta_steps=self.n_steps["meta"],
+                   n_ar_steps=self.n_steps["ar"])
+        self.n_steps = dict(meta=0, ar=0)
+        m = meter.means(run.world, LOG_KEYS)
         for k in ("loss_ar", "loss_query"):
             if m[k] is not None and not math.isfinite(m[k]):
                 raise UserError(f"non-finite {k} ({m[k]}) at step {done}; the last good checkpoint is kept. "
                                 "Lower --lr, enable --grad_clip, or use --dtype float32")
         rec.update({k: v for k, v in m.items() if v is not None})
         with torch.no_grad():
-            hp = torch.cat([p.detach().flatten() for p in r.head.parameters()])
+            hp = torch.cat([p.detach().flatten() for p in run.head.parameters()])
         rec["head_weight_mean"], rec["head_weight_std"] = hp.mean().item(), hp.std().item()
         rec["sec"] = round(time.time() - self.t0, 3)
-        if evaluate_now:
-            rec["eval_loss"], rec["eval_ppl"] = evaluate(r.orig_model, self.evals, r.amp, r.rank, r.world)
-            if r.rank == 0 and self.fewshots:
-                rec.update(fewshot_eval(r.orig_model, args, self.fewshots, r.amp))
-        if r.rank == 0 and dynamics_now:
-            rec.update(learning_dynamics(r.orig_model, *r.probe, r.modules, r.amp))
-        if r.rank == 0:
-            self.write(rec)
-            self.last = rec
-            self.bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_ar", "loss_query", "acc_query_post")
-                                  if k in rec})
+        return rec
+
+    def write(self, rec, rank=0):
+        if rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.wandb_log:
+            self.wandb_log(rec)
+        self.last = rec
+        self.bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_ar", "loss_query", "acc_query_post")
+                              if k in rec})
 
 
-def open_logbook(r, args, start, counters):
+def open_logbook(run, args, start, counters):
     """Builds the fixed eval data; rank 0 writes config.json, starts W&B, prints the run's shape and logs the
     dynamics of the initialisation (step 0)."""
     from tqdm import tqdm
-    evals, source = (fixed_eval_batches(args, r.corpus, r.device, r.local_rank == 0) if args.eval_every
+    evals, source = (fixed_eval_batches(args, run.corpus, run.device, run.local_rank == 0) if args.eval_every
                      else ([], ""))
     book = Logbook(os.path.join(args.out_dir, "metrics.jsonl"),
                    tqdm(range(start, args.max_steps), initial=start, total=args.max_steps,
-                        disable=r.rank != 0, dynamic_ncols=True),
-                   evals, fewshot_episodes(args, r.corpus, r.device, r.local_rank == 0))
-    if r.rank == 0:
-        header = run_header(args, r.orig_model.cfg, r.orig_model, r.device, r.world,
-                            dict(corpus=r.corpus, eval_source=source, smlmt_ctx=smlmt_ctx(args),
-                                 global_batch=r.global_batch))
+                        disable=run.rank != 0, dynamic_ncols=True),
+                   evals, fewshot_episodes(args, run.corpus, run.device, run.local_rank == 0))
+    if run.rank == 0:
+        header = run_header(args, run.orig_model.cfg, run.orig_model, run.device, run.world,
+                            dict(corpus=run.corpus, eval_source=source, smlmt_ctx=smlmt_ctx(args),
+                                 global_batch=run.global_batch))
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
             json.dump(header, f, indent=1)
         if args.wandb:
             book.wandb_run, book.wandb_log = wandb_logger(args, header)
-        print(f"model {count_params(r.orig_model) / 1e6:.1f}M params | {r.world} process(es) on {r.device} | "
-              f"global batch {r.global_batch} x {args.seq_len} | hybrid ratio {args.hybrid_ratio}")
+        print(f"model {count_params(run.orig_model) / 1e6:.1f}M params | {run.world} process(es) on "
+              f"{run.device} | global batch {run.global_batch} x {args.seq_len} | "
+              f"hybrid ratio {args.hybrid_ratio}")
         if start == 0 and args.dynamics_every:
             book.write(dict(step=0, **counters,
-                            **learning_dynamics(r.orig_model, *r.probe, r.modules, r.amp)))
+                            **learning_dynamics(run.orig_model, *run.probe, run.modules, run.amp)))
     return book
 
 
-def finish(r, args, book, counters, done, stopping, argv):
-    """After the loop. Stopped by a signal: say how to continue, exit 128 + signal. Done: a summary and a
-    sample."""
-    book.bar.close()
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if stopping and done < args.max_steps:
-        if r.rank == 0:
-            print(f"stopped by {signal.Signals(stopping).name} after step {done} of {args.max_steps}; "
-                  f"checkpoint {ckpt_path}. Continue with:\n  {resume_command(list(argv), r.world)}",
-                  flush=True)
-        # the shell's code for "ended by this signal": wrappers see an unfinished run
-        sys.exit(128 + stopping)
-    if r.rank != 0:
-        return
-    print(f"done: {args.max_steps} steps, {counters['tokens'] / 1e6:.2f}M tokens "
-          f"({counters['tokens_ar'] / 1e6:.2f}M AR, {counters['tokens_meta'] / 1e6:.2f}M meta) in "
-          f"{time.time() - book.t0:.0f}s; checkpoint {ckpt_path}")
-    if book.last:
-        print("last window: " + ", ".join(f"{k} {book.last[k]:.3f}" for k in
-                                          ("loss_ar", "eval_loss", "acc_query_pre", "acc_query_post",
-                                           "eval_fewshot_acc") if k in book.last))
-    text = SAMPLE_PROMPT + complete(r.orig_model, SAMPLE_PROMPT, max_new_tokens=40, seed=args.seed)[0]
-    print(f"sample (40 tokens, temperature 0.8, top_k 200): {text!r}")
-    print(f"next: python maml_gpt.py --out_dir {args.out_dir} --sample \"{SAMPLE_PROMPT}\"   |   "
-          f"python finetune_ner.py --ckpt {ckpt_path}   |   python analyze.py {args.out_dir}")
-    if book.wandb_run:
-        book.wandb_run.finish()
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Using a trained model: sample text, export to Hugging Face (for lm-evaluation-harness, BLiMP, Paloma...).
-
-# the end-of-training sample: sensible for the toy world and for web text
-SAMPLE_PROMPT = "The main industry of"
+SAMPLE_PROMPT = "The main industry of"  # the end-of-training sample: fits the toy world and web text
 
 
 def complete(model, prompt, num_samples=1, max_new_tokens=100, temperature=0.8, top_k=200, seed=1337):
-    """Continuations of `prompt` (strings, the prompt not included), cut at <|endoftext|>; deterministic for a
-    seed."""
+    """Continuations of `prompt` (strings, the prompt not included), cut at <|endoftext|>; deterministic for
+    a seed. The end of training prints one; sample.py prints more."""
     enc = get_tokenizer()
-    # "<|endoftext|>" alone: an unconditional sample
-    ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})
+    ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})  # "<|endoftext|>" alone: unconditional
     if not ids:
         raise UserError("the prompt encodes to no tokens; give some text, "
                         "or '<|endoftext|>' for unconditional samples")
@@ -1837,290 +1770,41 @@ def complete(model, prompt, num_samples=1, max_new_tokens=100, temperature=0.8, 
     return [enc.decode(r[:r.index(EOT_ID)] if EOT_ID in r else r) for r in rows]
 
 
-def sample(args):
-    """--sample: print continuations of a prompt by the checkpoint in --out_dir."""
-    device = setup_distributed(args.device)[3]
-    path = os.path.join(args.out_dir, "ckpt.pt")
-    ck = load_checkpoint(path, device)
-    model = model_from_checkpoint(ck, device).eval()
-    texts = complete(model, args.sample, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
-                     args.seed)
-    print(f"{path} (step {ck['step']}), temperature {args.temperature}, top_k {args.top_k}, seed {args.seed}")
-    for i, text in enumerate(texts, 1):
-        print(f"--- sample {i}/{len(texts)}\n{args.sample}{text}")
-
-
-def hf_state_dict(model):
-    """Our Decoder's weights under Hugging Face LlamaForCausalLM's names, fp32, q/k rows in rotate_half
-    order."""
-    cfg = model.cfg
-    hd = cfg.d_model // cfg.n_heads
-
-    def rotate_half_rows(w, n_heads):
-        # We rotate adjacent features (2i, 2i+1) of each head as one pair; HF's rotate_half pairs (i, i +
-        # hd/2). Reordering each head's output rows evens-then-odds makes the same features rotate by the same
-        # angles, and since q and k are permuted alike, every q.k (hence the attention) is unchanged. (out,
-        # in) -> same.
-        return w.unflatten(0, (n_heads, hd // 2, 2)).transpose(1, 2).flatten(0, 2)
-
-    rename = {"embedding_proj": "model.embed_tokens", "layers": "model.layers", "output_norm": "model.norm",
-              "de_embedding_proj": "lm_head", "attention_norm": "input_layernorm", "attention": "self_attn",
-              "swiglu_norm": "post_attention_layernorm", "swiglu": "mlp", "w_0": "gate_proj",
-              "w_1": "up_proj", "w_2": "down_proj"}
-    out = {}
-    # e.g. layers.3.swiglu.w_0.weight -> model.layers.3.mlp.gate_proj.weight
-    for name, w in model.state_dict().items():
-        w = w.detach().float().cpu()
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = rotate_half_rows(w, cfg.n_heads if "q_proj" in name else cfg.n_kv_heads)
-        out[".".join(rename.get(part, part) for part in name.split("."))] = w.contiguous()
-    return out
-
-
-def hf_config(cfg):
-    """config.json for transformers.LlamaForCausalLM: the same architecture, hyper-parameter for
-    hyper-parameter."""
-    return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
-                hidden_size=cfg.d_model, intermediate_size=cfg.ffn_mult * cfg.d_model,
-                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                num_key_value_heads=cfg.n_kv_heads,
-                head_dim=cfg.d_model // cfg.n_heads, hidden_act="silu", rms_norm_eps=cfg.norm_eps,
-                rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False,
-                attention_bias=False, mlp_bias=False, bos_token_id=EOT_ID, eos_token_id=EOT_ID,
-                torch_dtype="float32")
-
-
-def hf_tokenizer_files(model_max_length):
-    """{file name: content} for GPT-2 + [MASK] as a Hugging Face tokenizer, rebuilt from the tiktoken ranks
-    (no download): vocab.json + merges.txt (GPT-2's own format), tokenizer.json (the fast tokenizer), and its
-    config."""
-    enc = get_tokenizer()
-    # Byte-level BPE files spell every byte as a printable character: bytes that are printable stand for
-    # themselves, the others are shifted to 256, 257, ... in order (bytes_to_unicode in GPT-2's encoder.py).
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)}
-    shifted = iter(range(256, 512))
-    char = {b: chr(b if b in printable else next(shifted)) for b in range(256)}
-    # 256 single bytes, then 50,000 merges
-    ranks = {enc.decode_single_token_bytes(i): i for i in range(EOT_ID)}
-    merges = []
-    for tok, rank in ranks.items():  # rank order = merge order
-        if rank < 256:
-            continue
-        # tiktoken keeps no merge list: the merge that made `tok` is the last step of BPE on its own bytes,
-        # using only lower-ranked merges (tiktoken's educational bpe() with max_rank).
-        parts = [bytes([b]) for b in tok]
-        while len(parts) > 2:
-            _, i = min((ranks.get(a + b, 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        merges.append(" ".join("".join(char[b] for b in p) for p in parts))
-    vocab = {"".join(char[b] for b in tok): i for tok, i in ranks.items()}
-    special = {"<|endoftext|>": EOT_ID, "[MASK]": MASK_ID}
-    vocab.update(special)
-    fast = dict(version="1.0", truncation=None, padding=None, normalizer=None,
-                added_tokens=[dict(id=i, content=t, single_word=False, lstrip=False, rstrip=False,
-                                   normalized=False, special=True) for t, i in special.items()],
-                pre_tokenizer=dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True,
-                                   use_regex=True),
-                post_processor=dict(type="ByteLevel", add_prefix_space=True, trim_offsets=False,
-                                    use_regex=True),
-                decoder=dict(type="ByteLevel", add_prefix_space=True, trim_offsets=True, use_regex=True),
-                model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix="",
-                           end_of_word_suffix="", fuse_unk=False, byte_fallback=False, vocab=vocab,
-                           merges=merges))
-    config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=model_max_length,
-                  bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                  mask_token="[MASK]", add_prefix_space=False, clean_up_tokenization_spaces=False)
-    return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
-            "merges.txt": "\n".join(["#version: 0.2", *merges]),
-            "tokenizer.json": json.dumps(fast, ensure_ascii=False),
-            "tokenizer_config.json": json.dumps(config)}
-
-
-def export_hf(args):
-    """--export_hf DIR: the backbone of --out_dir/ckpt.pt as a folder LlamaForCausalLM.from_pretrained(DIR)
-    loads."""
-    out = args.export_hf
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise UserError(f"--export_hf {out} already exists and is not an empty folder; choose a new one")
-    path = os.path.join(args.out_dir, "ckpt.pt")
-    ck = load_checkpoint(path)
-    model = model_from_checkpoint(ck)
-    weights = hf_state_dict(model)
-    os.makedirs(out, exist_ok=True)
-    try:
-        from safetensors.torch import save_file
-        save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    except ImportError:
-        torch.save(weights, os.path.join(out, "pytorch_model.bin"))
-    files = {"config.json": json.dumps(hf_config(model.cfg), indent=1),
-             **hf_tokenizer_files(model.cfg.max_seq_len)}
-    for name, text in files.items():
-        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
-            f.write(text)
-    print(f"wrote {out}: LlamaForCausalLM ({count_params(model) / 1e6:.1f}M params, "
-          f"step {ck['step']} of {path}) and its tokenizer. "
-          f"The meta-learning head is not part of it (it stays in {path}).")
+def finish(run, args, book, counters, done, stopping, argv):
+    """After the loop. Stopped by a signal: say how to continue, exit 128 + signal. Done: summary, sample."""
+    book.bar.close()
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if stopping and done < args.max_steps:
+        if run.rank == 0:
+            print(f"stopped by {signal.Signals(stopping).name} after step {done} of {args.max_steps}; "
+                  f"checkpoint {ckpt_path}. Continue with:\n  {resume_command(list(argv), run.world)}",
+                  flush=True)
+        # the shell's code for "ended by this signal": wrappers see an unfinished run
+        sys.exit(128 + stopping)
+    if run.rank != 0:
+        return
+    print(f"done: {args.max_steps} steps, {counters['tokens'] / 1e6:.2f}M tokens "
+          f"({counters['tokens_ar'] / 1e6:.2f}M AR, {counters['tokens_meta'] / 1e6:.2f}M meta) in "
+          f"{time.time() - book.t0:.0f}s; checkpoint {ckpt_path}")
+    if book.last:
+        print("last window: " + ", ".join(f"{k} {book.last[k]:.3f}" for k in
+                                          ("loss_ar", "eval_loss", "acc_query_pre", "acc_query_post",
+                                           "eval_fewshot_acc") if k in book.last))
+    text = SAMPLE_PROMPT + complete(run.orig_model, SAMPLE_PROMPT, max_new_tokens=40, seed=args.seed)[0]
+    print(f"sample (40 tokens, temperature 0.8, top_k 200): {text!r}")
+    print(f"next: python sample.py --out_dir {args.out_dir} \"{SAMPLE_PROMPT}\"   |   "
+          f"python finetune_ner.py --ckpt {ckpt_path}   |   python analyze.py {args.out_dir}")
+    if book.wandb_run:
+        book.wandb_run.finish()
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Benchmark: seconds per backbone token of AR and meta micro-steps, tokens/s, MFU, memory, dynamics overhead.
+# Entry points: this file trains; sample.py, export.py and bench.py use cli() too.
 
-# dense bf16 tensor-core peaks from NVIDIA datasheets; others: unknown
-PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
-                   "H200": 989e12, "A100": 312e12}
-
-
-def peak_flops(device, amp):
-    if device.type != "cuda" or isinstance(amp, nullcontext):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def flops_per_token(cfg, T, backward=True, lm_head=True):
-    """6N per token (2N forward + 4N backward) for the matmul weights, plus attention scores (nanoGPT's
-    estimate)."""
-    n = cfg.n_layers * cfg.d_model ** 2 * (8 / 3 + 3 * cfg.ffn_mult) + lm_head * cfg.d_model * cfg.vocab_size
-    f = 6 * n + 12 * cfg.n_layers * cfg.d_model * T
-    return f if backward else f / 3
-
-
-def micro_step_flops(cfg, args):
-    """FLOPs of one AR and one meta micro-step: every FLOP count behind the MFU figures is here.
-    AR: B x T tokens, forward + backward, LM head included (the fused loss does the same matmuls as F.linear).
-    Meta: the support set forward only, the query set forward + backward; neither touches the LM head. The
-    MLP head (d x 128 ... x N, a few hundred K weights) is left out: < 0.1% of the backbone at every size."""
-    ctx = smlmt_ctx(args)
-    n_sup, n_query = args.n_way * args.k_shot * ctx, args.n_way * args.q_query * ctx
-    return dict(ar=flops_per_token(cfg, args.seq_len) * args.batch_size * args.seq_len,
-                meta=flops_per_token(cfg, ctx, backward=False, lm_head=False) * n_sup
-                + flops_per_token(cfg, ctx, lm_head=False) * n_query)
-
-
-def reset_peak_memory(device):
-    """Restart the peak-memory counter from the current usage: CUDA's allocator peak, or on Linux the
-    process's peak RSS (writing 5 to /proc/self/clear_refs resets VmHWM). -> False where it cannot be
-    reset."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
+def cli(body):
+    """Run body() as a command: a UserError is one line on stderr and exit status 1, without a traceback."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory_gib(device):
-    """CUDA: peak bytes allocated by tensors. CPU: peak resident set size of this process (VmHWM on Linux)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 2 ** 20  # kB
-    except (OSError, StopIteration):
-        import resource
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 2 ** (30 if sys.platform == "darwin" else 20)  # bytes on macOS, KiB elsewhere
-
-
-def sdpa_kernel_used(model, idx, amp):
-    """The kernel F.scaled_dot_product_attention picks for this model's q, k, v (shapes, dtype, device, GQA):
-    asked of the same dispatcher function SDPA itself calls. On an H100 in bf16 it should be flash or cuDNN;
-    the math fallback would cost several times the attention time. Measured on CPU (fp32): FLASH_ATTENTION
-    (the CPU flash kernel). On CUDA: not yet measured."""
-    from torch.nn.attention import SDPBackend
-    T = idx.shape[1]
-    layer = model.layers[0]
-    with torch.no_grad(), amp:
-        q, k, v = layer.attention.qkv(layer.attention_norm(model.embedding_proj(idx[:1])), model.rope_cos[:T],
-                                      model.rope_sin[:T])
-        try:  # a private function (torch >= 2.1): say "unknown" rather than fail if it moves
-            return SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=True, enable_gqa=True)).name
-        except (AttributeError, TypeError, ValueError, RuntimeError):
-            return "unknown"
-
-
-def bench(args, iters=5):
-    r = setup(args, for_bench=True)
-    model, amp, device, cfg = r.orig_model, r.amp, r.device, r.orig_model.cfg
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def timed(fn):
-        sync()
-        t = time.perf_counter()
-        for i in range(iters):
-            fn(i + 1)
-        sync()
-        return (time.perf_counter() - t) / iters
-
-    def ar(i):  # the micro-steps of the training loop, on the batches and episodes of steps 0, 1, 2...
-        starts = batch_indices(args.seed, i, len(r.tokens), args.seq_len, args.batch_size)
-        ar_micro_step(r.model, *get_batch(r.tokens, starts, args.seq_len, device), 1.0, amp)
-        r.optimizer.zero_grad(set_to_none=True)
-
-    def meta(i):
-        ep = episode_tensors(r.tokens, r.index, args, stream_key(args.seed, i, "episode", 0), device)
-        meta_micro_step(r.model, r.head, ep, args, 1.0, amp)
-        r.optimizer.zero_grad(set_to_none=True)
-
-    ctx = smlmt_ctx(args)
-    ar_tok, meta_tok = r.micro_tokens[False], r.micro_tokens[True]
-    for fn in (ar, meta, ar, meta):  # warm-up (and compilation), not timed
-        fn(0)
-    sync()
-    # The peak below is that of training itself: corpus preparation and warm-up are over.
-    reset = reset_peak_memory(device)
-    t_ar, t_meta = timed(ar), timed(meta)
-    t = time.perf_counter()
-    learning_dynamics(model, *r.probe, r.modules, amp)
-    sync()
-    t_dyn = time.perf_counter() - t
-    mem = peak_memory_gib(device)
-    step_time = args.grad_accum * (args.hybrid_ratio * t_meta + (1 - args.hybrid_ratio) * t_ar)
-    peak, flops = peak_flops(device, amp), micro_step_flops(cfg, args)
-    n_sup = args.n_way * args.k_shot * ctx
-    print(f"bench: {args.size or 'demo'} ({count_params(model) / 1e6:.1f}M params) on {device}, "
-          f"{'bf16' if not isinstance(amp, nullcontext) else 'fp32'}, compile={args.compile}, "
-          f"{torch.get_num_threads()} CPU thread(s), "
-          f"attention kernel: {sdpa_kernel_used(model, r.probe[0], amp)}")
-    print(f"  AR micro-step   {ar_tok:6d} tokens  {t_ar * 1e3:8.1f} ms  {ar_tok / t_ar:10.0f} tok/s  "
-          f"{t_ar / ar_tok * 1e6:7.2f} us/token  ({args.batch_size} x {args.seq_len})")
-    print(f"  meta micro-step {meta_tok:6d} tokens  {t_meta * 1e3:8.1f} ms  {meta_tok / t_meta:10.0f} tok/s  "
-          f"{t_meta / meta_tok * 1e6:7.2f} us/token  (support {n_sup} no-grad + query {meta_tok - n_sup}; "
-          f"ctx {ctx})")
-    print(f"  meta / AR cost per backbone token: {(t_meta / meta_tok) / (t_ar / ar_tok):.3f}")
-    if peak:
-        print(f"  MFU: AR {flops['ar'] / t_ar / peak * 100:.1f}%  "
-              f"meta {flops['meta'] / t_meta / peak * 100:.1f}%  (peak {peak / 1e12:.0f} TFLOPS bf16)")
-    else:
-        print("  MFU: unknown (no known bf16 peak for this device/dtype)")
-    what = "CUDA peak allocated" if device.type == "cuda" else "peak RSS of this process"
-    print(f"  peak memory: {mem:.2f} GiB ({what}, {'after warm-up' if reset else 'since start'}: "
-          f"AR and meta micro-steps and a dynamics probe)")
-    print(f"  dynamics probe: {t_dyn:.2f} s every {args.dynamics_every} steps = "
-          f"{t_dyn / (t_dyn + args.dynamics_every * step_time) * 100:.2f}% of training time "
-          f"(est. step {step_time:.2f} s at grad_accum {args.grad_accum})")
-    return dict(t_ar=t_ar, t_meta=t_meta, ar_tok=ar_tok, meta_tok=meta_tok, t_dyn=t_dyn, peak_memory_gib=mem)
-
-
-# ------------------------------------------------------------------------------------------------------------
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = parse_args(argv)
-        if args.sample is not None:
-            sample(args)
-        elif args.export_hf:
-            export_hf(args)
-        elif args.bench:
-            bench(args)
-        else:
-            with stop_signals(verbose=os.environ.get("RANK", "0") == "0") as stop:
-                train(args, stop, argv)
+        return body()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -2130,6 +1814,16 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+
+    def body():
+        args = parse_args(argv)
+        with stop_signals(verbose=os.environ.get("RANK", "0") == "0") as stop:
+            train(args, stop, argv)
+    cli(body)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ def small_args(data_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------------
 # The classroom kit (tests/exercises.py): one marker per lesson function, and a blanked function skips,
-# rather than fails, every test that merely depends on it. Its own tests (the marker) still fail until it is
-# written.
+# rather than fails, every test that merely depends on it. Its own tests (the marker) still fail until it
+# is written.
 
 import exercises  # noqa: E402
 
@@ -78,11 +78,11 @@ def pytest_terminal_summary(terminalreporter):
                                     f"grade it with: python -m pytest -m {name}")
 
 
-def run_cli(argv):
-    """Run maml_gpt's CLI in-process; returns the exit code (0 on success)."""
+def run_cli(argv, main=None):
+    """Run a command in-process (maml_gpt's by default, or another entry point's main); -> its exit code."""
     import maml_gpt
     try:
-        maml_gpt.main(argv)
+        (main or maml_gpt.main)(argv)
     except SystemExit as e:
         return e.code
     return 0

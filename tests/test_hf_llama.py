@@ -41,6 +41,6 @@ def test_rope_permutation_is_needed():
 
 
 def test_bench_script_runs_and_both_losses_agree(capsys):
-    res = bench.main(["--batch_size", "1", "--seq_len", "16", "--repeats", "1"])
+    res = bench.main(["--vs_hf", "--batch_size", "1", "--seq_len", "16", "--repeats", "1"])
     assert max(res["losses"].values()) - min(res["losses"].values()) < 1e-5 and res["ratio"] > 0
     assert "maml-gpt (fused loss)" in capsys.readouterr().out

@@ -59,8 +59,8 @@ def test_overwrite_keeps_the_previous_run_until_the_new_checkpoint_exists(small_
     ar = AR
     assert run(small_args + ar + ["--max_steps", "2"]) == 0
     old_ckpt, old_metrics = (open(os.path.join(out, n), "rb").read() for n in ("ckpt.pt", "metrics.jsonl"))
-    # An --overwrite run that dies before its first checkpoint (non-finite loss at step 2, no save before
-    # 100).
+    # An --overwrite run that dies before its first checkpoint (a non-finite loss at step 2; no save before
+    # step 100).
     assert run(small_args + ar + ["--max_steps", "8", "--overwrite", "--lr", "1e30",
                                   "--save_every", "100"]) == 1
     assert "non-finite" in capsys.readouterr().err
@@ -198,8 +198,8 @@ def test_sigterm_to_rank_1_only_stops_both_gloo_ranks_at_the_same_step(small_arg
             if p.poll() is None:
                 p.kill()
     assert "torchrun --nproc_per_node=2" in open(os.path.join(out, "stdout0.txt")).read()
-    # 2 processes x 1 micro-step == 1 process x 2 micro-steps bitwise (test_train.py), so the rest can run
-    # here.
+    # 2 processes x 1 micro-step == 1 process x 2 micro-steps bitwise (test_train.py), so the rest can run in
+    # this process.
     with one_thread():
         assert run(small_args + STOPPABLE + ["--max_steps", str(k + 2), "--grad_accum", "2", "--resume"]) == 0
         ref = with_out(small_args, tmp_path / "ref")

@@ -231,7 +231,8 @@ def test_paloma_eval_falls_back_to_held_out_split_offline(small_args, tmp_path, 
 
 
 def test_bench_prints_costs_and_says_when_mfu_is_unknown(small_args, capsys):
-    assert run(small_args + ["--bench"]) == 0
+    import bench
+    assert run(small_args, bench.main) == 0
     out = capsys.readouterr().out
     assert "AR micro-step" in out and "meta / AR cost per backbone token" in out
     assert "MFU: unknown" in out and "peak memory" in out and "% of training time" in out

@@ -1,4 +1,4 @@
-"""Using a trained model: Decoder.generate, --sample, --export_hf (Hugging Face Llama), --wandb."""
+"""Using a trained model: Decoder.generate, sample.py, export.py (Hugging Face Llama), --wandb."""
 import contextlib
 import glob
 import io
@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
+import export as export_py
 import maml_gpt as mg
+import sample as sample_py
 from conftest import SMALL
 from conftest import run_cli as run
 
@@ -100,42 +102,50 @@ def test_prompt_longer_than_the_context_is_cropped_from_the_left(capsys):
             and len(texts) == 1)
 
 
-# ------------------------------------------------------------------------------------------------ --sample
+def sample(argv):
+    return run(argv, sample_py.main)
+
+
+def export_hf(argv):
+    return run(argv, export_py.main)
+
+
+# ------------------------------------------------------------------------------------------------ sample.py
 
 def test_sample_cli_is_deterministic_and_the_demo_prints_one(trained, run_dir, capsys, tmp_path):
     assert "sample (40 tokens, temperature 0.8, top_k 200): 'The main industry of" in trained[1]
-    argv = ["--out_dir", run_dir, "--sample", "The baker", "--num_samples", "2", "--max_new_tokens", "6"]
-    assert run(argv) == 0
+    argv = ["--out_dir", run_dir, "The baker", "--num_samples", "2", "--max_new_tokens", "6"]
+    assert sample(argv) == 0
     first = capsys.readouterr().out
-    assert run(argv) == 0
+    assert sample(argv) == 0
     assert capsys.readouterr().out == first
     assert first.count("\nThe baker") == 2 and "--- sample 2/2" in first and "(step 2)" in first
-    assert run(argv + ["--seed", "2"]) == 0 and capsys.readouterr().out != first
+    assert sample(argv + ["--seed", "2"]) == 0 and capsys.readouterr().out != first
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--sample", "hi"], "no checkpoint at"),
-    (["--export_hf", "EXPORT"], "no checkpoint at"),
-    (["--sample", ""], "the prompt encodes to no tokens"),
-    (["--sample", "hi", "--top_k", "-1"], "--temperature and --top_k must be >= 0"),
+@pytest.mark.parametrize("tool, argv, message", [
+    (sample, ["hi"], "no checkpoint at"),
+    (export_hf, ["EXPORT"], "no checkpoint at"),
+    (sample, [""], "the prompt encodes to no tokens"),
+    (sample, ["hi", "--top_k", "-1"], "--temperature and --top_k must be >= 0"),
 ])
-def test_bad_input_gets_one_clear_line(argv, message, run_dir, tmp_path, capsys):
-    out_dir = run_dir if argv[1] == "" or "--top_k" in argv else str(tmp_path / "empty")
+def test_bad_input_gets_one_clear_line(tool, argv, message, run_dir, tmp_path, capsys):
+    out_dir = run_dir if argv[0] == "" or "--top_k" in argv else str(tmp_path / "empty")
     argv = [str(tmp_path / "hf") if a == "EXPORT" else a for a in argv]
-    assert run(["--out_dir", out_dir] + argv) == 1
+    assert tool(["--out_dir", out_dir] + argv) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "hf")  # a failed export leaves no folder behind
 
 
-# ------------------------------------------------------------------------------------------------ --export_hf
+# ------------------------------------------------------------------------------------------------ export.py
 
 @pytest.fixture(scope="session")
 def export(trained, tmp_path_factory):
-    """The trained run exported once: (the folder, what --export_hf printed)."""
+    """The trained run exported once: (the folder, what export.py printed)."""
     out = str(tmp_path_factory.mktemp("export") / "hf")
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
-        assert run(["--out_dir", trained[0], "--export_hf", out]) == 0
+        assert export_hf(["--out_dir", trained[0], out]) == 0
     return out, stdout.getvalue()
 
 
@@ -159,7 +169,7 @@ def test_exported_llama_gives_our_logits(run_dir, export, exported, capsys):
     assert (got - ref).abs().max().item() <= 1e-4
     # the folder is now taken: a second export refuses, one line, and leaves it untouched
     before = {f: os.path.getmtime(os.path.join(exported, f)) for f in os.listdir(exported)}
-    assert run(["--out_dir", run_dir, "--export_hf", exported]) == 1
+    assert export_hf(["--out_dir", run_dir, exported]) == 1
     assert "already exists and is not an empty folder" in capsys.readouterr().err
     assert before == {f: os.path.getmtime(os.path.join(exported, f)) for f in os.listdir(exported)}
 
@@ -183,12 +193,13 @@ def test_exported_tokenizer_encodes_like_ours(exported):
 
 def test_export_without_safetensors_writes_pytorch_model_bin(run_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if the package were not installed
-    monkeypatch.setattr(mg, "hf_tokenizer_files", lambda n: {})  # not under test here (and the slow part)
+    monkeypatch.setattr(export_py, "hf_tokenizer_files", lambda n: {})  # not under test here, and slow
     out = str(tmp_path / "hf")
-    assert run(["--out_dir", run_dir, "--export_hf", out]) == 0
+    assert export_hf(["--out_dir", run_dir, out]) == 0
     assert sorted(os.listdir(out)) == ["config.json", "pytorch_model.bin"]
     saved = torch.load(os.path.join(out, "pytorch_model.bin"), weights_only=True)
-    want = mg.hf_state_dict(mg.model_from_checkpoint(mg.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))))
+    ck = mg.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    want = export_py.hf_state_dict(mg.model_from_checkpoint(ck))
     assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want)
 
 
