@@ -532,7 +532,6 @@ def ner_grid_report(rows, out):
     print(f"grid: {os.path.join(out, 'grid.csv')}, {os.path.join(out, 'grid.md')}, heatmaps in {out}")
 
 
-
 def build_parser():
     p = argparse.ArgumentParser(description="Universal NER fine-tuning of maml_gpt.py checkpoints.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
