@@ -14,10 +14,11 @@ fused loss replaced). The three take turns in one process, the first place rotat
 shared with other work slows all of them alike; a ratio is the median of per-round ratios.
 """
 import argparse
+import collections
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,57 @@ def micro_step_flops(cfg, args):
     return dict(ar=flops_per_token(cfg, args.seq_len) * args.batch_size * args.seq_len,
                 meta=flops_per_token(cfg, ctx, backward=False, lm_head=False) * n_sup
                 + flops_per_token(cfg, ctx, lm_head=False) * n_query)
+
+
+# Host syncs: operations after which the CPU must wait for the device to finish everything queued so far,
+# so it cannot queue the next kernels while the GPU computes. count_host_syncs sees them from Python on any
+# device (the CPU included), as what each call would do on CUDA: reading a value (.item(), bool(), int(),
+# float(), tolist()), ops whose output size depends on values (bincount, nonzero, unique: an .item() inside),
+# a host-device copy that is not non_blocking, or from pageable memory (CUDA stages it synchronously), and
+# torch.tensor(data, device=...). Each is charged to the innermost maml_gpt.py line that caused it.
+SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+SYNC_FUNCS = ("bincount", "nonzero", "unique", "masked_select")
+
+
+@contextmanager
+def count_host_syncs():
+    """with count_host_syncs() as seen: ... -> seen, a Counter of "what at function:line" -> calls."""
+    seen, patched = collections.Counter(), []
+
+    def charge(what):
+        f = sys._getframe(2)
+        while f and not f.f_code.co_filename.endswith("maml_gpt.py"):
+            f = f.f_back
+        seen[f"{what} at {f.f_code.co_name}:{f.f_lineno}" if f else what] += 1
+
+    def patch(owner, name, blocks):
+        fn, own = getattr(owner, name), name in vars(owner)
+
+        def counted(*a, **k):
+            if blocks(*a, **k):
+                charge(name)
+            return fn(*a, **k)
+        patched.append((owner, name, fn if own else None))
+        setattr(owner, name, counted)
+
+    def copy_blocks(src, *a, **k):  # .to(device): host -> device or back, unless it cannot make the host wait
+        dev, _, non_blocking, _ = torch._C._nn._parse_to(*a, **k)
+        if dev is None or (src.device.type != "cpu" and dev.type != "cpu"):
+            return False  # a dtype change, or device to device
+        return not non_blocking or (dev.type == "cuda" and not src.is_pinned())
+
+    for name in SYNC_METHODS:
+        patch(torch.Tensor, name, lambda *a, **k: True)
+    for name in SYNC_FUNCS:
+        patch(torch, name, lambda *a, **k: True)
+    patch(torch.Tensor, "to", copy_blocks)
+    patch(torch.Tensor, "cpu", lambda t, *a, **k: t.device.type != "cpu")
+    patch(torch, "tensor", lambda *a, **k: k.get("device") is not None)
+    try:
+        yield seen
+    finally:
+        for owner, name, fn in reversed(patched):
+            setattr(owner, name, fn) if fn else delattr(owner, name)
 
 
 def reset_peak_memory(device):
