@@ -26,23 +26,31 @@ import torch.nn.functional as F
 import maml_gpt as mg
 
 
-# dense bf16 tensor-core peaks from NVIDIA datasheets; others: unknown
-PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
-                   "H200": 989e12, "A100": 312e12}
+# Dense bf16 tensor-core peaks from NVIDIA datasheets, matched against torch.cuda.get_device_name() in this
+# order (the first name it contains wins): an H100 SXM calls itself "NVIDIA H100 80GB HBM3", a GH200
+# "NVIDIA GH200 480GB" (an H100-class GPU), an A100 "A100-SXM4-80GB" or "A100 80GB PCIe" (312 both). Others:
+# unknown, and no MFU is printed.
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
+                   ("H200 NVL", 835e12), ("H200", 989e12), ("A100", 312e12)]
+
+
+def peak_of(name):
+    return next((v for k, v in PEAK_BF16_FLOPS if k in name), None)
 
 
 def peak_flops(device, amp):
     if device.type != "cuda" or isinstance(amp, nullcontext):
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak_of(torch.cuda.get_device_name(device))
 
 
 def flops_per_token(cfg, T, backward=True, lm_head=True):
-    """6N per token (2N forward + 4N backward) for the matmul weights, plus attention scores (nanoGPT's
-    estimate)."""
+    """6N per token (2N forward + 4N backward) for the matmul weights, plus attention: per layer and visible
+    key, 2d for q.k and 2d for the weighted sum of v, x3 with the backward. Causal: the token at position t
+    sees t + 1 keys, (T + 1) / 2 on average; flash kernels skip the masked blocks. (nanoGPT's 12 L d T counts
+    all T keys: at T = 512 the total is then 8 % high at tiny, 2 % at large.)"""
     n = cfg.n_layers * cfg.d_model ** 2 * (8 / 3 + 3 * cfg.ffn_mult) + lm_head * cfg.d_model * cfg.vocab_size
-    f = 6 * n + 12 * cfg.n_layers * cfg.d_model * T
+    f = 6 * n + 6 * cfg.n_layers * cfg.d_model * (T + 1)
     return f if backward else f / 3
 
 
@@ -180,6 +188,12 @@ def bench(args, iters=5):
         run.optimizer.zero_grad(set_to_none=True)
 
     ctx = mg.smlmt_ctx(args)
+    syncs = {}
+    for name, fn in (("AR", ar), ("meta", meta)):  # on the eager model: patched methods would break graphs
+        model_was, run.model = run.model, run.orig_model
+        with count_host_syncs() as syncs[name]:
+            fn(0)
+        run.model = model_was
     ar_tok, meta_tok = run.micro_tokens["ar"], run.micro_tokens["meta"]
     for fn in (ar, meta, ar, meta):  # warm-up (and compilation), not timed
         fn(0)
@@ -195,10 +209,11 @@ def bench(args, iters=5):
     step_time = args.grad_accum * (args.hybrid_ratio * t_meta + (1 - args.hybrid_ratio) * t_ar)
     peak, flops = peak_flops(device, amp), micro_step_flops(cfg, args)
     n_sup = args.n_way * args.k_shot * ctx
+    kernel = sdpa_kernel_used(model, run.probe[0], amp)
     print(f"bench: {args.size or 'demo'} ({mg.count_params(model) / 1e6:.1f}M params) on {device}, "
           f"{'bf16' if not isinstance(amp, nullcontext) else 'fp32'}, compile={args.compile}, "
           f"{torch.get_num_threads()} CPU thread(s), "
-          f"attention kernel: {sdpa_kernel_used(model, run.probe[0], amp)}")
+          f"attention kernel: {kernel}")
     print(f"  AR micro-step   {ar_tok:6d} tokens  {t_ar * 1e3:8.1f} ms  {ar_tok / t_ar:10.0f} tok/s  "
           f"{t_ar / ar_tok * 1e6:7.2f} us/token  ({args.batch_size} x {args.seq_len})")
     print(f"  meta micro-step {meta_tok:6d} tokens  {t_meta * 1e3:8.1f} ms  {meta_tok / t_meta:10.0f} tok/s  "
@@ -213,10 +228,13 @@ def bench(args, iters=5):
     what = "CUDA peak allocated" if device.type == "cuda" else "peak RSS of this process"
     print(f"  peak memory: {mem:.2f} GiB ({what}, {'after warm-up' if reset else 'since start'}: "
           f"AR and meta micro-steps and a dynamics probe)")
+    print("  host syncs per micro-step: " + "; ".join(f"{k} {sum(v.values())}" + "".join(
+        f", {n} x{c}" for n, c in sorted(v.items())) for k, v in syncs.items()))
     print(f"  dynamics probe: {t_dyn:.2f} s every {args.dynamics_every} steps = "
           f"{t_dyn / (t_dyn + args.dynamics_every * step_time) * 100:.2f}% of training time "
           f"(est. step {step_time:.2f} s at grad_accum {args.grad_accum})")
-    return dict(t_ar=t_ar, t_meta=t_meta, ar_tok=ar_tok, meta_tok=meta_tok, t_dyn=t_dyn, peak_memory_gib=mem)
+    return dict(t_ar=t_ar, t_meta=t_meta, ar_tok=ar_tok, meta_tok=meta_tok, t_dyn=t_dyn, peak_memory_gib=mem,
+                syncs={k: sum(v.values()) for k, v in syncs.items()}, flops=flops, peak=peak, sdpa=kernel)
 
 
 def to_hf_llama(model):
@@ -305,6 +323,11 @@ def main(argv=None):
     if "--vs_hf" in argv:
         argv.remove("--vs_hf")
         return vs_hf(argv)
+    if any(a == "--size" or a.startswith("--size=") for a in argv) and not any(
+            a == "--data" or a.startswith("--data=") for a in argv):
+        print("note: no --data given: benchmarking on the toy world (speed does not depend on the text; "
+              "the preset's corpus would first be prepared)")
+        argv += ["--data", "toy"]
     return mg.cli(lambda: bench(mg.parse_args(argv)))
 
 

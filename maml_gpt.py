@@ -1295,7 +1295,7 @@ def to_device(arrays, device):
     kernels until the GPU had caught up. The pinned buffer is not reused before the copy has run (PyTorch's
     pinned-memory cache records the copy's stream)."""
     flat = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays]))
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         flat = flat.pin_memory()
     flat = flat.to(device, non_blocking=True)
     return [v.view(np.shape(a)) for v, a in zip(flat.split([np.size(a) for a in arrays]), arrays)]
