@@ -290,16 +290,13 @@ def count_params(model):
 # multiplications by a scalar. (The technique of Liger-Kernel's FusedLinearCrossEntropy and Apple's Cut
 # Cross-Entropy, in plain torch.)
 #
-# Rows per chunk, per device type. CPU: 256 x 50,304 fp32 = 51 MB live at a time; measured (d = 96, 2,048
-# rows, 1 thread), the fastest of 128 / 256 / 512 / 1,024 / 2,048 (1.49 / 1.42 / 1.46 / 1.56 / 1.72 s for
-# loss + gradients; the plain F.cross_entropy took 2.87 s). CUDA: every chunk adds its (V, d) weight
-# gradient into the fp32 accumulator, in bf16 a product written and read (2 + 2 bytes) and the accumulator
-# read and written (4 + 4): 12 V d bytes, 0.93 GB at large (V 50,304, d 1,536). A micro-step of 8 x 512 =
-# 4,096 rows in 256-row chunks moves 16 x 0.93 = 15 GB, about 5 ms at 3 TB/s, twice the time of the three
-# (4,096 x 1,536 x 50,304) matmuls themselves (1.9 TFLOP, about 2.5 ms at a realistic 750 TFLOPS). At 4,096
-# rows it is one chunk, 0.3 ms; its buffers are 1.6 GB at large (the fp32 logits, their bf16 copy and
-# gradient), small next to the activations. The softmax passes (about 38 bytes per logit) do not depend on
-# the chunk size. Not yet measured on a GPU (gpu_check.py compares the loss with F.cross_entropy there).
+# Rows per chunk, per device. CPU: 256 x 50,304 fp32 = 51 MB live; measured (d = 96, 2,048 rows, 1 thread) the
+# fastest of 128 / 256 / 512 / 1,024 / 2,048 (1.49 / 1.42 / 1.46 / 1.56 / 1.72 s for loss + gradients; plain
+# F.cross_entropy 2.87 s). CUDA: each chunk adds its (V, d) weight gradient into the fp32 accumulator, 12 V d
+# bytes of traffic in bf16 (product written and read, accumulator read and written), 0.93 GB at large. In
+# 256-row chunks a micro-step's 4,096 rows move 15 GB, ~5 ms at 3 TB/s: twice its three LM-head matmuls (1.9
+# TFLOP, ~2.5 ms). As one 4,096-row chunk: 0.3 ms, for 1.6 GB of buffers (fp32 logits, bf16 copy, gradient).
+# The softmax passes (~38 bytes per logit) do not depend on it. Not yet measured on a GPU.
 LOSS_CHUNK_ROWS = dict(cpu=256, cuda=4096)
 
 
@@ -651,7 +648,7 @@ def learning_dynamics(model, probe_x, probe_y, modules, amp, rank=0, world=1):
     in every layer, the reference's attention-wide variant, and attention entropy. It writes and then clears
     the model's .grad, so call it between optimizer steps, never during gradient accumulation. With world > 1
     every rank calls it: rank r takes every world-th spectrum and one all-reduce gathers them, so no rank
-    computes alone while the others wait (at --size large a spectrum of 1,536 x 6,144 takes seconds)."""
+    computes alone while the others wait in the next collective."""
     names = [f"layers.{i}.{m}" for i in range(model.cfg.n_layers) for m in modules]
     mats = dict(model.named_parameters())
     attn = [n for n in mats if ".attention." in n]
@@ -659,30 +656,21 @@ def learning_dynamics(model, probe_x, probe_y, modules, amp, rank=0, world=1):
     # the gradient of the next-token loss for `names`, the gradient of logits.mean() for `attn`.
     jobs = list(dict.fromkeys([n + ".weight" for n in names] + attn))
     jobs += [("loss", n) for n in names] + [("mean", n) for n in attn]
-    ers = torch.zeros(len(jobs), dtype=torch.float64)  # ER of job i, on the host; 0 where another rank's
-    grads = {}
-
-    def spectra(mine):  # this rank's share of the jobs that `mine` can compute now
-        for i in range(rank, len(jobs), world):
-            if mine(jobs[i]):
-                ers[i] = effective_rank(mats[jobs[i]] if isinstance(jobs[i], str) else grads[jobs[i]])
-
     model.zero_grad(set_to_none=True)
     with amp:
         _, loss = model(probe_x, probe_y)
     loss.backward()  # the gradient of the next-token loss (RoPE on, the model's own context length)
-    grads.update({("loss", n): mats[n + ".weight"].grad for n in names})
-    spectra(lambda job: job[0] != "mean")
+    grads = {("loss", n): mats[n + ".weight"].grad for n in names}
     # The reference analysis: mean over every q/k/v/o matrix, gradient of logits.mean() (not the loss).
     model.zero_grad(set_to_none=True)
     with amp:
         logits, _ = model(probe_x)
     logits.mean().backward()
-    grads = {("mean", n): mats[n].grad for n in attn}
-    spectra(lambda job: job[0] == "mean")
+    grads.update({("mean", n): mats[n].grad for n in attn})
     model.zero_grad(set_to_none=True)
+    ers = torch.tensor([effective_rank(grads[j] if isinstance(j, tuple) else mats[j]) if i % world == rank
+                        else 0.0 for i, j in enumerate(jobs)], dtype=torch.float64, device=probe_x.device)
     if world > 1:  # a sum gathers them: each job is nonzero on one rank only
-        ers = ers.to(probe_x.device)
         dist.all_reduce(ers)
     er = dict(zip(jobs, ers.tolist()))
     out = {}
@@ -1289,11 +1277,9 @@ def pick_device(device_arg, local_rank=None):
 
 
 def to_device(arrays, device):
-    """numpy integer arrays -> int64 tensors of the same shapes on `device`, in ONE host-to-device copy that
-    does not make the host wait: on CUDA from pinned (page-locked) memory with non_blocking=True. A copy from
-    ordinary (pageable) memory, non_blocking or not, is staged synchronously: the host would stop queuing
-    kernels until the GPU had caught up. The pinned buffer is not reused before the copy has run (PyTorch's
-    pinned-memory cache records the copy's stream)."""
+    """numpy integer arrays -> int64 tensors of the same shapes on `device`, in ONE copy that does not make
+    the host wait: on CUDA from pinned memory, non_blocking (from pageable memory CUDA would stage it
+    synchronously; the pinned-memory cache keeps the buffer until the copy has run)."""
     flat = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays]))
     if torch.device(device).type == "cuda":
         flat = flat.pin_memory()
@@ -1301,10 +1287,9 @@ def to_device(arrays, device):
     return [v.view(np.shape(a)) for v, a in zip(flat.split([np.size(a) for a in arrays]), arrays)]
 
 
-# The longest time one rank may spend alone while the others wait in a collective (NCCL's default of 10
-# minutes kills the job after that): rank 0 writing a --size large checkpoint (570M weights + 2 AdamW moments,
-# fp32: 6.8 GB; 3 minutes at 40 MB/s to a network disk), or fetching Paloma for the eval. 30 minutes covers
-# both with room; corpus preparation and the SMLMT index wait on files (wait_for), never in a collective.
+# The longest one rank may work alone while the others wait in a collective (NCCL's default: 10 minutes):
+# rank 0 writing a large checkpoint (weights + 2 AdamW moments, 6.8 GB: 3 minutes at 40 MB/s) or fetching
+# Paloma. Corpus preparation and the SMLMT index wait on files (wait_for), never in a collective.
 DIST_TIMEOUT = datetime.timedelta(minutes=30)
 
 
