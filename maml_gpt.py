@@ -21,6 +21,7 @@ Every optimizer step is one of two branches:
          and the query loss at the adapted head trains the backbone and the head's initialisation (FOMAML).
 """
 import argparse
+import datetime
 import hashlib
 import json
 import math
@@ -289,10 +290,14 @@ def count_params(model):
 # multiplications by a scalar. (The technique of Liger-Kernel's FusedLinearCrossEntropy and Apple's Cut
 # Cross-Entropy, in plain torch.)
 #
-# Rows per chunk: 256 x 50,304 fp32 = 51 MB live at a time. Measured on the CPU (d = 96, 2,048 rows, 1
-# thread), the fastest of 128 / 256 / 512 / 1,024 / 2,048 (1.49 / 1.42 / 1.46 / 1.56 / 1.72 s for loss +
-# gradients; the plain F.cross_entropy took 2.87 s). On a GPU a larger chunk may be faster: not yet measured.
-LOSS_CHUNK_ROWS = 256
+# Rows per chunk, per device. CPU: 256 x 50,304 fp32 = 51 MB live; measured (d = 96, 2,048 rows, 1 thread) the
+# fastest of 128 / 256 / 512 / 1,024 / 2,048 (1.49 / 1.42 / 1.46 / 1.56 / 1.72 s for loss + gradients; plain
+# F.cross_entropy 2.87 s). CUDA: each chunk adds its (V, d) weight gradient into the fp32 accumulator, 12 V d
+# bytes of traffic in bf16 (product written and read, accumulator read and written), 0.93 GB at large. In
+# 256-row chunks a micro-step's 4,096 rows move 15 GB, ~5 ms at 3 TB/s: twice its three LM-head matmuls (1.9
+# TFLOP, ~2.5 ms). As one 4,096-row chunk: 0.3 ms, for 1.6 GB of buffers (fp32 logits, bf16 copy, gradient).
+# The softmax passes (~38 bytes per logit) do not depend on it. Not yet measured on a GPU.
+LOSS_CHUNK_ROWS = dict(cpu=256, cuda=4096)
 
 
 def _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, want_h, want_w):
@@ -366,10 +371,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                 None, None, None)
 
 
-def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_rows=LOSS_CHUNK_ROWS):
+def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_rows=None):
     """F.cross_entropy(h @ weight.T, targets, ignore_index=ignore_index) without the (N, V) logits.
     h (N, d), weight (V, d), targets (N,). Without autograd (torch.no_grad, or nothing requires grad) it
     computes the loss alone; an autograd.Function cannot tell by itself (needs_input_grad ignores no_grad)."""
+    chunk_rows = chunk_rows or LOSS_CHUNK_ROWS.get(h.device.type, LOSS_CHUNK_ROWS["cpu"])
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_rows)
     loss, _, _, n = _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, False, False)
@@ -464,8 +470,8 @@ def episode_tensors(tokens, index, args, key, device):
     ep = sample_episode(tokens, index, args.n_way, args.k_shot, args.q_query, smlmt_ctx(args), key, args.read)
     at = ep["mask_at"]  # (N, K+Q)
     ep = dict(ep, support_at=at[:, :args.k_shot].reshape(-1), query_at=at[:, args.k_shot:].reshape(-1))
-    return {k: torch.from_numpy(ep[k]).to(device) for k in ("support_x", "support_y", "query_x", "query_y",
-                                                            "classes", "support_at", "query_at")}
+    keys = ("support_x", "support_y", "query_x", "query_y", "classes", "support_at", "query_at")
+    return dict(zip(keys, to_device([ep[k] for k in keys], device)))  # one copy that never blocks the host
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -671,40 +677,45 @@ def attention_entropy(model, idx):
     return torch.stack(out)
 
 
-def learning_dynamics(model, probe_x, probe_y, modules, amp):
+def learning_dynamics(model, probe_x, probe_y, modules, amp, rank=0, world=1):
     """{metric name: value} on the probe batch: PER and ER of `modules`' weights and next-token-loss gradients
     in every layer, the reference's attention-wide variant, and attention entropy. It writes and then clears
-    the model's .grad, so call it between optimizer steps, never during gradient accumulation."""
+    the model's .grad, so call it between optimizer steps, never during gradient accumulation. With world > 1
+    every rank calls it: rank r takes every world-th spectrum and one all-reduce gathers them, so no rank
+    computes alone while the others wait in the next collective."""
     names = [f"layers.{i}.{m}" for i in range(model.cfg.n_layers) for m in modules]
     mats = dict(model.named_parameters())
-    weight_er = {}  # one SVD per weight matrix: the ref/ set below repeats the modules' v and o weights
-
-    def er_weight(name):
-        if name not in weight_er:
-            weight_er[name] = effective_rank(mats[name])
-        return weight_er[name]
-
-    out = {}
+    attn = [n for n in mats if ".attention." in n]
+    # One spectrum per distinct matrix: each weight once (the ref/ set repeats the modules' v and o weights),
+    # the gradient of the next-token loss for `names`, the gradient of logits.mean() for `attn`.
+    jobs = list(dict.fromkeys([n + ".weight" for n in names] + attn))
+    jobs += [("loss", n) for n in names] + [("mean", n) for n in attn]
     model.zero_grad(set_to_none=True)
     with amp:
         _, loss = model(probe_x, probe_y)
     loss.backward()  # the gradient of the next-token loss (RoPE on, the model's own context length)
-    for n in names:
-        W = mats[n + ".weight"]
-        er_w, er_g = er_weight(n + ".weight"), effective_rank(W.grad)  # PER = ER / min(shape): same spectrum
-        out[f"per_weight/{n}"], out[f"per_grad/{n}"] = er_w / min(W.shape), er_g / min(W.shape)
-        out[f"er_weight/{n}"], out[f"er_grad/{n}"] = er_w, er_g
+    grads = {("loss", n): mats[n + ".weight"].grad for n in names}
     # The reference analysis: mean over every q/k/v/o matrix, gradient of logits.mean() (not the loss).
     model.zero_grad(set_to_none=True)
     with amp:
         logits, _ = model(probe_x)
     logits.mean().backward()
-    attn = [n for n in mats if ".attention." in n]
-    for kind, ers in (("weight", [er_weight(n) for n in attn]),
-                      ("grad", [effective_rank(mats[n].grad) for n in attn])):
-        out[f"ref/per_{kind}_attn"] = float(np.mean([e / min(mats[n].shape) for e, n in zip(ers, attn)]))
-        out[f"ref/er_{kind}_attn"] = float(np.mean(ers))
+    grads.update({("mean", n): mats[n].grad for n in attn})
     model.zero_grad(set_to_none=True)
+    ers = torch.tensor([effective_rank(grads[j] if isinstance(j, tuple) else mats[j]) if i % world == rank
+                        else 0.0 for i, j in enumerate(jobs)], dtype=torch.float64, device=probe_x.device)
+    if world > 1:  # a sum gathers them: each job is nonzero on one rank only
+        dist.all_reduce(ers)
+    er = dict(zip(jobs, ers.tolist()))
+    out = {}
+    for n in names:
+        shape = mats[n + ".weight"].shape  # PER = ER / min(shape): the same spectrum
+        er_w, er_g = er[n + ".weight"], er[("loss", n)]
+        out[f"per_weight/{n}"], out[f"per_grad/{n}"] = er_w / min(shape), er_g / min(shape)
+        out[f"er_weight/{n}"], out[f"er_grad/{n}"] = er_w, er_g
+    for kind, vals in (("weight", [er[n] for n in attn]), ("grad", [er[("mean", n)] for n in attn])):
+        out[f"ref/per_{kind}_attn"] = float(np.mean([e / min(mats[n].shape) for e, n in zip(vals, attn)]))
+        out[f"ref/er_{kind}_attn"] = float(np.mean(vals))
     ent = attention_entropy(model, probe_x)
     out["attn_entropy"] = [[round(v, 5) for v in row] for row in ent.tolist()]  # (layers, heads)
     out["attn_entropy_mean"] = ent.mean().item()
@@ -787,9 +798,11 @@ def choose_branch(args, step, run):
     receives. One branch for the whole step (every micro-step, every rank) makes the set of parameters with
     gradients the same everywhere, which is what makes one plain all-reduce correct. -> "meta" or "ar"."""
     drawn = run.rank == 0 and is_meta_step(args.seed, step, args.hybrid_ratio)
+    if run.world == 1:
+        return "meta" if drawn else "ar"
+    # A host sync per step (a copy in, .item() out): the host must know the branch before it queues anything.
     meta = torch.tensor([int(drawn)], device=run.device)
-    if run.world > 1:
-        dist.broadcast(meta, src=0)
+    dist.broadcast(meta, src=0)
     return "meta" if meta.item() else "ar"
 
 
@@ -875,23 +888,26 @@ def train(args, stop=None, argv=()):
         counters[f"tokens_{branch}"] += n_tok
         done, stopping = step + 1, stop_requested(stop, run.world, run.device)  # a signal on any rank
         book.n_steps[branch] += 1
+        if stopping:  # a scheduler's grace period may be short: the checkpoint first, then no eval or probe
+            save(run, args, done, counters)
+            book.write(book.window(run, args, meter, done, counters), run.rank)
+            break
         # What the paper measures, when it is due: eval perplexity and the held-out few-shot eval, and the
         # learning-dynamics probe. The logbook writes them with the window's training means.
         eval_now, probe_now = due(done, args.eval_every, args), due(done, args.dynamics_every, args)
-        if due(done, args.log_every, args) or eval_now or probe_now or stopping:
+        if due(done, args.log_every, args) or eval_now or probe_now:
             rec = book.window(run, args, meter, done, counters)  # means over micro-steps and ranks
             if eval_now:
                 rec["eval_loss"], rec["eval_ppl"] = evaluate(run.orig_model, book.evals, run.amp, run.rank,
                                                              run.world)
                 if run.rank == 0 and book.fewshots:
                     rec.update(fewshot_eval(run.orig_model, args, book.fewshots, run.amp))
-            if probe_now and run.rank == 0:
-                rec.update(learning_dynamics(run.orig_model, *run.probe, run.modules, run.amp))
+            if probe_now:  # on every rank: they share the spectra
+                rec.update(learning_dynamics(run.orig_model, *run.probe, run.modules, run.amp, run.rank,
+                                             run.world))
             book.write(rec, run.rank)
-        if due(done, args.save_every, args) or stopping:
+        if due(done, args.save_every, args):
             save(run, args, done, counters)
-        if stopping:
-            break
     stop["armed"] = False
     finish(run, args, book, counters, done, stopping, argv)
 
@@ -1227,8 +1243,8 @@ def batch_indices(seed, step, n_tokens, seq_len, global_batch):
 def get_batch(tokens, starts, seq_len, device):
     """Windows starting at `starts` -> x, y of shape (len(starts), seq_len), y shifted by one token."""
     idx = starts[:, None] + np.arange(seq_len + 1)  # (B, seq_len + 1) positions into the memmap
-    buf = torch.from_numpy(tokens[idx].astype(np.int64))  # embedding lookups need int64
-    return buf[:, :-1].to(device, non_blocking=True), buf[:, 1:].to(device, non_blocking=True)
+    buf, = to_device([tokens[idx]], device)  # int64: embedding lookups need it
+    return buf[:, :-1], buf[:, 1:]
 
 
 def micro_slice(starts, micro, rank, world, batch_size):
@@ -1308,6 +1324,23 @@ def pick_device(device_arg, local_rank=None):
     raise UserError(f"--device {device_arg!r}: use auto, cpu, cuda or cuda:N")
 
 
+def to_device(arrays, device):
+    """numpy integer arrays -> int64 tensors of the same shapes on `device`, in ONE copy that does not make
+    the host wait: on CUDA from pinned memory, non_blocking (from pageable memory CUDA would stage it
+    synchronously; the pinned-memory cache keeps the buffer until the copy has run)."""
+    flat = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays]))
+    if torch.device(device).type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    return [v.view(np.shape(a)) for v, a in zip(flat.split([np.size(a) for a in arrays]), arrays)]
+
+
+# The longest one rank may work alone while the others wait in a collective (NCCL's default: 10 minutes):
+# rank 0 writing a large checkpoint (weights + 2 AdamW moments, 6.8 GB: 3 minutes at 40 MB/s) or fetching
+# Paloma. Corpus preparation and the SMLMT index wait on files (wait_for), never in a collective.
+DIST_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 def setup_distributed(device_arg):
     """-> (rank, local_rank, world, device). torchrun sets RANK; nccl on CUDA, gloo on CPU."""
     ddp = "RANK" in os.environ
@@ -1317,7 +1350,7 @@ def setup_distributed(device_arg):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if ddp and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
     return rank, local_rank, world, device
 
 
@@ -1379,7 +1412,9 @@ def setup(args, for_bench=False):
     # --compile covers Decoder.forward: the AR branch's whole forward + fused loss (one graph, no break), and
     # the meta branch's backbone forward (nearly all of its FLOPs). Not the MLP head: its inner loop calls
     # torch.autograd.grad, which torch.compile cannot put in a graph, and it has a few hundred K weights.
-    model = torch.compile(orig_model) if args.compile else orig_model
+    # dynamic=False: one static graph per shape (support, query, AR: three, within the recompile limit of 8)
+    # instead of a shape-generic one from the second shape on, which would give up fixed-size kernels.
+    model = torch.compile(orig_model, dynamic=False) if args.compile else orig_model
     return Run(rank=rank, local_rank=local_rank, world=world, device=device, corpus=corpus, tokens=tokens,
                index=index, orig_model=orig_model, model=model, head=head, params=params, optimizer=optimizer,
                amp=autocast_ctx(device, args.dtype), global_batch=args.batch_size * args.grad_accum * world,
@@ -1624,7 +1659,8 @@ class Meter:
         if world > 1:
             dist.all_reduce(both)
         self.sums, self.counts = {}, {}
-        return {k: (s / c).item() if c > 0 else None for k, s, c in zip(keys, both[0], both[1])}
+        means, counts = torch.stack([both[0] / both[1], both[1]]).tolist()  # the window's one host sync
+        return {k: m if c > 0 else None for k, m, c in zip(keys, means, counts)}
 
 
 # loss_mixed: the mean over the window's micro-steps of whichever loss each one computed (AR cross-entropy
@@ -1788,9 +1824,9 @@ def open_logbook(run, args, start, counters):
         print(f"model {count_params(run.orig_model) / 1e6:.1f}M params | {run.world} process(es) on "
               f"{run.device} | global batch {run.global_batch} x {args.seq_len} | "
               f"hybrid ratio {args.hybrid_ratio}")
-        if start == 0 and args.dynamics_every:
-            book.write(dict(step=0, **counters,
-                            **learning_dynamics(run.orig_model, *run.probe, run.modules, run.amp)))
+    if start == 0 and args.dynamics_every:  # the dynamics of the initialisation, each rank its share
+        dyn = learning_dynamics(run.orig_model, *run.probe, run.modules, run.amp, run.rank, run.world)
+        book.write(dict(step=0, **counters, **dyn), run.rank)
     return book
 
 
