@@ -1097,7 +1097,7 @@ def tokenize_documents(args, out, desc):
                 texts = read_documents(docs, args.data, n_read)
                 job = pool.apply_async(encode_shard, (texts, n_read)) if pool else encode_shard(texts, n_read)
                 n_read += len(texts)
-                pending.append((job, dict(docs=n_read, state=ds and ds.state_dict(),
+                pending.append((job, dict(docs=n_read, state=None if ds is None else ds.state_dict(),
                                           end=len(texts) < SHARD_DOCS)))
                 continue
             job, mark = pending.popleft()
@@ -1187,20 +1187,29 @@ def local_files(data):
     return files
 
 
+def stream(*args, **kwargs):
+    """datasets.load_dataset(..., streaming=True): the one reader of every real corpus, local or hub."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("real corpora need the datasets package: pip install datasets (or use --data toy)")
+    return datasets.load_dataset(*args, streaming=True, **kwargs)
+
+
 def local_dataset(files):
-    import datasets
     kind = next(r for end, r in READERS.items() if files[0].endswith(end))
-    return datasets.load_dataset(kind, data_files=files, split="train", streaming=True,
-                                 **(dict(sample_by="paragraph") if kind == "text" else {}))
+    return stream(kind, data_files=files, split="train",
+                  **(dict(sample_by="paragraph") if kind == "text" else {}))
 
 
 def hub_dataset(spec, split="train"):
     """A hub dataset "ID[:CONFIG]", streamed by `datasets`: it honours HF_HUB_OFFLINE, HF_ENDPOINT (a mirror),
     HTTPS_PROXY and the local hub cache."""
-    import datasets
     name, _, config = spec.partition(":")
     try:
-        return datasets.load_dataset(name, config or None, split=split, streaming=True)
+        return stream(name, config or None, split=split)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"cannot stream hub dataset {spec!r} ({str(e).strip().splitlines()[0]}). Offline, "
                         f"use --data toy (the built-in toy world) or --data PATH (a local download: "
