@@ -925,9 +925,13 @@ def build_parser():
     a = p.add_argument
     a("--size", choices=list(SIZES), help="width and the released recipe (none: the CPU demo); the defaults "
       "shown are those of the chosen size")
-    a("--data", help="toy (offline toy world), a local .txt / folder / .jsonl, or a hub dataset ID[:CONFIG]")
+    a("--data", help="toy (offline toy world), a local corpus (a .parquet / .jsonl[.gz] / .json[.gz] / .txt "
+      "file, a folder or a glob of them), or a hub dataset ID[:CONFIG]")
+    a("--text_field", default="text", help="the text column of a parquet or json corpus")
     a("--data_dir", default=os.path.join(HERE, "data", "cache"), help="where prepared corpora are cached")
     a("--max_tokens", type=int, default=1_000_000_000, help="tokens to take from a hub or local corpus")
+    a("--prep_procs", type=int, default=1, help="processes tokenizing a corpus (the files do not depend on "
+      "it)")
     a("--toy_docs", type=int, default=30_000, help="paragraphs in the toy world corpus (30k ~ 2.3M tokens)")
     a("--d_model", type=int, help="width (a multiple of 24: 12 heads, even head_dim)")
     a("--n_layers", type=int, default=12, help="layers (12 in every paper size)")
@@ -935,8 +939,10 @@ def build_parser():
     # optimisation
     a("--max_steps", type=int, help="optimizer steps")
     a("--batch_size", type=int, help="sequences per micro-step per process")
-    a("--grad_accum", type=int, help="micro-steps per optimizer step (None: reach --global_batch)")
-    a("--global_batch", type=int, help="sequences per optimizer step, used when --grad_accum is not given")
+    a("--grad_accum", type=int, help="micro-steps per optimizer step (None: global_batch / (batch_size x "
+      "processes))")
+    a("--global_batch", type=int, help="sequences per optimizer step, all processes together (None: "
+      "batch_size x processes x grad_accum); given, it sets grad_accum and must divide")
     a("--seq_len", type=int, help="tokens per training sequence (also the model's max length)")
     a("--lr", type=float, help="peak AdamW learning rate")
     a("--warmup_steps", type=int, help="linear warm-up steps")
@@ -1000,14 +1006,22 @@ def build_parser():
 def parse_args(argv=None, parser=None):
     """The command line over the preset of its --size: explicit flags always win. `parser` (build_parser()
     with more arguments) lets bench.py add its own."""
-    first = argparse.ArgumentParser(add_help=False)  # a first pass reads --size alone (and ignores --help)
-    first.add_argument("--size")
-    size = first.parse_known_args(argv)[0].size
+    first = argparse.ArgumentParser(add_help=False)  # a first pass: --size, and the batch flags given
+    for k in ("--size", "--global_batch", "--grad_accum"):
+        first.add_argument(k)
+    given = first.parse_known_args(argv)[0]
     parser = parser or build_parser()
-    parser.set_defaults(**preset(size if size in SIZES else None))  # a bad --size: the full parser says so
+    parser.set_defaults(**preset(given.size if given.size in SIZES else None))  # a bad --size: parser says so
     args = parser.parse_args(argv)
-    for k in ("max_steps", "batch_size", "seq_len", "log_every", "save_every", "n_way", "k_shot", "q_query"):
-        if getattr(args, k) < 1:
+    # An explicit batch flag beats the preset's other one (the demo's grad_accum 1, a size's global batch
+    # 256); setup() derives the missing one once the number of processes is known (grad_accum_for).
+    if given.global_batch is not None and given.grad_accum is None:
+        args.grad_accum = None
+    if given.grad_accum is not None and given.global_batch is None:
+        args.global_batch = None
+    for k in ("max_steps", "batch_size", "seq_len", "log_every", "save_every", "n_way", "k_shot", "q_query",
+              "grad_accum", "global_batch", "prep_procs"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
             raise UserError(f"--{k} must be >= 1 (got {getattr(args, k)})")
     if args.overwrite and args.resume:
         raise UserError("--overwrite starts over and --resume continues: give one of them")
@@ -1059,9 +1073,10 @@ VAL_EVERY = 50  # every 50th document goes to the held-out split (doc-level: no 
 def write_atomically(path, write):
     """write(tmp) to a temporary name beside `path`, then rename it to `path`: a crash mid-write leaves the
     previous file (or none), never a half-written one that looks complete. The temporary keeps the suffix
-    (np.savez appends .npz otherwise) and names the process, so two writers never share one."""
+    (np.savez appends .npz otherwise) and names the machine and the process, so two writers never share one,
+    not even on two nodes of one shared filesystem."""
     stem, ext = os.path.splitext(path)
-    tmp = f"{stem}.tmp{os.getpid()}{ext}"
+    tmp = f"{stem}.tmp-{platform.node()}-{os.getpid()}{ext}"
     write(tmp)
     os.replace(tmp, path)
 
@@ -1072,23 +1087,26 @@ def write_text(path, text):
 
 
 def wait_for(path, what):
-    """Block until another process (local rank 0) has written `path`. No collective: a long download or
-    tokenization cannot hit a distributed timeout."""
+    """Block until another process (this machine's local rank 0, or a writer on another node) has written
+    `path`. No collective: a long download or tokenization cannot hit a distributed timeout."""
     if not os.path.exists(path):
-        print(f"waiting for local rank 0 to write {what} ({path})", flush=True)
+        print(f"waiting for {what} ({path}), written by another process", flush=True)
     while not os.path.exists(path):
         time.sleep(2)
 
 
-def write_bin(path, tokens):
+def bin_header(n):
     # uint16 holds every GPT-2 id (< 65,536) in half the bytes of int32; the 1 KiB header makes a truncated or
     # foreign file detectable before it silently trains on garbage.
     header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = BIN_MAGIC, BIN_VERSION, len(tokens)
+    header[:3] = BIN_MAGIC, BIN_VERSION, n
+    return header
 
+
+def write_bin(path, tokens):
     def write(tmp):
         with open(tmp, "wb") as f:
-            f.write(header.tobytes())
+            f.write(bin_header(len(tokens)).tobytes())
             f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
     write_atomically(path, write)
 
@@ -1108,82 +1126,172 @@ def read_bin(path):
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
 
 
-def tokenize_documents(docs, out_dir, max_tokens, desc):
-    """Stream documents -> out_dir/{train,val}.bin, each document followed by <|endoftext|>."""
+def tokenize_documents(args, out, desc):
+    """Tokenize the corpus into out/{train,val}.bin, streaming. SHARD_DOCS documents at a time are tokenized
+    (by --prep_procs processes), appended to out/{train,val}.partial in corpus order, and committed to
+    out/progress.json: documents read, the stream's position there, tokens written. A killed or crashed run
+    resumes from the last commit, the partial files cut back to it: the result is byte-identical to an
+    uninterrupted run's. Memory: a few shards of text and tokens, whatever the size of the corpus."""
+    import collections
+    import multiprocessing
     from tqdm import tqdm
-    enc = get_tokenizer()
-    parts = {"train": [], "val": []}
-    n_total, n_doc, batch = 0, 0, []
-    bar = tqdm(total=max_tokens if max_tokens < 1 << 40 else None, desc=f"tokenizing {desc}", unit="tok",
-               unit_scale=True, leave=False)
+    max_tokens, head = args.max_tokens if args.data != "toy" else 1 << 62, HEADER_INTS * 4
+    parts, prog_path = {s: os.path.join(out, f"{s}.partial") for s in ("train", "val")}, \
+        os.path.join(out, "progress.json")
+    prog = dict(docs=0, state=None, train=0, val=0, end=False)
+    if os.path.exists(prog_path):
+        resumed = json.load(open(prog_path))
+        # a machine crash can lose appended bytes a commit counted (never a kill): then start over
+        if all(os.path.exists(p) and os.path.getsize(p) >= head + 2 * resumed[s] for s, p in parts.items()):
+            prog = resumed
+            print(f"resuming after {prog['docs']:,} documents ({prog['train'] + prog['val']:,} tokens)")
+    files = {s: open(p, "r+b" if prog["docs"] else "wb") for s, p in parts.items()}
+    for s, f in files.items():  # the header is written last, when the length is known
+        f.truncate(head + 2 * prog[s])
+        f.seek(0, os.SEEK_END)
+    docs, ds = documents(args, prog["docs"], prog["state"])
+    pool = multiprocessing.Pool(args.prep_procs) if args.prep_procs > 1 else None
+    pending = collections.deque()  # (tokens or their AsyncResult, the commit after them), in corpus order
+    n_read = prog["docs"]
+    bar = tqdm(total=max_tokens if max_tokens < 1 << 40 else None, initial=prog["train"] + prog["val"],
+               desc=f"tokenizing {desc}", unit="tok", unit_scale=True, leave=False)
+    try:
+        while not prog["end"] and prog["train"] + prog["val"] < max_tokens:
+            if len(pending) < 2 * args.prep_procs and not (pending and pending[-1][1]["end"]):
+                texts = read_documents(docs, args.data, n_read)
+                job = pool.apply_async(encode_shard, (texts, n_read)) if pool else encode_shard(texts, n_read)
+                n_read += len(texts)
+                pending.append((job, dict(docs=n_read, state=None if ds is None else ds.state_dict(),
+                                          end=len(texts) < SHARD_DOCS)))
+                continue
+            job, mark = pending.popleft()
+            for (s, f), toks in zip(files.items(), job.get() if pool else job):
+                f.write(toks.tobytes())
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the commit that counts it
+                prog[s] += len(toks)
+                bar.update(len(toks))
+            prog.update(mark)
+            write_atomically(prog_path, lambda tmp: write_text(tmp, json.dumps(prog)))
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+    for s, f in files.items():  # the shards read ahead of the last commit are dropped
+        n = min(prog[s], max_tokens) if s == "train" else prog[s]
+        f.truncate(head + 2 * n)
+        f.seek(0)
+        f.write(bin_header(n).tobytes())
+        f.close()
+    for s in files:  # val.bin last: it marks the corpus complete
+        os.replace(parts[s], os.path.join(out, f"{s}.bin"))
+    os.remove(prog_path)
 
-    def flush():  # tiktoken encodes a batch of documents on several threads
-        nonlocal n_total, n_doc
-        # "ordinary": text that looks like <|endoftext|> stays text
-        for ids in enc.encode_ordinary_batch(batch):
-            split = "val" if n_doc % VAL_EVERY == 0 else "train"
-            parts[split].append(np.array(ids + [EOT_ID], dtype=np.uint16))
-            n_total += len(ids) + 1
-            n_doc += 1
-            bar.update(len(ids) + 1)
-        batch.clear()
 
-    for doc in docs:  # docs may be an endless stream (the hub): stop once max_tokens are in
-        batch.append(doc)
-        if len(batch) == 1024:
-            flush()
-            if n_total >= max_tokens:
-                break
-    flush()
-    bar.close()
-    os.makedirs(out_dir, exist_ok=True)
-    for split, chunks in parts.items():
-        toks = np.concatenate(chunks) if chunks else np.zeros(0, np.uint16)
-        write_bin(os.path.join(out_dir, f"{split}.bin"), toks[:max_tokens] if split == "train" else toks)
+SHARD_DOCS = 2048  # documents per shard: the unit of work of a process, and all a kill can lose
 
 
-def local_documents(path):
-    """Documents from a .txt file (paragraphs split on blank lines), a .jsonl ({"text": ...} per line), or a
-    folder of them."""
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
-                   if f.endswith((".txt", ".jsonl"))) if os.path.isdir(path) else [path]
-    if not files:
-        raise UserError(f"--data {path}: folder has no .txt or .jsonl files")
-    for fp in files:
-        with open(fp, encoding="utf-8", errors="replace") as f:
-            if fp.endswith(".jsonl"):
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise UserError(f"{fp}:{i}: expected a JSON object with a \"text\" field")
-            else:
-                yield from (p for p in re.split(r"\n\s*\n", f.read()) if p.strip())
+def encode_shard(texts, first):
+    """Documents first, first + 1, ... -> (train, val) uint16 token arrays, each document followed by
+    <|endoftext|>. Depends on nothing else, so any number of processes writes the same files."""
+    import itertools
+    enc, split = get_tokenizer(), {"train": [], "val": []}
+    for n, text in enumerate(texts, first):  # "ordinary": text that looks like <|endoftext|> stays text
+        split["val" if n % VAL_EVERY == 0 else "train"].append(enc.encode_ordinary(text) + [EOT_ID])
+    return [np.fromiter(itertools.chain.from_iterable(v), np.uint16) for v in split.values()]
 
 
-def hub_documents(spec, split="train", field="text"):
-    """Stream documents of a Hugging Face hub dataset "ID[:CONFIG]" (imports `datasets` only here)."""
-    name, _, config = spec.partition(":")
-    # Fail in seconds, not after `datasets` retries for minutes: honour HF_HUB_OFFLINE, then probe the host.
-    offline = "set HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE") == "1" else None
-    if offline is None:
-        import socket
-        try:
-            socket.create_connection(("huggingface.co", 443), timeout=5).close()
-        except OSError:
-            offline = "huggingface.co is unreachable"
-    if offline:
-        raise UserError(f"cannot stream hub dataset {name!r} ({offline}). Offline, use --data toy "
-                        "(the built-in toy world) or --data PATH (a .txt file, a folder of them, "
-                        "or a .jsonl with a text field)")
+def read_documents(docs, data, done):
+    """The next SHARD_DOCS documents (fewer at the end of the corpus)."""
+    import itertools
+    try:
+        return list(itertools.islice(docs, SHARD_DOCS))
+    except UserError:
+        raise
+    except Exception as e:  # a dropped connection, a corrupt or binary file: one line, and the way on
+        raise UserError(f"--data {data}: reading failed after {done:,} documents ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+                        + ("; run the same command again to continue from there" if done else ""))
+
+
+def documents(args, start=0, state=None):
+    """The corpus's documents from document `start` on -> (texts, the datasets stream or None). A stream's
+    state_dict() is its position after the texts read so far; `state` is the one saved at `start`."""
+    if args.data == "toy":  # a plain generator: the demo imports no `datasets`
+        import itertools
+        return itertools.islice(toyworld().documents(seed=1337, n_docs=args.toy_docs), start, None), None
+    ds = local_dataset(local_files(args.data)) if is_local(args.data) else hub_dataset(args.data)
+    if state:
+        ds.load_state_dict(state)
+    return texts(ds, args.text_field, args.data), ds
+
+
+# Local corpora are read by datasets' own builders, in the streaming mode hub corpora use; "text" gives one
+# document per paragraph. A file with another ending (an archive, a binary) has no reader and is refused.
+READERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json",
+           ".txt": "text"}
+
+
+def is_local(data):
+    return os.path.exists(data) or any(c in data for c in "*?[")
+
+
+def local_files(data):
+    """--data PATH: a file, a folder (searched recursively) or a glob -> its corpus files, sorted."""
+    import glob
+    reader = lambda f: next((r for end, r in READERS.items() if f.endswith(end)), None)  # noqa: E731
+    files = sorted(glob.glob(data, recursive=True) if not os.path.exists(data)
+                   else [os.path.join(r, f) for r, _, fs in os.walk(data) for f in fs if reader(f)]
+                   if os.path.isdir(data) else [data])
+    kinds = {reader(f) for f in files}
+    if not files or None in kinds or len(kinds) > 1:
+        what = ("no files" if not files else "mixes formats" if None not in kinds else
+                f"{next(f for f in files if not reader(f))} has no reader")
+        raise UserError(f"--data {data}: {what}; maml-gpt reads {', '.join(READERS)} files (one format)")
+    return files
+
+
+def stream(*args, **kwargs):
+    """datasets.load_dataset(..., streaming=True): the one reader of every real corpus, local or hub."""
     try:
         import datasets
     except ImportError:
-        raise UserError("hub corpora need the datasets package: pip install datasets")
-    ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
-    return (row[field] for row in ds)
+        raise UserError("real corpora need the datasets package: pip install datasets (or use --data toy)")
+    return datasets.load_dataset(*args, streaming=True, **kwargs)
+
+
+def local_dataset(files):
+    kind = next(r for end, r in READERS.items() if files[0].endswith(end))
+    return stream(kind, data_files=files, split="train",
+                  **(dict(sample_by="paragraph") if kind == "text" else {}))
+
+
+def hub_dataset(spec, split="train"):
+    """A hub dataset "ID[:CONFIG]", streamed by `datasets`: it honours HF_HUB_OFFLINE, HF_ENDPOINT (a mirror),
+    HTTPS_PROXY and the local hub cache."""
+    name, _, config = spec.partition(":")
+    try:
+        return stream(name, config or None, split=split)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot stream hub dataset {spec!r} ({str(e).strip().splitlines()[0]}). Offline, "
+                        f"use --data toy (the built-in toy world) or --data PATH (a local download: "
+                        f"{', '.join(READERS)} files)")
+
+
+def texts(ds, field, data):
+    for row in ds:
+        if field not in row:
+            raise UserError(f"--data {data}: no {field!r} field (it has {', '.join(row)}); name the text one "
+                            "with --text_field")
+        if isinstance(row[field], str) and row[field].strip():
+            yield row[field]
+
+
+def hub_documents(spec, split="train", field="text"):
+    """The texts of a hub dataset (Paloma's, for the eval)."""
+    return texts(hub_dataset(spec, split), field, spec)
 
 
 def toyworld():
@@ -1194,36 +1302,58 @@ def toyworld():
     return toyworld
 
 
+@contextmanager
+def cache_lock(folder, what):
+    """Hold folder/.lock: one writer per cache folder among the processes of a machine, and of every node that
+    shares the filesystem. A flock, which the kernel drops when its holder dies: a killed preparation never
+    blocks the next one, which resumes it."""
+    import fcntl
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            print(f"waiting for {f.read().strip() or 'another process'} to prepare {what} (it holds "
+                  f"{f.name})", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:
+            raise UserError(f"cannot lock {f.name} ({e}): use a --data_dir on a filesystem with file locks")
+        f.truncate(0)
+        f.write(f"{platform.node()} pid {os.getpid()}")
+        f.flush()
+        yield
+
+
 def prepare_corpus(args, rank_is_local_zero=True):
-    """Tokenize the chosen corpus once into args.data_dir/<name>/ and return that folder. Only local rank 0
-    writes; the other ranks wait for its files (wait_for)."""
+    """Tokenize the chosen corpus once into args.data_dir/<name>/ and return that folder. One process prepares
+    it (the first local rank 0 to take its cache_lock, on any node); the others wait for its files."""
     data = args.data
-    # The cache folder's name identifies its content: the toy size, a local path's identity (path, size,
-    # mtime), or the hub ID and token budget. Change any of them and the corpus is prepared again.
+    # The cache folder's name identifies its content: the toy size, a local corpus's files (path, size, mtime)
+    # and text field, or the hub ID and token budget. Change any of them and the corpus is prepared again.
+    field = "" if args.text_field == "text" else f"-{args.text_field}"
     if data == "toy":
         name = f"toy-{args.toy_docs}"
-    elif os.path.exists(data):
-        st = os.stat(data)
-        h = hashlib.sha1(f"{os.path.abspath(data)}|{st.st_size}|{st.st_mtime}".encode()).hexdigest()[:8]
-        name = f"local-{os.path.basename(os.path.normpath(data))}-{h}-{args.max_tokens}"
+    elif is_local(data):
+        files = local_files(data)
+        h = hashlib.sha1("|".join(f"{os.path.abspath(f)}|{os.path.getsize(f)}|{os.path.getmtime(f)}"
+                                  for f in files).encode() + field.encode()).hexdigest()[:8]
+        base = re.sub(r"[^\w.-]", "_", os.path.basename(os.path.normpath(data)))  # a glob's * is no name
+        name = f"local-{base}-{h}-{args.max_tokens}"
     elif re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", data):
-        name = "hub-" + data.replace("/", "_").replace(":", "_") + f"-{args.max_tokens}"
+        name = "hub-" + data.replace("/", "_").replace(":", "_") + f"-{args.max_tokens}{field}"
     else:
         raise UserError(f"--data {data!r}: no such file or folder (and not a hub ID like org/name). "
                         "Use --data toy, a local path, or a hub dataset ID")
     out = os.path.join(args.data_dir, name)
     done = os.path.join(out, "val.bin")
-    if not os.path.exists(done):
-        if not rank_is_local_zero:
-            wait_for(done, f"the prepared corpus {name}")
-            return out
-        if data == "toy":
-            docs = toyworld().documents(seed=1337, n_docs=args.toy_docs)
-        elif os.path.exists(data):
-            docs = local_documents(data)
-        else:
-            docs = hub_documents(data)
-        tokenize_documents(docs, out, args.max_tokens if data != "toy" else 1 << 62, name)
+    if not os.path.exists(done) and not rank_is_local_zero:
+        wait_for(done, f"the prepared corpus {name}")
+    elif not os.path.exists(done):
+        with cache_lock(out, f"the corpus {name}"):
+            if not os.path.exists(done):  # it may have been prepared while this process waited
+                print(f"preparing the corpus {name} in {out}", flush=True)
+                tokenize_documents(args, out, name)
     need = args.seq_len + 2  # at least one window (seq_len inputs + 1 target) and room to draw its start
     for split in ("train", "val"):
         if len(read_bin(os.path.join(out, f"{split}.bin"))) < need:
@@ -1385,11 +1515,30 @@ def autocast_ctx(device, dtype_arg):
     return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
+def grad_accum_for(args, world):
+    """Micro-steps per optimizer step: --grad_accum, or --global_batch / (--batch_size x processes), which
+    must divide: a global batch rounded down is not the one asked for."""
+    micro = args.batch_size * world  # sequences per micro-step, all processes together
+    if args.global_batch is None:
+        return args.grad_accum
+    accum, rest = divmod(args.global_batch, micro)
+    procs = f"--batch_size {args.batch_size} x {world} process{'es' if world > 1 else ''} = {micro}"
+    if rest or not accum:
+        near = " or ".join(str(g) for g in (accum * micro, (accum + 1) * micro) if g)
+        fits = [b for b in range(args.batch_size, 0, -1) if args.global_batch % (b * world) == 0]
+        raise UserError(f"--global_batch {args.global_batch} is not a multiple of {procs}: use "
+                        f"--global_batch {near}" + (f", or --batch_size {fits[0]}" if fits else ""))
+    if args.grad_accum not in (None, accum):
+        raise UserError(f"--global_batch {args.global_batch} with {procs} means --grad_accum {accum}, not "
+                        f"{args.grad_accum}: give one of the two")
+    return accum
+
+
 def setup(args, for_bench=False):
     """Processes, data, model, head, optimizer: everything the loop and the benchmark share, as a Run."""
     rank, local_rank, world, device = setup_distributed(args.device)
-    if args.grad_accum is None:
-        args.grad_accum = max(1, args.global_batch // (args.batch_size * world))
+    args.grad_accum = grad_accum_for(args, world)
+    args.global_batch = args.batch_size * args.grad_accum * world  # what config.json reports: what trains
     if not for_bench:
         check_out_dir(args.out_dir)
     corpus = prepare_corpus(args, local_rank == 0)
