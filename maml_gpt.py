@@ -498,9 +498,11 @@ def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.0, init="proto",
 
 def episode_init(head, support_feats, support_labels, classes, init, tied=False):
     """phi_0, this episode's starting weights, as {name: tensor}: the body's parameters as they are, and a
-    last layer (out.weight (N, h), out.bias (N,)) set by `init`. Gradients flow back through every entry:
-    into the body directly, and for "proto" also through the prototypes (the support features carry no
-    backbone graph)."""
+    last layer (out.weight (N, h), out.bias (N,)) set by `init`; for "proto" with tied=True (--inner_loop
+    layerwise) the prototypes themselves, out.proto (N, h), which head_logits scores as -||z - P_c||^2, so
+    the inner loop moves prototypes and the head stays a nearest-prototype classifier. Gradients flow back
+    through every entry: into the body directly, and for "proto" also through the prototypes (the support
+    features carry no backbone graph)."""
     phi = {f"body.{k}": p for k, p in head["body"].named_parameters()}
     if init == "proto":
         z = functional_call(head["body"], dict(head["body"].named_parameters()), (support_feats.float(),))
@@ -540,7 +542,7 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr):
     float for every entry, or {"body": lr, "out": lr} per layer group (inner_lrs); an entry whose step is 0
     (the body with {"body": 0}: ANIL) stays as it is.
 
-    Why per layer, and why prototypes (README, "What the toy demo shows"): at the untied proto init of a
+    Why per layer, and why prototypes (README, "The inner loop, measured"): at the untied proto init of a
     trained demo head (W = 2 mu, b = -||mu||^2) the largest Hessian eigenvalue of the support loss is ~220 in
     layers 1-3 and ~3 in the last layer, so plain SGD is unstable above lr ~0.009 in the body while the last
     layer barely moves; and a step on W and b separately turns the nearest-prototype classifier into a
@@ -561,7 +563,7 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr):
     fast = {k: p.detach().clone().requires_grad_(k in moving) for k, p in phi0.items()}
     # fp32 even under bf16 autocast: 10 SGD steps on a small MLP are cheap, and bf16 would round them away.
     with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
-        for _ in range(steps):
+        for _ in range(steps if moving else 0):
             loss = F.cross_entropy(head_logits(head, fast, feats), support_labels)
             grads = torch.autograd.grad(loss, [fast[k] for k in moving])
             # phi_t = phi_{t-1} - lr * grad; detach() makes it first order (no graph through the steps)
@@ -1948,8 +1950,8 @@ class Logbook:
         if self.wandb_log:
             self.wandb_log(rec)
         self.last = rec
-        self.bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_ar", "loss_query", "loss_support_pre",
-                                                            "loss_support_post", "acc_query_post") if k in rec})
+        shown = ("loss_ar", "loss_query", "loss_support_pre", "loss_support_post", "acc_query_post")
+        self.bar.set_postfix({k: f"{rec[k]:.3f}" for k in shown if k in rec})
 
 
 def open_logbook(run, args, start, counters):

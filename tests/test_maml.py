@@ -177,7 +177,8 @@ def test_layerwise_inner_loop_steps_each_group_by_its_lr():
     for _ in range(4):  # by hand: w <- w - lr(group) * dL/dw, with the loss written as -||z - P_c||^2
         w = {k: v.requires_grad_() for k, v in w.items()}
         g = torch.autograd.grad(F.cross_entropy(logits_by_hand(w, feats), labels), list(w.values()))
-        w = {k: (v - (2.0 if k.startswith("out") else 0.01) * gi).detach() for (k, v), gi in zip(w.items(), g)}
+        w = {k: (v - (2.0 if k.startswith("out") else 0.01) * gi).detach()
+             for (k, v), gi in zip(w.items(), g)}
     for k in w:
         torch.testing.assert_close(adapted[k].detach(), w[k], atol=1e-5, rtol=1e-4)
     loss0 = F.cross_entropy(mg.head_logits(head, phi0, feats), labels)
@@ -221,7 +222,8 @@ def test_fomaml_gradient_equals_manual_computation(init):
     for _ in range(5):
         w = {k: v.requires_grad_() for k, v in w.items()}
         g = torch.autograd.grad(F.cross_entropy(logits_by_hand(w, sf), sy), list(w.values()))
-        w = {k: (v - (lrs[k.split(".")[0]] if tied else lrs) * gi).detach() for (k, v), gi in zip(w.items(), g)}
+        w = {k: (v - (lrs[k.split(".")[0]] if tied else lrs) * gi).detach()
+             for (k, v), gi in zip(w.items(), g)}
     w = {k: v.requires_grad_() for k, v in w.items()}
     g_T = dict(zip(w, torch.autograd.grad(F.cross_entropy(logits_by_hand(w, qf), qy), list(w.values()))))
     for k in w:
@@ -267,8 +269,9 @@ def test_meta_step_sends_the_scaled_query_gradient_to_backbone_and_head(corpus):
     head.zero_grad(set_to_none=True)
     with torch.no_grad():
         hs = model(ep["support_x"], return_hidden=True)[:, -1]  # read at the [MASK], the window's last token
-    adapted = mg.inner_loop(head, mg.episode_init(head, hs, ep["support_y"], None, "proto", tied=True), hs,
-                            ep["support_y"], args.inner_steps, dict(body=args.inner_lr, out=args.inner_lr_out))
+    phi0 = mg.episode_init(head, hs, ep["support_y"], None, "proto", tied=True)  # the default inner loop
+    adapted = mg.inner_loop(head, phi0, hs, ep["support_y"], args.inner_steps,
+                            dict(body=args.inner_lr, out=args.inner_lr_out))
     loss = F.cross_entropy(mg.head_logits(head, adapted, model(ep["query_x"], return_hidden=True)[:, -1]),
                            ep["query_y"])
     (0.25 * loss).backward()
