@@ -8,11 +8,12 @@ Speed, memory and cost of maml-gpt's training steps. Two benchmarks:
     python bench.py --vs_hf --size small --batch_size 4 --device cuda --dtype bfloat16
 
 The first times the micro-steps of the training loop on the batches and episodes of steps 0, 1, 2, ... and
-writes no run; it also counts their host syncs (count_host_syncs). The second needs `pip install -r requirements-dev.txt`: both models see the same random tokens
-and compute the same mean next-token loss over B x (T - 1) targets (HF shifts its labels inside; we mark the
-last position ignore_index). A third contestant is our model with the plain loss on full logits (what the
-fused loss replaced). The three take turns in one process, the first place rotating, so that a machine
-shared with other work slows all of them alike; a ratio is the median of per-round ratios.
+writes no run; it also counts their host syncs (count_host_syncs). The second needs `pip install -r
+requirements-dev.txt`: both models see the same random tokens and compute the same mean next-token loss over
+B x (T - 1) targets (HF shifts its labels inside; we mark the last position ignore_index). A third contestant
+is our model with the plain loss on full logits (what the fused loss replaced). The three take turns in one
+process, the first place rotating, so that a machine shared with other work slows all of them alike; a ratio
+is the median of per-round ratios.
 """
 import argparse
 import collections

@@ -254,7 +254,8 @@ def test_global_batch_sets_the_accumulation_or_says_what_would_divide(small_args
     errors = {("--size", "small"): (3, "--global_batch 256 is not a multiple of --batch_size 8 x 3 processes "
                                        "= 24: use --global_batch 240 or 264"),
               ("--global_batch", "100"): (1, "--global_batch 100 is not a multiple of --batch_size 16 x "
-                                             "1 process = 16: use --global_batch 96 or 112, or --batch_size 10"),
+                                             "1 process = 16: use --global_batch 96 or 112, "
+                                             "or --batch_size 10"),
               ("--global_batch", "8"): (1, "use --global_batch 16, or --batch_size 8"),
               ("--global_batch", "64", "--grad_accum", "4", "--batch_size", "2"):
                   (1, "--global_batch 64 with --batch_size 2 x 1 process = 2 means --grad_accum 32, not 4: "
