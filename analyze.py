@@ -940,13 +940,13 @@ def figure_meta(plt, runs, results):
 
 def figure_adaptation(plt, runs):
     """Learning to learn, for every run: how much the inner loop adds (post - pre) on the training episodes,
-    and the held-out few-shot eval, where a fresh fixed-seed head measures the backbone (vanilla runs log it
-    too)."""
+    the support loss it minimises (before and after), and the held-out few-shot eval, where a fresh
+    fixed-seed head measures the backbone (vanilla runs log it too)."""
     meta = [r for r in runs if not r["vanilla"]]
     has_fs = [r for r in runs if len(series(r, "eval_fewshot_acc")[0])]
     if not (meta or has_fs):
         return None
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (gain_ax, loss, fs) = plt.subplots(1, 3, figsize=(16, 4))
     # one colour per arm (hybrid ratio), one style per series
     color = {ratio: f"C{i}" for i, ratio in enumerate(dict.fromkeys(r["ratio"] for r in runs))}
 
@@ -954,33 +954,42 @@ def figure_adaptation(plt, runs):
         x, pre = series(run, f"acc_{part}_pre")
         x2, post = series(run, f"acc_{part}_post")
         return (x, smooth(post - pre, 3)) if len(x) and np.array_equal(x, x2) else (np.zeros(0), np.zeros(0))
+
+    def smoothed(run, key):
+        x, y = series(run, key)
+        return (x, smooth(y, 3)) if len(x) else (x, y)
+
+    def draw(ax, group, curve, label, style, marker=None):  # one run: its line; several seeds: a band
+        c = color[group[0]["ratio"]]
+        if len(group) == 1:
+            x, y = curve(group[0])
+            if len(x):
+                ax.plot(x, y, style, marker=marker, ms=3, color=c, label=label)
+        else:
+            band(ax, [curve(r) for r in group], label, c, style, marker)
     for name, group in arms(meta):
         for part, style in (("support", ":"), ("query", "-")):
-            if len(group) == 1:
-                x, y = gain(group[0], part)
-                if len(x):
-                    ax[0].plot(x, y, style, color=color[group[0]["ratio"]], label=f"{name} {part}")
-            else:
-                band(ax[0], [gain(r, part) for r in group], f"{name} {part}", color[group[0]["ratio"]], style)
-    ax[0].axhline(0, color="grey", lw=0.8)
-    ax[0].set(title="adaptation gain: accuracy after - before the inner loop", xlabel="optimizer step",
-              ylabel="accuracy gain")
+            draw(gain_ax, group, lambda r: gain(r, part), f"{name} {part}", style)
+        # the inner loop's own objective: an inner loop that works puts post below pre
+        for key, style in (("loss_support_pre", ":"), ("loss_support_post", "-")):
+            draw(loss, group, lambda r: smoothed(r, key), f"{name} {key}", style)
     for name, group in arms(has_fs):
+        for key, style in (("eval_fewshot_loss_support_pre", ":"), ("eval_fewshot_loss_support_post", "-")):
+            draw(loss, group, lambda r: series(r, key), f"{name} {key}", style, "o")
         for key, style in zip(FEWSHOT_KEYS, (":", "-", "--", "-.")):
-            if len(group) == 1:
-                x, y = series(group[0], key)
-                if len(x):
-                    ax[1].plot(x, y, style, marker=".", color=color[group[0]["ratio"]], label=f"{name} {key}")
-            else:
-                band(ax[1], [series(r, key) for r in group], f"{name} {key}", color[group[0]["ratio"]], style,
-                     ".")
+            draw(fs, group, lambda r: series(r, key), f"{name} {key}", style, ".")
+    gain_ax.axhline(0, color="grey", lw=0.8)
+    gain_ax.set(title="adaptation gain: accuracy after - before the inner loop", xlabel="optimizer step",
+                ylabel="accuracy gain")
+    loss.set(title="support loss before (:) / after (-) the inner loop", xlabel="optimizer step",
+             ylabel="N-way cross-entropy")
     n_way = (meta or runs)[0]["config"]["args"].get("n_way", 32)
-    ax[1].axhline(1 / n_way, color="grey", lw=0.8, label=f"chance 1/{n_way}")
+    fs.axhline(1 / n_way, color="grey", lw=0.8, label=f"chance 1/{n_way}")
     if not has_fs:
-        ax[1].text(0.5, 0.5, "no held-out few-shot eval logged\n(eval_fewshot_acc)", ha="center",
-                   va="center", transform=ax[1].transAxes)
-    ax[1].set(title="held-out few-shot eval (query accuracy)", xlabel="optimizer step", ylabel="accuracy")
-    for a in ax:
+        fs.text(0.5, 0.5, "no held-out few-shot eval logged\n(eval_fewshot_acc)", ha="center", va="center",
+                transform=fs.transAxes)
+    fs.set(title="held-out few-shot eval (query accuracy)", xlabel="optimizer step", ylabel="accuracy")
+    for a in (gain_ax, loss, fs):
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
     return fig

@@ -46,7 +46,7 @@ PLANTS = {
             ("mu = mu / torch.bincount(support_labels, minlength=n_way)[:, None]", "mu = mu * 1")],
     },
     "inner_loop": {
-        "gradient ascent: w + lr * grad": [("(w - lr * g)", "(w + lr * g)")],
+        "gradient ascent: w + lr * grad": [("(fast[k] - step[k] * g)", "(fast[k] + step[k] * g)")],
         "phi_T returned without its path to phi_0 (no meta-gradient)": [
             ("return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}", "return fast")],
     },

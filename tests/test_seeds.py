@@ -30,7 +30,8 @@ def write_run(path, ratio, seed, speed=1.0, fewshot=0.2, rise_fall=False, **flag
                      n_meta_steps=0, loss_ar=2.0 + 8.0 * math.exp(-speed * step / 200))
             if ratio:
                 r.update(loss_query=1.5, loss_mixed=r["loss_ar"], acc_query_pre=0.1, acc_support_pre=0.1,
-                         acc_query_post=0.1 + 0.3 * (step > 300), acc_support_post=0.2)
+                         acc_query_post=0.1 + 0.3 * (step > 300), acc_support_post=0.2,
+                         loss_support_pre=2.0, loss_support_post=1.5)
             if step % 100 == 0:
                 r.update(eval_ppl=math.exp(r["loss_ar"]), eval_fewshot_acc=fewshot, eval_fewshot_acc_pre=0.05,
                          eval_proto_acc_mask=0.3, eval_proto_acc_prev=0.5)
@@ -231,7 +232,7 @@ def test_several_seeds_are_drawn_as_mean_band_and_thin_lines(tmp_path):
     res = analyze.analyze(mamls, str(tmp_path / "an"), vanilla=vans, draw=False)
     for fig in (analyze.figure_speedup(plt, res["pair_results"]), analyze.figure_meta(plt, runs, res),
                 analyze.figure_adaptation(plt, runs)):
-        assert all(len(a.collections) >= 1 for a in fig.axes[:2])  # the bands
+        assert all(len(a.collections) >= 1 for a in fig.axes[:2])  # bands (adaptation: gain, support loss)
         plt.close(fig)
 
 
