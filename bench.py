@@ -3,21 +3,24 @@ Speed, memory and cost of maml-gpt's training steps. Two benchmarks:
 
     python bench.py                            # the demo's AR and meta micro-steps, MFU, memory, probe cost
     python bench.py --size small               # any maml_gpt.py flags: the run they describe, not trained
+                                               # (on the toy world unless --data is given)
     python bench.py --vs_hf                    # against Hugging Face LlamaForCausalLM: tiny, 8 x 256, fp32
     python bench.py --vs_hf --size small --batch_size 4 --device cuda --dtype bfloat16
 
 The first times the micro-steps of the training loop on the batches and episodes of steps 0, 1, 2, ... and
-writes no run. The second needs `pip install -r requirements-dev.txt`: both models see the same random tokens
-and compute the same mean next-token loss over B x (T - 1) targets (HF shifts its labels inside; we mark the
-last position ignore_index). A third contestant is our model with the plain loss on full logits (what the
-fused loss replaced). The three take turns in one process, the first place rotating, so that a machine
-shared with other work slows all of them alike; a ratio is the median of per-round ratios.
+writes no run; it also counts their host syncs (count_host_syncs). The second needs `pip install -r
+requirements-dev.txt`: both models see the same random tokens and compute the same mean next-token loss over
+B x (T - 1) targets (HF shifts its labels inside; we mark the last position ignore_index). A third contestant
+is our model with the plain loss on full logits (what the fused loss replaced). The three take turns in one
+process, the first place rotating, so that a machine shared with other work slows all of them alike; a ratio
+is the median of per-round ratios.
 """
 import argparse
+import collections
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -25,23 +28,31 @@ import torch.nn.functional as F
 import maml_gpt as mg
 
 
-# dense bf16 tensor-core peaks from NVIDIA datasheets; others: unknown
-PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
-                   "H200": 989e12, "A100": 312e12}
+# Dense bf16 tensor-core peaks from NVIDIA datasheets, matched against torch.cuda.get_device_name() in this
+# order (the first name it contains wins): an H100 SXM calls itself "NVIDIA H100 80GB HBM3", a GH200
+# "NVIDIA GH200 480GB" (an H100-class GPU), an A100 "A100-SXM4-80GB" or "A100 80GB PCIe" (312 both). Others:
+# unknown, and no MFU is printed.
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
+                   ("H200 NVL", 835e12), ("H200", 989e12), ("A100", 312e12)]
+
+
+def peak_of(name):
+    return next((v for k, v in PEAK_BF16_FLOPS if k in name), None)
 
 
 def peak_flops(device, amp):
     if device.type != "cuda" or isinstance(amp, nullcontext):
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak_of(torch.cuda.get_device_name(device))
 
 
 def flops_per_token(cfg, T, backward=True, lm_head=True):
-    """6N per token (2N forward + 4N backward) for the matmul weights, plus attention scores (nanoGPT's
-    estimate)."""
+    """6N per token (2N forward + 4N backward) for the matmul weights, plus attention: per layer and visible
+    key, 2d for q.k and 2d for the weighted sum of v, x3 with the backward. Causal: the token at position t
+    sees t + 1 keys, (T + 1) / 2 on average; flash kernels skip the masked blocks. (nanoGPT's 12 L d T counts
+    all T keys: at T = 512 the total is then 8 % high at tiny, 2 % at large.)"""
     n = cfg.n_layers * cfg.d_model ** 2 * (8 / 3 + 3 * cfg.ffn_mult) + lm_head * cfg.d_model * cfg.vocab_size
-    f = 6 * n + 12 * cfg.n_layers * cfg.d_model * T
+    f = 6 * n + 6 * cfg.n_layers * cfg.d_model * (T + 1)
     return f if backward else f / 3
 
 
@@ -55,6 +66,57 @@ def micro_step_flops(cfg, args):
     return dict(ar=flops_per_token(cfg, args.seq_len) * args.batch_size * args.seq_len,
                 meta=flops_per_token(cfg, ctx, backward=False, lm_head=False) * n_sup
                 + flops_per_token(cfg, ctx, lm_head=False) * n_query)
+
+
+# Host syncs: operations after which the CPU must wait for the device to finish everything queued so far,
+# so it cannot queue the next kernels while the GPU computes. count_host_syncs sees them from Python on any
+# device (the CPU included), as what each call would do on CUDA: reading a value (.item(), bool(), int(),
+# float(), tolist()), ops whose output size depends on values (bincount, nonzero, unique: an .item() inside),
+# a host-device copy that is not non_blocking, or from pageable memory (CUDA stages it synchronously), and
+# torch.tensor(data, device=...). Each is charged to the innermost maml_gpt.py line that caused it.
+SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+SYNC_FUNCS = ("bincount", "nonzero", "unique", "masked_select")
+
+
+@contextmanager
+def count_host_syncs():
+    """with count_host_syncs() as seen: ... -> seen, a Counter of "what at function:line" -> calls."""
+    seen, patched = collections.Counter(), []
+
+    def charge(what):
+        f = sys._getframe(2)
+        while f and not f.f_code.co_filename.endswith("maml_gpt.py"):
+            f = f.f_back
+        seen[f"{what} at {f.f_code.co_name}:{f.f_lineno}" if f else what] += 1
+
+    def patch(owner, name, blocks):
+        fn, own = getattr(owner, name), name in vars(owner)
+
+        def counted(*a, **k):
+            if blocks(*a, **k):
+                charge(name)
+            return fn(*a, **k)
+        patched.append((owner, name, fn if own else None))
+        setattr(owner, name, counted)
+
+    def copy_blocks(src, *a, **k):  # .to(device): host -> device or back, unless it cannot make the host wait
+        dev, _, non_blocking, _ = torch._C._nn._parse_to(*a, **k)
+        if dev is None or (src.device.type != "cpu" and dev.type != "cpu"):
+            return False  # a dtype change, or device to device
+        return not non_blocking or (dev.type == "cuda" and not src.is_pinned())
+
+    for name in SYNC_METHODS:
+        patch(torch.Tensor, name, lambda *a, **k: True)
+    for name in SYNC_FUNCS:
+        patch(torch, name, lambda *a, **k: True)
+    patch(torch.Tensor, "to", copy_blocks)
+    patch(torch.Tensor, "cpu", lambda t, *a, **k: t.device.type != "cpu")
+    patch(torch, "tensor", lambda *a, **k: k.get("device") is not None)
+    try:
+        yield seen
+    finally:
+        for owner, name, fn in reversed(patched):
+            setattr(owner, name, fn) if fn else delattr(owner, name)
 
 
 def reset_peak_memory(device):
@@ -128,6 +190,12 @@ def bench(args, iters=5):
         run.optimizer.zero_grad(set_to_none=True)
 
     ctx = mg.smlmt_ctx(args)
+    syncs = {}
+    for name, fn in (("AR", ar), ("meta", meta)):  # on the eager model: patched methods would break graphs
+        model_was, run.model = run.model, run.orig_model
+        with count_host_syncs() as syncs[name]:
+            fn(0)
+        run.model = model_was
     ar_tok, meta_tok = run.micro_tokens["ar"], run.micro_tokens["meta"]
     for fn in (ar, meta, ar, meta):  # warm-up (and compilation), not timed
         fn(0)
@@ -143,10 +211,11 @@ def bench(args, iters=5):
     step_time = args.grad_accum * (args.hybrid_ratio * t_meta + (1 - args.hybrid_ratio) * t_ar)
     peak, flops = peak_flops(device, amp), micro_step_flops(cfg, args)
     n_sup = args.n_way * args.k_shot * ctx
+    kernel = sdpa_kernel_used(model, run.probe[0], amp)
     print(f"bench: {args.size or 'demo'} ({mg.count_params(model) / 1e6:.1f}M params) on {device}, "
           f"{'bf16' if not isinstance(amp, nullcontext) else 'fp32'}, compile={args.compile}, "
           f"{torch.get_num_threads()} CPU thread(s), "
-          f"attention kernel: {sdpa_kernel_used(model, run.probe[0], amp)}")
+          f"attention kernel: {kernel}")
     print(f"  AR micro-step   {ar_tok:6d} tokens  {t_ar * 1e3:8.1f} ms  {ar_tok / t_ar:10.0f} tok/s  "
           f"{t_ar / ar_tok * 1e6:7.2f} us/token  ({args.batch_size} x {args.seq_len})")
     print(f"  meta micro-step {meta_tok:6d} tokens  {t_meta * 1e3:8.1f} ms  {meta_tok / t_meta:10.0f} tok/s  "
@@ -161,10 +230,13 @@ def bench(args, iters=5):
     what = "CUDA peak allocated" if device.type == "cuda" else "peak RSS of this process"
     print(f"  peak memory: {mem:.2f} GiB ({what}, {'after warm-up' if reset else 'since start'}: "
           f"AR and meta micro-steps and a dynamics probe)")
+    print("  host syncs per micro-step: " + "; ".join(f"{k} {sum(v.values())}" + "".join(
+        f", {n} x{c}" for n, c in sorted(v.items())) for k, v in syncs.items()))
     print(f"  dynamics probe: {t_dyn:.2f} s every {args.dynamics_every} steps = "
           f"{t_dyn / (t_dyn + args.dynamics_every * step_time) * 100:.2f}% of training time "
           f"(est. step {step_time:.2f} s at grad_accum {args.grad_accum})")
-    return dict(t_ar=t_ar, t_meta=t_meta, ar_tok=ar_tok, meta_tok=meta_tok, t_dyn=t_dyn, peak_memory_gib=mem)
+    return dict(t_ar=t_ar, t_meta=t_meta, ar_tok=ar_tok, meta_tok=meta_tok, t_dyn=t_dyn, peak_memory_gib=mem,
+                syncs={k: sum(v.values()) for k, v in syncs.items()}, flops=flops, peak=peak, sdpa=kernel)
 
 
 def to_hf_llama(model):
@@ -253,6 +325,11 @@ def main(argv=None):
     if "--vs_hf" in argv:
         argv.remove("--vs_hf")
         return vs_hf(argv)
+    if any(a == "--size" or a.startswith("--size=") for a in argv) and not any(
+            a == "--data" or a.startswith("--data=") for a in argv):
+        print("note: no --data given: benchmarking on the toy world (speed does not depend on the text; "
+              "the preset's corpus would first be prepared)")
+        argv += ["--data", "toy"]
     return mg.cli(lambda: bench(mg.parse_args(argv)))
 
 

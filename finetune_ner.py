@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maml_gpt import (EOT_ID, HERE, UserError, get_tokenizer, load_checkpoint, model_from_checkpoint,
-                      pick_device, toyworld)
+                      pick_device, pyplot, toyworld)
 
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 LABEL_ID = {t: i for i, t in enumerate(LABELS)}
@@ -327,7 +327,8 @@ def run_one(args, ckpt_path=None, log=print):
         f"{len(splits['train'])} train / {len(splits['dev'])} dev sentences")
     clf, history = finetune(model, splits, args, device, log)
     res = dict(ckpt=ckpt_path or args.ckpt[0], regime=args.regime, train_on=args.train_on, history=history,
-               hybrid_ratio=ck["args"].get("hybrid_ratio"), step=ck["step"], eval={})
+               hybrid_ratio=ck["args"].get("hybrid_ratio"), ckpt_seed=ck["args"].get("seed"), step=ck["step"],
+               eval={})
     for name, sents in splits["test"].items():
         items, truncated = encode(sents, args.max_len)
         res["eval"][name] = dict(**score(predict(model, clf, items, args.batch_size, device), sents),
@@ -383,7 +384,10 @@ def sweep(args):
         configs = [c for c in TRAIN_CONFIGS
                    if args.data_dir is None or uner_file(c, "train", args.data_dir, None)]
         configs += ["all"] if len(configs) == len(TRAIN_CONFIGS) else []
-    fields = ["ckpt", "hybrid_ratio", "regime", "train_on", "eval_on", "precision", "recall", "f1"]
+    # ckpt_seed: the --seed the checkpoint was pretrained with (analyze.py pairs the arms by it); empty in
+    # rows of grids written before it was recorded
+    fields = ["ckpt", "hybrid_ratio", "ckpt_seed", "regime", "train_on", "eval_on", "precision", "recall",
+              "f1"]
     for ckpt in args.ckpt:
         for regime in ("head", "full"):
             for cfg in configs:
@@ -393,7 +397,8 @@ def sweep(args):
                 res = run_one(cell, ckpt, log=lambda *_: None)
                 print(f"{ckpt} {regime:4s} {cfg:12s} "
                       + " ".join(f"{k}={v['f1']:.3f}" for k, v in res["eval"].items()))
-                rows += [dict(ckpt=ckpt, hybrid_ratio=res["hybrid_ratio"], regime=regime, train_on=cfg,
+                rows += [dict(ckpt=ckpt, hybrid_ratio=res["hybrid_ratio"], ckpt_seed=res["ckpt_seed"],
+                              regime=regime, train_on=cfg,
                               eval_on=name, precision=r["precision"], recall=r["recall"], f1=r["f1"])
                          for name, r in res["eval"].items()]
                 # The whole CSV, rewritten atomically after each cell: a Ctrl-C or a kill mid-write could
@@ -406,8 +411,125 @@ def sweep(args):
                 write_atomic(path, buf.getvalue())
     with open(path, newline="") as f:  # read back: every value a string, as on a resumed sweep
         rows = list(csv.DictReader(f))
-    from analyze import ner_grid_report  # the report lives beside the other reports
     ner_grid_report(rows, args.out)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The NER grid of `finetune_ner.py --sweep` (paper Figures 13-28, Tables 3-5): tables and heatmaps
+
+GROUPS = {"seen": list(TRAIN_CONFIGS) + ["toy"], "pud": [c for c in TEST_CONFIGS if c.endswith("_pud")],
+          "other": ["ceb_gja", "tl_trg", "tl_ugnayan", "toy_heldout"]}
+
+
+def grid_pairs(rows):
+    """The grid's checkpoints as (seed, MAML ckpt, vanilla ckpt) pairs -> (pairs, notes on those left out).
+    One checkpoint per arm: that pair (the seed as recorded, if any). More: paired by the seed each checkpoint
+    was pretrained with (ckpt_seed); a seed with one arm only is left out."""
+    ckpts = list(dict.fromkeys(r["ckpt"] for r in rows))
+    info = {c: next(r for r in rows if r["ckpt"] == c) for c in ckpts}
+    maml = [c for c in ckpts if float(info[c]["hybrid_ratio"] or 0) > 0]
+    vanilla = [c for c in ckpts if c not in maml]
+    if len(maml) <= 1 and len(vanilla) <= 1:
+        one = [(info[maml[0]].get("ckpt_seed") or None, maml[0], vanilla[0])] if maml and vanilla else []
+        return one, []
+    by = {arm: {} for arm in ("MAML", "vanilla")}
+    notes = []
+    for arm, cs in (("MAML", maml), ("vanilla", vanilla)):
+        for c in cs:
+            s = info[c].get("ckpt_seed") or None  # "" in grids written before the seed was recorded
+            if s is None or s in by[arm]:
+                why = ("no ckpt_seed in grid.csv (re-run the sweep to record it)" if s is None
+                       else f"a second {arm} checkpoint of seed {s}")
+                notes.append(f"{c}: {why}: left out of the pairs")
+                continue
+            by[arm][s] = c
+    for arm, other in (("MAML", "vanilla"), ("vanilla", "MAML")):
+        notes += [f"{by[arm][s]} (seed {s}) has no {other} checkpoint of that seed: left out of the pairs"
+                  for s in by[arm] if s not in by[other]]
+    common = sorted(set(by["MAML"]) & set(by["vanilla"]), key=lambda s: (len(s), s))  # numeric order
+    return [(s, by["MAML"][s], by["vanilla"][s]) for s in common], notes
+
+
+def ner_grid_report(rows, out):
+    """grid.md (every cell), one heatmap per checkpoint and regime, and MAML-vs-vanilla relative
+    improvements."""
+    plt = pyplot()
+    lines = ["# NER fine-tuning grid (entity micro-F1)", ""]
+    for ckpt in dict.fromkeys(r["ckpt"] for r in rows):
+        for regime in ("head", "full"):
+            cells = [r for r in rows if r["ckpt"] == ckpt and r["regime"] == regime]
+            if not cells:
+                continue
+            tr = list(dict.fromkeys(r["train_on"] for r in cells))
+            ev = list(dict.fromkeys(r["eval_on"] for r in cells))
+            grid = np.full((len(tr), len(ev)), np.nan)
+            for r in cells:
+                grid[tr.index(r["train_on"]), ev.index(r["eval_on"])] = float(r["f1"])
+            lines += [f"## {ckpt} ({regime})", "", "| fine-tuned on | " + " | ".join(ev) + " |",
+                      "|---" * (len(ev) + 1) + "|"]
+            lines += [f"| {t} | " + " | ".join("-" if np.isnan(v) else f"{v:.3f}" for v in grid[i]) + " |"
+                      for i, t in enumerate(tr)]
+            lines.append("")
+            fig, ax = plt.subplots(figsize=(1 + 0.7 * len(ev), 1 + 0.45 * len(tr)))
+            im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(0.01, np.nanmax(grid)))
+            ax.set_xticks(range(len(ev)), ev, rotation=60, ha="right")
+            ax.set_yticks(range(len(tr)), tr)
+            for i in range(len(tr)):
+                for j in range(len(ev)):
+                    if not np.isnan(grid[i, j]):
+                        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+            ax.set_title(f"micro-F1: {os.path.basename(os.path.dirname(ckpt)) or ckpt} ({regime})")
+            fig.colorbar(im)
+            fig.tight_layout()
+            fig.savefig(os.path.join(out, f"heatmap_{os.path.basename(os.path.dirname(ckpt)) or 'model'}"
+                                          f"_{regime}.png"),
+                        dpi=110)
+            plt.close(fig)
+    pairs, notes = grid_pairs(rows)
+    for n in notes:
+        print(f"note: {n}")
+
+    def mean_f1(ckpt, regime, evs):
+        v = [float(r["f1"]) for r in rows
+             if r["ckpt"] == ckpt and r["regime"] == regime and r["eval_on"] in evs]
+        return float(np.mean(v)) if v else None
+
+    def rel(m, v, evs, regime):  # -> % of vanilla micro-F1, or None
+        a, b = mean_f1(m, regime, evs), mean_f1(v, regime, evs)
+        return None if a is None or b is None or b == 0 else (a - b) / b * 100
+
+    def cell(x):
+        return "-" if x is None else f"{x:+.1f}%"
+
+    def mean_rel(evs, regime):  # over the seed pairs that have it
+        vals = [x for x in (rel(m, v, evs, regime) for _, m, v in pairs) if x is not None]
+        return float(np.mean(vals)) if vals else None
+    for seed, m, v in pairs:
+        lines += [f"## Relative improvement of MAML ({m}) over vanilla ({v})"
+                  + (f", seed {seed}" if len(pairs) > 1 else "") + ", % of vanilla micro-F1 (Table 3)", "",
+                  "| regime | seen | PUD | other |", "|---|---|---|---|"]
+        for regime in ("head", "full"):
+            lines.append(f"| {regime} | " + " | ".join(cell(rel(m, v, GROUPS[g], regime))
+                                                       for g in ("seen", "pud", "other")) + " |")
+        if len(pairs) > 1:
+            lines.append("")
+    if len(pairs) > 1:
+        lines += [f"## Mean over the {len(pairs)} seed pairs ({', '.join(str(s) for s, _, _ in pairs)}) of "
+                  "the relative improvement, % (analyze.py adds intervals and a test)", "",
+                  "| regime | seen | PUD | other |", "|---|---|---|---|"]
+        for regime in ("head", "full"):
+            lines.append(f"| {regime} | " + " | ".join(cell(mean_rel(GROUPS[g], regime))
+                                                       for g in ("seen", "pud", "other")) + " |")
+    if pairs:
+        evs = list(dict.fromkeys(r["eval_on"] for r in rows))
+        lines += ["", "## Per evaluation set (Tables 4-5), averaged over fine-tuning configs"
+                  + (f" and over the {len(pairs)} seed pairs" if len(pairs) > 1 else ""), "",
+                  "| regime | " + " | ".join(evs) + " |", "|---" * (len(evs) + 1) + "|"]
+        for regime in ("head", "full"):
+            lines.append(f"| {regime} | " + " | ".join(cell(mean_rel([e], regime)) for e in evs) + " |")
+    with open(os.path.join(out, "grid.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"grid: {os.path.join(out, 'grid.csv')}, {os.path.join(out, 'grid.md')}, heatmaps in {out}")
 
 
 def build_parser():

@@ -21,6 +21,7 @@ Every optimizer step is one of two branches:
          and the query loss at the adapted head trains the backbone and the head's initialisation (FOMAML).
 """
 import argparse
+import datetime
 import hashlib
 import json
 import math
@@ -289,10 +290,14 @@ def count_params(model):
 # multiplications by a scalar. (The technique of Liger-Kernel's FusedLinearCrossEntropy and Apple's Cut
 # Cross-Entropy, in plain torch.)
 #
-# Rows per chunk: 256 x 50,304 fp32 = 51 MB live at a time. Measured on the CPU (d = 96, 2,048 rows, 1
-# thread), the fastest of 128 / 256 / 512 / 1,024 / 2,048 (1.49 / 1.42 / 1.46 / 1.56 / 1.72 s for loss +
-# gradients; the plain F.cross_entropy took 2.87 s). On a GPU a larger chunk may be faster: not yet measured.
-LOSS_CHUNK_ROWS = 256
+# Rows per chunk, per device. CPU: 256 x 50,304 fp32 = 51 MB live; measured (d = 96, 2,048 rows, 1 thread) the
+# fastest of 128 / 256 / 512 / 1,024 / 2,048 (1.49 / 1.42 / 1.46 / 1.56 / 1.72 s for loss + gradients; plain
+# F.cross_entropy 2.87 s). CUDA: each chunk adds its (V, d) weight gradient into the fp32 accumulator, 12 V d
+# bytes of traffic in bf16 (product written and read, accumulator read and written), 0.93 GB at large. In
+# 256-row chunks a micro-step's 4,096 rows move 15 GB, ~5 ms at 3 TB/s: twice its three LM-head matmuls (1.9
+# TFLOP, ~2.5 ms). As one 4,096-row chunk: 0.3 ms, for 1.6 GB of buffers (fp32 logits, bf16 copy, gradient).
+# The softmax passes (~38 bytes per logit) do not depend on it. Not yet measured on a GPU.
+LOSS_CHUNK_ROWS = dict(cpu=256, cuda=4096)
 
 
 def _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, want_h, want_w):
@@ -366,10 +371,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                 None, None, None)
 
 
-def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_rows=LOSS_CHUNK_ROWS):
+def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_rows=None):
     """F.cross_entropy(h @ weight.T, targets, ignore_index=ignore_index) without the (N, V) logits.
     h (N, d), weight (V, d), targets (N,). Without autograd (torch.no_grad, or nothing requires grad) it
     computes the loss alone; an autograd.Function cannot tell by itself (needs_input_grad ignores no_grad)."""
+    chunk_rows = chunk_rows or LOSS_CHUNK_ROWS.get(h.device.type, LOSS_CHUNK_ROWS["cpu"])
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_rows)
     loss, _, _, n = _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, False, False)
@@ -464,8 +470,8 @@ def episode_tensors(tokens, index, args, key, device):
     ep = sample_episode(tokens, index, args.n_way, args.k_shot, args.q_query, smlmt_ctx(args), key, args.read)
     at = ep["mask_at"]  # (N, K+Q)
     ep = dict(ep, support_at=at[:, :args.k_shot].reshape(-1), query_at=at[:, args.k_shot:].reshape(-1))
-    return {k: torch.from_numpy(ep[k]).to(device) for k in ("support_x", "support_y", "query_x", "query_y",
-                                                            "classes", "support_at", "query_at")}
+    keys = ("support_x", "support_y", "query_x", "query_y", "classes", "support_at", "query_at")
+    return dict(zip(keys, to_device([ep[k] for k in keys], device)))  # one copy that never blocks the host
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -490,18 +496,23 @@ def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.0, init="proto",
     return head
 
 
-def episode_init(head, support_feats, support_labels, classes, init):
+def episode_init(head, support_feats, support_labels, classes, init, tied=False):
     """phi_0, this episode's starting weights, as {name: tensor}: the body's parameters as they are, and a
-    last layer (out.weight (N, h), out.bias (N,)) set by `init`. Gradients flow back through every entry:
-    into the body directly, and for "proto" also through the prototypes (the support features carry no
-    backbone graph)."""
+    last layer (out.weight (N, h), out.bias (N,)) set by `init`; for "proto" with tied=True (--inner_loop
+    layerwise) the prototypes themselves, out.proto (N, h), which head_logits scores as -||z - P_c||^2, so
+    the inner loop moves prototypes and the head stays a nearest-prototype classifier. Gradients flow back
+    through every entry: into the body directly, and for "proto" also through the prototypes (the support
+    features carry no backbone graph)."""
     phi = {f"body.{k}": p for k, p in head["body"].named_parameters()}
     if init == "proto":
         z = functional_call(head["body"], dict(head["body"].named_parameters()), (support_feats.float(),))
         n_way = int(support_labels.max()) + 1  # labels are 0..N-1, each with K examples
         mu = torch.zeros(n_way, z.shape[1], device=z.device).index_add(0, support_labels, z)
         mu = mu / torch.bincount(support_labels, minlength=n_way)[:, None]  # (N, h): class means
-        phi["out.weight"], phi["out.bias"] = 2 * mu, -(mu * mu).sum(-1)
+        if tied:
+            phi["out.proto"] = mu
+        else:
+            phi["out.weight"], phi["out.bias"] = 2 * mu, -(mu * mu).sum(-1)
     elif init == "learned":
         phi["out.weight"], phi["out.bias"] = head["out"].weight, head["out"].bias
     else:  # vocab: the rows of this episode's class words, in label order (classes[c] = word id of label c)
@@ -510,13 +521,33 @@ def episode_init(head, support_feats, support_labels, classes, init):
 
 
 def head_logits(head, phi, feats):
-    """The head as a function of its weights: feats (n, d) -> logits (n, N)."""
+    """The head as a function of its weights: feats (n, d) -> logits (n, N); with prototypes P (N, h) the
+    logits are 2 z.P - ||P||^2 = -||z - P||^2 + ||z||^2 (nearest prototype: the ||z||^2 is the same for
+    every class)."""
     z = functional_call(head["body"], {k[5:]: v for k, v in phi.items() if k.startswith("body.")}, (feats,))
+    if "out.proto" in phi:
+        P = phi["out.proto"]
+        return F.linear(z, 2 * P, -(P * P).sum(-1))
     return F.linear(z, phi["out.weight"], phi["out.bias"])
 
 
+def inner_lrs(args):
+    """The inner loop's step sizes: one float for all four layers (the paper's plain SGD), or per layer
+    group {"body": lr of layers 1-3, "out": lr of the last layer} (--inner_loop layerwise)."""
+    return args.inner_lr if args.inner_loop == "sgd" else dict(body=args.inner_lr, out=args.inner_lr_out)
+
+
 def inner_loop(head, phi0, support_feats, support_labels, steps, lr):
-    """`steps` plain SGD steps of the head on the support set, in fp32, starting from phi0 ({name: tensor}).
+    """`steps` SGD steps of the head on the support set, in fp32, starting from phi0 ({name: tensor}). lr: a
+    float for every entry, or {"body": lr, "out": lr} per layer group (inner_lrs); an entry whose step is 0
+    (the body with {"body": 0}: ANIL) stays as it is.
+
+    Why per layer, and why prototypes (README, "The inner loop, measured"): at the untied proto init of a
+    trained demo head (W = 2 mu, b = -||mu||^2) the largest Hessian eigenvalue of the support loss is ~220 in
+    layers 1-3 and ~3 in the last layer, so plain SGD is unstable above lr ~0.009 in the body while the last
+    layer barely moves; and a step on W and b separately turns the nearest-prototype classifier into a
+    plainer linear one, which loses support accuracy while it lowers the loss. Steps on the prototypes
+    themselves (out.proto, lr ~10) keep it a nearest-prototype classifier and fit the support set.
 
     Returns phi_T as {name: tensor} for head_logits(). First order: each step's gradient comes from
     torch.autograd.grad, never .backward(), which would add the support gradients to the head's .grad (where
@@ -525,16 +556,19 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr):
     d loss / d phi_T straight into phi_0 (and from there into the head's parameters), which is exactly the
     FOMAML meta-gradient."""
     feats = support_feats.detach().float()  # (N*K, d): no gradient reaches the backbone from the support set
+    step = {k: (lr if not isinstance(lr, dict) else lr.get(k.split(".")[0], 0.0)) for k in phi0}
+    moving = [k for k in phi0 if step[k] != 0]
     # Fresh leaf copies: the head itself is never modified, so there is nothing to snapshot and restore (the
     # reference's state_dict dance).
-    fast = {k: p.detach().clone().requires_grad_() for k, p in phi0.items()}
+    fast = {k: p.detach().clone().requires_grad_(k in moving) for k, p in phi0.items()}
     # fp32 even under bf16 autocast: 10 SGD steps on a small MLP are cheap, and bf16 would round them away.
     with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
-        for _ in range(steps):
+        for _ in range(steps if moving else 0):
             loss = F.cross_entropy(head_logits(head, fast, feats), support_labels)
-            grads = torch.autograd.grad(loss, list(fast.values()))
+            grads = torch.autograd.grad(loss, [fast[k] for k in moving])
             # phi_t = phi_{t-1} - lr * grad; detach() makes it first order (no graph through the steps)
-            fast = {k: (w - lr * g).detach().requires_grad_() for (k, w), g in zip(fast.items(), grads)}
+            for k, g in zip(moving, grads):
+                fast[k] = (fast[k] - step[k] * g).detach().requires_grad_()
     # Value phi_T, gradient path to phi_0 with Jacobian I: the straight-through form of FOMAML.
     return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}
 
@@ -561,8 +595,9 @@ def meta_micro_step(model, head, ep, args, scale, amp):
     # reference's 10 recomputations (one per inner step) would produce these same features 10 times.
     with torch.no_grad(), amp:
         hs = read_features(model, ep["support_x"], ep["support_at"], args.read)  # (N*K, d)
-    phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init)
-    adapted = inner_loop(head, phi0, hs, ep["support_y"], args.inner_steps, args.inner_lr)  # phi_T
+    tied = args.inner_loop == "layerwise"
+    phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init, tied)
+    adapted = inner_loop(head, phi0, hs, ep["support_y"], args.inner_steps, inner_lrs(args))  # phi_T
     # Query: a forward WITH a graph; its loss at the adapted head is the meta-objective.
     with amp:
         hq = read_features(model, ep["query_x"], ep["query_at"], args.read)  # (N*Q, d), with grad
@@ -570,17 +605,24 @@ def meta_micro_step(model, head, ep, args, scale, amp):
     # backbone.grad += d loss / d backbone (through hq); head.grad += d loss / d phi_T (through `adapted` and
     # phi0). Scaled by 1 / (grad_accum * world): gradients summed over micro-steps and ranks are then a mean.
     (loss * scale).backward()
-    with torch.no_grad():  # accuracies before and after adaptation, without dropout (prototypes included)
+    with torch.no_grad():  # support loss and accuracies before and after adaptation, without dropout
         head.eval()
-        hq = hq.detach()
-        phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init)
-        stats = dict(loss_query=loss.detach(),
-                     acc_support_pre=accuracy(head_logits(head, phi0, hs), ep["support_y"]),
-                     acc_support_post=accuracy(head_logits(head, adapted, hs), ep["support_y"]),
-                     acc_query_pre=accuracy(head_logits(head, phi0, hq), ep["query_y"]),
-                     acc_query_post=accuracy(head_logits(head, adapted, hq), ep["query_y"]))
+        phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init, tied)  # prototypes too
+        stats = dict(loss_query=loss.detach(), **adaptation_stats(head, phi0, adapted, hs, ep["support_y"],
+                                                                  hq.detach(), ep["query_y"]))
         head.train()
     return stats
+
+
+def adaptation_stats(head, phi0, adapted, hs, sy, hq, qy):
+    """Did the inner loop fit the support set, and did that help the query? Support loss and support / query
+    accuracy at phi_0 (_pre) and phi_T (_post)."""
+    out = {}
+    for tag, phi in (("pre", phi0), ("post", adapted)):
+        s = head_logits(head, phi, hs)
+        out.update({f"loss_support_{tag}": F.cross_entropy(s, sy), f"acc_support_{tag}": accuracy(s, sy),
+                    f"acc_query_{tag}": accuracy(head_logits(head, phi, hq), qy)})
+    return out
 
 
 def ar_micro_step(model, x, y, scale, amp):
@@ -637,40 +679,45 @@ def attention_entropy(model, idx):
     return torch.stack(out)
 
 
-def learning_dynamics(model, probe_x, probe_y, modules, amp):
+def learning_dynamics(model, probe_x, probe_y, modules, amp, rank=0, world=1):
     """{metric name: value} on the probe batch: PER and ER of `modules`' weights and next-token-loss gradients
     in every layer, the reference's attention-wide variant, and attention entropy. It writes and then clears
-    the model's .grad, so call it between optimizer steps, never during gradient accumulation."""
+    the model's .grad, so call it between optimizer steps, never during gradient accumulation. With world > 1
+    every rank calls it: rank r takes every world-th spectrum and one all-reduce gathers them, so no rank
+    computes alone while the others wait in the next collective."""
     names = [f"layers.{i}.{m}" for i in range(model.cfg.n_layers) for m in modules]
     mats = dict(model.named_parameters())
-    weight_er = {}  # one SVD per weight matrix: the ref/ set below repeats the modules' v and o weights
-
-    def er_weight(name):
-        if name not in weight_er:
-            weight_er[name] = effective_rank(mats[name])
-        return weight_er[name]
-
-    out = {}
+    attn = [n for n in mats if ".attention." in n]
+    # One spectrum per distinct matrix: each weight once (the ref/ set repeats the modules' v and o weights),
+    # the gradient of the next-token loss for `names`, the gradient of logits.mean() for `attn`.
+    jobs = list(dict.fromkeys([n + ".weight" for n in names] + attn))
+    jobs += [("loss", n) for n in names] + [("mean", n) for n in attn]
     model.zero_grad(set_to_none=True)
     with amp:
         _, loss = model(probe_x, probe_y)
     loss.backward()  # the gradient of the next-token loss (RoPE on, the model's own context length)
-    for n in names:
-        W = mats[n + ".weight"]
-        er_w, er_g = er_weight(n + ".weight"), effective_rank(W.grad)  # PER = ER / min(shape): same spectrum
-        out[f"per_weight/{n}"], out[f"per_grad/{n}"] = er_w / min(W.shape), er_g / min(W.shape)
-        out[f"er_weight/{n}"], out[f"er_grad/{n}"] = er_w, er_g
+    grads = {("loss", n): mats[n + ".weight"].grad for n in names}
     # The reference analysis: mean over every q/k/v/o matrix, gradient of logits.mean() (not the loss).
     model.zero_grad(set_to_none=True)
     with amp:
         logits, _ = model(probe_x)
     logits.mean().backward()
-    attn = [n for n in mats if ".attention." in n]
-    for kind, ers in (("weight", [er_weight(n) for n in attn]),
-                      ("grad", [effective_rank(mats[n].grad) for n in attn])):
-        out[f"ref/per_{kind}_attn"] = float(np.mean([e / min(mats[n].shape) for e, n in zip(ers, attn)]))
-        out[f"ref/er_{kind}_attn"] = float(np.mean(ers))
+    grads.update({("mean", n): mats[n].grad for n in attn})
     model.zero_grad(set_to_none=True)
+    ers = torch.tensor([effective_rank(grads[j] if isinstance(j, tuple) else mats[j]) if i % world == rank
+                        else 0.0 for i, j in enumerate(jobs)], dtype=torch.float64, device=probe_x.device)
+    if world > 1:  # a sum gathers them: each job is nonzero on one rank only
+        dist.all_reduce(ers)
+    er = dict(zip(jobs, ers.tolist()))
+    out = {}
+    for n in names:
+        shape = mats[n + ".weight"].shape  # PER = ER / min(shape): the same spectrum
+        er_w, er_g = er[n + ".weight"], er[("loss", n)]
+        out[f"per_weight/{n}"], out[f"per_grad/{n}"] = er_w / min(shape), er_g / min(shape)
+        out[f"er_weight/{n}"], out[f"er_grad/{n}"] = er_w, er_g
+    for kind, vals in (("weight", [er[n] for n in attn]), ("grad", [er[("mean", n)] for n in attn])):
+        out[f"ref/per_{kind}_attn"] = float(np.mean([e / min(mats[n].shape) for e, n in zip(vals, attn)]))
+        out[f"ref/er_{kind}_attn"] = float(np.mean(vals))
     ent = attention_entropy(model, probe_x)
     out["attn_entropy"] = [[round(v, 5) for v in row] for row in ent.tolist()]  # (layers, heads)
     out["attn_entropy_mean"] = ent.mean().item()
@@ -702,17 +749,18 @@ FEWSHOT_KEY = 20250802  # episodes and the fresh head depend on this constant on
 
 
 def fewshot_eval(model, head_args, episodes, amp):
-    """{eval_fewshot_acc_pre, eval_fewshot_acc, eval_proto_acc_mask, eval_proto_acc_prev}: means over
-    `episodes`. The last two need no head: nearest class mean of the raw features (d) at the [MASK] and at the
-    token before it (what a next-token model reads naturally). Runs on the raw model, without dropout."""
+    """{eval_fewshot_acc_pre, eval_fewshot_acc, eval_fewshot_loss_support_pre / _post, eval_proto_acc_mask,
+    eval_proto_acc_prev}: means over `episodes`. The last two need no head: nearest class mean of the raw
+    features (d) at the [MASK] and at the token before it (what a next-token model reads naturally). Runs on
+    the raw model, without dropout."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(FEWSHOT_KEY)
         head = make_head(model.cfg.d_model, head_args.n_way, head_args.head_hidden, head_args.head_layers,
                          head_args.head_dropout, head_args.head_init, model.cfg.vocab_size)
     head = head.to(model.rope_cos.device).eval()
     model.eval()
-    sums = dict(eval_fewshot_acc_pre=0.0, eval_fewshot_acc=0.0,
-                eval_proto_acc_mask=0.0, eval_proto_acc_prev=0.0)
+    sums = dict(eval_fewshot_acc_pre=0.0, eval_fewshot_acc=0.0, eval_fewshot_loss_support_pre=0.0,
+                eval_fewshot_loss_support_post=0.0, eval_proto_acc_mask=0.0, eval_proto_acc_prev=0.0)
     for ep in episodes:
         with torch.no_grad(), amp:
             hs, hq = (model(ep[f"{s}_x"], return_hidden=True).float() for s in ("support", "query"))
@@ -724,11 +772,15 @@ def fewshot_eval(model, head_args, episodes, amp):
         fs = read_at(hs, ep["support_at"], head_args.read)
         fq = read_at(hq, ep["query_at"], head_args.read)
         phi0 = {k: v.detach() for k, v in episode_init(head, fs, ep["support_y"], ep["classes"],
-                                                       head_args.head_init).items()}
-        adapted = inner_loop(head, phi0, fs, ep["support_y"], head_args.inner_steps, head_args.inner_lr)
+                                                       head_args.head_init,
+                                                       tied=head_args.inner_loop == "layerwise").items()}
+        adapted = inner_loop(head, phi0, fs, ep["support_y"], head_args.inner_steps, inner_lrs(head_args))
         with torch.no_grad():
-            sums["eval_fewshot_acc_pre"] += accuracy(head_logits(head, phi0, fq), ep["query_y"]).item()
-            sums["eval_fewshot_acc"] += accuracy(head_logits(head, adapted, fq), ep["query_y"]).item()
+            st = adaptation_stats(head, phi0, adapted, fs, ep["support_y"], fq, ep["query_y"])
+        for k, name in (("acc_query_pre", "eval_fewshot_acc_pre"), ("acc_query_post", "eval_fewshot_acc"),
+                        ("loss_support_pre", "eval_fewshot_loss_support_pre"),
+                        ("loss_support_post", "eval_fewshot_loss_support_post")):
+            sums[name] += st[k].item()
     model.train()
     return {k: v / len(episodes) for k, v in sums.items()}
 
@@ -748,9 +800,11 @@ def choose_branch(args, step, run):
     receives. One branch for the whole step (every micro-step, every rank) makes the set of parameters with
     gradients the same everywhere, which is what makes one plain all-reduce correct. -> "meta" or "ar"."""
     drawn = run.rank == 0 and is_meta_step(args.seed, step, args.hybrid_ratio)
+    if run.world == 1:
+        return "meta" if drawn else "ar"
+    # A host sync per step (a copy in, .item() out): the host must know the branch before it queues anything.
     meta = torch.tensor([int(drawn)], device=run.device)
-    if run.world > 1:
-        dist.broadcast(meta, src=0)
+    dist.broadcast(meta, src=0)
     return "meta" if meta.item() else "ar"
 
 
@@ -836,23 +890,26 @@ def train(args, stop=None, argv=()):
         counters[f"tokens_{branch}"] += n_tok
         done, stopping = step + 1, stop_requested(stop, run.world, run.device)  # a signal on any rank
         book.n_steps[branch] += 1
+        if stopping:  # a scheduler's grace period may be short: the checkpoint first, then no eval or probe
+            save(run, args, done, counters)
+            book.write(book.window(run, args, meter, done, counters), run.rank)
+            break
         # What the paper measures, when it is due: eval perplexity and the held-out few-shot eval, and the
         # learning-dynamics probe. The logbook writes them with the window's training means.
         eval_now, probe_now = due(done, args.eval_every, args), due(done, args.dynamics_every, args)
-        if due(done, args.log_every, args) or eval_now or probe_now or stopping:
+        if due(done, args.log_every, args) or eval_now or probe_now:
             rec = book.window(run, args, meter, done, counters)  # means over micro-steps and ranks
             if eval_now:
                 rec["eval_loss"], rec["eval_ppl"] = evaluate(run.orig_model, book.evals, run.amp, run.rank,
                                                              run.world)
                 if run.rank == 0 and book.fewshots:
                     rec.update(fewshot_eval(run.orig_model, args, book.fewshots, run.amp))
-            if probe_now and run.rank == 0:
-                rec.update(learning_dynamics(run.orig_model, *run.probe, run.modules, run.amp))
+            if probe_now:  # on every rank: they share the spectra
+                rec.update(learning_dynamics(run.orig_model, *run.probe, run.modules, run.amp, run.rank,
+                                             run.world))
             book.write(rec, run.rank)
-        if due(done, args.save_every, args) or stopping:
+        if due(done, args.save_every, args):
             save(run, args, done, counters)
-        if stopping:
-            break
     stop["armed"] = False
     finish(run, args, book, counters, done, stopping, argv)
 
@@ -870,9 +927,13 @@ def build_parser():
     a = p.add_argument
     a("--size", choices=list(SIZES), help="width and the released recipe (none: the CPU demo); the defaults "
       "shown are those of the chosen size")
-    a("--data", help="toy (offline toy world), a local .txt / folder / .jsonl, or a hub dataset ID[:CONFIG]")
+    a("--data", help="toy (offline toy world), a local corpus (a .parquet / .jsonl[.gz] / .json[.gz] / .txt "
+      "file, a folder or a glob of them), or a hub dataset ID[:CONFIG]")
+    a("--text_field", default="text", help="the text column of a parquet or json corpus")
     a("--data_dir", default=os.path.join(HERE, "data", "cache"), help="where prepared corpora are cached")
     a("--max_tokens", type=int, default=1_000_000_000, help="tokens to take from a hub or local corpus")
+    a("--prep_procs", type=int, default=1, help="processes tokenizing a corpus (the files do not depend on "
+      "it)")
     a("--toy_docs", type=int, default=30_000, help="paragraphs in the toy world corpus (30k ~ 2.3M tokens)")
     a("--d_model", type=int, help="width (a multiple of 24: 12 heads, even head_dim)")
     a("--n_layers", type=int, default=12, help="layers (12 in every paper size)")
@@ -880,8 +941,10 @@ def build_parser():
     # optimisation
     a("--max_steps", type=int, help="optimizer steps")
     a("--batch_size", type=int, help="sequences per micro-step per process")
-    a("--grad_accum", type=int, help="micro-steps per optimizer step (None: reach --global_batch)")
-    a("--global_batch", type=int, help="sequences per optimizer step, used when --grad_accum is not given")
+    a("--grad_accum", type=int, help="micro-steps per optimizer step (None: global_batch / (batch_size x "
+      "processes))")
+    a("--global_batch", type=int, help="sequences per optimizer step, all processes together (None: "
+      "batch_size x processes x grad_accum); given, it sets grad_accum and must divide")
     a("--seq_len", type=int, help="tokens per training sequence (also the model's max length)")
     a("--lr", type=float, help="peak AdamW learning rate")
     a("--warmup_steps", type=int, help="linear warm-up steps")
@@ -916,7 +979,16 @@ def build_parser():
     a("--k_shot", type=int, default=4, help="K: support examples per class")
     a("--q_query", type=int, default=4, help="query examples per class (distinct from the support ones)")
     a("--inner_steps", type=int, default=10, help="SGD steps of the head on the support set")
-    a("--inner_lr", type=float, default=0.01, help="inner SGD lr (released runs: 0.01; paper text: 0.001)")
+    a("--inner_loop", default="layerwise", choices=["layerwise", "sgd"],
+      help="layerwise: the last layer steps by --inner_lr_out, layers 1-3 by --inner_lr, and a proto head's "
+           "last layer is its prototypes (steps move them; README); sgd: the paper's plain SGD, one "
+           "--inner_lr for all four layers (with proto: on W = 2 mu, b = -||mu||^2)")
+    a("--inner_lr", type=float, default=0.001,
+      help="inner SGD step of the head's layers 1-3 (--inner_loop sgd: of all four layers; released runs: "
+           "0.01, paper text: 0.001)")
+    a("--inner_lr_out", type=float, default=10.0,
+      help="--inner_loop layerwise: inner SGD step of the head's last layer (the prototypes; set for N = 32: "
+           "at near-uniform logits a step expands them by ~1 + 2 lr / N, so scale it with N; 30 diverges)")
     a("--head_hidden", type=int, default=128, help="hidden width of the MLP head")
     a("--head_layers", type=int, default=4, help="linear layers in the MLP head")
     a("--head_dropout", type=float, default=0.0, help="dropout in the MLP head (paper text: 0.1)")
@@ -936,14 +1008,22 @@ def build_parser():
 def parse_args(argv=None, parser=None):
     """The command line over the preset of its --size: explicit flags always win. `parser` (build_parser()
     with more arguments) lets bench.py add its own."""
-    first = argparse.ArgumentParser(add_help=False)  # a first pass reads --size alone (and ignores --help)
-    first.add_argument("--size")
-    size = first.parse_known_args(argv)[0].size
+    first = argparse.ArgumentParser(add_help=False)  # a first pass: --size, and the batch flags given
+    for k in ("--size", "--global_batch", "--grad_accum"):
+        first.add_argument(k)
+    given = first.parse_known_args(argv)[0]
     parser = parser or build_parser()
-    parser.set_defaults(**preset(size if size in SIZES else None))  # a bad --size: the full parser says so
+    parser.set_defaults(**preset(given.size if given.size in SIZES else None))  # a bad --size: parser says so
     args = parser.parse_args(argv)
-    for k in ("max_steps", "batch_size", "seq_len", "log_every", "save_every", "n_way", "k_shot", "q_query"):
-        if getattr(args, k) < 1:
+    # An explicit batch flag beats the preset's other one (the demo's grad_accum 1, a size's global batch
+    # 256); setup() derives the missing one once the number of processes is known (grad_accum_for).
+    if given.global_batch is not None and given.grad_accum is None:
+        args.grad_accum = None
+    if given.grad_accum is not None and given.global_batch is None:
+        args.global_batch = None
+    for k in ("max_steps", "batch_size", "seq_len", "log_every", "save_every", "n_way", "k_shot", "q_query",
+              "grad_accum", "global_batch", "prep_procs"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
             raise UserError(f"--{k} must be >= 1 (got {getattr(args, k)})")
     if args.overwrite and args.resume:
         raise UserError("--overwrite starts over and --resume continues: give one of them")
@@ -995,9 +1075,10 @@ VAL_EVERY = 50  # every 50th document goes to the held-out split (doc-level: no 
 def write_atomically(path, write):
     """write(tmp) to a temporary name beside `path`, then rename it to `path`: a crash mid-write leaves the
     previous file (or none), never a half-written one that looks complete. The temporary keeps the suffix
-    (np.savez appends .npz otherwise) and names the process, so two writers never share one."""
+    (np.savez appends .npz otherwise) and names the machine and the process, so two writers never share one,
+    not even on two nodes of one shared filesystem."""
     stem, ext = os.path.splitext(path)
-    tmp = f"{stem}.tmp{os.getpid()}{ext}"
+    tmp = f"{stem}.tmp-{platform.node()}-{os.getpid()}{ext}"
     write(tmp)
     os.replace(tmp, path)
 
@@ -1008,23 +1089,26 @@ def write_text(path, text):
 
 
 def wait_for(path, what):
-    """Block until another process (local rank 0) has written `path`. No collective: a long download or
-    tokenization cannot hit a distributed timeout."""
+    """Block until another process (this machine's local rank 0, or a writer on another node) has written
+    `path`. No collective: a long download or tokenization cannot hit a distributed timeout."""
     if not os.path.exists(path):
-        print(f"waiting for local rank 0 to write {what} ({path})", flush=True)
+        print(f"waiting for {what} ({path}), written by another process", flush=True)
     while not os.path.exists(path):
         time.sleep(2)
 
 
-def write_bin(path, tokens):
+def bin_header(n):
     # uint16 holds every GPT-2 id (< 65,536) in half the bytes of int32; the 1 KiB header makes a truncated or
     # foreign file detectable before it silently trains on garbage.
     header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = BIN_MAGIC, BIN_VERSION, len(tokens)
+    header[:3] = BIN_MAGIC, BIN_VERSION, n
+    return header
 
+
+def write_bin(path, tokens):
     def write(tmp):
         with open(tmp, "wb") as f:
-            f.write(header.tobytes())
+            f.write(bin_header(len(tokens)).tobytes())
             f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
     write_atomically(path, write)
 
@@ -1044,82 +1128,172 @@ def read_bin(path):
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
 
 
-def tokenize_documents(docs, out_dir, max_tokens, desc):
-    """Stream documents -> out_dir/{train,val}.bin, each document followed by <|endoftext|>."""
+def tokenize_documents(args, out, desc):
+    """Tokenize the corpus into out/{train,val}.bin, streaming. SHARD_DOCS documents at a time are tokenized
+    (by --prep_procs processes), appended to out/{train,val}.partial in corpus order, and committed to
+    out/progress.json: documents read, the stream's position there, tokens written. A killed or crashed run
+    resumes from the last commit, the partial files cut back to it: the result is byte-identical to an
+    uninterrupted run's. Memory: a few shards of text and tokens, whatever the size of the corpus."""
+    import collections
+    import multiprocessing
     from tqdm import tqdm
-    enc = get_tokenizer()
-    parts = {"train": [], "val": []}
-    n_total, n_doc, batch = 0, 0, []
-    bar = tqdm(total=max_tokens if max_tokens < 1 << 40 else None, desc=f"tokenizing {desc}", unit="tok",
-               unit_scale=True, leave=False)
+    max_tokens, head = args.max_tokens if args.data != "toy" else 1 << 62, HEADER_INTS * 4
+    parts, prog_path = {s: os.path.join(out, f"{s}.partial") for s in ("train", "val")}, \
+        os.path.join(out, "progress.json")
+    prog = dict(docs=0, state=None, train=0, val=0, end=False)
+    if os.path.exists(prog_path):
+        resumed = json.load(open(prog_path))
+        # a machine crash can lose appended bytes a commit counted (never a kill): then start over
+        if all(os.path.exists(p) and os.path.getsize(p) >= head + 2 * resumed[s] for s, p in parts.items()):
+            prog = resumed
+            print(f"resuming after {prog['docs']:,} documents ({prog['train'] + prog['val']:,} tokens)")
+    files = {s: open(p, "r+b" if prog["docs"] else "wb") for s, p in parts.items()}
+    for s, f in files.items():  # the header is written last, when the length is known
+        f.truncate(head + 2 * prog[s])
+        f.seek(0, os.SEEK_END)
+    docs, ds = documents(args, prog["docs"], prog["state"])
+    pool = multiprocessing.Pool(args.prep_procs) if args.prep_procs > 1 else None
+    pending = collections.deque()  # (tokens or their AsyncResult, the commit after them), in corpus order
+    n_read = prog["docs"]
+    bar = tqdm(total=max_tokens if max_tokens < 1 << 40 else None, initial=prog["train"] + prog["val"],
+               desc=f"tokenizing {desc}", unit="tok", unit_scale=True, leave=False)
+    try:
+        while not prog["end"] and prog["train"] + prog["val"] < max_tokens:
+            if len(pending) < 2 * args.prep_procs and not (pending and pending[-1][1]["end"]):
+                texts = read_documents(docs, args.data, n_read)
+                job = pool.apply_async(encode_shard, (texts, n_read)) if pool else encode_shard(texts, n_read)
+                n_read += len(texts)
+                pending.append((job, dict(docs=n_read, state=None if ds is None else ds.state_dict(),
+                                          end=len(texts) < SHARD_DOCS)))
+                continue
+            job, mark = pending.popleft()
+            for (s, f), toks in zip(files.items(), job.get() if pool else job):
+                f.write(toks.tobytes())
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the commit that counts it
+                prog[s] += len(toks)
+                bar.update(len(toks))
+            prog.update(mark)
+            write_atomically(prog_path, lambda tmp: write_text(tmp, json.dumps(prog)))
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+    for s, f in files.items():  # the shards read ahead of the last commit are dropped
+        n = min(prog[s], max_tokens) if s == "train" else prog[s]
+        f.truncate(head + 2 * n)
+        f.seek(0)
+        f.write(bin_header(n).tobytes())
+        f.close()
+    for s in files:  # val.bin last: it marks the corpus complete
+        os.replace(parts[s], os.path.join(out, f"{s}.bin"))
+    os.remove(prog_path)
 
-    def flush():  # tiktoken encodes a batch of documents on several threads
-        nonlocal n_total, n_doc
-        # "ordinary": text that looks like <|endoftext|> stays text
-        for ids in enc.encode_ordinary_batch(batch):
-            split = "val" if n_doc % VAL_EVERY == 0 else "train"
-            parts[split].append(np.array(ids + [EOT_ID], dtype=np.uint16))
-            n_total += len(ids) + 1
-            n_doc += 1
-            bar.update(len(ids) + 1)
-        batch.clear()
 
-    for doc in docs:  # docs may be an endless stream (the hub): stop once max_tokens are in
-        batch.append(doc)
-        if len(batch) == 1024:
-            flush()
-            if n_total >= max_tokens:
-                break
-    flush()
-    bar.close()
-    os.makedirs(out_dir, exist_ok=True)
-    for split, chunks in parts.items():
-        toks = np.concatenate(chunks) if chunks else np.zeros(0, np.uint16)
-        write_bin(os.path.join(out_dir, f"{split}.bin"), toks[:max_tokens] if split == "train" else toks)
+SHARD_DOCS = 2048  # documents per shard: the unit of work of a process, and all a kill can lose
 
 
-def local_documents(path):
-    """Documents from a .txt file (paragraphs split on blank lines), a .jsonl ({"text": ...} per line), or a
-    folder of them."""
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
-                   if f.endswith((".txt", ".jsonl"))) if os.path.isdir(path) else [path]
-    if not files:
-        raise UserError(f"--data {path}: folder has no .txt or .jsonl files")
-    for fp in files:
-        with open(fp, encoding="utf-8", errors="replace") as f:
-            if fp.endswith(".jsonl"):
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise UserError(f"{fp}:{i}: expected a JSON object with a \"text\" field")
-            else:
-                yield from (p for p in re.split(r"\n\s*\n", f.read()) if p.strip())
+def encode_shard(texts, first):
+    """Documents first, first + 1, ... -> (train, val) uint16 token arrays, each document followed by
+    <|endoftext|>. Depends on nothing else, so any number of processes writes the same files."""
+    import itertools
+    enc, split = get_tokenizer(), {"train": [], "val": []}
+    for n, text in enumerate(texts, first):  # "ordinary": text that looks like <|endoftext|> stays text
+        split["val" if n % VAL_EVERY == 0 else "train"].append(enc.encode_ordinary(text) + [EOT_ID])
+    return [np.fromiter(itertools.chain.from_iterable(v), np.uint16) for v in split.values()]
 
 
-def hub_documents(spec, split="train", field="text"):
-    """Stream documents of a Hugging Face hub dataset "ID[:CONFIG]" (imports `datasets` only here)."""
-    name, _, config = spec.partition(":")
-    # Fail in seconds, not after `datasets` retries for minutes: honour HF_HUB_OFFLINE, then probe the host.
-    offline = "set HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE") == "1" else None
-    if offline is None:
-        import socket
-        try:
-            socket.create_connection(("huggingface.co", 443), timeout=5).close()
-        except OSError:
-            offline = "huggingface.co is unreachable"
-    if offline:
-        raise UserError(f"cannot stream hub dataset {name!r} ({offline}). Offline, use --data toy "
-                        "(the built-in toy world) or --data PATH (a .txt file, a folder of them, "
-                        "or a .jsonl with a text field)")
+def read_documents(docs, data, done):
+    """The next SHARD_DOCS documents (fewer at the end of the corpus)."""
+    import itertools
+    try:
+        return list(itertools.islice(docs, SHARD_DOCS))
+    except UserError:
+        raise
+    except Exception as e:  # a dropped connection, a corrupt or binary file: one line, and the way on
+        raise UserError(f"--data {data}: reading failed after {done:,} documents ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+                        + ("; run the same command again to continue from there" if done else ""))
+
+
+def documents(args, start=0, state=None):
+    """The corpus's documents from document `start` on -> (texts, the datasets stream or None). A stream's
+    state_dict() is its position after the texts read so far; `state` is the one saved at `start`."""
+    if args.data == "toy":  # a plain generator: the demo imports no `datasets`
+        import itertools
+        return itertools.islice(toyworld().documents(seed=1337, n_docs=args.toy_docs), start, None), None
+    ds = local_dataset(local_files(args.data)) if is_local(args.data) else hub_dataset(args.data)
+    if state:
+        ds.load_state_dict(state)
+    return texts(ds, args.text_field, args.data), ds
+
+
+# Local corpora are read by datasets' own builders, in the streaming mode hub corpora use; "text" gives one
+# document per paragraph. A file with another ending (an archive, a binary) has no reader and is refused.
+READERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json",
+           ".txt": "text"}
+
+
+def is_local(data):
+    return os.path.exists(data) or any(c in data for c in "*?[")
+
+
+def local_files(data):
+    """--data PATH: a file, a folder (searched recursively) or a glob -> its corpus files, sorted."""
+    import glob
+    reader = lambda f: next((r for end, r in READERS.items() if f.endswith(end)), None)  # noqa: E731
+    files = sorted(glob.glob(data, recursive=True) if not os.path.exists(data)
+                   else [os.path.join(r, f) for r, _, fs in os.walk(data) for f in fs if reader(f)]
+                   if os.path.isdir(data) else [data])
+    kinds = {reader(f) for f in files}
+    if not files or None in kinds or len(kinds) > 1:
+        what = ("no files" if not files else "mixes formats" if None not in kinds else
+                f"{next(f for f in files if not reader(f))} has no reader")
+        raise UserError(f"--data {data}: {what}; maml-gpt reads {', '.join(READERS)} files (one format)")
+    return files
+
+
+def stream(*args, **kwargs):
+    """datasets.load_dataset(..., streaming=True): the one reader of every real corpus, local or hub."""
     try:
         import datasets
     except ImportError:
-        raise UserError("hub corpora need the datasets package: pip install datasets")
-    ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
-    return (row[field] for row in ds)
+        raise UserError("real corpora need the datasets package: pip install datasets (or use --data toy)")
+    return datasets.load_dataset(*args, streaming=True, **kwargs)
+
+
+def local_dataset(files):
+    kind = next(r for end, r in READERS.items() if files[0].endswith(end))
+    return stream(kind, data_files=files, split="train",
+                  **(dict(sample_by="paragraph") if kind == "text" else {}))
+
+
+def hub_dataset(spec, split="train"):
+    """A hub dataset "ID[:CONFIG]", streamed by `datasets`: it honours HF_HUB_OFFLINE, HF_ENDPOINT (a mirror),
+    HTTPS_PROXY and the local hub cache."""
+    name, _, config = spec.partition(":")
+    try:
+        return stream(name, config or None, split=split)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot stream hub dataset {spec!r} ({str(e).strip().splitlines()[0]}). Offline, "
+                        f"use --data toy (the built-in toy world) or --data PATH (a local download: "
+                        f"{', '.join(READERS)} files)")
+
+
+def texts(ds, field, data):
+    for row in ds:
+        if field not in row:
+            raise UserError(f"--data {data}: no {field!r} field (it has {', '.join(row)}); name the text one "
+                            "with --text_field")
+        if isinstance(row[field], str) and row[field].strip():
+            yield row[field]
+
+
+def hub_documents(spec, split="train", field="text"):
+    """The texts of a hub dataset (Paloma's, for the eval)."""
+    return texts(hub_dataset(spec, split), field, spec)
 
 
 def toyworld():
@@ -1130,36 +1304,58 @@ def toyworld():
     return toyworld
 
 
+@contextmanager
+def cache_lock(folder, what):
+    """Hold folder/.lock: one writer per cache folder among the processes of a machine, and of every node that
+    shares the filesystem. A flock, which the kernel drops when its holder dies: a killed preparation never
+    blocks the next one, which resumes it."""
+    import fcntl
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            print(f"waiting for {f.read().strip() or 'another process'} to prepare {what} (it holds "
+                  f"{f.name})", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:
+            raise UserError(f"cannot lock {f.name} ({e}): use a --data_dir on a filesystem with file locks")
+        f.truncate(0)
+        f.write(f"{platform.node()} pid {os.getpid()}")
+        f.flush()
+        yield
+
+
 def prepare_corpus(args, rank_is_local_zero=True):
-    """Tokenize the chosen corpus once into args.data_dir/<name>/ and return that folder. Only local rank 0
-    writes; the other ranks wait for its files (wait_for)."""
+    """Tokenize the chosen corpus once into args.data_dir/<name>/ and return that folder. One process prepares
+    it (the first local rank 0 to take its cache_lock, on any node); the others wait for its files."""
     data = args.data
-    # The cache folder's name identifies its content: the toy size, a local path's identity (path, size,
-    # mtime), or the hub ID and token budget. Change any of them and the corpus is prepared again.
+    # The cache folder's name identifies its content: the toy size, a local corpus's files (path, size, mtime)
+    # and text field, or the hub ID and token budget. Change any of them and the corpus is prepared again.
+    field = "" if args.text_field == "text" else f"-{args.text_field}"
     if data == "toy":
         name = f"toy-{args.toy_docs}"
-    elif os.path.exists(data):
-        st = os.stat(data)
-        h = hashlib.sha1(f"{os.path.abspath(data)}|{st.st_size}|{st.st_mtime}".encode()).hexdigest()[:8]
-        name = f"local-{os.path.basename(os.path.normpath(data))}-{h}-{args.max_tokens}"
+    elif is_local(data):
+        files = local_files(data)
+        h = hashlib.sha1("|".join(f"{os.path.abspath(f)}|{os.path.getsize(f)}|{os.path.getmtime(f)}"
+                                  for f in files).encode() + field.encode()).hexdigest()[:8]
+        base = re.sub(r"[^\w.-]", "_", os.path.basename(os.path.normpath(data)))  # a glob's * is no name
+        name = f"local-{base}-{h}-{args.max_tokens}"
     elif re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", data):
-        name = "hub-" + data.replace("/", "_").replace(":", "_") + f"-{args.max_tokens}"
+        name = "hub-" + data.replace("/", "_").replace(":", "_") + f"-{args.max_tokens}{field}"
     else:
         raise UserError(f"--data {data!r}: no such file or folder (and not a hub ID like org/name). "
                         "Use --data toy, a local path, or a hub dataset ID")
     out = os.path.join(args.data_dir, name)
     done = os.path.join(out, "val.bin")
-    if not os.path.exists(done):
-        if not rank_is_local_zero:
-            wait_for(done, f"the prepared corpus {name}")
-            return out
-        if data == "toy":
-            docs = toyworld().documents(seed=1337, n_docs=args.toy_docs)
-        elif os.path.exists(data):
-            docs = local_documents(data)
-        else:
-            docs = hub_documents(data)
-        tokenize_documents(docs, out, args.max_tokens if data != "toy" else 1 << 62, name)
+    if not os.path.exists(done) and not rank_is_local_zero:
+        wait_for(done, f"the prepared corpus {name}")
+    elif not os.path.exists(done):
+        with cache_lock(out, f"the corpus {name}"):
+            if not os.path.exists(done):  # it may have been prepared while this process waited
+                print(f"preparing the corpus {name} in {out}", flush=True)
+                tokenize_documents(args, out, name)
     need = args.seq_len + 2  # at least one window (seq_len inputs + 1 target) and room to draw its start
     for split in ("train", "val"):
         if len(read_bin(os.path.join(out, f"{split}.bin"))) < need:
@@ -1179,8 +1375,8 @@ def batch_indices(seed, step, n_tokens, seq_len, global_batch):
 def get_batch(tokens, starts, seq_len, device):
     """Windows starting at `starts` -> x, y of shape (len(starts), seq_len), y shifted by one token."""
     idx = starts[:, None] + np.arange(seq_len + 1)  # (B, seq_len + 1) positions into the memmap
-    buf = torch.from_numpy(tokens[idx].astype(np.int64))  # embedding lookups need int64
-    return buf[:, :-1].to(device, non_blocking=True), buf[:, 1:].to(device, non_blocking=True)
+    buf, = to_device([tokens[idx]], device)  # int64: embedding lookups need it
+    return buf[:, :-1], buf[:, 1:]
 
 
 def micro_slice(starts, micro, rank, world, batch_size):
@@ -1260,6 +1456,23 @@ def pick_device(device_arg, local_rank=None):
     raise UserError(f"--device {device_arg!r}: use auto, cpu, cuda or cuda:N")
 
 
+def to_device(arrays, device):
+    """numpy integer arrays -> int64 tensors of the same shapes on `device`, in ONE copy that does not make
+    the host wait: on CUDA from pinned memory, non_blocking (from pageable memory CUDA would stage it
+    synchronously; the pinned-memory cache keeps the buffer until the copy has run)."""
+    flat = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays]))
+    if torch.device(device).type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    return [v.view(np.shape(a)) for v, a in zip(flat.split([np.size(a) for a in arrays]), arrays)]
+
+
+# The longest one rank may work alone while the others wait in a collective (NCCL's default: 10 minutes):
+# rank 0 writing a large checkpoint (weights + 2 AdamW moments, 6.8 GB: 3 minutes at 40 MB/s) or fetching
+# Paloma. Corpus preparation and the SMLMT index wait on files (wait_for), never in a collective.
+DIST_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 def setup_distributed(device_arg):
     """-> (rank, local_rank, world, device). torchrun sets RANK; nccl on CUDA, gloo on CPU."""
     ddp = "RANK" in os.environ
@@ -1269,7 +1482,7 @@ def setup_distributed(device_arg):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if ddp and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
     return rank, local_rank, world, device
 
 
@@ -1304,11 +1517,30 @@ def autocast_ctx(device, dtype_arg):
     return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
+def grad_accum_for(args, world):
+    """Micro-steps per optimizer step: --grad_accum, or --global_batch / (--batch_size x processes), which
+    must divide: a global batch rounded down is not the one asked for."""
+    micro = args.batch_size * world  # sequences per micro-step, all processes together
+    if args.global_batch is None:
+        return args.grad_accum
+    accum, rest = divmod(args.global_batch, micro)
+    procs = f"--batch_size {args.batch_size} x {world} process{'es' if world > 1 else ''} = {micro}"
+    if rest or not accum:
+        near = " or ".join(str(g) for g in (accum * micro, (accum + 1) * micro) if g)
+        fits = [b for b in range(args.batch_size, 0, -1) if args.global_batch % (b * world) == 0]
+        raise UserError(f"--global_batch {args.global_batch} is not a multiple of {procs}: use "
+                        f"--global_batch {near}" + (f", or --batch_size {fits[0]}" if fits else ""))
+    if args.grad_accum not in (None, accum):
+        raise UserError(f"--global_batch {args.global_batch} with {procs} means --grad_accum {accum}, not "
+                        f"{args.grad_accum}: give one of the two")
+    return accum
+
+
 def setup(args, for_bench=False):
     """Processes, data, model, head, optimizer: everything the loop and the benchmark share, as a Run."""
     rank, local_rank, world, device = setup_distributed(args.device)
-    if args.grad_accum is None:
-        args.grad_accum = max(1, args.global_batch // (args.batch_size * world))
+    args.grad_accum = grad_accum_for(args, world)
+    args.global_batch = args.batch_size * args.grad_accum * world  # what config.json reports: what trains
     if not for_bench:
         check_out_dir(args.out_dir)
     corpus = prepare_corpus(args, local_rank == 0)
@@ -1331,7 +1563,9 @@ def setup(args, for_bench=False):
     # --compile covers Decoder.forward: the AR branch's whole forward + fused loss (one graph, no break), and
     # the meta branch's backbone forward (nearly all of its FLOPs). Not the MLP head: its inner loop calls
     # torch.autograd.grad, which torch.compile cannot put in a graph, and it has a few hundred K weights.
-    model = torch.compile(orig_model) if args.compile else orig_model
+    # dynamic=False: one static graph per shape (support, query, AR: three, within the recompile limit of 8)
+    # instead of a shape-generic one from the second shape on, which would give up fixed-size kernels.
+    model = torch.compile(orig_model, dynamic=False) if args.compile else orig_model
     return Run(rank=rank, local_rank=local_rank, world=world, device=device, corpus=corpus, tokens=tokens,
                index=index, orig_model=orig_model, model=model, head=head, params=params, optimizer=optimizer,
                amp=autocast_ctx(device, args.dtype), global_batch=args.batch_size * args.grad_accum * world,
@@ -1576,15 +1810,16 @@ class Meter:
         if world > 1:
             dist.all_reduce(both)
         self.sums, self.counts = {}, {}
-        return {k: (s / c).item() if c > 0 else None for k, s, c in zip(keys, both[0], both[1])}
+        means, counts = torch.stack([both[0] / both[1], both[1]]).tolist()  # the window's one host sync
+        return {k: m if c > 0 else None for k, m, c in zip(keys, means, counts)}
 
 
 # loss_mixed: the mean over the window's micro-steps of whichever loss each one computed (AR cross-entropy
 # over the vocabulary, or the N-way query cross-entropy), as the reference's `train/loss`. Never compare it
 # with loss_ar: the query part sits near log N (3.47 at chance for 32-way) or lower, below the AR loss for
 # most of a run, so mixing it in makes a hybrid run look ahead. analyze.py measures that artifact.
-LOG_KEYS = ["loss_ar", "loss_query", "loss_mixed", "acc_support_pre", "acc_support_post", "acc_query_pre",
-            "acc_query_post", "head_grad_norm"]
+LOG_KEYS = ["loss_ar", "loss_query", "loss_mixed", "loss_support_pre", "loss_support_post", "acc_support_pre",
+            "acc_support_post", "acc_query_pre", "acc_query_post", "head_grad_norm"]
 
 
 def fixed_eval_batches(args, corpus_dir, device, is_local_zero):
@@ -1715,8 +1950,8 @@ class Logbook:
         if self.wandb_log:
             self.wandb_log(rec)
         self.last = rec
-        self.bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_ar", "loss_query", "acc_query_post")
-                              if k in rec})
+        shown = ("loss_ar", "loss_query", "loss_support_pre", "loss_support_post", "acc_query_post")
+        self.bar.set_postfix({k: f"{rec[k]:.3f}" for k in shown if k in rec})
 
 
 def open_logbook(run, args, start, counters):
@@ -1740,9 +1975,9 @@ def open_logbook(run, args, start, counters):
         print(f"model {count_params(run.orig_model) / 1e6:.1f}M params | {run.world} process(es) on "
               f"{run.device} | global batch {run.global_batch} x {args.seq_len} | "
               f"hybrid ratio {args.hybrid_ratio}")
-        if start == 0 and args.dynamics_every:
-            book.write(dict(step=0, **counters,
-                            **learning_dynamics(run.orig_model, *run.probe, run.modules, run.amp)))
+    if start == 0 and args.dynamics_every:  # the dynamics of the initialisation, each rank its share
+        dyn = learning_dynamics(run.orig_model, *run.probe, run.modules, run.amp, run.rank, run.world)
+        book.write(dict(step=0, **counters, **dyn), run.rank)
     return book
 
 
@@ -1788,8 +2023,9 @@ def finish(run, args, book, counters, done, stopping, argv):
           f"{time.time() - book.t0:.0f}s; checkpoint {ckpt_path}")
     if book.last:
         print("last window: " + ", ".join(f"{k} {book.last[k]:.3f}" for k in
-                                          ("loss_ar", "eval_loss", "acc_query_pre", "acc_query_post",
-                                           "eval_fewshot_acc") if k in book.last))
+                                          ("loss_ar", "eval_loss", "loss_support_pre", "loss_support_post",
+                                           "acc_query_pre", "acc_query_post", "eval_fewshot_acc")
+                                          if k in book.last))
     text = SAMPLE_PROMPT + complete(run.orig_model, SAMPLE_PROMPT, max_new_tokens=40, seed=args.seed)[0]
     print(f"sample (40 tokens, temperature 0.8, top_k 200): {text!r}")
     print(f"next: python sample.py --out_dir {args.out_dir} \"{SAMPLE_PROMPT}\"   |   "

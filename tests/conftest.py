@@ -1,4 +1,5 @@
 """Shared fixtures. Tests run on the CPU, offline (no hub), and deterministically."""
+import contextlib
 import os
 import sys
 import tempfile
@@ -78,13 +79,29 @@ def pytest_terminal_summary(terminalreporter):
                                     f"grade it with: python -m pytest -m {name}")
 
 
+@contextlib.contextmanager
+def no_stop_signals(verbose=True):
+    """maml_gpt.stop_signals() for a run inside the test process: the stop flag, never the handlers."""
+    yield dict(signum=0, at=0.0, armed=False)
+
+
 def run_cli(argv, main=None):
-    """Run a command in-process (maml_gpt's by default, or another entry point's main); -> its exit code."""
+    """Run a command in-process (maml_gpt's by default, or another entry point's main); -> its exit code.
+
+    A training run started here does not install its SIGTERM / Ctrl-C handlers. In the test process they
+    would take the signals meant for pytest: a time limit's SIGTERM (or a Ctrl-C) arriving during an
+    in-process run would finish that run's step, save and exit 143, failing a test that passes whenever
+    nothing signals it, and the suite would run on (the run ignores a repeated SIGTERM). The handlers are
+    tested in real runs (tests/test_restarts.py) and by calling stop_signals() itself."""
     import maml_gpt
+    real = maml_gpt.stop_signals
+    maml_gpt.stop_signals = no_stop_signals
     try:
         (main or maml_gpt.main)(argv)
     except SystemExit as e:
         return e.code
+    finally:
+        maml_gpt.stop_signals = real
     return 0
 
 

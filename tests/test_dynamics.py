@@ -147,9 +147,9 @@ def test_probe_batch_is_identical_across_seeds_and_runs(small_args, tmp_path, mo
     learning_dynamics actually receives in two real runs."""
     probes = []  # (seed, probe_x) of every call
 
-    def recording(model, probe_x, probe_y, modules, amp):
+    def recording(model, probe_x, probe_y, *rest):
         probes.append((seed, probe_x.clone()))
-        return learning_dynamics(model, probe_x, probe_y, modules, amp)
+        return learning_dynamics(model, probe_x, probe_y, *rest)
 
     learning_dynamics = mg.learning_dynamics
     monkeypatch.setattr(mg, "learning_dynamics", recording)

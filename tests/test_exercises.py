@@ -51,14 +51,15 @@ PLANTS = {
             ("mu = mu / torch.bincount(support_labels, minlength=n_way)[:, None]", "mu = mu * 1")],
     },
     "inner_loop": {
-        "gradient ascent: w + lr * grad": [("(w - lr * g)", "(w + lr * g)")],
+        "gradient ascent: w + lr * grad": [("(fast[k] - step[k] * g)", "(fast[k] + step[k] * g)")],
         "phi_T returned without its path to phi_0 (no meta-gradient)": [
             ("return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}", "return fast")],
         "second order: create_graph=True and no detach, the graph runs through every step": [
-            ("fast = {k: p.detach().clone().requires_grad_() for k, p in phi0.items()}", "fast = dict(phi0)"),
-            ("torch.autograd.grad(loss, list(fast.values()))",
-             "torch.autograd.grad(loss, list(fast.values()), create_graph=True)"),
-            ("(w - lr * g).detach().requires_grad_()", "(w - lr * g)"),
+            ("fast = {k: p.detach().clone().requires_grad_(k in moving) for k, p in phi0.items()}",
+             "fast = dict(phi0)"),
+            ("torch.autograd.grad(loss, [fast[k] for k in moving])",
+             "torch.autograd.grad(loss, [fast[k] for k in moving], create_graph=True)"),
+            ("(fast[k] - step[k] * g).detach().requires_grad_()", "(fast[k] - step[k] * g)"),
             ("return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}", "return fast")],
     },
     "meta_micro_step": {

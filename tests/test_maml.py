@@ -199,15 +199,6 @@ def test_vocab_init_reads_the_class_word_rows():
     torch.testing.assert_close(phi["out.bias"], head["out"].bias[[7, 2, 11]])
 
 
-def sgd_by_hand(head, w, sf, sy, steps, lr):
-    """`steps` explicit SGD steps on plain tensors: {name: tensor} -> {name: tensor}."""
-    for _ in range(steps):
-        w = {k: v.detach().requires_grad_() for k, v in w.items()}
-        g = torch.autograd.grad(F.cross_entropy(mg.head_logits(head, w, sf), sy), list(w.values()))
-        w = {k: (v - lr * gi).detach() for (k, v), gi in zip(w.items(), g)}
-    return w
-
-
 @pytest.mark.inner_loop
 def test_inner_loop_is_plain_sgd_and_keeps_head():
     torch.manual_seed(0)
@@ -233,6 +224,15 @@ def test_inner_loop_is_plain_sgd_and_keeps_head():
     assert F.cross_entropy(mg.head_logits(head, adapted, feats), labels) < loss0 - 0.05
     assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())  # the head itself untouched
     assert all(p.grad is None for p in head.parameters())  # no .backward() inside the inner loop
+
+
+def sgd_by_hand(head, w, sf, sy, steps, lr):
+    """`steps` explicit SGD steps on plain tensors, no graph between them: {name: tensor} -> {name: tensor}."""
+    for _ in range(steps):
+        w = {k: v.detach().requires_grad_() for k, v in w.items()}
+        g = torch.autograd.grad(F.cross_entropy(mg.head_logits(head, w, sf), sy), list(w.values()))
+        w = {k: (v - lr * gi).detach() for (k, v), gi in zip(w.items(), g)}
+    return w
 
 
 def second_order_by_hand(head, phi0, sf, sy, qf, qy, steps, lr):
@@ -278,45 +278,100 @@ def test_inner_loop_is_first_order():
                 "adapted weights, passed unchanged to phi_0", atol=1e-5, rtol=1e-4)
 
 
+def logits_by_hand(w, x):
+    """The head written out: 3 relu matmuls, then the last layer: W, b, or prototypes P as -||z - P_c||^2."""
+    for i in (0, 3, 6):
+        x = torch.relu(x @ w[f"body.{i}.weight"].T + w[f"body.{i}.bias"])
+    if "out.proto" in w:
+        return -torch.cdist(x, w["out.proto"]) ** 2
+    return x @ w["out.weight"].T + w["out.bias"]
+
+
+@pytest.mark.inner_loop
+def test_layerwise_inner_loop_steps_each_group_by_its_lr():
+    torch.manual_seed(0)
+    head = mg.make_head(16, 4, dropout=0.0)
+    feats, labels = torch.randn(12, 16), torch.arange(4).repeat(3)
+    phi0 = mg.episode_init(head, feats, labels, None, "proto", tied=True)
+    assert set(phi0) == {f"body.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")} | {"out.proto"}
+    adapted = mg.inner_loop(head, phi0, feats, labels, steps=4, lr=dict(body=0.01, out=2.0))
+    w = {k: v.detach().clone() for k, v in phi0.items()}
+    for _ in range(4):  # by hand: w <- w - lr(group) * dL/dw, with the loss written as -||z - P_c||^2
+        w = {k: v.requires_grad_() for k, v in w.items()}
+        g = torch.autograd.grad(F.cross_entropy(logits_by_hand(w, feats), labels), list(w.values()))
+        w = {k: (v - (2.0 if k.startswith("out") else 0.01) * gi).detach()
+             for (k, v), gi in zip(w.items(), g)}
+    for k in w:
+        torch.testing.assert_close(adapted[k].detach(), w[k], atol=1e-5, rtol=1e-4)
+    loss0 = F.cross_entropy(mg.head_logits(head, phi0, feats), labels)
+    assert F.cross_entropy(mg.head_logits(head, adapted, feats), labels) < loss0 - 0.05
+    # ANIL: a zero body step leaves layers 1-3 exactly as they were
+    anil = mg.inner_loop(head, phi0, feats, labels, steps=4, lr=dict(body=0.0, out=2.0))
+    assert all(torch.equal(anil[k].detach(), phi0[k].detach()) for k in phi0 if k.startswith("body"))
+    assert not torch.equal(anil["out.proto"].detach(), phi0["out.proto"].detach())
+
+
+@pytest.mark.episode_init
+def test_tied_prototypes_give_the_untied_logits():
+    """out.proto = the class means, and 2 z.P - ||P||^2 is the untied init's W = 2 mu, b = -||mu||^2."""
+    torch.manual_seed(0)
+    head = mg.make_head(6, 3, hidden=5, dropout=0.0)
+    feats, labels = torch.randn(6, 6), torch.tensor([2, 0, 1, 0, 2, 1])
+    untied = mg.episode_init(head, feats, labels, None, "proto")
+    tied = mg.episode_init(head, feats, labels, None, "proto", tied=True)
+    torch.testing.assert_close(tied["out.proto"], untied["out.weight"] / 2)
+    torch.testing.assert_close(mg.head_logits(head, tied, feats), mg.head_logits(head, untied, feats))
+
+
 @pytest.mark.inner_loop
 @pytest.mark.episode_init
-@pytest.mark.parametrize("init", ["learned", "proto"])
+@pytest.mark.parametrize("init", ["learned", "proto", "proto-tied"])
 def test_fomaml_gradient_equals_manual_computation(init):
     """head.grad after the query loss = d L_query / d phi_T, pulled back through phi_0 = init(head): for
     "learned" the identity; for "proto" also through the prototypes W = 2 mu, b = -||mu||^2 into layers
-    1-3."""
+    1-3; for "proto-tied" (--inner_loop layerwise: per-layer step sizes) through P = mu."""
     torch.manual_seed(0)
-    head = mg.make_head(16, 4, dropout=0.0, init=init)
+    tied = init == "proto-tied"
+    head = mg.make_head(16, 4, dropout=0.0, init=init.split("-")[0])
     sf, sy = torch.randn(8, 16), torch.arange(4).repeat(2)
     qf, qy = torch.randn(6, 16), torch.tensor([0, 1, 2, 3, 0, 1])
-    phi0 = mg.episode_init(head, sf, sy, None, init)
-    adapted = mg.inner_loop(head, phi0, sf, sy, steps=5, lr=0.5)
+    phi0 = mg.episode_init(head, sf, sy, None, init.split("-")[0], tied)
+    lrs = dict(body=0.05, out=3.0) if tied else 0.5
+    adapted = mg.inner_loop(head, phi0, sf, sy, steps=5, lr=lrs)
     F.cross_entropy(mg.head_logits(head, adapted, qf), qy).backward()
     # manual: 5 explicit SGD steps from phi_0's values, then the query gradient g_T AT the adapted weights
-    w = sgd_by_hand(head, {k: v.detach() for k, v in phi0.items()}, sf, sy, 5, 0.5)
+    w = {k: v.detach() for k, v in phi0.items()}
+    for _ in range(5):
+        w = {k: v.requires_grad_() for k, v in w.items()}
+        g = torch.autograd.grad(F.cross_entropy(logits_by_hand(w, sf), sy), list(w.values()))
+        w = {k: (v - (lrs[k.split(".")[0]] if tied else lrs) * gi).detach()
+             for (k, v), gi in zip(w.items(), g)}
     w = {k: v.requires_grad_() for k, v in w.items()}
-    g_T = dict(zip(w, torch.autograd.grad(F.cross_entropy(mg.head_logits(head, w, qf), qy),
-                                          list(w.values()))))
+    g_T = dict(zip(w, torch.autograd.grad(F.cross_entropy(logits_by_hand(w, qf), qy), list(w.values()))))
     for k in w:
-        torch.testing.assert_close(adapted[k].detach(), w[k].detach())
+        torch.testing.assert_close(adapted[k].detach(), w[k].detach(), atol=1e-5, rtol=1e-4)
     params = dict(head.named_parameters())
     if init == "learned":  # phi_0 is the head itself: head.grad = g_T exactly
         for k, p in params.items():
             torch.testing.assert_close(p.grad, g_T[k])
         return
     # proto: body.grad = g_T[body] + d/d body of <g_T[out.weight], 2 mu(body)>
-    # + <g_T[out.bias], -||mu(body)||^2>, with mu computed by hand from relu matmuls
+    # + <g_T[out.bias], -||mu(body)||^2> (tied: + <g_T[out.proto], mu(body)>), with mu computed by hand from
+    # relu matmuls
     body = {k: p.detach().clone().requires_grad_() for k, p in params.items()}
     lin = [k for k in body if k.endswith(".weight")]
     x = sf
     for k in lin:
         x = torch.relu(x @ body[k].T + body[k[:-6] + "bias"])
     mu = torch.stack([x[sy == c].mean(0) for c in range(4)])
-    through_protos = (g_T["out.weight"] * 2 * mu).sum() + (g_T["out.bias"] * -(mu ** 2).sum(1)).sum()
+    if tied:
+        through_protos = (g_T["out.proto"] * mu).sum()
+    else:
+        through_protos = (g_T["out.weight"] * 2 * mu).sum() + (g_T["out.bias"] * -(mu ** 2).sum(1)).sum()
     g_protos = dict(zip(body, torch.autograd.grad(through_protos, list(body.values()))))
     for k, p in params.items():
         assert g_protos[k].abs().sum() > 0  # the prototype path really carries gradient
-        torch.testing.assert_close(p.grad, g_T[k] + g_protos[k])
+        torch.testing.assert_close(p.grad, g_T[k] + g_protos[k], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.meta_micro_step
@@ -336,8 +391,9 @@ def test_meta_step_sends_the_scaled_query_gradient_to_backbone_and_head(corpus):
     head.zero_grad(set_to_none=True)
     with torch.no_grad():
         hs = model(ep["support_x"], return_hidden=True)[:, -1]  # read at the [MASK], the window's last token
-    adapted = mg.inner_loop(head, mg.episode_init(head, hs, ep["support_y"], None, "proto"), hs,
-                            ep["support_y"], args.inner_steps, args.inner_lr)
+    phi0 = mg.episode_init(head, hs, ep["support_y"], None, "proto", tied=True)  # the default inner loop
+    adapted = mg.inner_loop(head, phi0, hs, ep["support_y"], args.inner_steps,
+                            dict(body=args.inner_lr, out=args.inner_lr_out))
     loss = F.cross_entropy(mg.head_logits(head, adapted, model(ep["query_x"], return_hidden=True)[:, -1]),
                            ep["query_y"])
     (0.25 * loss).backward()

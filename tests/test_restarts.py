@@ -121,6 +121,25 @@ def test_stop_signals_first_sets_the_flag_a_later_ctrl_c_quits():
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+def test_an_in_process_run_leaves_the_test_process_its_signals(small_args, monkeypatch):
+    """conftest's run_cli installs no stop handlers: a SIGTERM to the test process during an in-process run
+    (a time limit's) reaches the process's own handler, and the run under test completes (no exit 143)."""
+    got = []
+    choose_branch = mg.choose_branch
+
+    def branch(args, step, run_):  # the SIGTERM arrives in the middle of the run
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return choose_branch(args, step, run_)
+    monkeypatch.setattr(mg, "choose_branch", branch)
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        assert run(small_args + AR + ["--max_steps", "3"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert got == [signal.SIGTERM] and load(out_of(small_args))["step"] == 3
+
+
 # ------------------------------------------------------------------------------------------------------------
 # A real signal during a real run. The stopped run uses a constant lr schedule and a --max_steps it never
 # reaches, so the reference run for "the same steps, uninterrupted" is simply a run of k + 2 steps.
