@@ -50,13 +50,15 @@ def entropy(args):
         for layer in range(len(first)):
             drop = next((s for s, e in probes if first[layer] - e[layer] >= 0.05), None)
             print(f"{run} layer {layer}: {first[layer]:.3f} -> {probes[-1][1][layer]:.3f} nats "
-                  f"(step {probes[-1][0]}); 0.05 below step 0 first at step {drop if drop is not None else '-'}")
+                  f"(step {probes[-1][0]}); 0.05 below step 0 first at step "
+                  f"{drop if drop is not None else '-'}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("query_bug", help="exercise 1: accuracy of always answering 0 under the reference's bug")
+    q = sub.add_parser("query_bug",
+                       help="exercise 1: accuracy of always answering 0 under the reference's bug")
     q.add_argument("--episodes", type=int, default=200)
     q.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2])
     q.add_argument("--data_dir", default=os.path.join(mg.HERE, "data", "cache"))

@@ -301,8 +301,8 @@ def show(root):
 # ------------------------------------------------------------------------------------------------------------
 # Hand-outs and grading a class
 
-# Never in a student's copy: the kit's own test (its planted bugs quote the original code), the answer key, the
-# teacher's lab plan, and the saved originals.
+# Never in a student's copy: the kit's own test (its planted bugs quote the original code), the answer
+# key, the teacher's lab plan, and the saved originals.
 TEACHER_ONLY = ("tests/test_exercises.py", "tests/answer_key.py", "LAB.md")
 SKIP_DIRS = {".git", SAVED, "__pycache__", ".pytest_cache", "out", "cache", ".venv", "venv"}
 TEACHER_SECTION = "## For teachers"  # README sections from here to the next "## " stay with the teacher

@@ -104,8 +104,14 @@ NAMES_THE_IDEA = {
     "[MASK] one token before the window's end": "window's last token",
     "support and query drawn separately (a query can repeat a support occurrence)":
         "a query window repeats a support occurrence",
+    "sign flip in the bias: +||mu||^2": "sign flip in the bias",
+    "class sums instead of class means": "class sums",
+    "gradient ascent: w + lr * grad": "gradient ascent",
+    "phi_T returned without its path to phi_0 (no meta-gradient)": "no gradient path to phi_0",
     "second order: create_graph=True and no detach, the graph runs through every step":
         "the inner loop is second order",
+    "support features computed with a graph": "gradient from the support set",
+    "micro-step scale ignored": "scale is ignored",
     "entropy of sigma^2 / sum sigma^2 (energy)": "squares of the singular values",
     "mean instead of sum in the normaliser": "sum",
     "mean over keys instead of sum": "sum over keys",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import maml_gpt as mg
-from conftest import SMALL, check_close
+from conftest import SMALL, check_close, close
 
 
 @pytest.fixture
@@ -167,8 +167,15 @@ def test_proto_init_equals_the_formula():
     phi = mg.episode_init(head, feats, labels, None, "proto")
     z = body_by_hand(head, feats)
     mu = torch.stack([(z[1] + z[3]) / 2, (z[2] + z[5]) / 2, (z[0] + z[4]) / 2])  # class means, by hand
-    torch.testing.assert_close(phi["out.weight"], 2 * mu)
-    torch.testing.assert_close(phi["out.bias"], -(mu ** 2).sum(1))
+    raw = torch.stack([(feats[1] + feats[3]) / 2, (feats[2] + feats[5]) / 2, (feats[0] + feats[4]) / 2])
+    check_close(phi["out.weight"], 2 * mu, "out.weight must be 2 mu, mu_c the mean over class c's support "
+                "rows of the body's output (the layer-3 activations)", [
+                    ("out.weight uses the class sums, not the class means (divide by the K examples of each "
+                     "class)", 4 * mu), ("out.weight is mu, not 2 mu", mu),
+                    ("the prototypes are means of the raw features, not of the body's output", 2 * raw)])
+    check_close(phi["out.bias"], -(mu ** 2).sum(1), "out.bias must be -||mu_c||^2", [
+        ("sign flip in the bias: it must be -||mu_c||^2, not +||mu_c||^2", (mu ** 2).sum(1)),
+        ("out.bias uses the class sums, not the class means", -(4 * mu ** 2).sum(1))])
     # and the logits are nearest-prototype: -||z - mu_c||^2 up to a per-row constant
     logits = mg.head_logits(head, phi, feats)
     torch.testing.assert_close(logits - (z ** 2).sum(1, keepdim=True), -torch.cdist(z, mu) ** 2,
@@ -218,16 +225,25 @@ def test_inner_loop_is_plain_sgd_and_keeps_head():
         loss = F.cross_entropy(x @ w["out.weight"].T + w["out.bias"], labels)
         g = torch.autograd.grad(loss, list(w.values()))
         w = {k: (v - 0.1 * gi).detach() for (k, v), gi in zip(w.items(), g)}
-    for k in w:
-        torch.testing.assert_close(adapted[k].detach(), w[k])
     loss0 = F.cross_entropy(mg.head_logits(head, phi0, feats), labels)
-    assert F.cross_entropy(mg.head_logits(head, adapted, feats), labels) < loss0 - 0.05
-    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())  # the head itself untouched
-    assert all(p.grad is None for p in head.parameters())  # no .backward() inside the inner loop
+    loss_T = F.cross_entropy(mg.head_logits(head, adapted, feats), labels)
+    if loss_T > loss0:
+        pytest.fail(f"gradient ascent: the support loss went up from {loss0:.3f} to {loss_T:.3f}; a step is "
+                    "w <- w - lr * dL/dw", pytrace=False)
+    for k in w:
+        check_close(adapted[k].detach(), w[k], f"{k} after 10 steps must be plain SGD on the support loss, "
+                    "w <- w - lr * dL/dw", atol=1e-5, rtol=1e-4)
+    assert loss_T < loss0 - 0.05, "10 SGD steps at lr 0.1 must lower the support loss"
+    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items()), \
+        "the inner loop changed the head's own parameters: step on copies (phi0's values), never in place"
+    assert all(p.grad is None for p in head.parameters()), \
+        "the inner loop wrote head.grad (a .backward() inside it?): use torch.autograd.grad, so that only " \
+        "the meta-gradient ever reaches head.grad"
 
 
 def sgd_by_hand(head, w, sf, sy, steps, lr):
-    """`steps` explicit SGD steps on plain tensors, no graph between them: {name: tensor} -> {name: tensor}."""
+    """`steps` explicit SGD steps on plain tensors, no graph between them: {name: tensor} -> {name:
+    tensor}."""
     for _ in range(steps):
         w = {k: v.detach().requires_grad_() for k, v in w.items()}
         g = torch.autograd.grad(F.cross_entropy(mg.head_logits(head, w, sf), sy), list(w.values()))
@@ -402,8 +418,18 @@ def test_meta_step_sends_the_scaled_query_gradient_to_backbone_and_head(corpus):
     assert "de_embedding_proj.weight" not in got  # the LM head is unused on meta steps
     assert got["embedding_proj.weight"][mg.MASK_ID].abs().sum() > 0  # the [MASK] embedding learns here
     assert (ep["query_x"][:, -1] == mg.MASK_ID).all()  # so [:, -1] above is the [MASK] position
+    if all(close(got[n], 4 * want[n], 1e-6, 1e-4) for n in want):
+        pytest.fail("the micro-step scale is ignored: back-propagate loss * scale (micro-steps and ranks "
+                    "then sum to a mean)", pytrace=False)
+    backbone = [n for n in want if not n.startswith(("body.", "out."))]
+    if all(close(got[n], want[n], 1e-6, 1e-4) for n in want if n not in backbone) and \
+            not all(close(got[n], want[n], 1e-6, 1e-4) for n in backbone):
+        pytest.fail("the backbone gets gradient from the support set: compute the support features under "
+                    "torch.no_grad() (only the query loss trains the backbone)", pytrace=False)
     for n in want:
-        torch.testing.assert_close(got[n], want[n])
+        check_close(got[n], want[n], f"{n}.grad must be scale x d L_query / d {n}, the query loss at the "
+                    "adapted head on query features with a graph, support features without", atol=1e-6,
+                    rtol=1e-4)
     assert stats["loss_query"].item() == pytest.approx(loss.item())
 
 
