@@ -79,11 +79,13 @@ LESSONS = [
            "Proto-MAML head init: W = 2 mu, b = -||mu||^2 from support class means (vs the formula)",
            hint="mu_c is the mean over class c's support rows of the body's output (the layer-3 activations, "
                 "not the raw features); with W = 2 mu and b = -||mu||^2 the logits are -||z - mu_c||^2 plus "
-                "a per-row constant. Keep the graph: the meta-gradient reaches the body through mu"),
+                "a per-row constant (tied=True: out.proto = mu itself). Keep the graph: the meta-gradient "
+                "reaches the body through mu"),
     Lesson("inner_loop", "maml_gpt.py", "inner_loop",
            "first-order inner loop: SGD of the head on the support set (vs hand-written SGD)",
            hint="take steps on fresh copies with torch.autograd.grad (never .backward()); nothing may link "
-                "one step to the next (first order); the result has the adapted values but hands its "
+                "one step to the next (first order); lr is one float or a step per layer group (body, "
+                "out), 0 leaving that group as it is; the result has the adapted values but hands its "
                 "gradient straight to phi0",
            needs=("episode_init",)),
     Lesson("meta_micro_step", "maml_gpt.py", "meta_micro_step",
