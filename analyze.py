@@ -135,8 +135,8 @@ def mixed_series(run, x="step"):
 
 
 # The four speed-ups of claim 1: (result key, x axis, a run -> its (x, loss) curve, what it measures).
-# tokens_ar counts AR batches seen (AR steps x global batch x seq_len): "per AR step" up to a factor both
-# share.
+# tokens_ar counts AR batches seen (AR steps x global batch x seq_len): "per AR step" up to a factor
+# both share.
 SPEEDUPS = [("step", "step", lambda r, x: series(r, "loss_ar", x), "per step, AR loss"),
             ("tokens", "tokens", lambda r, x: series(r, "loss_ar", x), "per backbone token, AR loss"),
             ("arstep", "tokens_ar", lambda r, x: series(r, "loss_ar", x), "per AR step, AR loss"),
@@ -145,14 +145,12 @@ SPEEDUPS = [("step", "step", lambda r, x: series(r, "loss_ar", x), "per step, AR
 
 # ------------------------------------------------------------------------------------------------------------
 # Phase transitions (paper §6). Rules:
-#  * PER knee: on the smoothed curve, the peak (argmax) and, after it, the steepest drop (most negative
-#    slope);
-#    reported when the curve falls by at least 5 % of its peak value after the peak (the "compress"). The
-#             claim's
-#    "diversify" also needs a rise before it: a peak at least 5 % above the first log point ("rose").
+#  * PER knee: on the smoothed curve, the peak (argmax) and, after it, the steepest drop (the most negative
+#    slope); reported when the curve falls by at least 5 % of its peak value after the peak (the "compress").
+#    The claim's "diversify" also needs a rise before it: a peak at least 5 % above the first log point
+#    ("rose").
 #  * query-accuracy jump: a log point where smoothed accuracy rises by more than max(0.05, 3 x the median
-#    absolute
-#    increment), i.e. a rise well outside the usual step-to-step noise.
+#    absolute increment), i.e. a rise well outside the usual step-to-step noise.
 
 def per_knee(x, y, min_drop=0.05):
     if len(y) < 4:
@@ -313,7 +311,7 @@ def t_test_p(d):
 # ------------------------------------------------------------------------------------------------------------
 # The paper's four claims, one row each: the paper's statement and number, what these runs show, a verdict.
 # Verdicts are "holds", "does not hold" or "not measurable"; the rules are in each function's docstring and in
-# the README. claims.json is flat (str -> number / bool / str / null) and has every key whether measurable or
+# the README. claims.json is flat (str -> number / bool / str / null) and has every key, measurable or
 # not.
 
 PAPER_CLAIMS = [  # (claim id, name, the paper's statement and number)
@@ -736,8 +734,7 @@ def seeds_shows(s, cid, per):
             f"difference {mci('eval_fewshot_acc_diff', 3)}")
 
 
-# The numbers of the "Across seeds" table: (claims.json key, label). Knee and jump steps only where they
-# exist.
+# The numbers of the "Across seeds" table: (claims.json key, label); knee and jump steps where they exist.
 SEED_TABLE = [("speedup_step_ar", "speed-up per step, AR loss"),
               ("speedup_token_ar", "speed-up per backbone token"),
               ("speedup_arstep_ar", "speed-up per AR step"),

@@ -402,8 +402,7 @@ def sweep(args):
                               eval_on=name, precision=r["precision"], recall=r["recall"], f1=r["f1"])
                          for name, r in res["eval"].items()]
                 # The whole CSV, rewritten atomically after each cell: a Ctrl-C or a kill mid-write could
-                # otherwise leave a half cell that a resumed sweep would count as done (and a half row it
-                # cannot parse).
+                # otherwise leave a half cell that a resumed sweep would count as done, or a half row.
                 buf = io.StringIO()
                 w = csv.DictWriter(buf, fieldnames=fields)
                 w.writeheader()

@@ -372,8 +372,7 @@ def test_fomaml_gradient_equals_manual_computation(init):
             torch.testing.assert_close(p.grad, g_T[k])
         return
     # proto: body.grad = g_T[body] + d/d body of <g_T[out.weight], 2 mu(body)>
-    # + <g_T[out.bias], -||mu(body)||^2> (tied: + <g_T[out.proto], mu(body)>), with mu computed by hand from
-    # relu matmuls
+    # + <g_T[out.bias], -||mu(body)||^2> (tied: + <g_T[out.proto], mu(body)>); mu by hand from relu matmuls
     body = {k: p.detach().clone().requires_grad_() for k, p in params.items()}
     lin = [k for k in body if k.endswith(".weight")]
     x = sf

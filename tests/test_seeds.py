@@ -237,8 +237,7 @@ def test_several_seeds_are_drawn_as_mean_band_and_thin_lines(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The NER grid of several checkpoints per arm (finetune_ner.py --sweep), paired by the seed they were
-# pretrained with
+# The NER grid of several checkpoints per arm (finetune_ner.py --sweep), paired by pretraining seed
 
 def test_ner_grid_pairs_checkpoints_by_seed(tmp_path, capsys):
     rows = []
