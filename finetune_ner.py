@@ -197,8 +197,13 @@ def entities(tags):
 
 
 def entity_f1(gold, pred):
-    """gold, pred: lists of tag sequences. -> dict(precision, recall, f1, per_type={TYPE: dict(...,
-    support)})."""
+    """gold, pred: lists of IOB2 tag sequences, sentence by sentence. -> dict(precision, recall, f1,
+    per_type={TYPE: dict(precision, recall, f1, support)}), seqeval's default (non-strict) micro scores. An
+    entity is (sentence index, type, start, end) from entities(tags); a predicted entity is a hit only if all
+    four equal a gold one (the same span in another sentence is another entity). precision = hits / predicted
+    entities (0.0 if none), recall = hits / gold entities (0.0 if none), f1 = 2 P R / (P + R) (0.0 if P + R =
+    0); support = the number of gold entities. per_type scores each type's entities alone; its keys are every
+    type in gold or pred."""
     # An entity counts only if type, start and end all match (exact-span match), keyed by sentence index.
     g = {(s,) + e for s, tags in enumerate(gold) for e in entities(tags)}
     p = {(s,) + e for s, tags in enumerate(pred) for e in entities(tags)}

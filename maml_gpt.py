@@ -134,9 +134,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # x / rms(x) over the feature dimension, then a learned per-feature gain. No mean subtraction and no
-        # bias (unlike LayerNorm). In fp32 even under bf16 autocast: a bf16 mean of squares loses precision.
-        xf = x.float()
+        """x (..., dim), any float dtype -> x / sqrt(mean(x^2 over the last dimension) + eps) * self.weight.
+        The normalisation is computed in fp32 and cast back to x's dtype; then the fp32 gain multiplies it, so
+        the result has the promoted dtype: fp32 for fp32 or bf16 x (autocast's rule for a bf16 activation
+        times an fp32 parameter). eps sits inside the square root. No mean subtraction and no bias (unlike
+        LayerNorm)."""
+        xf = x.float()  # fp32 even under bf16 autocast: a bf16 mean of squares loses precision
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -149,9 +152,11 @@ def rope_tables(head_dim, max_len, theta):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate adjacent feature pairs (x0, x1), (x2, x3), ... (Meta-Llama's convention, not HF's rotate_half).
-    x (B, H, T, hd); cos, sin (T, hd/2) fp32. Computed in fp32, returned in x's dtype. Real arithmetic, so the
-    tables can be ordinary (NCCL-safe) buffers."""
+    """Rotate adjacent feature pairs (x_2i, x_2i+1) (Meta-Llama's convention, not HF's rotate_half, which
+    pairs x_i with x_i+hd/2). x (B, H, T, hd); cos, sin (T, hd/2) fp32 from rope_tables, row t for position t.
+    Pair i at position t becomes (x_2i cos[t, i] - x_2i+1 sin[t, i], x_2i sin[t, i] + x_2i+1 cos[t, i]): the
+    complex number x_2i + i x_2i+1 times e^(i angle), a counter-clockwise rotation. Computed in fp32, returned
+    in x's dtype (bf16 in, bf16 out). Real arithmetic, so the tables can be ordinary (NCCL-safe) buffers."""
     # Each pair is a complex number x0 + i x1 multiplied by e^(i angle): a 2-D rotation. Rotating q at
     # position m and k at position n makes q.k depend on m - n only: attention sees relative positions.
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, T, hd/2): even and odd features
@@ -179,6 +184,11 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin):
+        """x (B, T, d); cos, sin (T, hd/2) -> (B, T, d). Causal grouped-query attention: q, k, v = self.qkv(x,
+        cos, sin) (RoPE already applied to q and k); query head h (of n_heads = 12) reads kv head h //
+        (n_heads // n_kv_heads) = h // 3, so heads 0-2 share kv head 0 (consecutive groups, not h % 4); scores
+        q k^T / sqrt(hd); position t attends to positions 0..t; the softmax-weighted values of the 12 heads
+        are laid side by side (head-major, (B, T, 12 * hd)) and projected by o_proj."""
         q, k, v = self.qkv(x, cos, sin)
         # enable_gqa: query head h reads kv head h // 3 without materialising repeated k/v (torch >= 2.5).
         # is_causal: position t attends to 0..t. SDPA picks a fused kernel when it can; bench.py prints which
@@ -303,7 +313,11 @@ LOSS_CHUNK_ROWS = dict(cpu=256, cuda=4096)
 def _chunked_linear_ce(h, weight, targets, ignore_index, chunk_rows, want_h, want_w):
     """Sum over rows of cross_entropy(h @ weight.T, targets) and, if asked, its gradients w.r.t. h and weight.
     h (N, d), weight (V, d), targets (N,) int64; rows whose target is ignore_index add 0 and get 0 gradient.
-    -> (loss sum, fp32 scalar; grad_h (N, d) fp32 or None; grad_w (V, d) fp32 or None; rows counted)."""
+    Row loss = log(sum_j exp z_j) - z_target with z = that row's logits (shift by the row max first: exp must
+    not overflow); d row loss / d z = softmax(z) - one_hot(target); grad_h = that @ weight, grad_w = its
+    transpose @ h, both summed over rows (not averaged). Never builds more than chunk_rows rows of logits at a
+    time. -> (loss sum, fp32 scalar; grad_h (N, d) fp32 or None (want_h False); grad_w (V, d) fp32 or None
+    (want_w False); rows counted, an int64 scalar tensor)."""
     dev = h.device.type
     # Under autocast the matmuls run in its dtype (bf16), as nn.Linear's would; the softmax, the loss and the
     # sums of gradient contributions stay fp32. Autocast does not look inside an autograd.Function: cast here.
@@ -497,12 +511,19 @@ def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.0, init="proto",
 
 
 def episode_init(head, support_feats, support_labels, classes, init, tied=False):
-    """phi_0, this episode's starting weights, as {name: tensor}: the body's parameters as they are, and a
-    last layer (out.weight (N, h), out.bias (N,)) set by `init`; for "proto" with tied=True (--inner_loop
-    layerwise) the prototypes themselves, out.proto (N, h), which head_logits scores as -||z - P_c||^2, so
-    the inner loop moves prototypes and the head stays a nearest-prototype classifier. Gradients flow back
-    through every entry: into the body directly, and for "proto" also through the prototypes (the support
-    features carry no backbone graph)."""
+    """phi_0, this episode's starting weights, as {name: tensor}: "body.<i>.weight" / "body.<i>.bias", the
+    body's own parameters (the same tensors, not copies), plus a last layer set by `init`. support_feats (N*K,
+    d), support_labels (N*K,) int64 with labels 0..N-1 (N = max label + 1, each with K rows); classes (N,)
+    token ids (used by "vocab" only).
+      proto: z = body(support_feats) in fp32 (the layer-3 activations); mu_c = mean of z over the rows
+             labelled c, (N, h). Untied: out.weight = 2 mu (N, h), out.bias = -||mu_c||^2 (N,), so the logits
+             are -||z - mu_c||^2 + ||z||^2 (nearest prototype). tied=True (--inner_loop layerwise): out.proto
+             = mu (N, h), which head_logits scores as -||z - P_c||^2, so the inner loop moves prototypes and
+             the head stays a nearest-prototype classifier.
+      learned: out.weight, out.bias = head["out"]'s parameters themselves.
+      vocab: rows classes[c] of head["out"] (its weight (V, h) and bias (V,)), in label order.
+    Gradients flow back through every entry: into the body directly, and for "proto" also through mu (the
+    support features carry no backbone graph)."""
     phi = {f"body.{k}": p for k, p in head["body"].named_parameters()}
     if init == "proto":
         z = functional_call(head["body"], dict(head["body"].named_parameters()), (support_feats.float(),))
@@ -588,9 +609,15 @@ def read_features(model, x, mask_at, read):
 
 
 def meta_micro_step(model, head, ep, args, scale, amp):
-    """One SMLMT episode: support features (no grad) -> head init -> inner loop -> query loss, back-propagated
-    (x scale) into the backbone and the head's initialisation. `model` may be compiled; `ep` holds device
-    tensors. The [MASK] token's embedding gets gradients only here: AR batches never contain it."""
+    """One SMLMT episode: support features (one backbone forward under torch.no_grad(), read at
+    ep["support_at"] by args.read) -> phi_0 = episode_init -> phi_T = inner_loop -> query features (a forward
+    WITH a graph) -> the N-way cross-entropy of head_logits(phi_T, query features) against ep["query_y"];
+    (loss * scale).backward(), once. So backbone.grad += scale x d L_query / d backbone (the support set sends
+    it nothing) and head.grad += scale x the FOMAML meta-gradient; the LM head gets no gradient. `model` may
+    be compiled; `ep` holds device tensors (episode_tensors). The [MASK] token's embedding gets gradients only
+    here: AR batches never contain it. Returns a dict of 0-d tensors: loss_query (detached) and, at phi_0
+    (_pre) and phi_T (_post), without dropout, loss_support_pre / _post, acc_support_pre / _post,
+    acc_query_pre / _post (adaptation_stats)."""
     # Support: ONE forward, no graph. The backbone is fixed during adaptation and has no dropout, so the
     # reference's 10 recomputations (one per inner step) would produce these same features 10 times.
     with torch.no_grad(), amp:
@@ -639,8 +666,10 @@ def ar_micro_step(model, x, y, scale, amp):
 # perplexity; the held-out few-shot eval. All run on the raw (uncompiled) model, between optimizer steps.
 
 def effective_rank(W):
-    """ER = exp(H(p)), p = sigma / sum(sigma) over W's singular values (Roy & Vetterli 2007). Zero singular
-    values contribute 0 (entr(0) = 0); an all-zero matrix has ER 0."""
+    """W (m, n), any float dtype, gradients ignored -> ER as a Python float: exp(H(p)) with p = sigma /
+    sum(sigma) over W's min(m, n) singular values (the values, not their squares; Roy & Vetterli 2007) and H
+    the natural-log entropy. Zero singular values contribute 0 (0 log 0 = 0, never NaN); an all-zero matrix
+    has ER 0. ER is invariant to scaling W; it is k for k equal non-zero singular values, 1 for rank one."""
     s = torch.linalg.svdvals(W.detach().float())  # (min(m, n),), descending, >= 0
     total = s.sum()
     if total <= 0:
@@ -656,10 +685,13 @@ def proportional_effective_rank(W):
 
 @torch.no_grad()
 def attention_entropy(model, idx):
-    """(n_layers, n_heads) tensor: for each head, the mean over query positions (and the batch) of the Shannon
-    entropy -sum_j a_ij log a_ij (nats) of its causal attention distribution on `idx`. Uniform attention over
-    the t+1 visible keys gives log(t+1); attending to a single key gives 0. Recomputes attention explicitly,
-    because scaled_dot_product_attention never materialises the probabilities."""
+    """(n_layers, n_heads) fp32 tensor: for each head, the mean over the batch and the query positions of the
+    Shannon entropy -sum_j a_ij log a_ij (nats, 0 log 0 = 0) of its causal attention distribution on idx (B,
+    T). Layer by layer: q, k from that layer's attention.qkv(attention_norm(x)) (RoPE as in the model), query
+    head h with kv head h // 3, scores / sqrt(hd), causal softmax; the next layer's input is the real block's
+    output on x. Uniform attention over the t+1 visible keys gives log(t+1); attending to a single key gives
+    0. Recomputes attention explicitly, because scaled_dot_product_attention never materialises the
+    probabilities."""
     # The probe walks the model layer by layer: attention probabilities are recomputed from each layer's own
     # q and k (same RoPE, same GQA grouping), then the real block runs to produce the next layer's input.
     T = idx.shape[1]
