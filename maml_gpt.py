@@ -611,13 +611,13 @@ def read_features(model, x, mask_at, read):
 def meta_micro_step(model, head, ep, args, scale, amp):
     """One SMLMT episode: support features (one backbone forward under torch.no_grad(), read at
     ep["support_at"] by args.read) -> phi_0 = episode_init -> phi_T = inner_loop -> query features (a forward
-    WITH a graph) -> the N-way cross-entropy of head_logits(phi_T, query features) against ep["query_y"];
-    (loss * scale).backward(), once. So backbone.grad += scale x d L_query / d backbone (the support set sends
-    it nothing) and head.grad += scale x the FOMAML meta-gradient; the LM head gets no gradient. `model` may
-    be compiled; `ep` holds device tensors (episode_tensors). The [MASK] token's embedding gets gradients only
-    here: AR batches never contain it. Returns a dict of 0-d tensors: loss_query (detached) and, at phi_0
-    (_pre) and phi_T (_post), without dropout, loss_support_pre / _post, acc_support_pre / _post,
-    acc_query_pre / _post (adaptation_stats)."""
+    WITH a graph) -> the N-way cross-entropy of head_logits(phi_T, query features) against ep["query_y"]; the
+    loss times scale, back-propagated once. So backbone.grad += scale x d L_query / d backbone (the support
+    set sends it nothing) and head.grad += scale x the FOMAML meta-gradient; the LM head gets no gradient.
+    `model` may be compiled; `ep` holds device tensors (episode_tensors). The [MASK] token's embedding gets
+    gradients only here: AR batches never contain it. Returns a dict of 0-d tensors: loss_query (detached)
+    and, at phi_0 (_pre) and phi_T (_post), without dropout, loss_support_pre / _post, acc_support_pre /
+    _post, acc_query_pre / _post (adaptation_stats)."""
     # Support: ONE forward, no graph. The backbone is fixed during adaptation and has no dropout, so the
     # reference's 10 recomputations (one per inner step) would produce these same features 10 times.
     with torch.no_grad(), amp:
