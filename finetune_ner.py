@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maml_gpt import (EOT_ID, HERE, UserError, get_tokenizer, load_checkpoint, model_from_checkpoint,
-                      pick_device, pyplot, toyworld)
+                      pick_device, pyplot, toyworld, write_atomically)
 
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 LABEL_ID = {t: i for i, t in enumerate(LABELS)}
@@ -100,9 +100,7 @@ def uner_file(cfg, split, data_dir, cache_dir):
         raise UserError(f"cannot download {name} from GitHub ({e}). Offline, run without --train_on "
                         "(the toy NER set) or pass --data_dir with local UNER .iob2 files")
     os.makedirs(cache_dir, exist_ok=True)
-    with open(p + ".tmp", "wb") as f:
-        f.write(body)
-    os.replace(p + ".tmp", p)
+    write_atomic(p, body, mode="wb")
     return p
 
 
@@ -354,15 +352,17 @@ def print_table(res, log=print):
 # ------------------------------------------------------------------------------------------------------------
 # The grid (paper Figures 13-28, Tables 3-5)
 
+# What the cells of one grid must share (grid.json); a different value is another grid.
 SWEEP_KEYS = ("lr", "batch_size", "epochs", "patience", "max_len", "max_train_sentences", "toy_sentences",
-              # what the cells of one grid must share (grid.json); a different value is another grid
               "seed", "data_dir")
 
 
-def write_atomic(path, text):
-    with open(path + ".tmp", "w", newline="") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)  # a kill mid-write leaves the previous file whole
+def write_atomic(path, text, mode="w"):
+    """`text` to `path` through maml_gpt.write_atomically: a kill mid-write leaves the previous file whole."""
+    def write(tmp):
+        with open(tmp, mode, **({} if "b" in mode else dict(newline=""))) as f:
+            f.write(text)
+    write_atomically(path, write)
 
 
 def sweep(args):
