@@ -558,10 +558,11 @@ def inner_lrs(args):
     return args.inner_lr if args.inner_loop == "sgd" else dict(body=args.inner_lr, out=args.inner_lr_out)
 
 
-def inner_loop(head, phi0, support_feats, support_labels, steps, lr):
+def inner_loop(head, phi0, support_feats, support_labels, steps, lr, backtrack=False):
     """`steps` SGD steps of the head on the support set, in fp32, starting from phi0 ({name: tensor}). lr: a
     float for every entry, or {"body": lr, "out": lr} per layer group (inner_lrs); an entry whose step is 0
-    (the body with {"body": 0}: ANIL) stays as it is.
+    (the body with {"body": 0}: ANIL) stays as it is. backtrack=True (--inner_loop layerwise): a step that
+    raises the support loss is undone and every later step halved, so the support loss never goes up.
 
     Why per layer, and why prototypes (README, "The inner loop, measured"): at the untied proto init of a
     trained demo head (W = 2 mu, b = -||mu||^2) the largest Hessian eigenvalue of the support loss is ~220 in
@@ -582,14 +583,25 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr):
     # Fresh leaf copies: the head itself is never modified, so there is nothing to snapshot and restore (the
     # reference's state_dict dance).
     fast = {k: p.detach().clone().requires_grad_(k in moving) for k, p in phi0.items()}
+    size = torch.ones((), device=feats.device) if backtrack else 1.0  # halved by each undone step
     # fp32 even under bf16 autocast: 10 SGD steps on a small MLP are cheap, and bf16 would round them away.
     with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
-        for _ in range(steps if moving else 0):
+        for t in range(steps + backtrack if moving else 0):  # backtrack: one more loss judges the last step
             loss = F.cross_entropy(head_logits(head, fast, feats), support_labels)
             grads = torch.autograd.grad(loss, [fast[k] for k in moving])
+            if backtrack and t > 0:  # undo a step that raised the loss: torch.where, no host sync
+                up = loss.detach() > best
+                fast.update({k: torch.where(up, last[k], fast[k]).requires_grad_() for k in moving})
+                grads = [torch.where(up, a, b) for a, b in zip(last_grads, grads)]
+                size = torch.where(up, size / 2, size)
+            if t == steps:
+                break
+            if backtrack:
+                best = loss.detach() if t == 0 else torch.minimum(best, loss.detach())
+                last, last_grads = {k: fast[k].detach() for k in moving}, grads
             # phi_t = phi_{t-1} - lr * grad; detach() makes it first order (no graph through the steps)
             for k, g in zip(moving, grads):
-                fast[k] = (fast[k] - step[k] * g).detach().requires_grad_()
+                fast[k] = (fast[k] - size * step[k] * g).detach().requires_grad_()
     # Value phi_T, gradient path to phi_0 with Jacobian I: the straight-through form of FOMAML.
     return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}
 
@@ -622,9 +634,9 @@ def meta_micro_step(model, head, ep, args, scale, amp):
     # reference's 10 recomputations (one per inner step) would produce these same features 10 times.
     with torch.no_grad(), amp:
         hs = read_features(model, ep["support_x"], ep["support_at"], args.read)  # (N*K, d)
-    tied = args.inner_loop == "layerwise"
-    phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init, tied)
-    adapted = inner_loop(head, phi0, hs, ep["support_y"], args.inner_steps, inner_lrs(args))  # phi_T
+    layerwise = args.inner_loop == "layerwise"  # tied prototypes, backtracking
+    phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init, layerwise)
+    adapted = inner_loop(head, phi0, hs, ep["support_y"], args.inner_steps, inner_lrs(args), layerwise)
     # Query: a forward WITH a graph; its loss at the adapted head is the meta-objective.
     with amp:
         hq = read_features(model, ep["query_x"], ep["query_at"], args.read)  # (N*Q, d), with grad
@@ -634,7 +646,7 @@ def meta_micro_step(model, head, ep, args, scale, amp):
     (loss * scale).backward()
     with torch.no_grad():  # support loss and accuracies before and after adaptation, without dropout
         head.eval()
-        phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init, tied)  # prototypes too
+        phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init, layerwise)  # eval mode
         stats = dict(loss_query=loss.detach(), **adaptation_stats(head, phi0, adapted, hs, ep["support_y"],
                                                                   hq.detach(), ep["query_y"]))
         head.train()
@@ -806,7 +818,8 @@ def fewshot_eval(model, head_args, episodes, amp):
         phi0 = {k: v.detach() for k, v in episode_init(head, fs, ep["support_y"], ep["classes"],
                                                        head_args.head_init,
                                                        tied=head_args.inner_loop == "layerwise").items()}
-        adapted = inner_loop(head, phi0, fs, ep["support_y"], head_args.inner_steps, inner_lrs(head_args))
+        adapted = inner_loop(head, phi0, fs, ep["support_y"], head_args.inner_steps, inner_lrs(head_args),
+                             backtrack=head_args.inner_loop == "layerwise")
         with torch.no_grad():
             st = adaptation_stats(head, phi0, adapted, fs, ep["support_y"], fq, ep["query_y"])
         for k, name in (("acc_query_pre", "eval_fewshot_acc_pre"), ("acc_query_post", "eval_fewshot_acc"),

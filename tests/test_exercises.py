@@ -51,7 +51,8 @@ PLANTS = {
             ("mu = mu / torch.bincount(support_labels, minlength=n_way)[:, None]", "mu = mu * 1")],
     },
     "inner_loop": {
-        "gradient ascent: w + lr * grad": [("(fast[k] - step[k] * g)", "(fast[k] + step[k] * g)")],
+        "gradient ascent: w + lr * grad": [
+            ("(fast[k] - size * step[k] * g)", "(fast[k] + size * step[k] * g)")],
         "phi_T returned without its path to phi_0 (no meta-gradient)": [
             ("return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}", "return fast")],
         "second order: create_graph=True and no detach, the graph runs through every step": [
@@ -59,7 +60,7 @@ PLANTS = {
              "fast = dict(phi0)"),
             ("torch.autograd.grad(loss, [fast[k] for k in moving])",
              "torch.autograd.grad(loss, [fast[k] for k in moving], create_graph=True)"),
-            ("(fast[k] - step[k] * g).detach().requires_grad_()", "(fast[k] - step[k] * g)"),
+            ("(fast[k] - size * step[k] * g).detach().requires_grad_()", "(fast[k] - size * step[k] * g)"),
             ("return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}", "return fast")],
     },
     "meta_micro_step": {

@@ -408,7 +408,7 @@ def test_meta_step_sends_the_scaled_query_gradient_to_backbone_and_head(corpus):
         hs = model(ep["support_x"], return_hidden=True)[:, -1]  # read at the [MASK], the window's last token
     phi0 = mg.episode_init(head, hs, ep["support_y"], None, "proto", tied=True)  # the default inner loop
     adapted = mg.inner_loop(head, phi0, hs, ep["support_y"], args.inner_steps,
-                            dict(body=args.inner_lr, out=args.inner_lr_out))
+                            dict(body=args.inner_lr, out=args.inner_lr_out), backtrack=True)
     loss = F.cross_entropy(mg.head_logits(head, adapted, model(ep["query_x"], return_hidden=True)[:, -1]),
                            ep["query_y"])
     (0.25 * loss).backward()
