@@ -513,8 +513,8 @@ def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.0, init="proto",
 def episode_init(head, support_feats, support_labels, classes, init, tied=False):
     """phi_0, this episode's starting weights, as {name: tensor}: "body.<i>.weight" / "body.<i>.bias", the
     body's own parameters (the same tensors, not copies), plus a last layer set by `init`. support_feats (N*K,
-    d), support_labels (N*K,) int64 with labels 0..N-1 (N = max label + 1, each with K rows); classes (N,)
-    token ids (used by "vocab" only).
+    d), support_labels (N*K,) int64 with labels 0..N-1, each with K rows; classes (N,) the token ids of the
+    labels (read by "vocab"; without them, N is the largest label + 1).
       proto: z = body(support_feats) in fp32 (the layer-3 activations); mu_c = mean of z over the rows
              labelled c, (N, h). Untied: out.weight = 2 mu (N, h), out.bias = -||mu_c||^2 (N,), so the logits
              are -||z - mu_c||^2 + ||z||^2 (nearest prototype). tied=True (--inner_loop layerwise): out.proto
@@ -527,9 +527,12 @@ def episode_init(head, support_feats, support_labels, classes, init, tied=False)
     phi = {f"body.{k}": p for k, p in head["body"].named_parameters()}
     if init == "proto":
         z = functional_call(head["body"], dict(head["body"].named_parameters()), (support_feats.float(),))
-        n_way = int(support_labels.max()) + 1  # labels are 0..N-1, each with K examples
+        # N from the shape of `classes` on the training path: reading it from the labels (or counting them
+        # with bincount) would make the host wait for the device.
+        n_way = len(classes) if classes is not None else int(support_labels.max()) + 1
         mu = torch.zeros(n_way, z.shape[1], device=z.device).index_add(0, support_labels, z)
-        mu = mu / torch.bincount(support_labels, minlength=n_way)[:, None]  # (N, h): class means
+        count = torch.zeros(n_way, device=z.device).index_add(0, support_labels, torch.ones_like(z[:, 0]))
+        mu = mu / count[:, None]  # (N, h): class means
         if tied:
             phi["out.proto"] = mu
         else:

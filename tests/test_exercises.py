@@ -48,7 +48,7 @@ PLANTS = {
     "episode_init": {
         "sign flip in the bias: +||mu||^2": [("-(mu * mu).sum(-1)", "(mu * mu).sum(-1)")],
         "class sums instead of class means": [
-            ("mu = mu / torch.bincount(support_labels, minlength=n_way)[:, None]", "mu = mu * 1")],
+            ("mu = mu / count[:, None]", "mu = mu * 1")],
     },
     "inner_loop": {
         "gradient ascent: w + lr * grad": [

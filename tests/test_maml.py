@@ -339,29 +339,64 @@ def test_tied_prototypes_give_the_untied_logits():
     torch.testing.assert_close(mg.head_logits(head, tied, feats), mg.head_logits(head, untied, feats))
 
 
+def steps_by_hand(w, sf, sy, steps, lr_of, backtrack=False):
+    """`steps` explicit SGD steps of logits_by_hand, w <- w - size * lr_of(name) * dL/dw. backtrack: a step
+    whose loss is above the best so far is thrown away (w stays) and size halves, written as plain Python
+    branches. Returns the weights and how many steps were thrown away."""
+    loss = lambda w: F.cross_entropy(logits_by_hand(w, sf), sy)
+    w, size, undone = {k: v.detach() for k, v in w.items()}, 1.0, 0
+    for _ in range(steps):
+        w = {k: v.requires_grad_() for k, v in w.items()}
+        best = loss(w)
+        g = torch.autograd.grad(best, list(w.values()))
+        trial = {k: (v - size * lr_of(k) * gi).detach() for (k, v), gi in zip(w.items(), g)}
+        if backtrack and loss(trial) > best:
+            size, undone = size / 2, undone + 1
+        else:
+            w = trial
+    return {k: v.detach() for k, v in w.items()}, undone
+
+
+@pytest.mark.inner_loop
+def test_backtracking_never_raises_the_support_loss():
+    """--inner_loop layerwise's backtracking (torch.where on the device) against the same rule written with
+    Python branches, at a prototype step so large that most steps overshoot."""
+    torch.manual_seed(0)
+    head = mg.make_head(16, 4, dropout=0.0)
+    feats, labels = torch.randn(12, 16), torch.arange(4).repeat(3)
+    phi0 = mg.episode_init(head, feats, labels, None, "proto", tied=True)
+    lrs = dict(body=0.01, out=30.0)
+    plain = mg.inner_loop(head, phi0, feats, labels, steps=6, lr=lrs)
+    adapted = mg.inner_loop(head, phi0, feats, labels, steps=6, lr=lrs, backtrack=True)
+    w, undone = steps_by_hand(phi0, feats, labels, 6, lambda k: lrs[k.split(".")[0]], backtrack=True)
+    assert 0 < undone < 6  # the episode exercises both branches
+    for k in w:
+        torch.testing.assert_close(adapted[k].detach(), w[k], atol=1e-5, rtol=1e-4)
+    loss = lambda phi: F.cross_entropy(mg.head_logits(head, phi, feats), labels)
+    assert loss(plain) > 100 * loss(phi0)  # without it, this step size blows the support loss up
+    assert loss(adapted) < loss(phi0)
+
+
 @pytest.mark.inner_loop
 @pytest.mark.episode_init
-@pytest.mark.parametrize("init", ["learned", "proto", "proto-tied"])
+@pytest.mark.parametrize("init", ["learned", "proto", "proto-tied", "proto-tied-backtrack"])
 def test_fomaml_gradient_equals_manual_computation(init):
     """head.grad after the query loss = d L_query / d phi_T, pulled back through phi_0 = init(head): for
     "learned" the identity; for "proto" also through the prototypes W = 2 mu, b = -||mu||^2 into layers
-    1-3; for "proto-tied" (--inner_loop layerwise: per-layer step sizes) through P = mu."""
+    1-3; for "proto-tied" (--inner_loop layerwise: per-layer step sizes) through P = mu; with backtracking
+    (at a step large enough that some steps are undone) phi_T is the backtracked one."""
     torch.manual_seed(0)
-    tied = init == "proto-tied"
+    tied, backtrack = init.startswith("proto-tied"), init.endswith("backtrack")
     head = mg.make_head(16, 4, dropout=0.0, init=init.split("-")[0])
     sf, sy = torch.randn(8, 16), torch.arange(4).repeat(2)
     qf, qy = torch.randn(6, 16), torch.tensor([0, 1, 2, 3, 0, 1])
     phi0 = mg.episode_init(head, sf, sy, None, init.split("-")[0], tied)
-    lrs = dict(body=0.05, out=3.0) if tied else 0.5
-    adapted = mg.inner_loop(head, phi0, sf, sy, steps=5, lr=lrs)
+    lrs = dict(body=0.05, out=300.0 if backtrack else 3.0) if tied else 0.5
+    adapted = mg.inner_loop(head, phi0, sf, sy, steps=5, lr=lrs, backtrack=backtrack)
     F.cross_entropy(mg.head_logits(head, adapted, qf), qy).backward()
-    # manual: 5 explicit SGD steps from phi_0's values, then the query gradient g_T AT the adapted weights
-    w = {k: v.detach() for k, v in phi0.items()}
-    for _ in range(5):
-        w = {k: v.requires_grad_() for k, v in w.items()}
-        g = torch.autograd.grad(F.cross_entropy(logits_by_hand(w, sf), sy), list(w.values()))
-        w = {k: (v - (lrs[k.split(".")[0]] if tied else lrs) * gi).detach()
-             for (k, v), gi in zip(w.items(), g)}
+    # manual: 5 explicit steps from phi_0's values, then the query gradient g_T AT the adapted weights
+    w, undone = steps_by_hand(phi0, sf, sy, 5, lambda k: lrs[k.split(".")[0]] if tied else lrs, backtrack)
+    assert (undone > 0) == backtrack
     w = {k: v.requires_grad_() for k, v in w.items()}
     g_T = dict(zip(w, torch.autograd.grad(F.cross_entropy(logits_by_hand(w, qf), qy), list(w.values()))))
     for k in w:
