@@ -13,7 +13,8 @@ Using a trained run: sample.py (text), export.py (a Hugging Face folder), finetu
 bench.py measures speed. The file reads in the paper's order: config (§3.1, App. A) -> model (§3.1) ->
 SMLMT episodes (§3.2) -> first-order MAML (§3.3, Algorithm 1) -> learning dynamics and evaluation (§3.3,
 §6) -> the training loop (Algorithm 1, App. A.1). An appendix holds the plumbing no reader of the paper
-needs: the argument parser, tokenizer, corpus caching, processes, checkpoints and run folders, logging.
+needs: the argument parser, tokenizer, the corpus files (data/prepare.py writes them), processes, checkpoints
+and run folders, logging.
 
 Every optimizer step is one of two branches:
   AR   : next-token loss on a batch of corpus windows;
@@ -22,7 +23,7 @@ Every optimizer step is one of two branches:
 """
 import argparse
 import datetime
-import hashlib
+import importlib
 import json
 import math
 import os
@@ -134,11 +135,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        """x (..., dim), any float dtype -> x / sqrt(mean(x^2 over the last dimension) + eps) * self.weight.
-        The normalisation is computed in fp32 and cast back to x's dtype; then the fp32 gain multiplies it, so
-        the result has the promoted dtype: fp32 for fp32 or bf16 x (autocast's rule for a bf16 activation
-        times an fp32 parameter). eps sits inside the square root. No mean subtraction and no bias (unlike
-        LayerNorm)."""
+        """x (..., dim) -> x / sqrt(mean(x^2 over the last dimension) + eps) * weight: no mean subtraction,
+        no bias (unlike LayerNorm). Normalised in fp32, cast back to x's dtype, then times the fp32 gain, so
+        the result is fp32 for fp32 or bf16 x (autocast's rule for bf16 times an fp32 parameter)."""
         xf = x.float()  # fp32 even under bf16 autocast: a bf16 mean of squares loses precision
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
@@ -154,9 +153,8 @@ def rope_tables(head_dim, max_len, theta):
 def apply_rope(x, cos, sin):
     """Rotate adjacent feature pairs (x_2i, x_2i+1) (Meta-Llama's convention, not HF's rotate_half, which
     pairs x_i with x_i+hd/2). x (B, H, T, hd); cos, sin (T, hd/2) fp32 from rope_tables, row t for position t.
-    Pair i at position t becomes (x_2i cos[t, i] - x_2i+1 sin[t, i], x_2i sin[t, i] + x_2i+1 cos[t, i]): the
-    complex number x_2i + i x_2i+1 times e^(i angle), a counter-clockwise rotation. Computed in fp32, returned
-    in x's dtype (bf16 in, bf16 out). Real arithmetic, so the tables can be ordinary (NCCL-safe) buffers."""
+    Pair i at position t becomes (x_2i cos[t, i] - x_2i+1 sin[t, i], x_2i sin[t, i] + x_2i+1 cos[t, i]), in
+    fp32, returned in x's dtype. Real arithmetic, so the tables can be ordinary (NCCL-safe) buffers."""
     # Each pair is a complex number x0 + i x1 multiplied by e^(i angle): a 2-D rotation. Rotating q at
     # position m and k at position n makes q.k depend on m - n only: attention sees relative positions.
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, T, hd/2): even and odd features
@@ -184,13 +182,11 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin):
-        """x (B, T, d); cos, sin (T, hd/2) -> (B, T, d). Causal grouped-query attention: q, k, v = self.qkv(x,
-        cos, sin) (RoPE already applied to q and k); query head h (of n_heads = 12) reads kv head h //
-        (n_heads // n_kv_heads) = h // 3, so heads 0-2 share kv head 0 (consecutive groups, not h % 4); scores
-        q k^T / sqrt(hd); position t attends to positions 0..t; the softmax-weighted values of the 12 heads
-        are laid side by side (head-major, (B, T, 12 * hd)) and projected by o_proj."""
+        """x (B, T, d); cos, sin (T, hd/2) -> (B, T, d). Causal grouped-query attention, scores
+        q k^T / sqrt(hd), the heads' outputs laid side by side (head-major) and projected by o_proj."""
         q, k, v = self.qkv(x, cos, sin)
-        # enable_gqa: query head h reads kv head h // 3 without materialising repeated k/v (torch >= 2.5).
+        # enable_gqa: query head h reads kv head h // 3 (heads 0-2 share kv head 0: consecutive groups, not
+        # h % 4) without materialising repeated k/v (torch >= 2.5).
         # is_causal: position t attends to 0..t. SDPA picks a fused kernel when it can; bench.py prints which
         # (flash on the CPU in fp32, measured; on a GPU in bf16, not yet measured).
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
@@ -412,11 +408,11 @@ def content_word_ids(counts, skip_top, min_count):
                     dtype=np.int64)
 
 
-# The index sample_episode draws from (built once per corpus by build_smlmt_index, in the appendix): for each
-# content word, where it occurs, in one flat CSR layout. Word i is the token index["words"][i]; its corpus
-# positions are index["positions"][index["offsets"][i]:index["offsets"][i + 1]], at most --smlmt_max_occ of
-# them, each at least SMLMT_MARGIN tokens from either end of the corpus, so any window of <= SMLMT_MARGIN
-# tokens around an occurrence fits.
+# The index sample_episode draws from (built once per corpus by data/prepare.py): for each content word,
+# where it occurs, in one flat CSR layout. Word i is the token index["words"][i]; its corpus positions are
+# index["positions"][index["offsets"][i]:index["offsets"][i + 1]], at most --smlmt_max_occ of them, each at
+# least SMLMT_MARGIN tokens from either end of the corpus, so any window of <= SMLMT_MARGIN tokens around an
+# occurrence fits.
 SMLMT_MARGIN = 256
 
 
@@ -567,12 +563,11 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr, backtrack=F
     (the body with {"body": 0}: ANIL) stays as it is. backtrack=True (--inner_loop layerwise): a step that
     raises the support loss is undone and every later step halved, so the support loss never goes up.
 
-    Why per layer, and why prototypes (README, "The inner loop, measured"): at the untied proto init of a
-    trained demo head (W = 2 mu, b = -||mu||^2) the largest Hessian eigenvalue of the support loss is ~220 in
-    layers 1-3 and ~3 in the last layer, so plain SGD is unstable above lr ~0.009 in the body while the last
-    layer barely moves; and a step on W and b separately turns the nearest-prototype classifier into a
-    plainer linear one, which loses support accuracy while it lowers the loss. Steps on the prototypes
-    themselves (out.proto, lr ~10) keep it a nearest-prototype classifier and fit the support set.
+    Why (README, "The inner loop, measured"): on a trained demo head the support loss's curvature is ~220 in
+    layers 1-3 and ~3 in the last layer, so one plain step size is unstable in the body or idle in the last
+    layer; a step on W and b apart makes the nearest-prototype classifier a plainer linear one, which loses
+    support accuracy while it lowers the loss, so the last layer's steps move the prototypes (out.proto);
+    and the prototypes' good step size changes with the feature scale as training goes, hence backtracking.
 
     Returns phi_T as {name: tensor} for head_logits(). First order: each step's gradient comes from
     torch.autograd.grad, never .backward(), which would add the support gradients to the head's .grad (where
@@ -594,14 +589,13 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr, backtrack=F
             grads = torch.autograd.grad(loss, [fast[k] for k in moving])
             if backtrack and t > 0:  # undo a step that raised the loss: torch.where, no host sync
                 up = loss.detach() > best
-                fast.update({k: torch.where(up, last[k], fast[k]).requires_grad_() for k in moving})
+                fast.update({k: torch.where(up, last[k], fast[k]) for k in moving})
                 grads = [torch.where(up, a, b) for a, b in zip(last_grads, grads)]
-                size = torch.where(up, size / 2, size)
+                size, loss = torch.where(up, size / 2, size), torch.where(up, best, loss.detach())
             if t == steps:
                 break
-            if backtrack:
-                best = loss.detach() if t == 0 else torch.minimum(best, loss.detach())
-                last, last_grads = {k: fast[k].detach() for k in moving}, grads
+            if backtrack:  # where to return if the next step raises the loss
+                best, last, last_grads = loss.detach(), {k: fast[k].detach() for k in moving}, grads
             # phi_t = phi_{t-1} - lr * grad; detach() makes it first order (no graph through the steps)
             for k, g in zip(moving, grads):
                 fast[k] = (fast[k] - size * step[k] * g).detach().requires_grad_()
@@ -624,15 +618,11 @@ def read_features(model, x, mask_at, read):
 
 
 def meta_micro_step(model, head, ep, args, scale, amp):
-    """One SMLMT episode: support features (one backbone forward under torch.no_grad(), read at
-    ep["support_at"] by args.read) -> phi_0 = episode_init -> phi_T = inner_loop -> query features (a forward
-    WITH a graph) -> the N-way cross-entropy of head_logits(phi_T, query features) against ep["query_y"]; the
-    loss times scale, back-propagated once. So backbone.grad += scale x d L_query / d backbone (the support
-    set sends it nothing) and head.grad += scale x the FOMAML meta-gradient; the LM head gets no gradient.
-    `model` may be compiled; `ep` holds device tensors (episode_tensors). The [MASK] token's embedding gets
-    gradients only here: AR batches never contain it. Returns a dict of 0-d tensors: loss_query (detached)
-    and, at phi_0 (_pre) and phi_T (_post), without dropout, loss_support_pre / _post, acc_support_pre /
-    _post, acc_query_pre / _post (adaptation_stats)."""
+    """One SMLMT episode -> the N-way query loss at the adapted head, times scale, back-propagated once:
+    backbone.grad += scale x d L_query / d backbone (the support set sends it nothing), head.grad += scale x
+    the FOMAML meta-gradient; the LM head gets none, and the [MASK] embedding gets gradients only here (AR
+    batches never contain it). `model` may be compiled; `ep` holds device tensors (episode_tensors). Returns
+    0-d tensors: loss_query and adaptation_stats at phi_0 (_pre) and phi_T (_post), without dropout."""
     # Support: ONE forward, no graph. The backbone is fixed during adaptation and has no dropout, so the
     # reference's 10 recomputations (one per inner step) would produce these same features 10 times.
     with torch.no_grad(), amp:
@@ -700,15 +690,10 @@ def proportional_effective_rank(W):
 
 @torch.no_grad()
 def attention_entropy(model, idx):
-    """(n_layers, n_heads) fp32 tensor: for each head, the mean over the batch and the query positions of the
-    Shannon entropy -sum_j a_ij log a_ij (nats, 0 log 0 = 0) of its causal attention distribution on idx (B,
-    T). Layer by layer: q, k from that layer's attention.qkv(attention_norm(x)) (RoPE as in the model), query
-    head h with kv head h // 3, scores / sqrt(hd), causal softmax; the next layer's input is the real block's
-    output on x. Uniform attention over the t+1 visible keys gives log(t+1); attending to a single key gives
-    0. Recomputes attention explicitly, because scaled_dot_product_attention never materialises the
-    probabilities."""
-    # The probe walks the model layer by layer: attention probabilities are recomputed from each layer's own
-    # q and k (same RoPE, same GQA grouping), then the real block runs to produce the next layer's input.
+    """(n_layers, n_heads) fp32: per head, the mean over the batch and the query positions of the entropy
+    -sum_j a_ij log a_ij (nats, 0 log 0 = 0) of its causal attention on idx (B, T): log(t+1) for uniform
+    attention over the t+1 visible keys, 0 for a single key. The probabilities are recomputed explicitly
+    (scaled_dot_product_attention never materialises them), each layer fed the real block's output."""
     T = idx.shape[1]
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T): query t sees keys 0..t
@@ -1111,13 +1096,10 @@ def get_tokenizer():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Corpus preparation and caching: every corpus is tokenized once into uint16 files (train.bin, val.bin) with a
-# small header, then memmapped. Batches are windows of it.
+# The corpus: tokenized once into uint16 files (train.bin, val.bin) with a small header, by data/prepare.py
+# the first time a run names it, then memmapped. Batches are windows of it.
 
 BIN_MAGIC, BIN_VERSION, HEADER_INTS = 20250802, 1, 256
-
-
-VAL_EVERY = 50  # every 50th document goes to the held-out split (doc-level: no window straddles the split)
 
 
 def write_atomically(path, write):
@@ -1176,240 +1158,36 @@ def read_bin(path):
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
 
 
-def tokenize_documents(args, out, desc):
-    """Tokenize the corpus into out/{train,val}.bin, streaming. SHARD_DOCS documents at a time are tokenized
-    (by --prep_procs processes), appended to out/{train,val}.partial in corpus order, and committed to
-    out/progress.json: documents read, the stream's position there, tokens written. A killed or crashed run
-    resumes from the last commit, the partial files cut back to it: the result is byte-identical to an
-    uninterrupted run's. Memory: a few shards of text and tokens, whatever the size of the corpus."""
-    import collections
-    import multiprocessing
-    from tqdm import tqdm
-    max_tokens, head = args.max_tokens if args.data != "toy" else 1 << 62, HEADER_INTS * 4
-    parts, prog_path = {s: os.path.join(out, f"{s}.partial") for s in ("train", "val")}, \
-        os.path.join(out, "progress.json")
-    prog = dict(docs=0, state=None, train=0, val=0, end=False)
-    if os.path.exists(prog_path):
-        resumed = json.load(open(prog_path))
-        # a machine crash can lose appended bytes a commit counted (never a kill): then start over
-        if all(os.path.exists(p) and os.path.getsize(p) >= head + 2 * resumed[s] for s, p in parts.items()):
-            prog = resumed
-            print(f"resuming after {prog['docs']:,} documents ({prog['train'] + prog['val']:,} tokens)")
-    files = {s: open(p, "r+b" if prog["docs"] else "wb") for s, p in parts.items()}
-    for s, f in files.items():  # the header is written last, when the length is known
-        f.truncate(head + 2 * prog[s])
-        f.seek(0, os.SEEK_END)
-    docs, ds = documents(args, prog["docs"], prog["state"])
-    pool = multiprocessing.Pool(args.prep_procs) if args.prep_procs > 1 else None
-    pending = collections.deque()  # (tokens or their AsyncResult, the commit after them), in corpus order
-    n_read = prog["docs"]
-    bar = tqdm(total=max_tokens if max_tokens < 1 << 40 else None, initial=prog["train"] + prog["val"],
-               desc=f"tokenizing {desc}", unit="tok", unit_scale=True, leave=False)
-    try:
-        while not prog["end"] and prog["train"] + prog["val"] < max_tokens:
-            if len(pending) < 2 * args.prep_procs and not (pending and pending[-1][1]["end"]):
-                texts = read_documents(docs, args.data, n_read)
-                job = pool.apply_async(encode_shard, (texts, n_read)) if pool else encode_shard(texts, n_read)
-                n_read += len(texts)
-                pending.append((job, dict(docs=n_read, state=None if ds is None else ds.state_dict(),
-                                          end=len(texts) < SHARD_DOCS)))
-                continue
-            job, mark = pending.popleft()
-            for (s, f), toks in zip(files.items(), job.get() if pool else job):
-                f.write(toks.tobytes())
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the commit that counts it
-                prog[s] += len(toks)
-                bar.update(len(toks))
-            prog.update(mark)
-            write_atomically(prog_path, lambda tmp: write_text(tmp, json.dumps(prog)))
-    finally:
-        bar.close()
-        if pool:
-            pool.terminate()
-    for s, f in files.items():  # the shards read ahead of the last commit are dropped
-        n = min(prog[s], max_tokens) if s == "train" else prog[s]
-        f.truncate(head + 2 * n)
-        f.seek(0)
-        f.write(bin_header(n).tobytes())
-        f.close()
-    for s in files:  # val.bin last: it marks the corpus complete
-        os.replace(parts[s], os.path.join(out, f"{s}.bin"))
-    os.remove(prog_path)
-
-
-SHARD_DOCS = 2048  # documents per shard: the unit of work of a process, and all a kill can lose
-
-
-def encode_shard(texts, first):
-    """Documents first, first + 1, ... -> (train, val) uint16 token arrays, each document followed by
-    <|endoftext|>. Depends on nothing else, so any number of processes writes the same files."""
-    import itertools
-    enc, split = get_tokenizer(), {"train": [], "val": []}
-    for n, text in enumerate(texts, first):  # "ordinary": text that looks like <|endoftext|> stays text
-        split["val" if n % VAL_EVERY == 0 else "train"].append(enc.encode_ordinary(text) + [EOT_ID])
-    return [np.fromiter(itertools.chain.from_iterable(v), np.uint16) for v in split.values()]
-
-
-def read_documents(docs, data, done):
-    """The next SHARD_DOCS documents (fewer at the end of the corpus)."""
-    import itertools
-    try:
-        return list(itertools.islice(docs, SHARD_DOCS))
-    except UserError:
-        raise
-    except Exception as e:  # a dropped connection, a corrupt or binary file: one line, and the way on
-        raise UserError(f"--data {data}: reading failed after {done:,} documents ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})"
-                        + ("; run the same command again to continue from there" if done else ""))
-
-
-def documents(args, start=0, state=None):
-    """The corpus's documents from document `start` on -> (texts, the datasets stream or None). A stream's
-    state_dict() is its position after the texts read so far; `state` is the one saved at `start`."""
-    if args.data == "toy":  # a plain generator: the demo imports no `datasets`
-        import itertools
-        return itertools.islice(toyworld().documents(seed=1337, n_docs=args.toy_docs), start, None), None
-    ds = local_dataset(local_files(args.data)) if is_local(args.data) else hub_dataset(args.data)
-    if state:
-        ds.load_state_dict(state)
-    return texts(ds, args.text_field, args.data), ds
-
-
-# Local corpora are read by datasets' own builders, in the streaming mode hub corpora use; "text" gives one
-# document per paragraph. A file with another ending (an archive, a binary) has no reader and is refused.
-READERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json",
-           ".txt": "text"}
-
-
-def is_local(data):
-    return os.path.exists(data) or any(c in data for c in "*?[")
-
-
-def local_files(data):
-    """--data PATH: a file, a folder (searched recursively) or a glob -> its corpus files, sorted."""
-    import glob
-    reader = lambda f: next((r for end, r in READERS.items() if f.endswith(end)), None)  # noqa: E731
-    files = sorted(glob.glob(data, recursive=True) if not os.path.exists(data)
-                   else [os.path.join(r, f) for r, _, fs in os.walk(data) for f in fs if reader(f)]
-                   if os.path.isdir(data) else [data])
-    kinds = {reader(f) for f in files}
-    if not files or None in kinds or len(kinds) > 1:
-        what = ("no files" if not files else "mixes formats" if None not in kinds else
-                f"{next(f for f in files if not reader(f))} has no reader")
-        raise UserError(f"--data {data}: {what}; maml-gpt reads {', '.join(READERS)} files (one format)")
-    return files
-
-
-def stream(*args, **kwargs):
-    """datasets.load_dataset(..., streaming=True): the one reader of every real corpus, local or hub."""
-    try:
-        import datasets
-    except ImportError:
-        raise UserError("real corpora need the datasets package: pip install datasets (or use --data toy)")
-    return datasets.load_dataset(*args, streaming=True, **kwargs)
-
-
-def local_dataset(files):
-    kind = next(r for end, r in READERS.items() if files[0].endswith(end))
-    return stream(kind, data_files=files, split="train",
-                  **(dict(sample_by="paragraph") if kind == "text" else {}))
-
-
-def hub_dataset(spec, split="train"):
-    """A hub dataset "ID[:CONFIG]", streamed by `datasets`: it honours HF_HUB_OFFLINE, HF_ENDPOINT (a mirror),
-    HTTPS_PROXY and the local hub cache."""
-    name, _, config = spec.partition(":")
-    try:
-        return stream(name, config or None, split=split)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"cannot stream hub dataset {spec!r} ({str(e).strip().splitlines()[0]}). Offline, "
-                        f"use --data toy (the built-in toy world) or --data PATH (a local download: "
-                        f"{', '.join(READERS)} files)")
-
-
-def texts(ds, field, data):
-    for row in ds:
-        if field not in row:
-            raise UserError(f"--data {data}: no {field!r} field (it has {', '.join(row)}); name the text one "
-                            "with --text_field")
-        if isinstance(row[field], str) and row[field].strip():
-            yield row[field]
-
-
-def hub_documents(spec, split="train", field="text"):
-    """The texts of a hub dataset (Paloma's, for the eval)."""
-    return texts(hub_dataset(spec, split), field, spec)
+def data_module(name):
+    """data/NAME.py, imported on first use: toyworld (the offline toy world: pretraining documents, tagged
+    NER sentences) or prepare (corpus preparation)."""
+    if os.path.join(HERE, "data") not in sys.path:
+        sys.path.insert(0, os.path.join(HERE, "data"))
+    return importlib.import_module(name)
 
 
 def toyworld():
-    """data/toyworld.py, the offline toy world: its documents (pretraining) and tagged sentences (NER)."""
-    if os.path.join(HERE, "data") not in sys.path:
-        sys.path.insert(0, os.path.join(HERE, "data"))
-    import toyworld
-    return toyworld
-
-
-@contextmanager
-def cache_lock(folder, what):
-    """Hold folder/.lock: one writer per cache folder among the processes of a machine, and of every node that
-    shares the filesystem. A flock, which the kernel drops when its holder dies: a killed preparation never
-    blocks the next one, which resumes it."""
-    import fcntl
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, ".lock"), "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            print(f"waiting for {f.read().strip() or 'another process'} to prepare {what} (it holds "
-                  f"{f.name})", flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError as e:
-            raise UserError(f"cannot lock {f.name} ({e}): use a --data_dir on a filesystem with file locks")
-        f.truncate(0)
-        f.write(f"{platform.node()} pid {os.getpid()}")
-        f.flush()
-        yield
+    return data_module("toyworld")
 
 
 def prepare_corpus(args, rank_is_local_zero=True):
-    """Tokenize the chosen corpus once into args.data_dir/<name>/ and return that folder. One process prepares
-    it (the first local rank 0 to take its cache_lock, on any node); the others wait for its files."""
-    data = args.data
-    # The cache folder's name identifies its content: the toy size, a local corpus's files (path, size, mtime)
-    # and text field, or the hub ID and token budget. Change any of them and the corpus is prepared again.
-    field = "" if args.text_field == "text" else f"-{args.text_field}"
-    if data == "toy":
-        name = f"toy-{args.toy_docs}"
-    elif is_local(data):
-        files = local_files(data)
-        h = hashlib.sha1("|".join(f"{os.path.abspath(f)}|{os.path.getsize(f)}|{os.path.getmtime(f)}"
-                                  for f in files).encode() + field.encode()).hexdigest()[:8]
-        base = re.sub(r"[^\w.-]", "_", os.path.basename(os.path.normpath(data)))  # a glob's * is no name
-        name = f"local-{base}-{h}-{args.max_tokens}"
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", data):
-        name = "hub-" + data.replace("/", "_").replace(":", "_") + f"-{args.max_tokens}{field}"
-    else:
-        raise UserError(f"--data {data!r}: no such file or folder (and not a hub ID like org/name). "
-                        "Use --data toy, a local path, or a hub dataset ID")
+    """args.data_dir/<name>/, the corpus tokenized into train.bin and val.bin by data/prepare.py the first
+    time a run names it. One process prepares it (the first local rank 0 to take its lock, on any node); the
+    others wait for its files."""
+    prep = data_module("prepare")
+    name = prep.corpus_name(args)
     out = os.path.join(args.data_dir, name)
     done = os.path.join(out, "val.bin")
     if not os.path.exists(done) and not rank_is_local_zero:
         wait_for(done, f"the prepared corpus {name}")
     elif not os.path.exists(done):
-        with cache_lock(out, f"the corpus {name}"):
-            if not os.path.exists(done):  # it may have been prepared while this process waited
-                print(f"preparing the corpus {name} in {out}", flush=True)
-                tokenize_documents(args, out, name)
+        prep.prepare(args, out, name)
     need = args.seq_len + 2  # at least one window (seq_len inputs + 1 target) and room to draw its start
     for split in ("train", "val"):
         if len(read_bin(os.path.join(out, f"{split}.bin"))) < need:
-            raise UserError(f"--data {data}: the {split} split has fewer than {need} tokens; "
-                            f"the corpus is empty or too small (every {VAL_EVERY}th document is held out "
-                            "for validation)")
+            raise UserError(f"--data {args.data}: the {split} split has fewer than {need} tokens; the corpus "
+                            f"is empty or too small (every {prep.VAL_EVERY}th document is held out for "
+                            "validation)")
     return out
 
 
@@ -1437,53 +1215,6 @@ def micro_slice(starts, micro, rank, world, batch_size):
 def fixed_windows(n_tokens, seq_len, count):
     """Evenly spaced window starts: the same eval / probe windows for every seed, step and run."""
     return np.linspace(0, n_tokens - seq_len - 1, num=count).astype(np.int64)
-
-
-def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True, split="train"):
-    """{word id -> occurrence positions in SPLIT.bin}, capped at --smlmt_max_occ per word; cached as .npz.
-    Training episodes come from train.bin only; the few-shot eval's from val.bin (its own word counts, and a
-    word needs only K+Q occurrences there)."""
-    min_count = args.smlmt_min_count if split == "train" else args.k_shot + args.q_query
-    prefix = "smlmt" if split == "train" else f"smlmt-{split}"
-    path = os.path.join(corpus_dir, f"{prefix}-{args.smlmt_skip_top}-{min_count}-{args.smlmt_max_occ}.npz")
-    if not rank_is_local_zero:
-        wait_for(path, "the SMLMT index")
-    if not os.path.exists(path):
-        tokens = read_bin(os.path.join(corpus_dir, f"{split}.bin"))
-        chunk = 1 << 24
-        # Pass 1: token frequencies (the rule's "most frequent" and "too rare" bounds need corpus counts).
-        counts = sum(np.bincount(tokens[i:i + chunk], minlength=1 << 16)
-                     for i in range(0, len(tokens), chunk))
-        words = content_word_ids(counts, args.smlmt_skip_top, min_count)
-        is_word = np.zeros(1 << 16, dtype=bool)  # a lookup table: is_word[token id] -> content word?
-        is_word[words] = True
-        found = {int(w): [] for w in words}
-        have = dict.fromkeys(found, 0)
-        lo, hi = SMLMT_MARGIN, len(tokens) - SMLMT_MARGIN
-        # Pass 2: positions, in corpus order, up to the cap (web corpora are document-shuffled, so the first
-        # 1,000 occurrences are as good a sample as any). Chunked: a 1B-token corpus needs no 1B-entry arrays.
-        for start in range(lo, hi, chunk):
-            seg = np.asarray(tokens[start:min(start + chunk, hi)])
-            pos = np.flatnonzero(is_word[seg])  # offsets of content words in this chunk
-            ids = seg[pos]
-            order = np.argsort(ids, kind="stable")  # group by word, keeping corpus order within a word
-            ids, pos = ids[order], pos[order] + start
-            bounds = np.flatnonzero(np.diff(ids)) + 1  # where one word's group ends and the next begins
-            for grp_ids, grp_pos in zip(np.split(ids, bounds), np.split(pos, bounds)):
-                w = int(grp_ids[0]) if len(grp_ids) else None
-                if w is not None and have[w] < args.smlmt_max_occ:
-                    take = grp_pos[:args.smlmt_max_occ - have[w]]
-                    found[w].append(take)
-                    have[w] += len(take)
-        keep = [w for w in found if have[w] >= min_count]  # enough occurrences away from the edges
-        positions = [np.concatenate(found[w]) for w in keep]
-        # The CSR layout sample_episode reads (see SMLMT_MARGIN): one flat array, fast to load.
-        offsets = np.cumsum([0] + [len(p) for p in positions])
-        write_atomically(path, lambda tmp: np.savez(
-            tmp, words=np.array(keep, dtype=np.int64), offsets=offsets,
-            positions=np.concatenate(positions) if positions else np.zeros(0, np.int64)))
-    z = np.load(path)
-    return {"words": z["words"], "offsets": z["offsets"], "positions": z["positions"]}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1593,7 +1324,8 @@ def setup(args, for_bench=False):
         check_out_dir(args.out_dir)
     corpus = prepare_corpus(args, local_rank == 0)
     tokens = read_bin(os.path.join(corpus, "train.bin"))
-    index = build_smlmt_index(corpus, args, local_rank == 0) if args.hybrid_ratio > 0 or for_bench else None
+    index = (data_module("prepare").build_smlmt_index(corpus, args, local_rank == 0)
+             if args.hybrid_ratio > 0 or for_bench else None)
     torch.manual_seed(args.seed)
     cfg = model_config(args)
     orig_model = Decoder(cfg).to(device)
@@ -1880,8 +1612,8 @@ def fixed_eval_batches(args, corpus_dir, device, is_local_zero):
         if not os.path.exists(path) and is_local_zero:  # one download per machine; the others wait below
             try:
                 enc = get_tokenizer()
-                rows = [ids[:args.seq_len + 1] for ids in enc.encode_ordinary_batch(
-                    list(hub_documents("pico-lm/pretokenized-paloma-tinsy", split="val")))]
+                docs = data_module("prepare").hub_documents("pico-lm/pretokenized-paloma-tinsy", split="val")
+                rows = [ids[:args.seq_len + 1] for ids in enc.encode_ordinary_batch(list(docs))]
                 os.makedirs(args.data_dir, exist_ok=True)
                 write_bin(path, np.concatenate([r for r in rows if len(r) == args.seq_len + 1]))
             except UserError as e:
@@ -1908,7 +1640,7 @@ def fewshot_episodes(args, corpus_dir, device, is_local_zero):
     if not (args.eval_every and args.fewshot_episodes):
         return []
     val = read_bin(os.path.join(corpus_dir, "val.bin"))
-    index = build_smlmt_index(corpus_dir, args, is_local_zero, split="val")
+    index = data_module("prepare").build_smlmt_index(corpus_dir, args, is_local_zero, split="val")
     try:
         return [episode_tensors(val, index, args, [FEWSHOT_KEY, j], device)
                 for j in range(args.fewshot_episodes)]
@@ -2111,4 +1843,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("maml_gpt", sys.modules[__name__])  # data/prepare.py imports this very module
     main()

@@ -20,7 +20,7 @@ def query_bug(args):
     Always answering 0 then scores the share of queries labelled 0."""
     run = mg.parse_args(["--data_dir", args.data_dir])  # the demo's corpus and SMLMT settings
     corpus = mg.prepare_corpus(run)
-    index = mg.build_smlmt_index(corpus, run)
+    index = mg.data_module("prepare").build_smlmt_index(corpus, run)
     tokens = mg.read_bin(os.path.join(corpus, "train.bin"))
     total = int(index["offsets"][-1])
     print(f"{len(index['words'])} content words, {total:,} indexed occurrences; N = {run.n_way}, "

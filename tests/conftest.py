@@ -29,7 +29,7 @@ def data_dir(tmp_path_factory):
     import maml_gpt
     args = maml_gpt.parse_args(SMALL + ["--data_dir", d])
     corpus = maml_gpt.prepare_corpus(args)
-    maml_gpt.build_smlmt_index(corpus, args)
+    maml_gpt.data_module("prepare").build_smlmt_index(corpus, args)
     return d
 
 

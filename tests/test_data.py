@@ -16,6 +16,7 @@ import pytest
 import maml_gpt as mg
 
 toyworld = mg.toyworld()
+prepare = mg.data_module("prepare")  # data/prepare.py
 
 
 def test_toy_world_is_deterministic_and_varied():
@@ -44,7 +45,7 @@ def test_toy_world_default_size_and_consistency(data_dir):
 def test_every_episode_word_has_enough_occurrences(data_dir):
     args = mg.parse_args(["--data", "toy", "--toy_docs", "2000", "--data_dir", data_dir,
                           "--smlmt_min_count", "8", "--smlmt_skip_top", "50"])
-    index = mg.build_smlmt_index(os.path.join(data_dir, "toy-2000"), args)
+    index = prepare.build_smlmt_index(os.path.join(data_dir, "toy-2000"), args)
     counts = np.diff(index["offsets"])
     assert len(index["words"]) >= 32 and counts.min() >= 8
 
@@ -133,13 +134,13 @@ def test_every_local_format_yields_the_tokens_of_its_text(tmp_path, monkeypatch)
     """parquet (a file, a folder, a glob), .json.gz, .jsonl and .txt (a file, a folder): each prepares into
     exactly the tokens of its documents, in order, every 50th held out: the text inside, not the bytes."""
     docs = list(toyworld.documents(seed=3, n_docs=120))
-    train, val = mg.encode_shard(docs, 0)
+    train, val = prepare.encode_shard(docs, 0)
     assert mg.get_tokenizer().decode(val[:list(val).index(mg.EOT_ID)].tolist()) == docs[0]
     for data, flags in write_corpora(tmp_path, docs).items():
         got = prepared(tmp_path, data, *flags)
         assert np.array_equal(got[0], train) and np.array_equal(got[1], val), data
     # a token budget: the same files with 1 and 2 processes, cut at a shard boundary past the budget
-    monkeypatch.setattr(mg, "SHARD_DOCS", 16)
+    monkeypatch.setattr(prepare, "SHARD_DOCS", 16)
     cut = [prepared(tmp_path / f"budget{p}", tmp_path / "one.parquet", "--max_tokens", "3000",
                     "--prep_procs", str(p)) for p in (1, 2)]
     assert all(np.array_equal(a, b) for a, b in zip(*cut))
@@ -175,13 +176,13 @@ def test_killed_preparation_resumes_where_it_stopped_byte_identical(tmp_path, mo
     (tmp_path / "pq").mkdir()
     for k in range(6):  # the kill lands in the third file: the stream's position spans files
         pq.write_table(pa.table({"text": docs[50 * k:50 * k + 50]}), tmp_path / "pq" / f"{k}.parquet")
-    monkeypatch.setattr(mg, "SHARD_DOCS", 16)
+    monkeypatch.setattr(prepare, "SHARD_DOCS", 16)
     ref = prepared(tmp_path / "ref", tmp_path / "pq", "--prep_procs", "2")
     argv = ["--data", str(tmp_path / "pq"), "--data_dir", str(tmp_path / "cache"), "--seq_len", "16",
             "--prep_procs", "2"]
     # progress.json is written (write_atomically -> write_text) once per commit, after that shard's tokens
     code = (f"import os, signal, sys; sys.path.insert(0, {mg.HERE!r}); import maml_gpt as mg\n"
-            "mg.SHARD_DOCS, real, n = 16, mg.write_text, [0]\n"
+            "mg.data_module('prepare').SHARD_DOCS, real, n = 16, mg.write_text, [0]\n"
             "def write_text(path, text):\n"
             "    n[0] += os.path.basename(path).startswith('progress')\n"
             "    if n[0] == 8: os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -195,8 +196,9 @@ def test_killed_preparation_resumes_where_it_stopped_byte_identical(tmp_path, mo
     # the 8th shard's tokens were appended, uncommitted: the rerun must cut them off
     assert os.path.getsize(os.path.join(out, "train.partial")) > 4 * mg.HEADER_INTS + 2 * progress["train"]
     firsts = []
-    encode = mg.encode_shard
-    monkeypatch.setattr(mg, "encode_shard", lambda texts, first: firsts.append(first) or encode(texts, first))
+    encode = prepare.encode_shard
+    monkeypatch.setattr(prepare, "encode_shard",
+                        lambda texts, first: firsts.append(first) or encode(texts, first))
     got = prepared(tmp_path, tmp_path / "pq", "--prep_procs", "1")
     assert firsts == list(range(112, 301, 16))  # from where it stopped, up to the final (empty) shard
     assert all(np.array_equal(a, b) for a, b in zip(got, ref))
@@ -209,7 +211,7 @@ def test_one_writer_per_cache_the_others_wait_and_say_for_what(tmp_path, capsys)
     args = mg.parse_args(["--data", "toy", "--toy_docs", "300", "--data_dir", str(tmp_path),
                           "--seq_len", "16"])
     out = str(tmp_path / "toy-300")
-    with mg.cache_lock(out, "it"):
+    with prepare.cache_lock(out, "it"):
         waiter = threading.Thread(target=mg.prepare_corpus, args=(args,))
         waiter.start()
         for _ in range(600):
@@ -219,7 +221,7 @@ def test_one_writer_per_cache_the_others_wait_and_say_for_what(tmp_path, capsys)
         else:
             raise AssertionError("the second process never said it was waiting")
         assert waiter.is_alive() and not os.path.exists(os.path.join(out, "val.bin"))
-        mg.tokenize_documents(args, out, "toy-300")  # the holder's work
+        prepare.tokenize_documents(args, out, "toy-300")  # the holder's work
     waiter.join(60)
     assert not waiter.is_alive() and "preparing" not in capsys.readouterr().out
 

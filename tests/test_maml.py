@@ -10,12 +10,14 @@ import torch.nn.functional as F
 import maml_gpt as mg
 from conftest import SMALL, check_close, close
 
+prepare = mg.data_module("prepare")  # data/prepare.py: the SMLMT index
+
 
 @pytest.fixture
 def corpus(data_dir):
     args = mg.parse_args(SMALL + ["--data_dir", data_dir])
     d = mg.prepare_corpus(args)
-    return mg.read_bin(os.path.join(d, "train.bin")), mg.build_smlmt_index(d, args)
+    return mg.read_bin(os.path.join(d, "train.bin")), prepare.build_smlmt_index(d, args)
 
 
 def test_content_words_follow_the_rule(corpus):

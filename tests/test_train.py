@@ -240,7 +240,8 @@ def test_local_parquet_and_json_gz_corpora_train(small_args, tmp_path):
         assert (cfg["args"]["grad_accum"], cfg["args"]["global_batch"], cfg["global_batch"]) == (4, 8, 8)
         assert metrics(out)[-1]["tokens"] == 2 * 8 * 32
         train = mg.read_bin(os.path.join(cfg["corpus"], "train.bin"))
-        assert np.array_equal(train, mg.encode_shard(docs, 0)[0])  # the documents' tokens, not the file's
+        # the documents' tokens, not the file's
+        assert np.array_equal(train, mg.data_module("prepare").encode_shard(docs, 0)[0])
 
 
 def test_global_batch_sets_the_accumulation_or_says_what_would_divide(small_args, capsys):
