@@ -22,8 +22,8 @@ import sys
 
 import numpy as np
 
-from finetune_ner import GROUPS
-from maml_gpt import UserError, pyplot
+from finetune_ner import GROUPS, pyplot
+from maml_gpt import UserError
 
 # ------------------------------------------------------------------------------------------------------------
 # Loading

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maml_gpt import (EOT_ID, HERE, UserError, get_tokenizer, load_checkpoint, model_from_checkpoint,
-                      pick_device, pyplot, toyworld, write_atomically)
+                      pick_device, toyworld, write_atomically)
 
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 LABEL_ID = {t: i for i, t in enumerate(LABELS)}
@@ -43,6 +43,14 @@ TEST_CONFIGS = {"de_pud": ("UNER_German-PUD", "master"), "en_pud": ("UNER_Englis
                 "ceb_gja": ("UNER_Cebuano-GJA", "master"), "tl_trg": ("UNER_Tagalog-TRG", "master"),
                 "tl_ugnayan": ("UNER_Tagalog-Ugnayan", "master")}
 URL = "https://raw.githubusercontent.com/UniversalNER/{repo}/{branch}/{cfg}-ud-{split}.iob2"
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: PNG files, no display needed (servers, CI); analyze.py's too."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1013,9 +1013,9 @@ def build_parser():
     a("--q_query", type=int, default=4, help="query examples per class (distinct from the support ones)")
     a("--inner_steps", type=int, default=10, help="SGD steps of the head on the support set")
     a("--inner_loop", default="layerwise", choices=["layerwise", "sgd"],
-      help="layerwise: the last layer steps by --inner_lr_out, layers 1-3 by --inner_lr, and a proto head's "
-           "last layer is its prototypes (steps move them; README); sgd: the paper's plain SGD, one "
-           "--inner_lr for all four layers (with proto: on W = 2 mu, b = -||mu||^2)")
+      help="layerwise: the last layer (a proto head's prototypes) steps by --inner_lr_out, layers 1-3 by "
+           "--inner_lr, and a step that raises the support loss is undone and the next halved (README); "
+           "sgd: the paper's plain SGD, one --inner_lr for all four layers (proto: W = 2 mu, b = -||mu||^2)")
     a("--inner_lr", type=float, default=0.001,
       help="inner SGD step of the head's layers 1-3 (--inner_loop sgd: of all four layers; released runs: "
            "0.01, paper text: 0.001)")
@@ -1657,14 +1657,6 @@ def run_header(args, cfg, model, device, world, extra):
                 versions=dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
                               tiktoken=tiktoken.__version__), command=" ".join(sys.argv),
                 started=time.strftime("%Y-%m-%d %H:%M:%S"), **extra)
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend: PNG files, no display needed (servers, CI)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def wandb_logger(args, header):
