@@ -6,7 +6,8 @@ code as nanoGPT's data/*/prepare.py does, because a run only ever reads the prep
 
 Sources (--data): the offline toy world (data/toyworld.py); local files (parquet, json[l][.gz], txt) read by
 `datasets`' own builders; a hub dataset ID, streamed. Tokenizing is sharded over --prep_procs processes and
-resumable: a killed preparation continues where it stopped and writes the same bytes.
+resumable: a killed preparation continues where it stopped and writes the same bytes. Last, the SMLMT index
+of a split (the occurrences of its content words, by maml_gpt.content_word_ids), cached beside it.
 """
 import collections
 import fcntl
