@@ -408,11 +408,10 @@ def content_word_ids(counts, skip_top, min_count):
                     dtype=np.int64)
 
 
-# The index sample_episode draws from (built once per corpus by data/prepare.py): for each content word,
-# where it occurs, in one flat CSR layout. Word i is the token index["words"][i]; its corpus positions are
-# index["positions"][index["offsets"][i]:index["offsets"][i + 1]], at most --smlmt_max_occ of them, each at
-# least SMLMT_MARGIN tokens from either end of the corpus, so any window of <= SMLMT_MARGIN tokens around an
-# occurrence fits.
+# The index sample_episode draws from (built once per corpus by data/prepare.py): where each content word
+# occurs, in one flat CSR layout. Word i is the token index["words"][i]; its corpus positions are
+# index["positions"][index["offsets"][i]:index["offsets"][i + 1]], at most --smlmt_max_occ of them, each
+# SMLMT_MARGIN tokens or more from either end of the corpus, so any window of that size around one fits.
 SMLMT_MARGIN = 256
 
 
@@ -578,8 +577,8 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr, backtrack=F
     feats = support_feats.detach().float()  # (N*K, d): no gradient reaches the backbone from the support set
     step = {k: (lr if not isinstance(lr, dict) else lr.get(k.split(".")[0], 0.0)) for k in phi0}
     moving = [k for k in phi0 if step[k] != 0]
-    # Fresh leaf copies: the head itself is never modified, so there is nothing to snapshot and restore (the
-    # reference's state_dict dance).
+    # Fresh leaf copies: the head itself is never modified, so there is nothing to snapshot and restore
+    # (the reference's state_dict dance).
     fast = {k: p.detach().clone().requires_grad_(k in moving) for k, p in phi0.items()}
     size = torch.ones((), device=feats.device) if backtrack else 1.0  # halved by each undone step
     # fp32 even under bf16 autocast: 10 SGD steps on a small MLP are cheap, and bf16 would round them away.
