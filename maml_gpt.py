@@ -584,7 +584,7 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr, backtrack=F
     size = torch.ones((), device=feats.device) if backtrack else 1.0  # halved by each undone step
     # fp32 even under bf16 autocast: 10 SGD steps on a small MLP are cheap, and bf16 would round them away.
     with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
-        for t in range(steps + backtrack if moving else 0):  # backtrack: one more loss judges the last step
+        for t in range(steps if moving else 0):
             loss = F.cross_entropy(head_logits(head, fast, feats), support_labels)
             grads = torch.autograd.grad(loss, [fast[k] for k in moving])
             if backtrack and t > 0:  # undo a step that raised the loss: torch.where, no host sync
@@ -592,13 +592,15 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr, backtrack=F
                 fast.update({k: torch.where(up, last[k], fast[k]) for k in moving})
                 grads = [torch.where(up, a, b) for a, b in zip(last_grads, grads)]
                 size, loss = torch.where(up, size / 2, size), torch.where(up, best, loss.detach())
-            if t == steps:
-                break
             if backtrack:  # where to return if the next step raises the loss
                 best, last, last_grads = loss.detach(), {k: fast[k].detach() for k in moving}, grads
             # phi_t = phi_{t-1} - lr * grad; detach() makes it first order (no graph through the steps)
             for k, g in zip(moving, grads):
                 fast[k] = (fast[k] - size * step[k] * g).detach().requires_grad_()
+        if backtrack and moving and steps:  # judge the last step too: one more loss, no gradient
+            with torch.no_grad():
+                up = F.cross_entropy(head_logits(head, fast, feats), support_labels) > best
+            fast.update({k: torch.where(up, last[k], fast[k]) for k in moving})
     # Value phi_T, gradient path to phi_0 with Jacobian I: the straight-through form of FOMAML.
     return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}
 
@@ -790,6 +792,7 @@ def fewshot_eval(model, head_args, episodes, amp):
         head = make_head(model.cfg.d_model, head_args.n_way, head_args.head_hidden, head_args.head_layers,
                          head_args.head_dropout, head_args.head_init, model.cfg.vocab_size)
     head = head.to(model.rope_cos.device).eval()
+    layerwise = head_args.inner_loop == "layerwise"  # tied prototypes, backtracking, as in training
     model.eval()
     sums = dict(eval_fewshot_acc_pre=0.0, eval_fewshot_acc=0.0, eval_fewshot_loss_support_pre=0.0,
                 eval_fewshot_loss_support_post=0.0, eval_proto_acc_mask=0.0, eval_proto_acc_prev=0.0)
@@ -804,10 +807,9 @@ def fewshot_eval(model, head_args, episodes, amp):
         fs = read_at(hs, ep["support_at"], head_args.read)
         fq = read_at(hq, ep["query_at"], head_args.read)
         phi0 = {k: v.detach() for k, v in episode_init(head, fs, ep["support_y"], ep["classes"],
-                                                       head_args.head_init,
-                                                       tied=head_args.inner_loop == "layerwise").items()}
+                                                       head_args.head_init, layerwise).items()}
         adapted = inner_loop(head, phi0, fs, ep["support_y"], head_args.inner_steps, inner_lrs(head_args),
-                             backtrack=head_args.inner_loop == "layerwise")
+                             layerwise)
         with torch.no_grad():
             st = adaptation_stats(head, phi0, adapted, fs, ep["support_y"], fq, ep["query_y"])
         for k, name in (("acc_query_pre", "eval_fewshot_acc_pre"), ("acc_query_post", "eval_fewshot_acc"),
