@@ -164,6 +164,36 @@ def sdpa_kernel_used(model, idx, amp):
             return "unknown"
 
 
+# Ops that only re-describe a tensor's memory (no kernel on a GPU): left out of the launched-op count.
+VIEW_OPS = {"aten::" + n for n in ("view view_as reshape _reshape_alias _unsafe_view t transpose detach alias "
+                                   "expand unsqueeze squeeze select slice split split_with_sizes as_strided")
+            .split()}
+
+
+def launched_ops(fn):
+    """-> (ops, launched): the top-level aten operators one call of fn() runs, from torch.profiler after a
+    warm-up call, and those of them that are not views."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    top = [e.name for e in prof.events() if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    return len(top), sum(n not in VIEW_OPS for n in top)
+
+
+def inner_loop_ops(run, args, ep):
+    """launched_ops of one episode's adaptation: episode_init + the inner loop, as meta_micro_step runs it."""
+    with torch.no_grad(), run.amp:
+        hs = mg.read_features(run.orig_model, ep["support_x"], ep["support_at"], args.read)
+    layerwise = args.inner_loop == "layerwise"
+
+    def adapt():
+        phi0 = mg.episode_init(run.head, hs, ep["support_y"], ep["classes"], args.head_init, layerwise)
+        mg.inner_loop(run.head, phi0, hs, ep["support_y"], args.inner_steps, mg.inner_lrs(args), layerwise)
+    return launched_ops(adapt)
+
+
 def bench(args, iters=5):
     """Time AR and meta micro-steps and one dynamics probe of the run `args` describes; print the numbers."""
     run = mg.setup(args, for_bench=True)
@@ -232,11 +262,16 @@ def bench(args, iters=5):
           f"AR and meta micro-steps and a dynamics probe)")
     print("  host syncs per micro-step: " + "; ".join(f"{k} {sum(v.values())}" + "".join(
         f", {n} x{c}" for n, c in sorted(v.items())) for k, v in syncs.items()))
+    ep = mg.episode_tensors(run.tokens, run.index, args, mg.stream_key(args.seed, 0, "episode", 0), device)
+    ops, launched = inner_loop_ops(run, args, ep)
+    print(f"  inner loop (episode_init + {args.inner_steps} steps, --inner_loop {args.inner_loop}): {ops} aten "
+          f"ops, {launched} of them not views (kernels on a GPU)")
     print(f"  dynamics probe: {t_dyn:.2f} s every {args.dynamics_every} steps = "
           f"{t_dyn / (t_dyn + args.dynamics_every * step_time) * 100:.2f}% of training time "
           f"(est. step {step_time:.2f} s at grad_accum {args.grad_accum})")
     return dict(t_ar=t_ar, t_meta=t_meta, ar_tok=ar_tok, meta_tok=meta_tok, t_dyn=t_dyn, peak_memory_gib=mem,
-                syncs={k: sum(v.values()) for k, v in syncs.items()}, flops=flops, peak=peak, sdpa=kernel)
+                syncs={k: sum(v.values()) for k, v in syncs.items()}, flops=flops, peak=peak, sdpa=kernel,
+                inner_ops=ops, inner_launched=launched)
 
 
 def to_hf_llama(model):

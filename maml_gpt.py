@@ -578,30 +578,42 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr, backtrack=F
     feats = support_feats.detach().float()  # (N*K, d): no gradient reaches the backbone from the support set
     step = {k: (lr if not isinstance(lr, dict) else lr.get(k.split(".")[0], 0.0)) for k in phi0}
     moving = [k for k in phi0 if step[k] != 0]
-    # Fresh leaf copies: the head itself is never modified, so there is nothing to snapshot and restore
-    # (the reference's state_dict dance).
-    fast = {k: p.detach().clone().requires_grad_(k in moving) for k, p in phi0.items()}
-    size = torch.ones((), device=feats.device) if backtrack else 1.0  # halved by each undone step
+    if not (moving and steps):
+        return dict(phi0)
+    # The moving weights as ONE vector theta (P,), a fresh copy (the head itself is never modified, so there
+    # is nothing to snapshot and restore: the reference's state_dict dance). A step is then a few operations
+    # on theta instead of a few per tensor: a head this small is bound by kernel launches, not arithmetic.
+    sizes = [phi0[k].numel() for k in moving]
+    theta = torch.cat([phi0[k].detach().reshape(-1) for k in moving])
+    rate = torch.cat([torch.full((n,), float(step[k]), device=feats.device) for k, n in zip(moving, sizes)])
+
+    def weights(theta):  # theta (P,) -> {name: tensor}: views of its pieces, the fixed entries as they are
+        pieces = dict(zip(moving, theta.split(sizes)))
+        return {k: pieces[k].view_as(p) if k in pieces else p.detach() for k, p in phi0.items()}
+
+    def support_loss(theta):
+        return F.cross_entropy(head_logits(head, weights(theta), feats), support_labels)
+
+    best = last = last_grad = None  # backtracking: the loss, point and gradient to return to
     # fp32 even under bf16 autocast: 10 SGD steps on a small MLP are cheap, and bf16 would round them away.
     with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
-        for t in range(steps if moving else 0):
-            loss = F.cross_entropy(head_logits(head, fast, feats), support_labels)
-            grads = torch.autograd.grad(loss, [fast[k] for k in moving])
-            if backtrack and t > 0:  # undo a step that raised the loss: torch.where, no host sync
-                up = loss.detach() > best
-                fast.update({k: torch.where(up, last[k], fast[k]) for k in moving})
-                grads = [torch.where(up, a, b) for a, b in zip(last_grads, grads)]
-                size, loss = torch.where(up, size / 2, size), torch.where(up, best, loss.detach())
-            if backtrack:  # where to return if the next step raises the loss
-                best, last, last_grads = loss.detach(), {k: fast[k].detach() for k in moving}, grads
-            # phi_t = phi_{t-1} - lr * grad; detach() makes it first order (no graph through the steps)
-            for k, g in zip(moving, grads):
-                fast[k] = (fast[k] - size * step[k] * g).detach().requires_grad_()
-        if backtrack and moving and steps:  # judge the last step too: one more loss, no gradient
+        for t in range(steps):
+            theta.requires_grad_()
+            loss = support_loss(theta)
+            grad, = torch.autograd.grad(loss, theta)
+            theta, loss = theta.detach(), loss.detach()  # first order: no graph through the steps
+            if backtrack and t > 0:  # undo a step that raised the loss, halve the rest: torch.where, no sync
+                up = loss > best
+                theta, grad = torch.where(up, last, theta), torch.where(up, last_grad, grad)
+                rate, loss = torch.where(up, rate / 2, rate), torch.where(up, best, loss)
+            if backtrack:  # return here if the next step raises the loss
+                best, last, last_grad = loss, theta, grad
+            theta = theta - rate * grad  # phi_t = phi_{t-1} - lr * grad
+        if backtrack:  # judge the last step too: one more loss, no gradient
             with torch.no_grad():
-                up = F.cross_entropy(head_logits(head, fast, feats), support_labels) > best
-            fast.update({k: torch.where(up, last[k], fast[k]) for k in moving})
+                theta = torch.where(support_loss(theta) > best, last, theta)
     # Value phi_T, gradient path to phi_0 with Jacobian I: the straight-through form of FOMAML.
+    fast = weights(theta)
     return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}
 
 

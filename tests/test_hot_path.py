@@ -62,6 +62,26 @@ def test_micro_steps_never_wait_on_the_host(small_run):
         assert t.dtype == torch.int64 and t.shape == a.shape and (t.numpy() == a).all()
 
 
+def test_an_inner_step_costs_the_same_few_ops_whatever_the_head_depth():
+    """The inner loop updates (and backtracks) all of the head's weights as one vector: one more inner step
+    adds the forward and backward of each layer plus a fixed handful of operations, not a few per weight
+    tensor. So backtracking's extra cost per step is the same for a 2- and a 4-layer head."""
+    torch.manual_seed(0)
+    feats, labels = torch.randn(24, 16), torch.arange(6).repeat(4)
+    per_step = {}
+    for layers in (2, 4):
+        head = mg.make_head(16, 6, hidden=8, n_layers=layers)
+        for backtrack in (False, True):
+            def ops(steps):
+                phi0 = mg.episode_init(head, feats, labels, torch.arange(6), "proto", tied=True)
+                return bench.launched_ops(lambda: mg.inner_loop(head, phi0, feats, labels, steps,
+                                                                dict(body=0.01, out=1.0), backtrack))[1]
+            per_step[layers, backtrack] = ops(3) - ops(2)
+    extra = {layers: per_step[layers, True] - per_step[layers, False] for layers in (2, 4)}
+    assert per_step[4, False] > per_step[2, False]  # deeper: more layers to run forward and backward
+    assert extra[2] == extra[4] and 0 < extra[2] <= 6, (per_step, extra)
+
+
 def probe_model():
     torch.manual_seed(0)
     m = mg.Decoder(mg.ModelConfig(d_model=24, n_layers=2, max_seq_len=16))
