@@ -52,15 +52,14 @@ PLANTS = {
     },
     "inner_loop": {
         "gradient ascent: w + lr * grad": [
-            ("(fast[k] - size * step[k] * g)", "(fast[k] + size * step[k] * g)")],
+            ("theta = theta - rate * grad", "theta = theta + rate * grad")],
         "phi_T returned without its path to phi_0 (no meta-gradient)": [
             ("return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}", "return fast")],
         "second order: create_graph=True and no detach, the graph runs through every step": [
-            ("fast = {k: p.detach().clone().requires_grad_(k in moving) for k, p in phi0.items()}",
-             "fast = dict(phi0)"),
-            ("torch.autograd.grad(loss, [fast[k] for k in moving])",
-             "torch.autograd.grad(loss, [fast[k] for k in moving], create_graph=True)"),
-            ("(fast[k] - size * step[k] * g).detach().requires_grad_()", "(fast[k] - size * step[k] * g)"),
+            ("torch.cat([phi0[k].detach().reshape(-1) for k in moving])",
+             "torch.cat([phi0[k].reshape(-1) for k in moving])"),
+            ("torch.autograd.grad(loss, theta)", "torch.autograd.grad(loss, theta, create_graph=True)"),
+            ("theta, loss = theta.detach(), loss.detach()", "loss = loss.detach()"),
             ("return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}", "return fast")],
     },
     "meta_micro_step": {

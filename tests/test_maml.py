@@ -276,15 +276,18 @@ def test_inner_loop_is_first_order():
     qf, qy = torch.randn(6, 12), torch.arange(3).repeat(2)
     phi0 = mg.episode_init(head, sf, sy, None, "learned")  # phi_0 is the head's own parameters
     adapted = mg.inner_loop(head, phi0, sf, sy, steps=4, lr=0.5)
-    F.cross_entropy(mg.head_logits(head, adapted, qf), qy).backward()
+    no_path = ("the adapted weights carry no gradient path to phi_0: the query loss cannot train the head's "
+               "init")
+    query_loss = F.cross_entropy(mg.head_logits(head, adapted, qf), qy)
+    assert query_loss.requires_grad, no_path
+    query_loss.backward()
     w = sgd_by_hand(head, {k: v.detach() for k, v in phi0.items()}, sf, sy, 4, 0.5)
     w = {k: v.requires_grad_() for k, v in w.items()}
     first = dict(zip(w, torch.autograd.grad(F.cross_entropy(mg.head_logits(head, w, qf), qy),
                                             list(w.values()))))
     second = second_order_by_hand(head, phi0, sf, sy, qf, qy, 4, 0.5)
     params = dict(head.named_parameters())
-    assert all(p.grad is not None for p in params.values()), \
-        "the adapted weights carry no gradient path to phi_0: the query loss cannot train the head's init"
+    assert all(p.grad is not None for p in params.values()), no_path
     got = torch.cat([params[k].grad.flatten() for k in w])
     want, hessian = (torch.cat([d[k].flatten() for k in w]) for d in (first, second))
     assert (want - hessian).abs().max() > 1e-3  # the episode is one where the two orders differ
