@@ -564,10 +564,10 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr, backtrack=F
     raises the support loss is undone and every later step halved, so the support loss never goes up.
 
     Why (README, "The inner loop, measured"): on a trained demo head the support loss's curvature is ~220 in
-    layers 1-3 and ~3 in the last layer, so one plain step size is unstable in the body or idle in the last
-    layer; a step on W and b apart makes the nearest-prototype classifier a plainer linear one, which loses
-    support accuracy while it lowers the loss, so the last layer's steps move the prototypes (out.proto);
-    and the prototypes' good step size changes with the feature scale as training goes, hence backtracking.
+    layers 1-3 and ~3 in the last layer: a single step size is unstable in the body or idle in the last
+    layer. Steps on W and b apart make the nearest-prototype classifier a plain linear one (lower loss, lower
+    accuracy), so the last layer's steps move the prototypes (out.proto). Their good step size drifts with
+    the feature scale as training goes: hence backtracking.
 
     Returns phi_T as {name: tensor} for head_logits(). First order: each step's gradient comes from
     torch.autograd.grad, never .backward(), which would add the support gradients to the head's .grad (where
@@ -580,9 +580,8 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr, backtrack=F
     moving = [k for k in phi0 if step[k] != 0]
     if not (moving and steps):
         return dict(phi0)
-    # The moving weights as ONE vector theta (P,), a fresh copy (the head itself is never modified, so there
-    # is nothing to snapshot and restore: the reference's state_dict dance). A step is then a few operations
-    # on theta instead of a few per tensor: a head this small is bound by kernel launches, not arithmetic.
+    # The moving weights as ONE fresh vector theta (P,): the head itself is never modified (nothing to
+    # restore, unlike the reference), and a step is a few operations on theta, not a few per weight tensor.
     sizes = [phi0[k].numel() for k in moving]
     theta = torch.cat([phi0[k].detach().reshape(-1) for k in moving])
     rate = torch.cat([torch.full((n,), float(step[k]), device=feats.device) for k, n in zip(moving, sizes)])
