@@ -17,7 +17,7 @@ SEEDS = [1, 2, 3, 4, 5]
 NOISE = [0.03, -0.02, 0.05, -0.04, 0.01]  # per-seed noise, well below every planted effect
 
 
-def write_run(path, ratio, seed, speed=1.0, fewshot=0.2, rise_fall=False, **flags):
+def write_run(path, ratio, seed, speed=1.0, fewshot=0.2, rise_fall=False, jump=True, **flags):
     """A planted run of 600 steps, logged every 10: AR loss 2 + 8 exp(-speed * step / 200) (speed > 1 learns
     faster per step), held-out few-shot accuracy `fewshot` at every eval (every 100 steps), and PER and
     attention entropy that rise then fall (a knee at step 400) if rise_fall, else rise and stay."""
@@ -30,7 +30,7 @@ def write_run(path, ratio, seed, speed=1.0, fewshot=0.2, rise_fall=False, **flag
                      n_meta_steps=0, loss_ar=2.0 + 8.0 * math.exp(-speed * step / 200))
             if ratio:
                 r.update(loss_query=1.5, loss_mixed=r["loss_ar"], acc_query_pre=0.1, acc_support_pre=0.1,
-                         acc_query_post=0.1 + 0.3 * (step > 300), acc_support_post=0.2,
+                         acc_query_post=0.1 + 0.3 * (step > 300 and jump), acc_support_post=0.2,
                          loss_support_pre=2.0, loss_support_post=1.5)
             if step % 100 == 0:
                 r.update(eval_ppl=math.exp(r["loss_ar"]), eval_fewshot_acc=fewshot, eval_fewshot_acc_pre=0.05,
@@ -43,7 +43,7 @@ def write_run(path, ratio, seed, speed=1.0, fewshot=0.2, rise_fall=False, **flag
             fh.write(json.dumps(r) + "\n")
 
 
-def plant(tmp_path, signs, effect=1.3, seeds=SEEDS, vanilla_seeds=None, grid=True):
+def plant(tmp_path, signs, effect=1.3, seeds=SEEDS, vanilla_seeds=None, grid=True, no_jump=()):
     """5 MAML runs and their vanilla twins; pair i has the planted effect in the direction signs[i] on every
     claim: speed-up effect^(+-1), few-shot +-0.1, NER F1 +-20 %, rise-then-fall in MAML (+) or in vanilla (-).
     -> (MAML paths, vanilla paths, grid folder)."""
@@ -52,7 +52,7 @@ def plant(tmp_path, signs, effect=1.3, seeds=SEEDS, vanilla_seeds=None, grid=Tru
         sign = signs[i]
         m, v = str(tmp_path / f"maml-s{s}"), str(tmp_path / f"vanilla-s{s}")
         write_run(m, 0.5, s, speed=effect ** sign * math.exp(NOISE[i]), fewshot=0.2 + sign * (0.1 + NOISE[i]),
-                  rise_fall=sign > 0)
+                  rise_fall=sign > 0, jump=s not in no_jump)
         mamls.append(m)
         for ckpt, ratio, f1 in ((f"ckpts/maml-{s}.pt", 0.5, 0.4 * (1 + sign * (0.2 + NOISE[i]))),
                                 (f"ckpts/vanilla-{s}.pt", 0.0, 0.4)):
@@ -169,6 +169,13 @@ def test_three_seeds_are_inconclusive_however_consistent(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------------
 # Pairing: unpaired seeds, mixed settings, the one-pair form
+
+def test_seeds_without_a_query_accuracy_jump_count_in_the_total(tmp_path):
+    mamls, vans, grid = plant(tmp_path, [1] * 5, no_jump=(1, 3))
+    c, report = run_analysis(tmp_path, mamls, vans, grid)
+    assert [s is None for s in c["jump_step_per_seed"]] == [True, False, True, False, False]
+    assert "a jump in 3/5 seeds" in report
+
 
 def test_unpaired_seeds_are_named_and_left_out(tmp_path, capsys):
     mamls, vans, grid = plant(tmp_path, [1] * 5, vanilla_seeds=[1, 2, 3, 4, 6])
