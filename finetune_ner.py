@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import os
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maml_gpt import (EOT_ID, HERE, UserError, get_tokenizer, load_checkpoint, model_from_checkpoint,
-                      pick_device, toyworld, write_atomically)
+from maml_gpt import (EOT_ID, HERE, UserError, cli, get_tokenizer, load_checkpoint,
+                      model_from_checkpoint, pick_device, toyworld, write_atomically)
 
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 LABEL_ID = {t: i for i, t in enumerate(LABELS)}
@@ -433,33 +432,60 @@ GROUPS = {"seen": list(TRAIN_CONFIGS) + ["toy"], "pud": [c for c in TEST_CONFIGS
           "other": ["ceb_gja", "tl_trg", "tl_ugnayan", "toy_heldout"]}
 
 
-def grid_pairs(rows):
-    """The grid's checkpoints as (seed, MAML ckpt, vanilla ckpt) pairs -> (pairs, notes on those left out).
-    One checkpoint per arm: that pair (the seed as recorded, if any). More: paired by the seed each checkpoint
-    was pretrained with (ckpt_seed); a seed with one arm only is left out."""
-    ckpts = list(dict.fromkeys(r["ckpt"] for r in rows))
-    info = {c: next(r for r in rows if r["ckpt"] == c) for c in ckpts}
-    maml = [c for c in ckpts if float(info[c]["hybrid_ratio"] or 0) > 0]
-    vanilla = [c for c in ckpts if c not in maml]
-    if len(maml) <= 1 and len(vanilla) <= 1:
-        one = [(info[maml[0]].get("ckpt_seed") or None, maml[0], vanilla[0])] if maml and vanilla else []
-        return one, []
-    by = {arm: {} for arm in ("MAML", "vanilla")}
-    notes = []
-    for arm, cs in (("MAML", maml), ("vanilla", vanilla)):
-        for c in cs:
-            s = info[c].get("ckpt_seed") or None  # "" in grids written before the seed was recorded
-            if s is None or s in by[arm]:
-                why = ("no ckpt_seed in grid.csv (re-run the sweep to record it)" if s is None
-                       else f"a second {arm} checkpoint of seed {s}")
-                notes.append(f"{c}: {why}: left out of the pairs")
-                continue
-            by[arm][s] = c
-    for arm, other in (("MAML", "vanilla"), ("vanilla", "MAML")):
-        notes += [f"{by[arm][s]} (seed {s}) has no {other} checkpoint of that seed: left out of the pairs"
-                  for s in by[arm] if s not in by[other]]
-    common = sorted(set(by["MAML"]) & set(by["vanilla"]), key=lambda s: (len(s), s))  # numeric order
+def pair_by_seed(mamls, vanillas, seed_of, name_of):
+    """Pairs the items of two arms (runs or checkpoints) by the --seed each was trained with -> ([(seed, MAML
+    item, vanilla item)] in seed order, [notes on the items left out]). One item per arm is that pair as
+    given (with a note when the seeds differ). A UserError for an item without a seed, two of one seed in an
+    arm, or no seed in both arms. analyze.py pairs its runs with this too."""
+    if len(mamls) == 1 and len(vanillas) == 1:
+        a, b = seed_of(mamls[0]), seed_of(vanillas[0])
+        return [(a, mamls[0], vanillas[0])], ([] if str(a) == str(b) else [
+            f"the two have different seeds ({a} and {b}): compared as given, not as a paired twin"])
+    by = {"MAML": {}, "vanilla": {}}
+    for arm, items in (("MAML", mamls), ("vanilla", vanillas)):
+        for it in items:
+            s = seed_of(it)
+            if s is None:
+                raise UserError(f"{name_of(it)} has no recorded seed: pairing by seed needs runs "
+                                "(checkpoints) written by maml_gpt.py (re-run an old sweep: it records it)")
+            if s in by[arm]:
+                raise UserError(f"{name_of(by[arm][s])} and {name_of(it)} are both seed {s} of the {arm} "
+                                "arm; give one per seed and arm")
+            by[arm][s] = it
+    notes = [f"seed {s} ({name_of(by[arm][s])}) has no {other} twin with that seed: left out"
+             for arm, other in (("MAML", "vanilla"), ("vanilla", "MAML"))
+             for s in by[arm] if s not in by[other]]
+    common = sorted(set(by["MAML"]) & set(by["vanilla"]), key=lambda s: (len(str(s)), str(s)))  # 2 before 10
+    if not common:
+        raise UserError(f"no seed is in both arms (MAML seeds {sorted(by['MAML'])}, vanilla seeds "
+                        f"{sorted(by['vanilla'])}); give each MAML run its vanilla twin: the same --seed "
+                        "with --hybrid_ratio 0")
     return [(s, by["MAML"][s], by["vanilla"][s]) for s in common], notes
+
+
+def grid_pairs(rows):
+    """The grid's checkpoints as (seed, MAML ckpt, vanilla ckpt) pairs, by the seed each was pretrained with
+    (ckpt_seed) -> (pairs, notes on those left out)."""
+    info = {r["ckpt"]: r for r in rows}
+    maml = [c for c in info if float(info[c]["hybrid_ratio"] or 0) > 0]
+    vanilla = [c for c in info if c not in maml]
+    if not (maml and vanilla):
+        return [], []
+    return pair_by_seed(maml, vanilla, lambda c: info[c].get("ckpt_seed") or None, str)
+
+
+def relative_f1(rows, m, v, groups=None):
+    """MAML checkpoint m against vanilla checkpoint v, as the paper's Table 3: -> {(regime, group): (MAML F1,
+    vanilla F1, relative change in % of vanilla)}, each F1 the mean over every fine-tuning config x evaluation
+    set of the group; None where a side has no cell (the change also where vanilla's F1 is 0)."""
+    out = {}
+    for regime in ("head", "full"):
+        for g, evs in (groups or GROUPS).items():
+            f1 = [[float(r["f1"]) for r in rows if r["ckpt"] == ck and r["regime"] == regime
+                   and r["eval_on"] in evs] for ck in (m, v)]
+            a, b = (float(np.mean(x)) if x else None for x in f1)
+            out[regime, g] = (a, b, None if a is None or not b else (a - b) / b * 100)
+    return out
 
 
 def ner_grid_report(rows, out):
@@ -501,44 +527,34 @@ def ner_grid_report(rows, out):
     for n in notes:
         print(f"note: {n}")
 
-    def mean_f1(ckpt, regime, evs):
-        v = [float(r["f1"]) for r in rows
-             if r["ckpt"] == ckpt and r["regime"] == regime and r["eval_on"] in evs]
-        return float(np.mean(v)) if v else None
-
-    def rel(m, v, evs, regime):  # -> % of vanilla micro-F1, or None
-        a, b = mean_f1(m, regime, evs), mean_f1(v, regime, evs)
-        return None if a is None or b is None or b == 0 else (a - b) / b * 100
+    rel = [relative_f1(rows, m, v) for _, m, v in pairs]
 
     def cell(x):
         return "-" if x is None else f"{x:+.1f}%"
 
-    def mean_rel(evs, regime):  # over the seed pairs that have it
-        vals = [x for x in (rel(m, v, evs, regime) for _, m, v in pairs) if x is not None]
-        return float(np.mean(vals)) if vals else None
-    for seed, m, v in pairs:
-        lines += [f"## Relative improvement of MAML ({m}) over vanilla ({v})"
-                  + (f", seed {seed}" if len(pairs) > 1 else "") + ", % of vanilla micro-F1 (Table 3)", "",
-                  "| regime | seen | PUD | other |", "|---|---|---|---|"]
+    def table(rels):  # the mean over the given pairs of each (regime, group) change that they have
+        lines = ["| regime | seen | PUD | other |", "|---|---|---|---|"]
         for regime in ("head", "full"):
-            lines.append(f"| {regime} | " + " | ".join(cell(rel(m, v, GROUPS[g], regime))
-                                                       for g in ("seen", "pud", "other")) + " |")
-        if len(pairs) > 1:
-            lines.append("")
+            vals = [[r[regime, g][2] for r in rels if r[regime, g][2] is not None]
+                    for g in ("seen", "pud", "other")]
+            lines.append(f"| {regime} | " + " | ".join(cell(np.mean(x) if x else None) for x in vals) + " |")
+        return lines
+    for (seed, m, v), r in zip(pairs, rel):
+        lines += [f"## Relative improvement of MAML ({m}) over vanilla ({v})"
+                  + (f", seed {seed}" if len(pairs) > 1 else "") + ", % of vanilla micro-F1 (Table 3)", ""]
+        lines += table([r]) + ([""] if len(pairs) > 1 else [])
     if len(pairs) > 1:
         lines += [f"## Mean over the {len(pairs)} seed pairs ({', '.join(str(s) for s, _, _ in pairs)}) of "
-                  "the relative improvement, % (analyze.py adds intervals and a test)", "",
-                  "| regime | seen | PUD | other |", "|---|---|---|---|"]
-        for regime in ("head", "full"):
-            lines.append(f"| {regime} | " + " | ".join(cell(mean_rel(GROUPS[g], regime))
-                                                       for g in ("seen", "pud", "other")) + " |")
+                  "the relative improvement, % (analyze.py adds intervals and a test)", ""] + table(rel)
     if pairs:
-        evs = list(dict.fromkeys(r["eval_on"] for r in rows))
+        evs = {e: [e] for e in dict.fromkeys(r["eval_on"] for r in rows)}
+        per_set = [relative_f1(rows, m, v, evs) for _, m, v in pairs]
         lines += ["", "## Per evaluation set (Tables 4-5), averaged over fine-tuning configs"
                   + (f" and over the {len(pairs)} seed pairs" if len(pairs) > 1 else ""), "",
                   "| regime | " + " | ".join(evs) + " |", "|---" * (len(evs) + 1) + "|"]
         for regime in ("head", "full"):
-            lines.append(f"| {regime} | " + " | ".join(cell(mean_rel([e], regime)) for e in evs) + " |")
+            vals = [[r[regime, e][2] for r in per_set if r[regime, e][2] is not None] for e in evs]
+            lines.append(f"| {regime} | " + " | ".join(cell(np.mean(x) if x else None) for x in vals) + " |")
     with open(os.path.join(out, "grid.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"grid: {os.path.join(out, 'grid.csv')}, {os.path.join(out, 'grid.md')}, heatmaps in {out}")
@@ -578,10 +594,10 @@ def main(argv=None):
         args.train_on = "en_ewt" if args.data_dir else "toy"
     args.out = args.out or os.path.join(os.path.dirname(args.ckpt[0]) or ".",
                                         "ner-grid" if args.sweep else f"ner-{args.train_on}-{args.regime}")
-    try:
+
+    def body():
         if args.sweep:
-            sweep(args)
-            return
+            return sweep(args)
         res = run_one(args)
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "results.json")
@@ -590,9 +606,7 @@ def main(argv=None):
         print(f"results: {path} ({res['sec']:.0f}s). Next: python finetune_ner.py --regime "
               f"{'full' if args.regime == 'head' else 'head'}   |   "
               "python finetune_ner.py --sweep --ckpt CKPT ...")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(body)
 
 
 if __name__ == "__main__":
