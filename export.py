@@ -103,6 +103,15 @@ def hf_tokenizer_files(model_max_length):
             "tokenizer_config.json": json.dumps(config)}
 
 
+def to_hf_llama(model):
+    """A transformers.LlamaForCausalLM (sdpa) computing the same function as `model` (a maml_gpt.Decoder), on
+    its device: the config and weights export() writes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config(model.cfg), attn_implementation="sdpa"))
+    hf.load_state_dict(hf_state_dict(model), strict=True)
+    return hf.to(next(model.parameters()).device)
+
+
 def export(out_dir, dest):
     """The backbone of out_dir/ckpt.pt as a folder LlamaForCausalLM.from_pretrained(dest) loads."""
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
@@ -131,8 +140,12 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dest", help="the folder to write (new or empty)")
     p.add_argument("--out_dir", default=os.path.join("out", "demo"), help="the run folder holding ckpt.pt")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    mg.cli(lambda: export(args.out_dir, args.dest))
+    argv = sys.argv[1:] if argv is None else argv
+
+    def body():
+        args = p.parse_args(argv)
+        export(args.out_dir, args.dest)
+    mg.cli(body)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import torch
 import maml_gpt as mg
 
 transformers = pytest.importorskip("transformers")
-import bench  # noqa: E402  (imports transformers lazily; here it is present)
+import bench  # noqa: E402
+import export  # noqa: E402  (imports transformers lazily; here it is present)
 
 
 def test_logits_and_loss_equal_llama_for_causal_lm():
@@ -16,7 +17,7 @@ def test_logits_and_loss_equal_llama_for_causal_lm():
         for name, p in ours.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-    hf = bench.to_hf_llama(ours).eval()
+    hf = export.to_hf_llama(ours).eval()
     assert hf.config._attn_implementation == "sdpa"
     x = torch.randint(0, mg.EOT_ID, (2, 64))
     with torch.no_grad():
@@ -31,7 +32,7 @@ def test_rope_permutation_is_needed():
     """Without the q/k row permutation the two RoPE conventions disagree: the test above is not vacuous."""
     torch.manual_seed(0)
     ours = mg.Decoder(mg.ModelConfig(d_model=48, n_layers=1, max_seq_len=16)).eval()
-    hf = bench.to_hf_llama(ours).eval()
+    hf = export.to_hf_llama(ours).eval()
     with torch.no_grad():
         for proj in ("q_proj", "k_proj"):
             getattr(hf.model.layers[0].self_attn, proj).weight.copy_(
