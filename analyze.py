@@ -3,7 +3,7 @@ analyze.py: which of the paper's claims hold on MAML runs and their vanilla twin
 
     python analyze.py                                   # the demo run(s): out/demo [and out/demo-vanilla]
     python analyze.py out/small out/small-vanilla       # a MAML run and its vanilla twin
-    python analyze.py RUN_MAML --vanilla RUN_VANILLA --ner GRID        # + the NER row (finetune_ner.py --sweep)
+    python analyze.py RUN_MAML --vanilla RUN_VANILLA --ner GRID   # + the NER row (finetune_ner.py --sweep)
     python analyze.py out/demo-s{1..5} --vanilla out/demo-vanilla-s{1..5} --ner GRID_M GRID_V --out DIR
 
 Reads RUN/metrics.jsonl and RUN/config.json; writes claims.json, report.md (the claims table on top) and PNG
@@ -28,8 +28,8 @@ from maml_gpt import UserError, cli
 
 CLAIMS = [
     dict(id="speedup", name="Same loss N x sooner", key="speedup_step_ar", log=True, min=1.1,
-         paper="§4, Fig. 1: MAML reaches its vanilla twin's loss 1.3-1.6x sooner per step over the four sizes",
-         rule="vanilla's steps to a loss / MAML's steps to it, at vanilla's final AR loss; one pair: >= 1.1x"),
+         paper="§4, Fig. 1: MAML reaches its vanilla twin's loss 1.3-1.6x sooner per step (four sizes)",
+         rule="vanilla's steps to a loss / MAML's steps to it, at vanilla's final AR loss; 1 pair: >= 1.1x"),
     dict(id="ner", name="NER F1 under equal compute", key="ner_rel_avg", min=0.0,
          paper="§5, Table 3: relative change of micro-F1, head and full fine-tuning, seen / PUD / other; "
                "averaged: tiny -6.4 %, small +6.4 %, medium +3.3 %, large +5.3 %",
@@ -38,7 +38,7 @@ CLAIMS = [
          ruler=("fall", "z"),
          paper="§6, Fig. 6 and 33: attention-layer PER declines, weights with an abrupt drop (large: ~step "
                "3000), gradients dipping and rebounding; not in vanilla",
-         rule="MAML has an attention matrix (v_proj, o_proj scored apart) whose weight PER declines and falls "
+         rule="MAML has an attention matrix (v_proj, o_proj scored apart) whose weight PER declines, falls "
               "by >= `fall` between two probes, `z` robust sd outside its other probe-to-probe changes, and "
               "whose gradient PER dips by >= `fall` and rebounds; its vanilla twin has no such weight drop"),
     dict(id="jump", name="Phase transition", key="transition", min=0.0, shape=True,
@@ -49,9 +49,9 @@ CLAIMS = [
               "median of the `plateau` windows after the next `within` windows >= `rise` above it, and an "
               "attention weight-PER drop (claim above) within `probes` probes"),
     dict(id="fewshot_mask", name="Better few-shot learner, at [MASK]", key="fewshot_mask_diff", min=0.0,
-         paper="this project's question (not the paper's): does the MAML backbone's held-out few-shot accuracy "
-               "beat vanilla's? The vanilla twin never trains the [MASK] position",
-         rule="eval_proto_acc_mask (nearest prototype, no head) at the last common eval, MAML - vanilla; > 0"),
+         paper="this project's question, not the paper's: is the MAML backbone's held-out few-shot accuracy "
+               "above vanilla's? The vanilla twin never trains the [MASK] position",
+         rule="eval_proto_acc_mask (nearest prototype, no head) at the last common eval, MAML - vanilla > 0"),
     dict(id="fewshot_prev", name="Better few-shot learner, token before", key="fewshot_prev_diff", min=0.0,
          paper="the same question read at the token before the [MASK], where a next-token model reads",
          rule="eval_proto_acc_prev at the last common eval, MAML - vanilla; > 0"),
@@ -71,7 +71,7 @@ def load_run(path):
     """-> dict(name, path, config, rows, ratio, vanilla). A clear error for a folder that is not a run."""
     mfile = os.path.join(path, "metrics.jsonl")
     if not os.path.exists(mfile):
-        raise UserError(f"{path} has no metrics.jsonl; pass a run folder written by maml_gpt.py (its --out_dir)")
+        raise UserError(f"{path} has no metrics.jsonl; pass a run folder of maml_gpt.py (its --out_dir)")
     rows = []
     with open(mfile) as f:
         for i, line in enumerate(f, 1):
@@ -146,7 +146,7 @@ def speedup(xv, yv, xm, ym, n_levels=50):
                 at_final=None if at_final is None else float(at_final), reached=reached)
 
 
-# (key in claims.json, x axis, metric, label). tokens_ar counts AR tokens: "per AR step" up to a shared factor.
+# (key in claims.json, x axis, metric, label). tokens_ar counts AR tokens: "per AR step" up to one factor.
 SPEEDUPS = [("step_ar", "step", "loss_ar", "per step, AR loss"),
             ("token_ar", "tokens", "loss_ar", "per backbone token, AR loss"),
             ("arstep_ar", "tokens_ar", "loss_ar", "per AR step, AR loss"),
@@ -154,7 +154,7 @@ SPEEDUPS = [("step_ar", "step", "loss_ar", "per step, AR loss"),
 
 
 def curve(run, x, metric):
-    return series(run, "loss_ar" if run["vanilla"] else metric, x)  # a vanilla run's mixed loss is its AR loss
+    return series(run, "loss_ar" if run["vanilla"] else metric, x)  # vanilla's mixed loss is its AR loss
 
 
 def speedup_words(c, name="step_ar"):
@@ -163,7 +163,8 @@ def speedup_words(c, name="step_ar"):
         return "not measurable"
     if c[f"speedup_{name}_reached"]:
         return f"MAML reached vanilla's final loss {v:.2f}x sooner"
-    return f"MAML never reached vanilla's final loss; vanilla reached MAML's final loss in {v:.2f} of the steps"
+    return f"MAML never reached vanilla's final loss; vanilla reached MAML's final loss in {v:.2f} of the " \
+        "steps"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def weight_drop(x, y):
     d = np.diff(y) / y[:-1]
     i = int(np.argmin(d))
     rest = np.delete(d, i)
-    scale = max(1.4826 * float(np.median(np.abs(rest - np.median(rest)))), 1e-4)  # MAD; a floor for clean lines
+    scale = max(1.4826 * float(np.median(np.abs(rest - np.median(rest)))), 1e-4)  # MAD, floored: clean lines
     return dict(fall=float(-d[i]), z=float((np.median(rest) - d[i]) / scale), step=float(x[i + 1]),
                 peak_step=float(x[int(np.argmax(y[:i + 1]))]), decline=bool(y[-1] < y[0]))
 
@@ -220,8 +221,8 @@ def compress(run, th):
 
 def jump(x, y, th, chance=None):
     """The largest rise after a plateau: the median of `plateau` windows (flat, within `near` of chance when
-    chance is given) to the median of the `plateau` windows after the next `within`. -> dict(step (the
-    first window after the plateau), rise, plateau) or None when no window has a plateau before it."""
+    chance is given) to the median of the `plateau` windows after the next `within`. -> dict(step, rise,
+    plateau) or None when no window has a plateau before it."""
     P, W = int(th["plateau"]), int(th["within"])
     best = None
     for t in range(P, len(y) - W - P + 2):
@@ -231,7 +232,9 @@ def jump(x, y, th, chance=None):
             continue
         rise = float(np.median(post) - np.median(pre))
         if best is None or rise > best["rise"]:
-            best = dict(step=float(x[t]), rise=rise, plateau=float(np.median(pre)))
+            # the step: the first of the `within` windows half-way up (any t before it gives the same rise)
+            k = next((k for k in range(t, t + W) if y[k] >= np.median(pre) + rise / 2), t)
+            best = dict(step=float(x[k]), rise=rise, plateau=float(np.median(pre)))
     return best
 
 
@@ -247,6 +250,39 @@ def transition(run, th, drops, probe):
     near = bool(big and any(abs(j["step"] - d) <= th["probes"] * probe for d in drops))
     kind = "transition" if near else "jump without PER drop" if big else "no transition"
     return dict(jump=j, support=s, kind=kind), int(near)
+
+
+def shape_metrics(c, maml, van, th):
+    """The numbers of (iii) and (iv), into c: they alone depend on the thresholds th."""
+    # (iii) diversify-then-compress
+    score = {}
+    for tag, run in (("maml", maml), ("vanilla", van)):
+        mods, score[tag], drops = compress(run, th)
+        for mod, m in mods.items():
+            for k, v in (("drop_step", m["w"] and m["w"]["step"]), ("fall", m["w"] and m["w"]["fall"]),
+                         ("z", m["w"] and m["w"]["z"]), ("weight_drop", m["w_ok"]),
+                         ("grad_dip", m["g"] and m["g"]["dip"]), ("grad_dip_step", m["g"] and m["g"]["step"]),
+                         ("grad_dips", m["g_ok"])):
+                c[f"per_{k}_{tag}/{mod}"] = v
+        c[f"compress_{tag}"] = score[tag]
+        c[f"weight_drop_{tag}"] = int(any(m["w_ok"] for m in mods.values())) if mods else None
+        x, e = series(run, "attn_entropy_mean")
+        c[f"entropy_first_{tag}"], c[f"entropy_last_{tag}"] = (e[0], e[-1]) if len(e) else (None, None)
+        if tag == "maml":
+            maml_drops = drops
+    c["compress_diff"] = None if score["maml"] is None else score["maml"] - (c["weight_drop_vanilla"] or 0)
+    # (iv) phase transition
+    xs = mean_per(maml, "weight", attn_modules(maml)[0])[0] if maml and attn_modules(maml) else []
+    probe = float(np.median(np.diff(xs))) if len(xs) > 1 else 0.0
+    t, c["transition"] = transition(maml, th, maml_drops, probe) if maml else (None, None)
+    c["transition_kind"] = t and t["kind"]
+    for part in ("jump", "support"):
+        j = t and t[part]
+        for k in ("step", "rise", "plateau"):
+            c[f"{part}_{k}"] = j and j[k]
+    c["acc_query_post_last"] = last(maml, "acc_query_post")
+    c["chance"] = maml and 1 / maml["config"]["args"].get("n_way", 32)
+    return c
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -267,7 +303,7 @@ def metrics(maml, van, ner_rows, th=THRESHOLDS):
     pairs = grid_pairs(ner_rows)[0] if ner_rows else []
     where = [os.path.realpath(r["path"]) if r else None for r in (maml, van)]
     seed = str((maml or van)["config"]["args"].get("seed"))
-    pick = next((p for p in pairs if [os.path.realpath(os.path.dirname(ck)) for ck in p[1:]] == where), None) \
+    pick = next((p for p in pairs if [os.path.realpath(os.path.dirname(k)) for k in p[1:]] == where), None) \
         or next((p for p in pairs if str(p[0]) == seed), None) or (pairs[0] if len(pairs) == 1 else None)
     c["ner_ckpt_maml"], c["ner_ckpt_vanilla"] = pick[1:] if pick else (None, None)
     rel = relative_f1(ner_rows, *pick[1:]) if pick else {}
@@ -275,46 +311,20 @@ def metrics(maml, van, ner_rows, th=THRESHOLDS):
         for g in GROUPS:
             c[f"ner_f1_{regime}_{g}_maml"], c[f"ner_f1_{regime}_{g}_vanilla"], c[f"ner_rel_{regime}_{g}"] = \
                 rel.get((regime, g), (None, None, None))
-    cells = [c[f"ner_rel_{r}_{g}"] for r in ("head", "full") for g in GROUPS if c[f"ner_rel_{r}_{g}"] is not None]
+    cells = [v for _, _, v in rel.values() if v is not None]
     c["ner_rel_avg"] = float(np.mean(cells)) if cells else None
     c["ner_toy_only"] = bool(pick) and not any(r["eval_on"] not in ("toy", "toy_heldout") for r in ner_rows)
-    # (iii) diversify-then-compress
-    score = {}
-    for tag, run in (("maml", maml), ("vanilla", van)):
-        mods, score[tag], drops = compress(run, th)
-        for mod, m in mods.items():
-            for k, v in (("drop_step", m["w"] and m["w"]["step"]), ("fall", m["w"] and m["w"]["fall"]),
-                         ("z", m["w"] and m["w"]["z"]), ("weight_drop", m["w_ok"]),
-                         ("grad_dip", m["g"] and m["g"]["dip"]), ("grad_dip_step", m["g"] and m["g"]["step"]),
-                         ("grad_dips", m["g_ok"])):
-                c[f"per_{k}_{tag}/{mod}"] = v
-        c[f"compress_{tag}"] = score[tag]
-        c[f"weight_drop_{tag}"] = int(any(m["w_ok"] for m in mods.values())) if mods else None
-        x, e = series(run, "attn_entropy_mean")
-        c[f"entropy_first_{tag}"], c[f"entropy_last_{tag}"] = (float(e[0]), float(e[-1])) if len(e) else (None,) * 2
-        if tag == "maml":
-            maml_drops = drops
-    c["compress_diff"] = (score["maml"] - (c["weight_drop_vanilla"] or 0) if score["maml"] is not None else None)
-    # (iv) phase transition
-    xs = series(maml, "per_weight/layers.0.attention.v_proj")[0] if maml else []
-    probe = float(np.median(np.diff(xs))) if len(xs) > 1 else 0.0
-    t, c["transition"] = transition(maml, th, maml_drops, probe) if maml else (None, None)
-    c["transition_kind"] = t and t["kind"]
-    for part in ("jump", "support"):
-        j = t and t[part]
-        c[f"{part}_step"], c[f"{part}_rise"], c[f"{part}_plateau"] = (j["step"], j["rise"], j["plateau"]) if j \
-            else (None,) * 3
-    c["acc_query_post_last"], c["chance"] = last(maml, "acc_query_post"), maml and 1 / maml["config"]["args"].get(
-        "n_way", 32)
+    shape_metrics(c, maml, van, th)
     # the project's row: held-out few-shot accuracy of both backbones at their last common eval step
     steps = [set(series(r, "eval_proto_acc_mask")[0]) for r in (maml, van) if r]
     common = set.intersection(*steps) if steps and all(steps) else set()
     c["fewshot_step"] = max(common) if common else None
     for k in ("eval_proto_acc_mask", "eval_proto_acc_prev", "eval_fewshot_acc", "eval_fewshot_acc_pre"):
         for tag, run in (("maml", maml), ("vanilla", van)):
-            c[f"{k}_{tag}"] = next((r[k] for r in run["rows"] if r["step"] == c["fewshot_step"] and k in r), None) \
-                if run and common else None
-    for name, k in (("fewshot_mask_diff", "eval_proto_acc_mask"), ("fewshot_prev_diff", "eval_proto_acc_prev"),
+            c[f"{k}_{tag}"] = next((r[k] for r in run["rows"] if r["step"] == c["fewshot_step"] and k in r),
+                                   None) if run and common else None
+    for name, k in (("fewshot_mask_diff", "eval_proto_acc_mask"),
+                    ("fewshot_prev_diff", "eval_proto_acc_prev"),
                     ("eval_fewshot_acc_diff", "eval_fewshot_acc")):
         a, b = c[f"{k}_maml"], c[f"{k}_vanilla"]
         c[name] = a - b if a is not None and b is not None else None
@@ -335,7 +345,9 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 def t975(df):
     """Beyond the table, the Cornish-Fisher expansion of t around z = 1.96 (error < 1e-4 for df > 20)."""
     z = 1.959964
-    return T975[df - 1] if df <= 20 else z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+    if df <= 20:
+        return T975[df - 1]
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df * df)
 
 
 def ci95(xs):
@@ -398,7 +410,7 @@ def ruler(claim, pairs, ner_rows, base):
     seen = []
     for name in claim["ruler"]:
         for v in RANGES[name]:
-            per = [metrics(m, van, ner_rows, {**THRESHOLDS, name: v}) for _, m, van in pairs]
+            per = [shape_metrics({}, m, van, {**THRESHOLDS, name: v}) for _, m, van in pairs]
             seen.append((f"{name} = {v}", verdict(claim, per)[0]))
     flips = [f"{at}: {v}" for at, v in seen if v != base]
     stand = ", ".join(f"{k} {RANGES[k][0]}-{RANGES[k][1]}" for k in claim["ruler"])
@@ -434,7 +446,8 @@ def shows(c, cid):
     """The 'these runs' cell of one claim."""
     f = (lambda k, nd=3: "-" if c.get(k) is None else f"{c[k]:.{nd}f}")
     if cid == "speedup":
-        return "; ".join(f"{lab}: {speedup_words(c, n)}" for n, _, _, lab in SPEEDUPS if c.get(f"speedup_{n}"))
+        return "; ".join(f"{lab}: {speedup_words(c, n)}" for n, _, _, lab in SPEEDUPS
+                         if c.get(f"speedup_{n}"))
     if cid == "ner":
         cells = [f"{r} {g} {c[f'ner_rel_{r}_{g}']:+.1f} %" for r in ("head", "full") for g in GROUPS
                  if c.get(f"ner_rel_{r}_{g}") is not None]
@@ -443,10 +456,11 @@ def shows(c, cid):
     if cid == "dynamics":
         mods = sorted({k.split("/", 1)[1] for k in c if k.startswith("per_fall_maml/")
                        and not k.endswith(("_per_seed", "_ci95"))})
-        return "; ".join(f"{m.split('.')[-1]}: weight fall {f(f'per_fall_maml/{m}')} (z {f(f'per_z_maml/{m}', 1)}) "
-                         f"at step {f(f'per_drop_step_maml/{m}', 0)} vs vanilla {f(f'per_fall_vanilla/{m}')}, "
-                         f"gradient dip {f(f'per_grad_dip_maml/{m}')}" for m in mods) + \
-            f"; attention entropy {f('entropy_first_maml', 2)} -> {f('entropy_last_maml', 2)} nats (reported only)"
+        return "; ".join(f"{m.split('.')[-1]}: weight fall {f(f'per_fall_maml/{m}')} (z "
+                         f"{f(f'per_z_maml/{m}', 1)}) at step {f(f'per_drop_step_maml/{m}', 0)} vs vanilla "
+                         f"{f(f'per_fall_vanilla/{m}')}, gradient dip {f(f'per_grad_dip_maml/{m}')}"
+                         for m in mods) + (f"; attention entropy {f('entropy_first_maml', 2)} -> "
+                                           f"{f('entropy_last_maml', 2)} (reported only)")
     if cid == "jump":
         return (f"{c.get('transition_kind') or '-'}; largest rise after a plateau near chance "
                 f"{f('jump_rise')} at step {f('jump_step', 0)} (plateau {f('jump_plateau')}, chance "
@@ -478,8 +492,10 @@ def check_arm(runs, arm):
     for k in sorted({k for r in runs for k in r["config"]["args"]} - free):
         vals = {r["path"]: r["config"]["args"].get(k) for r in runs}
         if len({json.dumps(v) for v in vals.values()}) > 1:
-            raise UserError(f"the {arm} runs differ in --{k} (" + ", ".join(f"{p}: {v}" for p, v in vals.items())
-                            + "); the runs of an arm may differ only in --seed: give runs made with the same flags")
+            raise UserError(f"the {arm} runs differ in --{k} ("
+                            + ", ".join(f"{p}: {v}" for p, v in vals.items())
+                            + "); the runs of an arm may differ only in --seed: give runs made with the same "
+                            "flags")
 
 
 def analyze(paths, out, ner=None, vanilla=None, draw=True):
@@ -495,7 +511,8 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
         check_arm(mamls, "MAML")
         check_arm(vans, "vanilla")
     if mamls and vans:
-        pairs, notes = pair_by_seed(mamls, vans, lambda r: r["config"]["args"].get("seed"), lambda r: r["path"])
+        pairs, notes = pair_by_seed(mamls, vans, lambda r: r["config"]["args"].get("seed"),
+                                    lambda r: r["path"])
     else:
         pairs, notes = [((mamls or vans)[0]["config"]["args"].get("seed"), mamls[0] if mamls else None,
                          vans[0] if vans else None)], []
@@ -526,11 +543,13 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
     made = figures(runs, out, c) if draw else []
     what = (f"{len(pairs)} pairs by seed ({', '.join(map(str, seeds))})" if len(pairs) > 1 else
             " vs ".join(r["name"] for r in pairs[0][1:] if r))
-    md = ["## Claims", "", f"{what}" + (f"; NER grid {', '.join(grids)}" if grids else "") + ". Several pairs: "
-          f"exact sign-flip test, one-sided, p < {P_LEVEL}, 95 % t-intervals. Rules: CLAIMS in analyze.py.", ""]
+    md = ["## Claims", "", what + (f"; NER grid {', '.join(grids)}" if grids else "") + (
+          f". Verdicts: exact sign-flip test, one-sided, p < {P_LEVEL}; 95 % t-intervals" if len(pairs) > 1
+          else ". One pair: each claim's one-pair rule, no test") + ". Rules: CLAIMS in analyze.py.", ""]
     md += [f"Note: {n}." for n in notes] + ([""] if notes else [])
     md += ["| claim | paper | these runs | verdict |", "|---|---|---|---|"]
-    md += [f"| {cl['name']} | {cl['paper']} | {shows(c, cl['id'])} | **{kind}**: {why} |" for cl, kind, why in rows]
+    md += [f"| {cl['name']} | {cl['paper']} | {shows(c, cl['id'])} | **{kind}**: {why} |"
+           for cl, kind, why in rows]
     md += ["", "| claim | number | rule | p | Holm p |", "|---|---|---|---|---|"]
     md += [f"| {cl['name']} | `{cl['key']}` | {cl['rule']} | {fmt(c[cl['key'] + '_p'], 4)} | "
            f"{fmt(c[cl['key'] + '_p_holm'], 4)} |" for cl, _, _ in rows]
@@ -543,15 +562,16 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
                       + ", ".join(fmt(v, 4) for v in c[f"{k}_per_seed"]) + " |")
     runs_md = ["| run | seed | rho | steps | AR loss (last window) | eval ppl | query acc post (last) |",
                "|---|---|---|---|---|---|---|"]
-    runs_md += [f"| {r['name']} | {r['config']['args'].get('seed')} | {r['ratio']} | {r['rows'][-1]['step']} | "
-                f"{fmt(last(r, 'loss_ar'))} | {fmt(last(r, 'eval_ppl'), 1)} | {fmt(last(r, 'acc_query_post'))} |"
+    runs_md += [f"| {r['name']} | {r['config']['args'].get('seed')} | {r['ratio']} | {r['rows'][-1]['step']} "
+                f"| {fmt(last(r, 'loss_ar'))} | {fmt(last(r, 'eval_ppl'), 1)} | "
+                f"{fmt(last(r, 'acc_query_post'))} |"
                 for r in runs]
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(["# maml-gpt analysis", ""] + md + ["", "## Runs", ""] + runs_md + ["", "## Figures", ""]
-                          + [f"![{m}]({m})" for m in made]) + "\n")
+        f.write("\n".join(["# maml-gpt analysis", ""] + md + ["", "## Runs", ""] + runs_md
+                          + ["", "## Figures", ""] + [f"![{m}]({m})" for m in made]) + "\n")
     print("\n".join(md + [""] + runs_md))
     print(f"speed-up per step: {speedup_words(c)}")
-    print(f"report: {os.path.join(out, 'report.md')} ({len(made)} figures), claims: {os.path.join(out, 'claims.json')}")
+    print(f"report: {os.path.join(out, 'report.md')} ({len(made)} figures), claims.json beside it")
     # the one pair's curves, for callers: speed-ups, PER drops (as knees) and jumps
     m, v = pairs[0][1:]
     for name, x, metric, _ in SPEEDUPS:
@@ -611,17 +631,17 @@ def arms(runs):
     groups = {}
     for r in runs:
         groups.setdefault(r["ratio"], []).append(r)
-    return [(g[0]["name"] if len(g) == 1 else f"rho={ratio}, {len(g)} seeds", g) for ratio, g in groups.items()]
+    return [(g[0]["name"] if len(g) == 1 else f"rho={rho}, {len(g)} seeds", g) for rho, g in groups.items()]
 
 
 def figures(runs, out, c):
     """Every figure these runs support, as PNGs in `out`; -> their file names."""
     plt = pyplot()
     made = []
-    for name, draw in [("loss.png", figure_loss), ("speedup.png", figure_speedup), ("meta.png", figure_meta)] + \
-            [(f"{kind}_{r['name']}.png", lambda plt, runs, c, r=r, kind=kind: (figure_per if kind == "per" else
-                                                                               figure_entropy)(plt, r))
-             for r in runs for kind in ("per", "entropy")]:
+    todo = [("loss.png", figure_loss), ("speedup.png", figure_speedup), ("meta.png", figure_meta)]
+    todo += [(f"{kind}_{r['name']}.png", lambda plt, runs, c, r=r, fig=fig: fig(plt, r))
+             for r in runs for kind, fig in (("per", figure_per), ("entropy", figure_entropy))]
+    for name, draw in todo:
         fig = draw(plt, runs, c)
         if fig is not None:
             fig.tight_layout()
@@ -638,11 +658,11 @@ def figure_loss(plt, runs, c):
         for a, axis in zip(ax[:2], ("step", "tokens")):
             color = band(a, [(x, smooth(y)) for x, y in (series(r, "loss_ar", axis) for r in group)], name)
         if not group[0]["vanilla"]:
-            band(ax[0], [(x, smooth(y)) for x, y in (series(r, "loss_mixed") for r in group)], f"{name} mixed",
-                 color, "--")
+            band(ax[0], [(x, smooth(y)) for x, y in (series(r, "loss_mixed") for r in group)],
+                 f"{name} mixed", color, "--")
         band(ax[2], [series(r, "eval_ppl") for r in group], name)
-    for a, t, xl in zip(ax, ("loss vs step: AR (solid), mixed train/loss (dashed)", "AR loss vs backbone tokens",
-                             "eval perplexity"), ("optimizer step", "backbone tokens (AR + meta)", "optimizer step")):
+    for a, t, xl in zip(ax, ("loss vs step: AR (solid), mixed train/loss (dashed)", "AR loss vs tokens",
+                             "eval perplexity"), ("optimizer step", "backbone tokens (AR + meta)", "step")):
         a.set(title=t, xlabel=xl)
         a.legend(fontsize=7)
     ax[2].set_yscale("log")
@@ -684,11 +704,12 @@ def figure_meta(plt, runs, c):
         for a in ax[:2]:
             a.axhline(1 / n_way, color="grey", lw=0.8, label=f"chance 1/{n_way}")
     for name, group in arms(runs):
-        for key, style in (("eval_proto_acc_mask", "-"), ("eval_proto_acc_prev", "--"), ("eval_fewshot_acc", ":")):
+        for key, style in (("eval_proto_acc_mask", "-"), ("eval_proto_acc_prev", "--"),
+                           ("eval_fewshot_acc", ":")):
             band(ax[2], [series(r, key) for r in group], f"{name} {key}", ls=style)
     if c.get("jump_step"):
         ax[1].axvline(c["jump_step"], color="red", lw=0.8, ls="--", label="largest rise after a plateau")
-    for a, t in zip(ax, ("support accuracy (pre / post adaptation, raw windows)", "query accuracy (pre / post)",
+    for a, t in zip(ax, ("support accuracy (pre / post adaptation)", "query accuracy (pre / post)",
                          "held-out few-shot eval: prototypes at [MASK] / token before, adapted head")):
         a.set(title=t, xlabel="optimizer step")
         a.legend(fontsize=6)
@@ -709,7 +730,7 @@ def figure_per(plt, run):
             w = weight_drop(x, y) if kind == "weight" else None
             if w and w["fall"] >= THRESHOLDS["fall"]:
                 a.axvline(w["step"], color=color, ls="--", lw=0.8, label=f"steepest drop ({mod})")
-        a.plot(*series(run, f"ref/per_{kind}_attn"), color="grey", lw=1, label="released code's variant (all attn)")
+        a.plot(*series(run, f"ref/per_{kind}_attn"), color="grey", lw=1, label="released code's (all attn)")
         a.set(title=f"PER of {kind}s ({run['name']})", xlabel="step")
         a.legend(fontsize=7)
     return fig
@@ -730,15 +751,16 @@ def figure_entropy(plt, run):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Claims table, figures, report.md and claims.json from maml_gpt.py "
-                                "runs: MAML runs and their --hybrid_ratio 0 twins, paired by seed.")
-    p.add_argument("runs", nargs="*", help="the MAML runs (with --vanilla), or a MAML run and its vanilla twin "
-                   "(default: out/demo and, if present, out/demo-vanilla)")
+    p = argparse.ArgumentParser(description="Claims table, figures, report.md and claims.json from "
+                                "maml_gpt.py runs: MAML runs and their --hybrid_ratio 0 twins, paired by "
+                                "seed.")
+    p.add_argument("runs", nargs="*", help="the MAML runs (with --vanilla), or a MAML run and its vanilla "
+                   "twin (default: out/demo and, if present, out/demo-vanilla)")
     p.add_argument("--vanilla", nargs="+", metavar="VANILLA_RUN",
                    help="the vanilla runs (--hybrid_ratio 0), paired with the MAML runs by --seed")
     p.add_argument("--out", help="output folder (default: FIRST_RUN/analysis)")
-    p.add_argument("--ner", nargs="+", metavar="GRID_DIR", help="output folder(s) of `finetune_ner.py --sweep` "
-                   "(default: RUN/ner-grid of every run that has one)")
+    p.add_argument("--ner", nargs="+", metavar="GRID_DIR", help="output folder(s) of `finetune_ner.py "
+                   "--sweep` (default: RUN/ner-grid of every run that has one)")
     args = p.parse_args(argv)
     runs = args.runs or [d for d in ("out/demo", "out/demo-vanilla") if os.path.isdir(d)] or ["out/demo"]
     found = [os.path.join(r, "ner-grid") for r in runs + (args.vanilla or [])
