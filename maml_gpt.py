@@ -558,33 +558,37 @@ def inner_lrs(args):
 
 
 def inner_loop(head, phi0, support_feats, support_labels, steps, lr, backtrack=False):
-    """`steps` SGD steps of the head on the support set, in fp32, starting from phi0 ({name: tensor}). lr: a
-    float for every entry, or {"body": lr, "out": lr} per layer group (inner_lrs); an entry whose step is 0
-    (the body with {"body": 0}: ANIL) stays as it is. backtrack=True (--inner_loop layerwise): a step that
-    raises the support loss is undone and every later step halved, so the support loss never goes up.
+    """`steps` SGD steps of the head on the support set, in fp32, from phi0 ({name: tensor}, episode_init's).
+    support_feats (N*K, d) arrive without a graph (meta_micro_step computes them under no_grad);
+    support_labels (N*K,) int64. The support loss is F.cross_entropy(head_logits(head, phi, feats), labels);
+    its gradient is torch.autograd.grad (never .backward(): head.grad holds only the meta-gradient), under
+    torch.enable_grad() with autocast off (callers may run under no_grad or bf16 autocast). lr: one float for
+    every entry, or {"body": lr, "out": lr} keyed by the name's first part (inner_lrs); a missing group means
+    0, and an entry whose step is 0 (the body with {"body": 0}: ANIL) comes back as it is. backtrack=True
+    (--inner_loop layerwise): a step whose support loss is above the loss before it is undone (the weights
+    stay where they were) and the step sizes of both groups halve for every later step; an undone step counts
+    as one of `steps`, and the last step is judged too, so the support loss never goes up.
 
-    Why (README, "The inner loop, measured"): on a trained demo head the support loss's curvature is ~220 in
-    layers 1-3 and ~3 in the last layer: a single step size is unstable in the body or idle in the last
-    layer. Steps on W and b apart make the nearest-prototype classifier a plain linear one (lower loss, lower
-    accuracy), so the last layer's steps move the prototypes (out.proto). Their good step size drifts with
-    the feature scale as training goes: hence backtracking.
+    Returns phi_T as {name: tensor} with phi0's keys, for head_logits(). First order: no graph links the
+    steps, and each entry is phi_0 + (phi_T - phi_0).detach(): the value phi_T, the gradient handed to phi_0
+    unchanged (d phi_T / d phi_0 = I: the FOMAML meta-gradient). The head's own tensors are never modified.
+    The hot path, graded with this lesson (tests/test_hot_path.py): no host sync (no Python `if`, bool(),
+    float() or .item() on a tensor: backtracking chooses with torch.where), and the moving entries as ONE flat
+    vector, so that a step and its undo are a few ops whatever the head's depth.
 
-    Returns phi_T as {name: tensor} for head_logits(). First order: each step's gradient comes from
-    torch.autograd.grad, never .backward(), which would add the support gradients to the head's .grad (where
-    only the meta-gradient belongs), and no graph links the steps. The returned tensors equal the adapted
-    weights phi_T, written as phi_0 + (phi_T - phi_0).detach(): a loss computed with them back-propagates
-    d loss / d phi_T straight into phi_0 (and from there into the head's parameters), which is exactly the
-    FOMAML meta-gradient."""
+    Why per-layer steps (README, "The inner loop, measured"): on a trained demo head the support loss's
+    curvature is ~220 in layers 1-3 and ~3 in the last layer; steps on the prototypes (out.proto) keep a
+    nearest-prototype classifier, and backtracking follows their good step size as the features grow."""
     feats = support_feats.detach().float()  # (N*K, d): no gradient reaches the backbone from the support set
-    step = {k: (lr if not isinstance(lr, dict) else lr.get(k.split(".")[0], 0.0)) for k in phi0}
-    moving = [k for k in phi0 if step[k] != 0]
+    lr_of = {k: (lr if not isinstance(lr, dict) else lr.get(k.split(".")[0], 0.0)) for k in phi0}
+    moving = [k for k in phi0 if lr_of[k] != 0]
     if not (moving and steps):
         return dict(phi0)
     # The moving weights as ONE fresh vector theta (P,): the head itself is never modified (nothing to
-    # restore, unlike the reference), and a step is a few operations on theta, not a few per weight tensor.
+    # restore, unlike pico-maml), and a step is a few operations on theta, not a few per weight tensor.
     sizes = [phi0[k].numel() for k in moving]
     theta = torch.cat([phi0[k].detach().reshape(-1) for k in moving])
-    rate = torch.cat([torch.full((n,), float(step[k]), device=feats.device) for k, n in zip(moving, sizes)])
+    rate = torch.cat([torch.full((n,), float(lr_of[k]), device=feats.device) for k, n in zip(moving, sizes)])
 
     def weights(theta):  # theta (P,) -> {name: tensor}: views of its pieces, the fixed entries as they are
         pieces = dict(zip(moving, theta.split(sizes)))

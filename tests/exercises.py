@@ -26,6 +26,7 @@ import argparse
 import ast
 import concurrent.futures
 import csv
+import hashlib
 import json
 import os
 import re
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAVED = ".exercises"  # saved originals (NAME.py) and students' versions (NAME.yours.py), under the repo root
+RECORD = os.path.join(SAVED, "handout.json")  # the lessons the last hand-out blanked: what `grade` grades
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,7 @@ def show(root):
 # key, the teacher's lab plan, and the saved originals.
 TEACHER_ONLY = ("tests/test_exercises.py", "tests/answer_key.py", "LAB.md")
 SKIP_DIRS = {".git", SAVED, "__pycache__", ".pytest_cache", "out", "cache", ".venv", "venv"}
+HOT_PATH = "test_hot_path.py"  # a lesson's rules of speed (no host sync, few ops), graded after its maths
 TEACHER_SECTION = "## For teachers"  # README sections from here to the next "## " stay with the teacher
 
 
@@ -436,14 +439,37 @@ def handout(root, names, out):
                    GIT_COMMITTER_NAME="lab", GIT_COMMITTER_EMAIL="lab@example.org")
         for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "lab hand-out"]):
             subprocess.run([git, *cmd], cwd=out, env=env, check=True, capture_output=True)
+    # The record `grade` reads: what was blanked, and each lesson file as handed out (a file handed back
+    # unchanged is blank in every lesson, known to import, and needs no grading run).
+    files = {f: file_hash(os.path.join(out, f)) for f in {les.file for les in lessons}}
+    os.makedirs(os.path.join(root, SAVED), exist_ok=True)
+    write(os.path.join(root, RECORD), json.dumps(dict(folder=os.path.abspath(out), lessons=[les.name for les
+                                                                                           in lessons],
+                                                      files=files), indent=1) + "\n")
     print(f"hand-out in {out}: {', '.join(les.name for les in lessons)} blank; LAB.md says what to do"
-          f"{'; a fresh git repository with one commit' if git else ' (git not found: no repository)'}")
+          f"{'; a fresh git repository with one commit' if git else ' (git not found: no repository)'}; "
+          f"`grade` grades these lessons by default (recorded in {RECORD})")
+
+
+def file_hash(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def handout_record(root):
+    """The last hand-out's record ({"folder", "lessons", "files": {file: sha256}}), or None."""
+    path = os.path.join(root, RECORD)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def marker_files(root, name):
-    """The test files (relative to root) that hold tests marked with this lesson."""
+    """The test files (relative to root) that hold tests marked with this lesson; the hot path's last, so that
+    the first failure of a wrong formula is a check of the formula."""
     tests = os.path.join(root, "tests")
-    return [os.path.join("tests", f) for f in sorted(os.listdir(tests))
+    return [os.path.join("tests", f) for f in sorted(os.listdir(tests), key=lambda f: (f == HOT_PATH, f))
             if f.startswith("test_") and f.endswith(".py")
             and f"@pytest.mark.{name}\n" in open(os.path.join(tests, f), encoding="utf-8").read()]
 
@@ -519,7 +545,7 @@ def prepare(student, folder, lesson, reference, work):
     reference's."""
     path = student_file(folder, lesson.file)
     if path is None:
-        return ("error", f"no {lesson.file} in {student}/")
+        return ("not handed in", f"no {lesson.file} in {student}/")
     with open(path, encoding="utf-8", errors="replace") as f:
         source = f.read()
     try:
@@ -545,6 +571,20 @@ def prepare(student, folder, lesson, reference, work):
     shutil.copytree(reference["<tree>"], dst, symlinks=True)
     write(os.path.join(dst, lesson.file), source)
     return dst
+
+
+def import_error(student, folder, file, reference, work, timeout):
+    """None if the student's `file`, as handed in (blank lessons and all), imports in the reference project;
+    else why not, in the words of a grading run's verdict."""
+    dst = os.path.join(work, re.sub(r"\W", "_", student), "import-" + file)
+    shutil.copytree(reference["<tree>"], dst, symlinks=True)
+    shutil.copyfile(student_file(folder, file), os.path.join(dst, file))
+    code, output = run_one([sys.executable, "-c", f"import {file[:-3].replace('/', '.')}"], dst, timeout)
+    if code == 0:
+        return None
+    if code is None:
+        return f"importing it ran past the time limit of {timeout:g} s"
+    return f"does not import: {(output.strip().splitlines() or ['exit ' + str(code)])[-1][:200]}"
 
 
 def run_one(cmd, cwd, timeout):
@@ -592,8 +632,16 @@ def grade(root, submissions, names, csv_path=None, timeout=120.0, jobs=2):
     if not students:
         raise ExerciseError(f"{submissions} has no sub-folders: put each student's copy (or maml_gpt.py) in "
                             f"a folder of its own, named after the student")
-    lessons = [lesson_of(n) for n in names] if names else [les for les in LESSONS
-                                                           if status(root, les) != "absent"]
+    record = handout_record(root)
+    if not names and record is None:
+        raise ExerciseError(f"no hand-out is recorded in {RECORD} (`handout` records one): name the lessons "
+                            f"to grade with --lessons")
+    if not names:
+        print(f"grading the lessons handed out in {record['folder']}: {', '.join(record['lessons'])} "
+              f"(recorded in {RECORD}; --lessons grades others)")
+    lessons = list(dict.fromkeys(map(lesson_of, names or record["lessons"])))
+    # the files as handed out, when the lessons graded are those blanked in them
+    handed = record["files"] if record and set(les.name for les in lessons) == set(record["lessons"]) else {}
     work = tempfile.mkdtemp(prefix="grade-")
     try:
         # The reference tree once: the teacher's code with the original lessons, the teacher's tests; its
@@ -614,21 +662,36 @@ def grade(root, submissions, names, csv_path=None, timeout=120.0, jobs=2):
         reference["<tree>"] = ref_tree
         reference["<ast>"] = {f: ast.parse(text) for f, text in reference.items() if not f.startswith("<")}
 
-        def one(student, lesson):
+        def one(student, lesson):  # -> (status, message, whether a grading run imported the file)
             got = prepare(student, os.path.join(submissions, student), lesson, reference, work)
             if isinstance(got, tuple):
-                return got
+                return (*got, False)
             result = os.path.join(got, "result.json")
             code, output = run_one(grading_command(got, lesson, result), got, timeout)
-            return verdict(result, code, output, timeout)
+            return (*verdict(result, code, output, timeout), True)
 
         with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
             cells = {(s, les.name): pool.submit(one, s, les) for s in students for les in lessons}
-            rows = [(s, les.name, *cells[s, les.name].result()) for s in students for les in lessons]
+            cells = {key: cell.result() for key, cell in cells.items()}
+        # A file that does not import is `error` in every lesson it holds, the blank ones too: its grading
+        # runs say so, or (none ran, none is an error: all blank) an import of it, unless it is as handed out.
+        for s in students:
+            folder = os.path.join(submissions, s)
+            for f in dict.fromkeys(les.file for les in lessons):
+                mine = [les.name for les in lessons
+                        if les.file == f and cells[s, les.name][0] != "not handed in"]
+                said = [cells[s, n] for n in mine]
+                broken = next((msg for _, msg, _ in said if msg.startswith("does not import")), None)
+                if said and broken is None and not any(ran or st == "error" for st, _, ran in said) \
+                        and file_hash(student_file(folder, f)) != handed.get(f):
+                    broken = import_error(s, folder, f, reference, work, timeout)
+                for n in mine if broken else ():
+                    cells[s, n] = ("error", broken, True)
+        rows = [(s, les.name, *cells[s, les.name][:2]) for s in students for les in lessons]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     width = max(len(s) for s in students + ["student"])
-    cols = [max(len(les.name), 7) for les in lessons]
+    cols = [max([len(les.name)] + [len(st) for _, n, st, _ in rows if n == les.name]) for les in lessons]
     print(f"{'student':{width}s}  " + "  ".join(f"{les.name:{w}s}" for les, w in zip(lessons, cols))
           + "  passed")
     by = {(s, les): (st, msg) for s, les, st, msg in rows}
@@ -666,7 +729,8 @@ def main(argv=None, root=ROOT):
     sp.add_argument("--out", required=True, help="a new (or empty) folder for the copy")
     sp = sub.add_parser("grade", help="grade a folder of submissions: a student x lesson table")
     sp.add_argument("submissions", help="one sub-folder per student: their copy, or just their maml_gpt.py")
-    sp.add_argument("--lessons", nargs="+", metavar="NAME", help="the lessons to grade (default: all)")
+    sp.add_argument("--lessons", nargs="+", metavar="NAME",
+                    help=f"the lessons to grade (default: those the last hand-out blanked, in {RECORD})")
     sp.add_argument("--csv", help="also write student,lesson,status,message rows here")
     sp.add_argument("--timeout", type=float, default=120.0, help="seconds per student and lesson")
     sp.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
@@ -696,4 +760,8 @@ def main(argv=None, root=ROOT):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `list | head` closed the pipe: nothing is lost, and no traceback is due
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

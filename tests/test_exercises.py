@@ -15,8 +15,46 @@ import pytest
 
 import exercises as kit
 
+# A student's own inner loop, right in its maths, the weights as a dict of tensors (BODY plants replace the
+# whole body after the docstring).
+STUDENT_LOOP = """\
+    feats = support_feats.detach().float()
+    step = {k: (lr if not isinstance(lr, dict) else lr.get(k.split(".")[0], 0.0)) for k in phi0}
+    moving = [k for k in phi0 if step[k] != 0]
+    w, size = {k: p.detach() for k, p in phi0.items()}, torch.ones((), device=feats.device)
+    loss_at = lambda w: F.cross_entropy(head_logits(head, w, feats), support_labels)
+    with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
+        for t in range(steps):
+            w = {k: v.detach().requires_grad_() if k in moving else v for k, v in w.items()}
+            loss = loss_at(w)
+            grads = dict(zip(moving, torch.autograd.grad(loss, [w[k] for k in moving])))
+            trial = {k: w[k].detach() - size * step[k] * grads[k] if k in moving else w[k] for k in w}
+            if backtrack:
+                with torch.no_grad():
+                    up = loss_at(trial) > loss
+                trial = {k: torch.where(up, w[k].detach(), v) for k, v in trial.items()}
+                size = torch.where(up, size / 2, size)
+            w = trial
+    return {k: p + (w[k].detach() - p).detach() for k, p in phi0.items()}
+"""
+IN_PLACE_LOOP = """\
+    feats = support_feats.detach().float()
+    step = {k: (lr if not isinstance(lr, dict) else lr.get(k.split(".")[0], 0.0)) for k in phi0}
+    with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
+        for t in range(steps):
+            loss = F.cross_entropy(head_logits(head, phi0, feats), support_labels)
+            grads = torch.autograd.grad(loss, list(phi0.values()))
+            with torch.no_grad():
+                for (k, p), g in zip(phi0.items(), grads):
+                    p.sub_(step[k] * g)
+    return phi0
+"""
+BODY = "<the whole body>"
+SECOND_ORDER = "second order: create_graph=True and no detach, the graph runs through every step"
+
 # Plausible wrong versions, at least one per lesson: description -> [(original snippet, wrong snippet), ...],
-# applied in order inside the function. The lesson's marker tests must fail on every one of them.
+# applied in order inside the function (BODY: the whole body). The lesson's marker tests must fail on every
+# one of them, and the first failure's message must name the mistake (NAMES_THE_IDEA).
 PLANTS = {
     "rms_norm": {
         "sum of squares instead of their mean": [("xf.pow(2).mean(-1", "xf.pow(2).sum(-1")],
@@ -28,6 +66,13 @@ PLANTS = {
             ("x1 * cos), dim=-1)", "x1 * cos), dim=-1).transpose(-1, -2)")],
         "sign flip: rotation by minus the angle": [
             ("x0 * cos - x1 * sin, x0 * sin + x1 * cos", "x0 * cos + x1 * sin, -x0 * sin + x1 * cos")],
+        "wrong frequency per pair, the pairs right (HF's doubled tables read at every other column)": [
+            ("x0, x1 = x.float()",
+             "cos, sin = (torch.cat([t, t], -1)[..., ::2] for t in (cos, sin)); x0, x1 = x.float()")],
+        "arithmetic in bf16 (the tables cast to x's dtype)": [
+            ("x.float().unflatten(-1, (-1, 2)).unbind(-1)",
+             "x.unflatten(-1, (-1, 2)).unbind(-1); cos, sin = cos.to(x.dtype), sin.to(x.dtype)")],
+        "fp32 returned for bf16 input (no cast back)": [(".flatten(-2).type_as(x)", ".flatten(-2)")],
     },
     "attention": {
         "no causal mask": [("is_causal=True, enable_gqa=True", "is_causal=False, enable_gqa=True")],
@@ -55,12 +100,33 @@ PLANTS = {
             ("theta = theta - rate * grad", "theta = theta + rate * grad")],
         "phi_T returned without its path to phi_0 (no meta-gradient)": [
             ("return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}", "return fast")],
-        "second order: create_graph=True and no detach, the graph runs through every step": [
+        SECOND_ORDER: [
             ("torch.cat([phi0[k].detach().reshape(-1) for k in moving])",
              "torch.cat([phi0[k].reshape(-1) for k in moving])"),
             ("torch.autograd.grad(loss, theta)", "torch.autograd.grad(loss, theta, create_graph=True)"),
             ("theta, loss = theta.detach(), loss.detach()", "loss = loss.detach()"),
             ("return {k: p + (fast[k] - p).detach() for k, p in phi0.items()}", "return fast")],
+        "steps the head's own tensors in place (no fresh copies)": [(BODY, IN_PLACE_LOOP)],
+        "writes phi_T back into the head": [
+            ("fast = weights(theta)\n", "fast = weights(theta)\n    with torch.no_grad():\n"
+             "        [phi0[k].copy_(fast[k]) for k in moving]\n")],
+        "one learning rate for both groups (lr['body'] everywhere)": [
+            ('lr.get(k.split(".")[0], 0.0)', 'lr["body"]')],
+        "a learning-rate group missing from lr is an error, not 0": [
+            ('lr.get(k.split(".")[0], 0.0)', 'lr[k.split(".")[0]]')],
+        "off by one: steps - 1 steps": [("for t in range(steps):", "for t in range(steps - 1):")],
+        "backtracking keeps the bad step (halves, no undo)": [
+            ("theta, grad = torch.where(up, last, theta), torch.where(up, last_grad, grad)", "grad = grad"),
+            ("rate, loss = torch.where(up, rate / 2, rate), torch.where(up, best, loss)",
+             "rate = torch.where(up, rate / 2, rate)")],
+        "backtracking never judges the last step": [
+            ("theta = torch.where(support_loss(theta) > best, last, theta)", "theta = theta")],
+        "backtracking decided on the host (a Python if on the loss)": [
+            ("up = loss > best\n" + " " * 16 + "theta, grad = torch.where(up, last, theta), "
+             "torch.where(up, last_grad, grad)\n" + " " * 16
+             + "rate, loss = torch.where(up, rate / 2, rate), torch.where(up, best, loss)",
+             "if loss > best:\n" + " " * 20 + "theta, grad, rate, loss = last, last_grad, rate / 2, best")],
+        "the weights as a dict of tensors, not one flat vector (right maths)": [(BODY, STUDENT_LOOP)],
     },
     "meta_micro_step": {
         "support features computed with a graph": [("with torch.no_grad(), amp:", "with amp:")],
@@ -98,6 +164,10 @@ NAMES_THE_IDEA = {
     "no learned gain": "gain",
     "rotate-half pairing (x_i, x_i+d/2), HF's convention": "wrong feature pairs",
     "sign flip: rotation by minus the angle": "minus the angle",
+    "wrong frequency per pair, the pairs right (HF's doubled tables read at every other column)":
+        "wrong frequencies",
+    "arithmetic in bf16 (the tables cast to x's dtype)": "RoPE computes in bf16",
+    "fp32 returned for bf16 input (no cast back)": "must return x's dtype",
     "no causal mask": "not causal",
     "kv heads tiled, not grouped (query head h reads kv head h % 4)": "h // 3",
     "classes not inverted: classes[c] is not label c's word": "invert the label permutation",
@@ -108,8 +178,16 @@ NAMES_THE_IDEA = {
     "class sums instead of class means": "class sums",
     "gradient ascent: w + lr * grad": "gradient ascent",
     "phi_T returned without its path to phi_0 (no meta-gradient)": "no gradient path to phi_0",
-    "second order: create_graph=True and no detach, the graph runs through every step":
-        "the inner loop is second order",
+    SECOND_ORDER: "the inner loop is second order",
+    "steps the head's own tensors in place (no fresh copies)": "steps the head's own tensors in place",
+    "writes phi_T back into the head": "writes phi_T back into the head",
+    "one learning rate for both groups (lr['body'] everywhere)": "one learning rate for both groups",
+    "a learning-rate group missing from lr is an error, not 0": "missing from lr must mean 0",
+    "off by one: steps - 1 steps": "off by one",
+    "backtracking keeps the bad step (halves, no undo)": "keeps a step that raised the support loss",
+    "backtracking never judges the last step": "does not judge the last step",
+    "backtracking decided on the host (a Python if on the loss)": "waits on the host",
+    "the weights as a dict of tensors, not one flat vector (right maths)": "ONE flat vector",
     "support features computed with a graph": "gradient from the support set",
     "micro-step scale ignored": "scale is ignored",
     "entropy of sigma^2 / sum sigma^2 (energy)": "squares of the singular values",
@@ -155,6 +233,9 @@ def planted(source, lesson, subs):
     there)."""
     lines = source.splitlines(keepends=True)
     node = kit.find(ast.parse(source), lesson.qualname)
+    if subs[0][0] is BODY:  # a student's own body under the docstring
+        start = kit.body_start(lines, node)
+        return "".join(lines[:start - 1]) + subs[0][1] + "".join(lines[node.end_lineno:])
     body = kit.function_text(lines, node)
     for old, new in subs:
         assert body.count(old) == 1, \
@@ -280,39 +361,62 @@ def test_handout_holds_no_answer_anywhere(original, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
-def write_submissions(original, subs):
-    """A class of five: a correct copy (a whole hand-out, the answer written differently from the reference),
-    a blank one, a wrong one, one that does not import and one that does not parse (just maml_gpt.py)."""
-    lab = os.path.join(subs, "ann", "maml-gpt")  # unpacked one level down, as from an archive
+def write_class(original, subs):
+    """The class of a hand-out of apply_rope and inner_loop: alice right (a whole copy, one level down as
+    from an archive, her answers written apart from the reference), bob the hand-out unchanged, carol a
+    second-order inner loop and apply_rope blank (maml_gpt.py only), dave a file that does not import
+    (apply_rope written, inner_loop blank), eve one that does not parse, frank nothing of the project."""
+    lab = os.path.join(subs, "alice", "maml-gpt")
     with contextlib.redirect_stdout(io.StringIO()):
-        kit.main(["handout", "rms_norm", "--out", lab], root=original)
-    source = open(os.path.join(lab, "maml_gpt.py")).read()
-    stub = kit.STUB.format(name="rms_norm")
-    right = "return (x.float() / (x.float() ** 2).mean(-1, keepdim=True).add(self.eps).sqrt()).to(x.dtype) " \
-            "* self.weight"
-    versions = dict(bob=source, carol=source.replace(stub, right.replace(".mean(", ".sum(")),
-                    dave="import numpyy  # a typo\n" + source.replace(stub, right),
-                    eve=source.replace(stub, "return x +"))
-    open(os.path.join(lab, "maml_gpt.py"), "w").write(source.replace(stub, right))
+        kit.main(["handout", "apply_rope", "inner_loop", "--out", lab], root=original)
+    blank = open(os.path.join(lab, "maml_gpt.py")).read()
+    source = open(os.path.join(original, "maml_gpt.py")).read()
+    tree, lines = ast.parse(source), source.splitlines(keepends=True)
+    ref = {q: kit.function_text(lines, kit.find(tree, q)) for q in ("apply_rope", "inner_loop")}
+    mine = {q: t.replace('"""\n', '"""\n    # written in class\n', 1) for q, t in ref.items()}
+    wrong = planted(source, kit.BY_NAME["inner_loop"], PLANTS["inner_loop"][SECOND_ORDER])
+    wrong = kit.function_text(wrong.splitlines(keepends=True), kit.find(ast.parse(wrong), "inner_loop"))
+    versions = dict(bob=blank, carol=kit.splice(blank, dict(inner_loop=wrong)),
+                    dave="import numpyy  # a typo\n" + kit.splice(blank, dict(apply_rope=mine["apply_rope"])),
+                    eve=blank.replace(kit.STUB.format(name="apply_rope"), "return x +"))
+    open(os.path.join(lab, "maml_gpt.py"), "w").write(kit.splice(blank, mine))
     for name, text in versions.items():
         os.makedirs(os.path.join(subs, name))
         open(os.path.join(subs, name, "maml_gpt.py"), "w").write(text)
+    os.makedirs(os.path.join(subs, "frank"))
+    open(os.path.join(subs, "frank", "notes.txt"), "w").write("I ran out of time\n")
 
 
-def test_grade_gives_one_right_row_per_student(original, tmp_path, capsys):
+def test_grade_grades_what_was_handed_out(original, tmp_path, capsys):
+    """The default command grades the lessons the last hand-out blanked, and only those; one grading round
+    serves every row."""
     subs, table = str(tmp_path / "subs"), str(tmp_path / "grades.csv")
-    write_submissions(original, subs)
-    assert kit.main(["grade", subs, "--lessons", "rms_norm", "--csv", table, "--jobs", "2"],
-                    root=original) is None
-    rows = {r["student"]: r for r in csv.DictReader(open(table))}
-    assert {s: r["status"] for s, r in rows.items()} == dict(ann="passed", bob="blank", carol="failed",
-                                                             dave="error", eve="error")
-    assert "sum of squares" in rows["carol"]["message"]  # the grader names the mistake
-    assert "does not import: ModuleNotFoundError" in rows["dave"]["message"]
-    assert "does not parse (line" in rows["eve"]["message"]
-    out = capsys.readouterr().out
-    assert out.splitlines()[0].split() == ["student", "rms_norm", "passed"]
-    assert "carol / rms_norm: failed: test_rms_norm_equals_the_formula: RMSNorm divides" in out
+    os.makedirs(os.path.join(subs, "alice"))
+    if os.path.exists(os.path.join(original, kit.RECORD)):
+        os.remove(os.path.join(original, kit.RECORD))
+    assert kit.main(["grade", subs], root=original) == 1  # nothing handed out yet: say what to do
+    assert "no hand-out is recorded" in capsys.readouterr().err
+    write_class(original, subs)
+    assert kit.main(["grade", subs, "--csv", table, "--jobs", "2"], root=original) is None
+    rows = list(csv.DictReader(open(table)))
+    assert {r["lesson"] for r in rows} == {"apply_rope", "inner_loop"}  # nothing else was handed out
+    got = {(r["student"], r["lesson"]): r["status"] for r in rows}
+    assert got == {**{("alice", les): "passed" for les in ("apply_rope", "inner_loop")},
+                   **{("bob", les): "blank" for les in ("apply_rope", "inner_loop")},
+                   ("carol", "apply_rope"): "blank", ("carol", "inner_loop"): "failed",
+                   **{(s, les): "error" for s in ("dave", "eve") for les in ("apply_rope", "inner_loop")},
+                   **{("frank", les): "not handed in" for les in ("apply_rope", "inner_loop")}}
+    msg = {(r["student"], r["lesson"]): r["message"] for r in rows}
+    assert "the inner loop is second order" in msg["carol", "inner_loop"]
+    assert all(msg["dave", les].startswith("does not import: ModuleNotFoundError")
+               for les in ("apply_rope", "inner_loop"))
+    assert all("does not parse (line" in msg["eve", les] for les in ("apply_rope", "inner_loop"))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("grading the lessons handed out in ") and out[1].split() == \
+        ["student", "apply_rope", "inner_loop", "passed"]
+    assert [ln.split()[-1] for ln in out[2:8]] == ["2/2", "0/2", "0/2", "0/2", "0/2", "0/2"]
+    assert any(ln.startswith("carol / inner_loop: failed: test_inner_loop_is_first_order: the inner loop is "
+                             "second order") for ln in out)
 
 
 def test_grade_survives_an_infinite_loop(original, tmp_path, monkeypatch):
@@ -366,7 +470,7 @@ def test_marker_tests_fail_on_blanks_and_plants_and_pass_on_the_original(tmp_pat
     assert not problems, "\n".join(problems)
 
 
-def grade_all(root, out):
+def grade_all(root, out, names=()):
     """For every lesson present, in the repository copy at `root`: blank -> run its marker's tests; each
     plant -> run them (stop at the first failure); restore -> run them. One process, so torch is imported
     once; the copy's own modules are imported afresh for every pytest run. Writes
@@ -386,11 +490,8 @@ def grade_all(root, out):
         return rec.outcomes, list(rec.messages.values())
 
     results = []
-    tests = os.path.join(root, "tests")
-    for lesson in PRESENT:
-        files = [os.path.join(tests, f) for f in sorted(os.listdir(tests))
-                 if f.startswith("test_")
-                 and f"@pytest.mark.{lesson.name}\n" in open(os.path.join(tests, f)).read()]
+    for lesson in [les for les in PRESENT if not names or les.name in names]:
+        files = [os.path.join(root, f) for f in kit.marker_files(root, lesson.name)]  # as `grade` runs them
         path = os.path.join(root, lesson.file)
         original = open(path).read()
         kit.main(["blank", lesson.name], root=root)
@@ -403,12 +504,13 @@ def grade_all(root, out):
         with open(path, "w") as f:
             f.write(original)
         results.append((lesson.name, "restored", *run("-m", lesson.name, *files)))
-    kit.main(["blank", "rms_norm"], root=root)
-    results.append(("rms_norm", "dependents", *run(os.path.join(root, "tests", "test_model.py"))))
-    kit.main(["restore", "rms_norm"], root=root)
+    if not names or "rms_norm" in names:
+        kit.main(["blank", "rms_norm"], root=root)
+        results.append(("rms_norm", "dependents", *run(os.path.join(root, "tests", "test_model.py"))))
+        kit.main(["restore", "rms_norm"], root=root)
     with open(out, "w") as f:
         json.dump(results, f)
 
 
 if __name__ == "__main__":
-    grade_all(os.path.abspath(sys.argv[1]), sys.argv[2])
+    grade_all(os.path.abspath(sys.argv[1]), sys.argv[2], sys.argv[3:])  # lesson names: only those

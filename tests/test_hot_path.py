@@ -64,6 +64,22 @@ def test_micro_steps_never_wait_on_the_host(small_run):
         assert t.dtype == torch.int64 and t.shape == a.shape and (t.numpy() == a).all()
 
 
+@pytest.mark.inner_loop
+def test_the_inner_loop_never_waits_on_the_host():
+    """inner_loop as meta_micro_step calls it (tied prototypes, two step sizes, backtracking) and as plain
+    SGD: no host sync, so a GPU never idles while Python decides whether to undo a step."""
+    torch.manual_seed(0)
+    feats, labels = torch.randn(24, 16), torch.arange(6).repeat(4)
+    head = mg.make_head(16, 6, hidden=8)
+    for tied, lr in ((True, dict(body=0.01, out=30.0)), (False, 0.01)):
+        phi0 = mg.episode_init(head, feats, labels, torch.arange(6), "proto", tied=tied)
+        with bench.count_host_syncs() as seen:
+            mg.inner_loop(head, phi0, feats, labels, 4, lr, backtrack=tied)
+        assert not seen, (f"the inner loop waits on the host: {dict(seen)} (a Python `if`, bool(), float() "
+                          "or .item() on a tensor); choose with torch.where, so the device never waits")
+
+
+@pytest.mark.inner_loop
 def test_an_inner_step_costs_the_same_few_ops_whatever_the_head_depth():
     """The inner loop updates (and backtracks) all of the head's weights as one vector: one more inner step
     adds the forward and backward of each layer plus a fixed handful of operations, not a few per weight
@@ -81,7 +97,10 @@ def test_an_inner_step_costs_the_same_few_ops_whatever_the_head_depth():
             per_step[layers, backtrack] = ops(3) - ops(2)
     extra = {layers: per_step[layers, True] - per_step[layers, False] for layers in (2, 4)}
     assert per_step[4, False] > per_step[2, False]  # deeper: more layers to run forward and backward
-    assert extra[2] == extra[4] and 0 < extra[2] <= 6, (per_step, extra)
+    assert extra[2] == extra[4] and 0 < extra[2] <= 6, \
+        (f"backtracking costs {extra[2]} ops per inner step with a 2-layer head and {extra[4]} with a "
+         "4-layer one: keep the moving weights in ONE flat vector (torch.cat), so that a step and its undo "
+         "are a few ops on it (at most 6 more per step), not a few per weight tensor")
 
 
 def probe_model():

@@ -208,6 +208,24 @@ def test_vocab_init_reads_the_class_word_rows():
     torch.testing.assert_close(phi["out.bias"], head["out"].bias[[7, 2, 11]])
 
 
+def head_left_alone(head, before, adapted):
+    """Fail, naming the mistake, if the inner loop changed the head's own parameters (before: a state_dict
+    copy taken before it ran)."""
+    params = dict(head.named_parameters())
+    if all(torch.equal(before[k], v) for k, v in head.state_dict().items()):
+        return
+    if any(k in params and v.data_ptr() == params[k].data_ptr() for k, v in adapted.items()):
+        pytest.fail("the inner loop steps the head's own tensors in place (phi0's entries are the head's "
+                    "parameters): every episode would start where the last one ended; step on fresh copies "
+                    "of phi0's values", pytrace=False)
+    if any(k in adapted and torch.equal(adapted[k].detach(), p.detach()) for k, p in params.items()):
+        pytest.fail("the inner loop writes phi_T back into the head's parameters: the next episode would "
+                    "start from this one's adapted weights; return phi_T, leave the head as it is",
+                    pytrace=False)
+    pytest.fail("the inner loop changed the head's own parameters: step on copies (phi0's values), never in "
+                "place", pytrace=False)
+
+
 @pytest.mark.inner_loop
 def test_inner_loop_is_plain_sgd_and_keeps_head():
     torch.manual_seed(0)
@@ -215,29 +233,34 @@ def test_inner_loop_is_plain_sgd_and_keeps_head():
     before = {k: v.clone() for k, v in head.state_dict().items()}
     feats, labels = torch.randn(12, 16), torch.arange(4).repeat(3)
     phi0 = mg.episode_init(head, feats, labels, None, "learned")
+    start = {k: v.detach().clone() for k, v in phi0.items()}
     adapted = mg.inner_loop(head, phi0, feats, labels, steps=10, lr=0.1)
-    # hand-written SGD: w <- w - lr * dL/dw with the loss written as relu matmuls, not through the head module
-    w = {k: v.detach().clone() for k, v in phi0.items()}
+    head_left_alone(head, before, adapted)
+    # hand-written SGD, w <- w - lr * dL/dw with the loss written as relu matmuls, not through the head
+    # module; path[n] = the weights after n steps (9 and 11: the off-by-one loops)
+    w, path = start, [start]
     lin = [k for k in w if k.endswith(".weight") and k.startswith("body.")]
-    for _ in range(10):
-        w = {k: v.requires_grad_() for k, v in w.items()}
+    for _ in range(11):
+        w = {k: v.clone().requires_grad_() for k, v in w.items()}
         x = feats
         for k in lin:
             x = torch.relu(x @ w[k].T + w[k[:-6] + "bias"])
         loss = F.cross_entropy(x @ w["out.weight"].T + w["out.bias"], labels)
         g = torch.autograd.grad(loss, list(w.values()))
         w = {k: (v - 0.1 * gi).detach() for (k, v), gi in zip(w.items(), g)}
+        path.append(w)
     loss0 = F.cross_entropy(mg.head_logits(head, phi0, feats), labels)
     loss_T = F.cross_entropy(mg.head_logits(head, adapted, feats), labels)
     if loss_T > loss0:
         pytest.fail(f"gradient ascent: the support loss went up from {loss0:.3f} to {loss_T:.3f}; a step is "
                     "w <- w - lr * dL/dw", pytrace=False)
-    for k in w:
-        check_close(adapted[k].detach(), w[k], f"{k} after 10 steps must be plain SGD on the support loss, "
-                    "w <- w - lr * dL/dw", atol=1e-5, rtol=1e-4)
+    for k in start:
+        check_close(adapted[k].detach(), path[10][k], f"{k} after 10 steps must be plain SGD on the support "
+                    "loss, w <- w - lr * dL/dw", [("the inner loop took no step: phi0 came back unchanged",
+                                                   path[0][k])]
+                    + [(f"the inner loop took {n} steps, not 10 (off by one)", path[n][k]) for n in (9, 11)],
+                    atol=1e-5, rtol=1e-4)
     assert loss_T < loss0 - 0.05, "10 SGD steps at lr 0.1 must lower the support loss"
-    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items()), \
-        "the inner loop changed the head's own parameters: step on copies (phi0's values), never in place"
     assert all(p.grad is None for p in head.parameters()), \
         "the inner loop wrote head.grad (a .backward() inside it?): use torch.autograd.grad, so that only " \
         "the meta-gradient ever reaches head.grad"
@@ -280,7 +303,7 @@ def test_inner_loop_is_first_order():
                "init")
     query_loss = F.cross_entropy(mg.head_logits(head, adapted, qf), qy)
     assert query_loss.requires_grad, no_path
-    query_loss.backward()
+    meta_backward(query_loss)
     w = sgd_by_hand(head, {k: v.detach() for k, v in phi0.items()}, sf, sy, 4, 0.5)
     w = {k: v.requires_grad_() for k, v in w.items()}
     first = dict(zip(w, torch.autograd.grad(F.cross_entropy(mg.head_logits(head, w, qf), qy),
@@ -297,6 +320,34 @@ def test_inner_loop_is_first_order():
                     "hands the query gradient at phi_T straight to phi_0", pytrace=False)
     check_close(got, want, "head.grad must be the first-order meta-gradient: d L_query / d phi_T at the "
                 "adapted weights, passed unchanged to phi_0", atol=1e-5, rtol=1e-4)
+
+
+def meta_backward(query_loss):
+    """query_loss.backward(); autograd's complaint about an in-place change is put in the student's terms."""
+    try:
+        query_loss.backward()
+    except RuntimeError as e:
+        if "inplace" not in str(e):
+            raise
+        pytest.fail("the inner loop changed a tensor in place that the meta-gradient needs (phi0's entries: "
+                    "the head's parameters, the prototypes): step on fresh copies, and write phi_T only into "
+                    f"the dict it returns (autograd: {str(e).splitlines()[0][:120]})", pytrace=False)
+
+
+def straight_through(phi0, adapt):
+    """Fail, naming the mistake, unless d phi_T / d phi_0 is the identity (the FOMAML path): adapt(phi) runs
+    the inner loop from phi, here from independent leaf copies of phi0's entries."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in phi0.items()}
+    adapted = adapt(leaves)
+    if not all(adapted[k].requires_grad for k in leaves):
+        pytest.fail("the adapted weights carry no gradient path to phi_0: the query loss cannot train the "
+                    "head's init", pytrace=False)
+    v = [torch.randn_like(p) for p in leaves.values()]
+    got = torch.autograd.grad([adapted[k] for k in leaves], list(leaves.values()), v, allow_unused=True)
+    if any(g is None or not torch.allclose(g, vi, atol=1e-6) for g, vi in zip(got, v)):
+        pytest.fail("the inner loop is second order: phi_T's gradient path to phi_0 runs through the steps "
+                    "(d phi_T / d phi_0 is not the identity: create_graph=True, or no detach between "
+                    "steps); first-order MAML returns phi_0 + (phi_T - phi_0).detach()", pytrace=False)
 
 
 def logits_by_hand(w, x):
@@ -316,20 +367,42 @@ def test_layerwise_inner_loop_steps_each_group_by_its_lr():
     phi0 = mg.episode_init(head, feats, labels, None, "proto", tied=True)
     assert set(phi0) == {f"body.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")} | {"out.proto"}
     adapted = mg.inner_loop(head, phi0, feats, labels, steps=4, lr=dict(body=0.01, out=2.0))
-    w = {k: v.detach().clone() for k, v in phi0.items()}
-    for _ in range(4):  # by hand: w <- w - lr(group) * dL/dw, with the loss written as -||z - P_c||^2
-        w = {k: v.requires_grad_() for k, v in w.items()}
-        g = torch.autograd.grad(F.cross_entropy(logits_by_hand(w, feats), labels), list(w.values()))
-        w = {k: (v - (2.0 if k.startswith("out") else 0.01) * gi).detach()
-             for (k, v), gi in zip(w.items(), g)}
+
+    def by_hand(body, out):  # 4 steps w <- w - lr(group) * dL/dw, with the loss written as -||z - P_c||^2
+        w = {k: v.detach().clone() for k, v in phi0.items()}
+        for _ in range(4):
+            w = {k: v.requires_grad_() for k, v in w.items()}
+            g = torch.autograd.grad(F.cross_entropy(logits_by_hand(w, feats), labels), list(w.values()))
+            w = {k: (v - (out if k.startswith("out") else body) * gi).detach()
+                 for (k, v), gi in zip(w.items(), g)}
+        return w
+
+    w = by_hand(0.01, 2.0)
+    wrong = [("one learning rate for both groups: every layer stepped by lr['body']; layers 1-3 take "
+              "lr['body'], the last layer lr['out']", by_hand(0.01, 0.01)),
+             ("one learning rate for both groups: every layer stepped by lr['out']; layers 1-3 take "
+              "lr['body'], the last layer lr['out']", by_hand(2.0, 2.0)),
+             ("the groups' learning rates are swapped: layers 1-3 take lr['body'], the last layer lr['out']",
+              by_hand(2.0, 0.01))]
     for k in w:
-        torch.testing.assert_close(adapted[k].detach(), w[k], atol=1e-5, rtol=1e-4)
+        check_close(adapted[k].detach(), w[k], f"{k} after 4 steps must be SGD at its group's step (body "
+                    "0.01, out 2.0)", [(what, bad[k]) for what, bad in wrong
+                                       if not close(bad[k], w[k], 1e-5, 1e-4)],
+                    atol=1e-5, rtol=1e-4)
     loss0 = F.cross_entropy(mg.head_logits(head, phi0, feats), labels)
     assert F.cross_entropy(mg.head_logits(head, adapted, feats), labels) < loss0 - 0.05
-    # ANIL: a zero body step leaves layers 1-3 exactly as they were
+    # ANIL: a zero body step, or no body step at all (a missing group means 0), leaves layers 1-3 as they were
     anil = mg.inner_loop(head, phi0, feats, labels, steps=4, lr=dict(body=0.0, out=2.0))
-    assert all(torch.equal(anil[k].detach(), phi0[k].detach()) for k in phi0 if k.startswith("body"))
+    assert all(torch.equal(anil[k].detach(), phi0[k].detach()) for k in phi0 if k.startswith("body")), \
+        "a group whose learning rate is 0 must stay exactly as it is (ANIL: lr={'body': 0, 'out': ...})"
     assert not torch.equal(anil["out.proto"].detach(), phi0["out.proto"].detach())
+    try:
+        only_out = mg.inner_loop(head, phi0, feats, labels, steps=4, lr=dict(out=2.0))
+    except KeyError as e:
+        pytest.fail(f"a learning-rate group missing from lr must mean 0, that group staying as it is (got "
+                    f"KeyError {e} for lr={{'out': 2.0}})", pytrace=False)
+    assert all(torch.equal(only_out[k].detach(), anil[k].detach()) for k in phi0), \
+        "a learning-rate group missing from lr must mean 0: lr={'out': 2.0} is lr={'body': 0, 'out': 2.0}"
 
 
 @pytest.mark.episode_init
@@ -344,19 +417,21 @@ def test_tied_prototypes_give_the_untied_logits():
     torch.testing.assert_close(mg.head_logits(head, tied, feats), mg.head_logits(head, untied, feats))
 
 
-def steps_by_hand(w, sf, sy, steps, lr_of, backtrack=False):
+def steps_by_hand(w, sf, sy, steps, lr_of, backtrack=False, undo=True, halve=True, judge_last=True):
     """`steps` explicit SGD steps of logits_by_hand, w <- w - size * lr_of(name) * dL/dw. backtrack: a step
     whose loss is above the best so far is thrown away (w stays) and size halves, written as plain Python
-    branches. Returns the weights and how many steps were thrown away."""
+    branches. Returns the weights and how many steps were thrown away. undo, halve, judge_last=False: the
+    backtracking mistakes (a bad step kept, the size never halved, the last step never judged)."""
     loss = lambda w: F.cross_entropy(logits_by_hand(w, sf), sy)
     w, size, undone = {k: v.detach() for k, v in w.items()}, 1.0, 0
-    for _ in range(steps):
+    for t in range(steps):
         w = {k: v.requires_grad_() for k, v in w.items()}
         best = loss(w)
         g = torch.autograd.grad(best, list(w.values()))
         trial = {k: (v - size * lr_of(k) * gi).detach() for (k, v), gi in zip(w.items(), g)}
-        if backtrack and loss(trial) > best:
-            size, undone = size / 2, undone + 1
+        if backtrack and (judge_last or t < steps - 1) and loss(trial) > best:
+            size, undone = size / 2 if halve else size, undone + 1
+            w = w if undo else trial
         else:
             w = trial
     return {k: v.detach() for k, v in w.items()}, undone
@@ -365,18 +440,31 @@ def steps_by_hand(w, sf, sy, steps, lr_of, backtrack=False):
 @pytest.mark.inner_loop
 def test_backtracking_never_raises_the_support_loss():
     """--inner_loop layerwise's backtracking (torch.where on the device) against the same rule written with
-    Python branches, at a prototype step so large that most steps overshoot."""
+    Python branches, at a prototype step so large that most steps overshoot (the last one too)."""
     torch.manual_seed(0)
     head = mg.make_head(16, 4, dropout=0.0)
     feats, labels = torch.randn(12, 16), torch.arange(4).repeat(3)
     phi0 = mg.episode_init(head, feats, labels, None, "proto", tied=True)
     lrs = dict(body=0.01, out=30.0)
-    plain = mg.inner_loop(head, phi0, feats, labels, steps=6, lr=lrs)
-    adapted = mg.inner_loop(head, phi0, feats, labels, steps=6, lr=lrs, backtrack=True)
-    w, undone = steps_by_hand(phi0, feats, labels, 6, lambda k: lrs[k.split(".")[0]], backtrack=True)
-    assert 0 < undone < 6  # the episode exercises both branches
+    plain = mg.inner_loop(head, phi0, feats, labels, steps=5, lr=lrs)
+    adapted = mg.inner_loop(head, phi0, feats, labels, steps=5, lr=lrs, backtrack=True)
+    lr_of = lambda k: lrs[k.split(".")[0]]  # noqa: E731
+    by_hand = lambda **rule: steps_by_hand(phi0, feats, labels, 5, lr_of, True, **rule)  # noqa: E731
+    w, undone = by_hand()
+    assert 0 < undone < 5  # the episode exercises both branches, and its last step is undone
+    wrong = [("backtracking keeps a step that raised the support loss (it halves the size but does not undo "
+              "the step)", by_hand(undo=False)[0]),
+             ("backtracking never halves the step size: an undone step is tried again, identical",
+              by_hand(halve=False)[0]),
+             ("backtracking does not judge the last step: one that raises the support loss must be undone "
+              "too", by_hand(judge_last=False)[0]),
+             ("no backtracking: with backtrack=True a step that raises the support loss is undone",
+              steps_by_hand(phi0, feats, labels, 5, lr_of)[0])]
     for k in w:
-        torch.testing.assert_close(adapted[k].detach(), w[k], atol=1e-5, rtol=1e-4)
+        check_close(adapted[k].detach(), w[k], f"{k}: backtracking must undo a step that raises the support "
+                    "loss and halve every later step", [(what, bad[k]) for what, bad in wrong
+                                                        if not close(bad[k], w[k], 1e-5, 1e-4)],
+                    atol=1e-5, rtol=1e-4)
     loss = lambda phi: F.cross_entropy(mg.head_logits(head, phi, feats), labels)
     assert loss(plain) > 100 * loss(phi0)  # without it, this step size blows the support loss up
     assert loss(adapted) < loss(phi0)
@@ -398,7 +486,8 @@ def test_fomaml_gradient_equals_manual_computation(init):
     phi0 = mg.episode_init(head, sf, sy, None, init.split("-")[0], tied)
     lrs = dict(body=0.05, out=300.0 if backtrack else 3.0) if tied else 0.5
     adapted = mg.inner_loop(head, phi0, sf, sy, steps=5, lr=lrs, backtrack=backtrack)
-    F.cross_entropy(mg.head_logits(head, adapted, qf), qy).backward()
+    straight_through(phi0, lambda phi: mg.inner_loop(head, phi, sf, sy, steps=5, lr=lrs, backtrack=backtrack))
+    meta_backward(F.cross_entropy(mg.head_logits(head, adapted, qf), qy))
     # manual: 5 explicit steps from phi_0's values, then the query gradient g_T AT the adapted weights
     w, undone = steps_by_hand(phi0, sf, sy, 5, lambda k: lrs[k.split(".")[0]] if tied else lrs, backtrack)
     assert (undone > 0) == backtrack
