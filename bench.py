@@ -9,7 +9,6 @@ Speed and memory of maml-gpt's training steps, printed; no run is written.
 turns with the first place rotating, so that other work on the machine slows all of them alike; a ratio is
 the median of per-round ratios.
 """
-import argparse
 import collections
 import statistics
 import sys
@@ -118,9 +117,9 @@ def peak_memory_gib(device, reset=False):
 
 
 # Ops that only re-describe a tensor's memory (no kernel on a GPU): left out of the launched-op count.
-VIEW_OPS = {"aten::" + n for n in ("view view_as reshape _reshape_alias _unsafe_view t transpose detach alias "
-                                   "expand unsqueeze squeeze select slice split split_with_sizes as_strided")
-            .split()}
+VIEW_OPS = {"aten::" + n for n in ("view view_as reshape _reshape_alias _unsafe_view t transpose detach "
+                                   "alias expand unsqueeze squeeze select slice split split_with_sizes "
+                                   "as_strided").split()}
 
 
 def aten_ops(fn):
@@ -157,7 +156,8 @@ def bench(args, iters=5):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def episode(i):
-        return mg.episode_tensors(run.tokens, run.index, args, mg.stream_key(args.seed, i, "episode", 0), device)
+        key = mg.stream_key(args.seed, i, "episode", 0)
+        return mg.episode_tensors(run.tokens, run.index, args, key, device)
 
     def ar(i, model=None):  # the micro-steps of the training loop, on the batches and episodes of step i
         starts = mg.batch_indices(args.seed, i, len(run.tokens), args.seq_len, args.batch_size)
@@ -193,12 +193,11 @@ def bench(args, iters=5):
     flops = micro_step_flops(model.cfg, args)
     peak = (peak_of(torch.cuda.get_device_name(device))
             if device.type == "cuda" and not isinstance(amp, nullcontext) else None)
-    kernel = sdpa_kernel(model, run.probe[0][:1], amp)
-    ctx, n_sup = mg.smlmt_ctx(args), args.n_way * args.k_shot * mg.smlmt_ctx(args)
+    kernel, ctx = sdpa_kernel(model, run.probe[0][:1], amp), mg.smlmt_ctx(args)
+    n_sup = args.n_way * args.k_shot * ctx
     print(f"bench: {args.size or 'demo'} ({mg.count_params(model) / 1e6:.1f}M params) on {device}, "
           f"{'fp32' if isinstance(amp, nullcontext) else 'bf16'}, compile={args.compile}, "
-          f"{torch.get_num_threads()} CPU thread(s), "
-          f"attention kernel: {kernel}")
+          f"{torch.get_num_threads()} CPU thread(s), attention kernel: {kernel}")
     shape = dict(AR=f"{args.batch_size} x {args.seq_len}",
                  meta=f"support {n_sup} no-grad + query {tok['meta'] - n_sup}; ctx {ctx}")
     for k in ("AR", "meta"):
@@ -215,10 +214,9 @@ def bench(args, iters=5):
           f"{'after warm-up' if reset else 'since start'}: AR and meta micro-steps and a dynamics probe)")
     print("  host syncs per micro-step: " + "; ".join(f"{k} {sum(v.values())}" + "".join(
         f", {n} x{c}" for n, c in sorted(v.items())) for k, v in syncs.items()))
-    ep = episode(0)
+    ep, layerwise = episode(0), args.inner_loop == "layerwise"
     with torch.no_grad(), amp:
         hs = mg.read_features(model, ep["support_x"], ep["support_at"], args.read)
-    layerwise = args.inner_loop == "layerwise"
     ops, launched = launched_ops(lambda: mg.inner_loop(
         run.head, mg.episode_init(run.head, hs, ep["support_y"], ep["classes"], args.head_init, layerwise),
         hs, ep["support_y"], args.inner_steps, mg.inner_lrs(args), layerwise))
@@ -230,37 +228,27 @@ def bench(args, iters=5):
                 syncs={k: sum(v.values()) for k, v in syncs.items()}, inner_ops=(ops, launched))
 
 
-def vs_hf(argv):
-    """--vs_hf: one forward+backward of the same model, same weights, same tokens, in maml-gpt and in
-    transformers.LlamaForCausalLM (SDPA attention)."""
-    p = argparse.ArgumentParser(prog="bench.py --vs_hf", description=vs_hf.__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--size", default="tiny", choices=list(mg.SIZES))
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=7, help="timed rounds (each contestant once) after 2 more")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
-    args = p.parse_args(argv)
+def vs_hf(args):
+    """--vs_hf: one forward + backward of the model `args` describes (fresh weights) in maml-gpt and in
+    transformers.LlamaForCausalLM (SDPA attention), on the same random tokens."""
     try:
         import transformers
     except ImportError:
         raise mg.UserError("bench.py --vs_hf needs transformers: pip install -r requirements-dev.txt")
     from export import to_hf_llama
-    device = torch.device(args.device)
+    device = mg.pick_device(args.device)
+    amp = mg.autocast_ctx(device, args.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    cfg = mg.ModelConfig(d_model=mg.SIZES[args.size]["d_model"], max_seq_len=args.seq_len)
-    ours = mg.Decoder(cfg).to(device)
+    ours = mg.Decoder(mg.model_config(args)).to(device)
     hf = to_hf_llama(ours)
     x = torch.randint(0, mg.EOT_ID, (args.batch_size, args.seq_len), device=device)
     y = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)  # the last position has no next token
-    amp = nullcontext() if args.dtype == "float32" else torch.autocast(device.type, dtype=torch.bfloat16)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     # Each contestant is one forward + backward returning the loss; "plain" is our model with F.cross_entropy
     # on the full (B*T, V) logits, which the fused loss replaced. HF shifts its labels inside.
     runs = {"maml-gpt (fused loss)": (ours, lambda: ours(x, y)[1]),
-            "maml-gpt, plain F.cross_entropy": (ours, lambda: F.cross_entropy(ours(x)[0].flatten(0, 1),
-                                                                              y.flatten(), ignore_index=-100)),
+            "maml-gpt, plain F.cross_entropy": (ours, lambda: F.cross_entropy(
+                ours(x)[0].flatten(0, 1), y.flatten(), ignore_index=-100)),
             "HF LlamaForCausalLM": (hf, lambda: hf(input_ids=x, labels=x).loss)}
     times, losses = {w: [] for w in runs}, {}
     for r in range(2 + args.repeats):  # the first two rounds warm up allocators and kernels
@@ -272,12 +260,13 @@ def vs_hf(argv):
             loss.backward()
             sync()
             times[w] += [time.perf_counter() - t] if r >= 2 else []
-            runs[w][0].zero_grad(set_to_none=True)
             losses.setdefault(w, loss.item())
+            runs[w][0].zero_grad(set_to_none=True)
     print("loss (same weights, same tokens): " + "  ".join(f"{w} {v:.6f}" for w, v in losses.items()))
-    print(f"{args.size} ({mg.count_params(ours) / 1e6:.1f}M), {args.batch_size} x {args.seq_len}, "
-          f"{args.dtype}, {device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; forward+backward, median of {args.repeats} rounds")
+    print(f"{args.size or 'demo'} ({mg.count_params(ours) / 1e6:.1f}M), {args.batch_size} x {args.seq_len}, "
+          f"{'fp32' if isinstance(amp, nullcontext) else 'bf16'}, {device}, {torch.get_num_threads()} "
+          f"thread(s), torch {torch.__version__}, transformers {transformers.__version__}; forward + "
+          f"backward, median of {args.repeats} rounds")
     hf_times, ratios = times["HF LlamaForCausalLM"], {}
     for w, ts in times.items():
         med, r = statistics.median(ts), [a / b for a, b in zip(ts, hf_times)]
@@ -290,16 +279,19 @@ def vs_hf(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    p = mg.build_parser()
+    p.description = "Speed and memory of the training that maml_gpt.py's flags describe; no run is written."
+    p.add_argument("--vs_hf", action="store_true", help="time the model against HF LlamaForCausalLM instead")
+    p.add_argument("--repeats", type=int, default=7, help="--vs_hf: timed rounds, after 2 more")
 
     def body():
-        if "--vs_hf" in argv:
-            return vs_hf([a for a in argv if a != "--vs_hf"])
         flags = {a.split("=")[0] for a in argv}
-        if "--size" in flags and "--data" not in flags:
+        if "--size" in flags and not {"--data", "--vs_hf"} & flags:
             print("note: no --data given: benchmarking on the toy world (speed does not depend on the text; "
                   "the preset's corpus would first be prepared)")
             argv.append("--data=toy")
-        return bench(mg.parse_args(argv))
+        args = mg.parse_args(argv, p)
+        return vs_hf(args) if args.vs_hf else bench(args)
     return mg.cli(body)
 
 
