@@ -232,8 +232,8 @@ def jump(x, y, th, chance=None):
             continue
         rise = float(np.median(post) - np.median(pre))
         if best is None or rise > best["rise"]:
-            # the step: the first of the `within` windows half-way up (any t before it gives the same rise)
-            k = next((k for k in range(t, t + W) if y[k] >= np.median(pre) + rise / 2), t)
+            # the step: the first window from t half-way up (a few t before it give the same rise)
+            k = next((k for k in range(t, len(y)) if y[k] >= np.median(pre) + rise / 2), t)
             best = dict(step=float(x[k]), rise=rise, plateau=float(np.median(pre)))
     return best
 
@@ -429,7 +429,7 @@ def summarize(per):
     for k in dict.fromkeys(k for c in per for k in c):
         vals = [c.get(k) for c in per]
         have = [v for v in vals if v is not None]
-        out[f"{k}_per_seed"] = vals
+        out[f"{k}_per_seed"], out[f"{k}_ci95"] = vals, None  # every key always there, measured or not
         if have and all(isinstance(v, bool) for v in have):
             out[k] = float(np.mean(have))
         elif have and all(isinstance(v, (int, float)) for v in have):
@@ -437,7 +437,7 @@ def summarize(per):
             m, ci = ci95(np.log(have) if ratio else have)
             out[k], out[f"{k}_ci95"] = (math.exp(m), ci and [math.exp(ci[0]), math.exp(ci[1])]) if ratio \
                 else (m, ci)
-        else:
+        else:  # text, or nothing measured
             out[k] = have[0] if have and all(v == have[0] for v in have) else None
     return out
 
@@ -456,7 +456,7 @@ def shows(c, cid):
     if cid == "dynamics":
         mods = sorted({k.split("/", 1)[1] for k in c if k.startswith("per_fall_maml/")
                        and not k.endswith(("_per_seed", "_ci95"))})
-        return "; ".join(f"{m.split('.')[-1]}: weight fall {f(f'per_fall_maml/{m}')} (z "
+        return "; ".join(f"{m.split('.')[-1]}: steepest drop of weight PER {f(f'per_fall_maml/{m}')} (z "
                          f"{f(f'per_z_maml/{m}', 1)}) at step {f(f'per_drop_step_maml/{m}', 0)} vs vanilla "
                          f"{f(f'per_fall_vanilla/{m}')}, gradient dip {f(f'per_grad_dip_maml/{m}')}"
                          for m in mods) + (f"; attention entropy {f('entropy_first_maml', 2)} -> "
@@ -519,7 +519,8 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
     for n in notes:
         print(f"note: {n}")
     per = [metrics(m, v, ner_rows) for _, m, v in pairs]
-    c = per[0] if len(per) == 1 else summarize(per)
+    c = summarize(per)
+    c.update(per[0] if len(per) == 1 else {})  # one pair: its exact values (not a geometric mean of one)
     rows = []
     for claim in CLAIMS:
         kind, why, test = verdict(claim, per)
@@ -574,9 +575,8 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
     print(f"report: {os.path.join(out, 'report.md')} ({len(made)} figures), claims.json beside it")
     # the one pair's curves, for callers: speed-ups, PER drops (as knees) and jumps
     m, v = pairs[0][1:]
-    for name, x, metric, _ in SPEEDUPS:
-        results[f"speedup_{name.split('_')[0] if name.endswith('_ar') else name}"] = \
-            speedup(*curve(v, x, metric), *curve(m, x, metric)) if m and v else None
+    for (name, x, metric, _), old in zip(SPEEDUPS, ("step", "tokens", "arstep", "step_mixed")):
+        results[f"speedup_{old}"] = speedup(*curve(v, x, metric), *curve(m, x, metric)) if m and v else None
     results["knees"], results["jumps"] = {}, {}
     for r in runs:
         mods = compress(r, THRESHOLDS)[0]
@@ -664,7 +664,7 @@ def figure_loss(plt, runs, c):
     for a, t, xl in zip(ax, ("loss vs step: AR (solid), mixed train/loss (dashed)", "AR loss vs tokens",
                              "eval perplexity"), ("optimizer step", "backbone tokens (AR + meta)", "step")):
         a.set(title=t, xlabel=xl)
-        a.legend(fontsize=7)
+        a.legend(fontsize=7) if a.get_legend_handles_labels()[0] else None
     ax[2].set_yscale("log")
     return fig
 
@@ -712,7 +712,7 @@ def figure_meta(plt, runs, c):
     for a, t in zip(ax, ("support accuracy (pre / post adaptation)", "query accuracy (pre / post)",
                          "held-out few-shot eval: prototypes at [MASK] / token before, adapted head")):
         a.set(title=t, xlabel="optimizer step")
-        a.legend(fontsize=6)
+        a.legend(fontsize=6) if a.get_legend_handles_labels()[0] else None
     return fig
 
 

@@ -1,5 +1,5 @@
-"""Synthetic runs in the training log's own keys (metrics.jsonl, config.json), shaped like the curves the paper
-describes (§6, Fig. 4 and 6) and like the ones it says are not a transition. Shared by the scoreboard's tests.
+"""Synthetic runs in the training log's own keys (metrics.jsonl, config.json), shaped like the curves the
+paper describes (§6, Fig. 4 and 6) and like the ones it says are not a transition; for the scoreboard tests.
 
 A run logs a window every 10 steps up to 400 (acc_*, loss_*), PER and attention entropy every 25 steps from
 step 0 (as --dynamics_every 25), and the held-out few-shot eval every 50. EVENT is the step of the paper's
@@ -21,7 +21,7 @@ def acc_curve(shape, s, event=EVENT):
     return {"jump": base + (0.42 + 0.1 * (s - event) / STEPS if after else 0.0),  # plateau, then a clean jump
             "smooth": base + 0.55 * s / STEPS,  # a steady climb from the start: no plateau
             "flat": base,
-            "small_step": base + 0.12 * after,  # a clean step, too small for the paper's "near chance to > 0.5"
+            "small_step": base + 0.12 * after,  # a clean step, small for the paper's "near chance to > 0.5"
             "ramp": base + 0.3 * min(max((s - event) / 30, 0.0), 1.0),  # the rise spread over three windows
             "spike": base + 0.45 * (s == event + 10),  # one outlier window
             "transient": base + 0.45 * (event < s <= event + 20),  # up for two windows, then back
@@ -62,7 +62,8 @@ def write_run(path, ratio, seed=1, acc="jump", per="drop", grad="dip", noise=0.0
                 r.update(n_ar_steps=10 - n_meta, n_meta_steps=n_meta,
                          loss_ar=2 + 8 * math.exp(-speed * ar / 150) + rng.normal(0, 0.01))
                 if ratio:
-                    q = min(1.0, acc_curve(acc, s, event if acc_event is None else acc_event) + rng.normal(0, noise))
+                    q = acc_curve(acc, s, event if acc_event is None else acc_event)
+                    q = min(1.0, q + rng.normal(0, noise))
                     r.update(loss_query=3.0, loss_mixed=(r["loss_ar"] + 3.0) / 2, acc_query_pre=CHANCE,
                              acc_query_post=q, acc_support_pre=0.2, acc_support_post=min(1.0, q + 0.2),
                              loss_support_pre=3.0, loss_support_post=2.5, head_weight_mean=0.0,
@@ -95,7 +96,8 @@ CASES = {
     "jump without PER drop": (dict(acc="jump", per="smooth", grad="flat"), dict(per="smooth", grad="flat"),
                               "does not hold", "does not hold"),
     "noise on a flat line": (dict(acc="flat", per="flat", grad="flat", noise=0.03, per_noise=0.003),
-                             dict(per="flat", grad="flat", per_noise=0.003), "does not hold", "does not hold"),
+                             dict(per="flat", grad="flat", per_noise=0.003), "does not hold",
+                             "does not hold"),
     "clean step +0.12": (dict(acc="small_step", per="drop", grad="dip"), dict(per="smooth", grad="flat"),
                          "holds", "does not hold"),
     "rise over three windows": (dict(acc="ramp", per="drop", grad="dip"), dict(per="smooth", grad="flat"),
@@ -110,8 +112,8 @@ CASES = {
                           "does not hold", "holds"),
     "jump 100 steps before the PER drop": (dict(acc="jump", per="drop", grad="dip", acc_event=150),
                                            dict(per="smooth", grad="flat"), "holds", "does not hold"),
-    "old rule's rise then fall": (dict(acc="jump", per="rise_fall", grad="dip"), dict(per="smooth", grad="flat"),
-                                  "holds", "holds"),
+    "old rule's rise then fall": (dict(acc="jump", per="rise_fall", grad="dip"),
+                                  dict(per="smooth", grad="flat"), "holds", "holds"),
 }
 
 

@@ -1,6 +1,5 @@
-"""analyze.py's claims table on planted runs: the speed-up on four axes (the mixed-metric artifact computed
-by hand), diversify-then-compress and the accuracy jump, the held-out few-shot eval, and the NER row from a
-hand-made grid."""
+"""analyze.py's claims table on planted runs: the speed-up on four axes (computed by hand), the held-out
+few-shot eval at the last common step, stable keys, and the NER row from a hand-made grid."""
 import csv
 import json
 import math
@@ -63,25 +62,15 @@ def test_speedup_on_four_axes_and_the_mixed_metric_artifact(tmp_path, capsys):
     assert c["speedup_token_ar"] == pytest.approx(1.5 / 2.25, abs=0.01)
     # Mixed: MAML's (f(s/2) + Q) / 2 reaches vanilla's final f(3000) at s = 1200 ln(8 / (2 f(3000) - Q - 2)).
     s = 1200 * math.log(8 / (2 * f(3000) - Q - 2))
-    assert c["speedup_step_mixed"] == pytest.approx(3000 / s, abs=0.02) and c["speedup_step_mixed"] > 1.2
-    assert c["speedup_metric_factor"] == pytest.approx(c["speedup_step_mixed"] / c["speedup_step_ar"])
-    assert c["verdict_speedup"] == "does not hold"
-    assert c["final_loss_mixed_maml"] == pytest.approx((f(1500) + Q) / 2)
+    assert c["speedup_step_mixed"] == pytest.approx(3000 / s, abs=0.02) and c["speedup_step_mixed_reached"]
+    assert c["verdict_speedup"] == "does not hold" and not c["speedup_step_ar_reached"]
     report = open(os.path.join(out, "report.md")).read()
     assert report.startswith("# maml-gpt analysis") and report.index("## Claims") < report.index("## Runs")
-    assert f"{c['speedup_step_mixed']:.2f}x sooner per step against 0.50x" in report  # the artifact sentence
+    # the mixed metric's ratio the other way round, in words: MAML reaches vanilla's final mixed loss sooner
+    mixed = f"mixed train/loss: MAML reached vanilla's final loss {c['speedup_step_mixed']:.2f}x sooner"
+    assert mixed in report
     printed = capsys.readouterr().out
     assert "| Same loss N x sooner |" in printed and "**does not hold**" in printed
-
-
-def test_mixed_metric_is_rebuilt_exactly_for_runs_without_loss_mixed(tmp_path):
-    write_run(str(tmp_path / "maml"), 0.5)
-    run = analyze.load_run(str(tmp_path / "maml"))
-    x, logged = analyze.mixed_series(run)
-    for r in run["rows"]:
-        del r["loss_mixed"]
-    x2, rebuilt = analyze.mixed_series(run)
-    assert list(x) == list(x2) and rebuilt == pytest.approx(logged, rel=1e-12)
 
 
 def fewshot_maml(step):
@@ -94,31 +83,21 @@ def fewshot_vanilla(step):
                 eval_proto_acc_mask=0.25, eval_proto_acc_prev=0.55)
 
 
-def test_knee_jump_and_fewshot_claims(tmp_path):
+def test_fewshot_claims_at_the_last_common_eval(tmp_path):
     write_run(str(tmp_path / "maml"), 0.5, dynamics=True, fewshot=fewshot_maml)
     write_run(str(tmp_path / "vanilla"), 0.0, dynamics=True, fewshot=fewshot_vanilla)
     out = str(tmp_path / "an")
     analyze.analyze([str(tmp_path / "maml"), str(tmp_path / "vanilla")], out)
     c = json.load(open(os.path.join(out, "claims.json")))
-    assert c["rise_fall_weight_maml"] and c["rise_fall_entropy_maml"] and not c["rise_fall_weight_vanilla"]
-    assert c["knee_weight_peak_step_maml"] == pytest.approx(1000, abs=150)
-    assert c["knee_weight_step_maml"] == pytest.approx(1800, abs=100)
-    assert c["knee_weight_step_maml/swiglu.w_2"] == pytest.approx(1800, abs=100)
-    assert (c["entropy_knee_step_maml"] == pytest.approx(1800, abs=100)
-            and c["knee_weight_step_vanilla"] is None)
-    assert c["verdict_dynamics"] == "holds"
-    assert (c["jump_step"] == pytest.approx(2000, abs=20) and c["n_jumps"] == 1
-            and c["verdict_jump"] == "holds")
     # the held-out few-shot eval of both backbones at the last common eval step (3000)
     assert c["fewshot_step"] == 3000
     assert c["eval_fewshot_acc_maml"] == pytest.approx(0.4) and c["eval_fewshot_acc_vanilla"] == 0.2
-    assert c["eval_proto_acc_prev_vanilla"] == 0.55 and c["eval_fewshot_acc_pre_maml"] == 0.05
-    # MAML's 3000 steps are 2.25M tokens: vanilla's eval there (step 2250, between its evals at 2000 and 2500)
-    assert (c["fewshot_tokens_maml"] == 2_250_000
-            and c["eval_fewshot_acc_vanilla_equal_tokens"] == pytest.approx(0.2))
+    assert c["fewshot_mask_diff"] == pytest.approx(0.05) and c["fewshot_prev_diff"] == pytest.approx(-0.05)
+    assert c["verdict_fewshot_mask"] == "holds" and c["verdict_fewshot_prev"] == "does not hold"
     report = open(os.path.join(out, "report.md")).read()
-    assert "after adaptation 0.400 vs 0.200" in report
-    assert os.path.getsize(os.path.join(out, "adaptation.png")) > 10_000
+    assert "adapted head at --read: 0.400 vs 0.200" in report
+    for png in ("meta.png", "loss.png", "speedup.png", "per_maml.png", "entropy_maml.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 10_000
 
 
 def test_claims_without_vanilla_twin_or_fewshot_keys(tmp_path):
@@ -130,8 +109,9 @@ def test_claims_without_vanilla_twin_or_fewshot_keys(tmp_path):
     analyze.analyze([str(tmp_path / "maml"), str(tmp_path / "v")], str(tmp_path / "an2"))
     assert set(c) == set(json.load(open(str(tmp_path / "an2" / "claims.json"))))  # stable keys
     assert c["verdict_speedup"] == c["verdict_ner"] == c["verdict_dynamics"] == "not measurable"
-    assert c["fewshot_step"] is None and c["eval_fewshot_acc_maml"] is None and c["verdict_jump"] == "holds"
-    assert "no held-out few-shot eval logged" in open(str(tmp_path / "an" / "report.md")).read()
+    assert c["verdict_fewshot_mask"] == c["verdict_fewshot_prev"] == "not measurable"
+    assert c["fewshot_step"] is None and c["eval_fewshot_acc_maml"] is None
+    assert c["transition_kind"] == "jump without PER drop" and c["verdict_jump"] == "does not hold"
 
 
 def test_ner_claim_from_a_hand_made_grid(tmp_path, capsys):
@@ -140,12 +120,12 @@ def test_ner_claim_from_a_hand_made_grid(tmp_path, capsys):
     write_run(van, 0.0)
     rows = []
 
-    def cells(ckpt, ratio, regime, f1s):
+    def cells(ckpt, ratio, regime, f1s, seed=1):
         for (train_on, eval_on), v in f1s.items():
-            rows.append(dict(ckpt=ckpt, hybrid_ratio=ratio, regime=regime, train_on=train_on, eval_on=eval_on,
-                             precision=v, recall=v, f1=v))
+            rows.append(dict(ckpt=ckpt, hybrid_ratio=ratio, ckpt_seed=seed, regime=regime, train_on=train_on,
+                             eval_on=eval_on, precision=v, recall=v, f1=v))
     # a decoy MAML checkpoint listed first: the grid's checkpoint inside RUN_MAML must be the one used
-    cells("elsewhere/ckpt.pt", 0.5, "head", {("en_ewt", "en_ewt"): 0.9})
+    cells("elsewhere/ckpt.pt", 0.5, "head", {("en_ewt", "en_ewt"): 0.9}, seed=7)
     for ck, ratio, head, full in (
             (os.path.join(maml, "ckpt.pt"), 0.5,
              {("en_ewt", "en_ewt"): 0.5, ("en_ewt", "da_ddt"): 0.3, ("da_ddt", "en_ewt"): 0.4,
@@ -165,7 +145,7 @@ def test_ner_claim_from_a_hand_made_grid(tmp_path, capsys):
         w.writerows(rows)
     analyze.main([maml, van, "--out", str(tmp_path / "an")])  # the grid is found in RUN_MAML/ner-grid
     c = json.load(open(str(tmp_path / "an" / "claims.json")))
-    assert c["ner_ckpt_maml"] == os.path.join(maml, "ckpt.pt") and c["ner_grid"] == str(grid)
+    assert c["ner_ckpt_maml"] == os.path.join(maml, "ckpt.pt") and c["ner_grids"] == [str(grid)]
     # head, seen: mean(0.5, 0.3, 0.4) = 0.4 vs mean(0.4, 0.2, 0.3) = 0.3 -> +33.3 %; PUD 0.2 vs 0.25 -> -20 %;
     # other 0.1 vs 0.1 -> 0 %. full: seen 0.6 vs 0.5 -> +20 %, PUD 0 %, other: vanilla F1 0 -> not measurable.
     assert (c["ner_f1_head_seen_maml"] == pytest.approx(0.4)
@@ -173,9 +153,9 @@ def test_ner_claim_from_a_hand_made_grid(tmp_path, capsys):
     assert c["ner_rel_head_seen"] == pytest.approx(100 / 3)
     assert c["ner_rel_head_pud"] == pytest.approx(-20) and c["ner_rel_head_other"] == pytest.approx(0)
     assert c["ner_rel_full_seen"] == pytest.approx(20) and c["ner_rel_full_pud"] == pytest.approx(0)
-    assert c["ner_rel_full_other"] is None and c["ner_rel_head_toy"] is None
+    assert c["ner_rel_full_other"] is None and c["ner_toy_only"] is False
     assert c["verdict_ner"] == "holds"  # mean of (+33.3, -20, 0, +20, 0) = +6.7 %
-    assert "average change +6.7 %" in capsys.readouterr().out
+    assert "mean +6.7 %" in capsys.readouterr().out
 
 
 def test_ner_grid_dir_without_grid_csv(tmp_path, capsys):

@@ -58,8 +58,8 @@ def test_a_verdict_that_flips_inside_its_ruler_is_inconclusive(tmp_path):
     for p in (m,):
         rows = [json.loads(line) for line in open(os.path.join(p, "metrics.jsonl"))]
         for r in rows:
-            for k in [k for k in r if k.startswith("per_weight/") and ".attention." in k and r["step"] >= EVENT]:
-                r[k] *= 0.96 / 0.92
+            for k in [k for k in r if k.startswith("per_weight/") and ".attention." in k]:
+                r[k] *= 0.96 / 0.92 if r["step"] >= EVENT else 1.0
         with open(os.path.join(p, "metrics.jsonl"), "w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
     c = claims(str(tmp_path), [m], [v])
@@ -89,11 +89,12 @@ TABLE3 = {"tiny": (-8.3, -3.0, +6.7, 0.0, -37.5, +3.8), "small": (+2.2, 0.0, -17
 
 
 def write_grid(path, cells, seed=1):
-    """cells: {(regime, eval set): (MAML F1, vanilla F1)} -> a grid.csv as `finetune_ner.py --sweep` writes."""
+    """cells: {(regime, eval set): (MAML F1, vanilla F1)} -> grid.csv as `finetune_ner.py --sweep` writes."""
     os.makedirs(path, exist_ok=True)
     rows = [dict(ckpt=f"ckpts/{arm}-{seed}.pt", hybrid_ratio=ratio, ckpt_seed=seed, regime=regime,
                  train_on="en_ewt", eval_on=ev, precision=f1[i], recall=f1[i], f1=f1[i])
-            for (regime, ev), f1 in cells.items() for i, (arm, ratio) in enumerate((("maml", 0.5), ("van", 0.0)))]
+            for (regime, ev), f1 in cells.items()
+            for i, (arm, ratio) in enumerate((("maml", 0.5), ("van", 0.0)))]
     with open(os.path.join(path, "grid.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -124,18 +125,20 @@ def test_speedup_says_which_way_the_ratio_was_taken(tmp_path, capsys):
     c = claims(str(tmp_path), [m], [v])
     assert c["speedup_step_ar_reached"] is False and c["speedup_step_ar"] == pytest.approx(0.5, abs=0.03)
     assert c["speedup_step_ar_direction"].startswith("vanilla's steps to MAML's final loss / MAML's steps")
-    assert f"vanilla reached MAML's final loss in {c['speedup_step_ar']:.2f} of the steps" in c["speedup_words"] and "x sooner" not in \
-        c["speedup_words"] and c["verdict_speedup"] == "does not hold"
+    words = c["speedup_words"]
+    assert f"vanilla reached MAML's final loss in {c['speedup_step_ar']:.2f} of the steps" in words
+    assert "x sooner" not in words and c["verdict_speedup"] == "does not hold"
     m2, v2 = str(tmp_path / "m2"), str(tmp_path / "v2")
     write_run(m2, 0.5, speed=3.0)  # 3x per AR step, 1.5x per step
     write_run(v2, 0.0, per="smooth", grad="flat")
     c = claims(str(tmp_path / "2"), [m2], [v2])
-    assert c["speedup_step_ar_reached"] is True and c["speedup_step_ar"] > 1.1 and c["verdict_speedup"] == "holds"
-    assert c["speedup_words"].startswith("MAML reached vanilla's final loss") and "x sooner" in capsys.readouterr().out
+    assert c["speedup_step_ar_reached"] is True and c["speedup_step_ar"] > 1.1
+    assert c["verdict_speedup"] == "holds" and c["speedup_words"].startswith("MAML reached vanilla's final")
+    assert f"{c['speedup_step_ar']:.2f}x sooner" in capsys.readouterr().out
 
 
 def test_fewshot_is_scored_at_both_read_positions(tmp_path):
-    """MAML ahead at [MASK] (which the vanilla twin never trains), behind at the token before, in every pair."""
+    """MAML ahead at [MASK] (which the vanilla twin never trains), behind at the token before, every pair."""
     pairs = []
     for s, noise in zip(range(1, 6), (0.01, -0.02, 0.0, 0.02, -0.01)):
         m, v = str(tmp_path / f"m{s}"), str(tmp_path / f"v{s}")
