@@ -5,7 +5,7 @@ file. A minimal reproduction of "Learning Dynamics of Meta-Learning in Small Mod
 
     python maml_gpt.py                                   # offline demo: toy world, tiny model, CPU, minutes
     python maml_gpt.py --hybrid_ratio 0 --out_dir out/demo-vanilla     # its vanilla twin (same AR batches)
-    torchrun --nproc_per_node=2 maml_gpt.py --device cpu # the demo under DDP (gloo) on a laptop
+    torchrun --nproc_per_node=2 maml_gpt.py --device cpu # the demo on 2 CPU processes (gloo)
     torchrun --nproc_per_node=4 maml_gpt.py --size large # the released recipe at 570M on 4 GPUs
     python maml_gpt.py --size tiny --data toy            # the released recipe, offline corpus
 
@@ -13,29 +13,29 @@ Using a trained run: sample.py (text), export.py (a Hugging Face folder), finetu
 bench.py measures speed. The file reads in the paper's order: config (§3.1, App. A) -> model (§3.1) ->
 SMLMT episodes (§3.2) -> first-order MAML (§3.3, Algorithm 1) -> learning dynamics and evaluation (§3.3,
 §6) -> the training loop (Algorithm 1, App. A.1). An appendix holds the plumbing no reader of the paper
-needs: the argument parser, tokenizer, the corpus files (data/prepare.py writes them), processes, checkpoints
-and run folders, logging.
+needs: the argument parser, the corpus (data/prepare.py writes it), processes, run folders, logging.
 
 Every optimizer step is one of two branches:
   AR   : next-token loss on a batch of corpus windows;
-  meta : an SMLMT episode; a small MLP head adapts to the support set in 10 SGD steps (no backbone gradient),
-         and the query loss at the adapted head trains the backbone and the head's initialisation (FOMAML).
+  meta : an SMLMT episode; a small MLP head adapts to the support set in --inner_steps (10) steps of SGD (no
+         backbone gradient): by default layerwise, the last layer with its own step size and a step that
+         raises the support loss undone (--inner_loop sgd: the paper's plain SGD). The query loss at the
+         adapted head trains the backbone and the head's initialisation (FOMAML).
 """
 import argparse
 import datetime
-import importlib
+import itertools
 import json
 import math
 import os
 import platform
-import re
 import shlex
 import signal
 import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -44,11 +44,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from data import prepare
+from data.prepare import (EOT_ID, UserError, get_tokenizer, prepare_corpus, read_bin, wait_for,
+                          write_atomically, write_bin, write_text)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing file, corrupt checkpoint): one line, no traceback."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -68,7 +68,6 @@ class ModelConfig:
     max_seq_len: int = 512
 
 
-EOT_ID = 50256  # <|endoftext|> separates documents
 MASK_ID = 50257  # [MASK]: one extra id after GPT-2's vocabulary; only SMLMT episodes use it
 
 # One row per size: the width (the only thing that scales: 12 layers everywhere) and the sequences per
@@ -105,7 +104,7 @@ def model_config(args):
 # a micro-step's slot in the global batch. No generator state survives a step, so a resumed run, or one that
 # splits the same global batch over a different number of processes, draws exactly what an uninterrupted run
 # draws, and a checkpoint needs no data-loader state: its step is its data position. The slot numbers are
-# fixed history: a seed draws today what it drew when the README's numbers were measured.
+# fixed: changing one would change what every seed draws.
 STREAMS = {"batch": (0,), "branch": (1,), "episode": (2,), "dropout": ()}
 
 
@@ -125,8 +124,8 @@ def torch_seed(seed, step, j):
 
 # ------------------------------------------------------------------------------------------------------------
 # Model (paper §3.1): a pre-norm Llama decoder. RMSNorm, RoPE, grouped-query attention, SwiGLU, untied
-# embeddings, no biases, no dropout, PyTorch default init (as pico-decoder). Parameter names follow the
-# reference code. After the Decoder: the fused LM-head loss it calls.
+# embeddings, no biases, no dropout, PyTorch default init (as pico-decoder). Parameter names follow
+# pico-decoder's. After the Decoder: the fused LM-head loss it calls.
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -144,7 +143,8 @@ class RMSNorm(nn.Module):
 
 def rope_tables(head_dim, max_len, theta):
     """cos, sin (max_len, head_dim/2): pair i at position t turns by the angle t * theta^(-2i/head_dim)."""
-    # Pair 0 turns fastest (1 rad per position), the last pair slowest (~1/theta): a spectrum of clock hands.
+    # A spectrum of clock hands: pair 0 turns 1 rad per position, each next pair theta^(2/head_dim) times
+    # slower, the last theta^(-(head_dim-2)/head_dim) (at the demo's head_dim 8: 1, 0.1, 0.01, 0.001 rad).
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hd/2)
     return angles.cos(), angles.sin()
@@ -216,7 +216,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin):
         # Pre-norm residual block: each sub-layer reads a normalised copy and adds to the residual stream,
-        # which itself is never normalised in place (stable at depth without warm-up tricks).
+        # which itself is never normalised in place.
         x = x + self.attention(self.attention_norm(x), cos, sin)
         return x + self.swiglu(self.swiglu_norm(x))
 
@@ -258,10 +258,8 @@ class Decoder(nn.Module):
         """Sample continuations of idx (B, T) -> (B, T + n), n <= max_new_tokens. Deterministic for a
         `generator` (temperature 0: greedy). A row that emits <|endoftext|> is finished: it is padded with
         <|endoftext|> until every row is. [MASK] (50257) and the padding ids 50258..50303 are never sampled.
-
-        No KV cache: every new token re-runs the model on the whole (cropped) window. At these sizes that
-        costs little, and a cache would need a second attention path plus re-rotation of cached keys once the
-        window slides past max_seq_len; nanoGPT makes the same trade."""
+        No KV cache, as in nanoGPT: every new token re-runs the model on the window (its last max_seq_len
+        tokens); a cache would need a second attention path, and re-rotated keys once the window slides."""
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             h = self(idx[:, -self.cfg.max_seq_len:], return_hidden=True)  # (B, T, d): a long prompt's end
@@ -295,7 +293,6 @@ def count_params(model):
 # then the same buffer for the next chunk. Nothing of size (B*T, V) ever exists, and the backward pass is two
 # multiplications by a scalar. (The technique of Liger-Kernel's FusedLinearCrossEntropy and Apple's Cut
 # Cross-Entropy, in plain torch.)
-#
 # Rows per chunk, per device. CPU: 256 x 50,304 fp32 = 51 MB live; measured (d = 96, 2,048 rows, 1 thread) the
 # fastest of 128 / 256 / 512 / 1,024 / 2,048 (1.49 / 1.42 / 1.46 / 1.56 / 1.72 s for loss + gradients; plain
 # F.cross_entropy 2.87 s). CUDA: each chunk adds its (V, d) weight gradient into the fp32 accumulator, 12 V d
@@ -395,24 +392,10 @@ def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_rows=None)
 # ------------------------------------------------------------------------------------------------------------
 # SMLMT episodes (paper §3.2): N content words, K support + Q query contexts each, the word replaced by
 # [MASK]. An episode is an N-way classification task made from raw text: which of N words was masked here?
-
-def content_word_ids(counts, skip_top, min_count):
-    """The words SMLMT may mask: GPT-2 tokens that are whole words (a leading space and >= 3 ASCII letters),
-    not among the corpus's `skip_top` most frequent tokens (function words), and seen >= `min_count` times.
-    counts (65536,) corpus token counts -> (n_words,) int64 token ids."""
-    enc = get_tokenizer()
-    frequent = set(np.argsort(-counts)[:skip_top].tolist())
-    return np.array([i for i in np.flatnonzero(counts >= min_count)
-                     if i < EOT_ID and i not in frequent
-                     and re.fullmatch(rb" [A-Za-z]{3,}", enc.decode_single_token_bytes(int(i)))],
-                    dtype=np.int64)
-
-
-# The index sample_episode draws from (built once per corpus by data/prepare.py): where each content word
-# occurs, in one flat CSR layout. Word i is the token index["words"][i]; its corpus positions are
-# index["positions"][index["offsets"][i]:index["offsets"][i + 1]], at most --smlmt_max_occ of them, each
-# SMLMT_MARGIN tokens or more from either end of the corpus, so any window of that size around one fits.
-SMLMT_MARGIN = 256
+# Content words are whole GPT-2 words of >= 3 ASCII letters, not among the corpus's --smlmt_skip_top most
+# frequent tokens, seen >= --smlmt_min_count times (data/prepare.py). In its index of them word i is the token
+# index["words"][i], its positions index["positions"][index["offsets"][i]:index["offsets"][i + 1]]: at most
+# --smlmt_max_occ, each prepare.SMLMT_MARGIN (256) or more tokens from either end: its window fits.
 
 
 def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key, read="mask"):
@@ -453,8 +436,8 @@ def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key, read="mask")
     else:  # a random offset per example: a last-token reader cannot learn "the answer is always at 8"
         mask_at = rng.integers(ctx // 4, ctx - ctx // 4, size=occ.shape)
     windows = np.asarray(tokens[(occ - mask_at)[..., None] + np.arange(ctx)], dtype=np.int64)  # (N, K+Q, ctx)
-    # Only this occurrence is masked: if the word also appears elsewhere in the window it stays visible (a
-    # shortcut; see the README's exercises).
+    # Only this occurrence is masked: if the word also appears elsewhere in the window it stays visible, a
+    # shortcut to the answer.
     np.put_along_axis(windows, mask_at[..., None], MASK_ID, axis=-1)
     y = np.repeat(labels[:, None], per_class, axis=1)  # (N, K+Q): row i is word i's label
     classes = np.empty(n_way, dtype=np.int64)
@@ -467,10 +450,11 @@ def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key, read="mask")
 
 def smlmt_ctx(args):
     """Tokens per episode example: --smlmt_ctx, or (0) sized so that a meta micro-step reads about as many
-    backbone tokens as an AR one, N * (K + Q) * ctx ~ batch_size * seq_len; 16 at least, so that even a small
-    batch leaves every example some context (all of it to the left under --read mask)."""
-    ctx = args.smlmt_ctx or args.batch_size * args.seq_len // (args.n_way * (args.k_shot + args.q_query))
-    return int(min(max(ctx, 16), args.seq_len, SMLMT_MARGIN))
+    backbone tokens as an AR one, N * (K + Q) * width ~ batch_size * seq_len. Either is raised to 16, so that
+    even a small batch leaves every example some context (all of it to the left under --read mask), then
+    capped at --seq_len and prepare.SMLMT_MARGIN (256): a --seq_len under 16 gives --seq_len."""
+    width = args.smlmt_ctx or args.batch_size * args.seq_len // (args.n_way * (args.k_shot + args.q_query))
+    return int(min(max(width, 16), args.seq_len, prepare.SMLMT_MARGIN))
 
 
 def episode_tensors(tokens, index, args, key, device):
@@ -494,7 +478,7 @@ def make_head(d_model, n_way, hidden=128, n_layers=4, dropout=0.0, init="proto",
     torch-default biases."""
     layers, width = [], d_model
     for _ in range(n_layers - 1):
-        # at p = 0 an Identity: the same values, without a dropout op per call (33 per episode)
+        # at p = 0 an Identity: the same values, without a dropout op per layer on every call of the body
         layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout) if dropout else nn.Identity()]
         width = hidden
     head = nn.ModuleDict(dict(body=nn.Sequential(*layers)))
@@ -598,7 +582,7 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr, backtrack=F
         return F.cross_entropy(head_logits(head, weights(theta), feats), support_labels)
 
     best = last = last_grad = None  # backtracking: the loss, point and gradient to return to
-    # fp32 even under bf16 autocast: 10 SGD steps on a small MLP are cheap, and bf16 would round them away.
+    # fp32 even under bf16 autocast: a few SGD steps on a small MLP are cheap, and bf16 would round them away.
     with torch.enable_grad(), torch.autocast(feats.device.type, enabled=False):
         for t in range(steps):
             theta.requires_grad_()
@@ -625,13 +609,13 @@ def accuracy(logits, labels):
 
 
 def read_at(h, mask_at, read):
-    """h (n, ctx, d) -> (n, d) in fp32 at the position the head reads: the [MASK] (read="mask", mask_at (n,))
+    """h (n, T, d) -> (n, d) in fp32 at the position the head reads: the [MASK] (read="mask", mask_at (n,))
     or the last token (read="last")."""
     return (h[torch.arange(len(h), device=h.device), mask_at] if read == "mask" else h[:, -1]).float()
 
 
 def read_features(model, x, mask_at, read):
-    return read_at(model(x, return_hidden=True), mask_at, read)  # x (n, ctx) -> (n, d)
+    return read_at(model(x, return_hidden=True), mask_at, read)  # x (n, T) -> (n, d)
 
 
 def meta_micro_step(model, head, ep, args, scale, amp):
@@ -640,8 +624,8 @@ def meta_micro_step(model, head, ep, args, scale, amp):
     the FOMAML meta-gradient; the LM head gets none, and the [MASK] embedding gets gradients only here (AR
     batches never contain it). `model` may be compiled; `ep` holds device tensors (episode_tensors). Returns
     0-d tensors: loss_query and adaptation_stats at phi_0 (_pre) and phi_T (_post), without dropout."""
-    # Support: ONE forward, no graph. The backbone is fixed during adaptation and has no dropout, so the
-    # reference's 10 recomputations (one per inner step) would produce these same features 10 times.
+    # Support: ONE forward, no graph. The backbone is fixed during adaptation and has no dropout, so
+    # pico-maml's recomputation at every inner step would produce these same features --inner_steps times.
     with torch.no_grad(), amp:
         hs = read_features(model, ep["support_x"], ep["support_at"], args.read)  # (N*K, d)
     layerwise = args.inner_loop == "layerwise"  # tied prototypes, backtracking
@@ -654,7 +638,7 @@ def meta_micro_step(model, head, ep, args, scale, amp):
     # backbone.grad += d loss / d backbone (through hq); head.grad += d loss / d phi_T (through `adapted` and
     # phi0). Scaled by 1 / (grad_accum * world): gradients summed over micro-steps and ranks are then a mean.
     (loss * scale).backward()
-    with torch.no_grad():  # support loss and accuracies before and after adaptation, without dropout
+    with torch.no_grad():  # support loss and accuracies before and after adaptation, in eval mode
         head.eval()
         phi0 = episode_init(head, hs, ep["support_y"], ep["classes"], args.head_init, layerwise)  # eval mode
         stats = dict(loss_query=loss.detach(), **adaptation_stats(head, phi0, adapted, hs, ep["support_y"],
@@ -701,7 +685,7 @@ def effective_rank(W):
 
 
 def proportional_effective_rank(W):
-    """PER = ER / min(W.shape), in (0, 1]: 1 for a flat spectrum, 1/min(shape) for rank one."""
+    """PER = ER / min(W.shape), in [0, 1]: 1 for a flat spectrum, 1/min(shape) for rank one, 0 for W = 0."""
     return effective_rank(W) / min(W.shape)
 
 
@@ -730,41 +714,45 @@ def attention_entropy(model, idx):
 
 def learning_dynamics(model, probe_x, probe_y, modules, amp, rank=0, world=1):
     """{metric name: value} on the probe batch: PER and ER of `modules`' weights and next-token-loss gradients
-    in every layer, the reference's attention-wide variant, and attention entropy. It writes and then clears
-    the model's .grad, so call it between optimizer steps, never during gradient accumulation. With world > 1
-    every rank calls it: rank r takes every world-th spectrum and one all-reduce gathers them, so no rank
-    computes alone while the others wait in the next collective."""
+    in every layer, pico-maml's attention-wide variant (ref/...), and attention entropy. It writes and then
+    clears the model's .grad, so call it between optimizer steps, never during gradient accumulation. With
+    world > 1 every rank calls it: rank r takes every world-th spectrum and one all-reduce gathers them, so no
+    rank computes alone while the others wait in the next collective."""
     names = [f"layers.{i}.{m}" for i in range(model.cfg.n_layers) for m in modules]
     mats = dict(model.named_parameters())
     attn = [n for n in mats if ".attention." in n]
-    # One spectrum per distinct matrix: each weight once (the ref/ set repeats the modules' v and o weights),
-    # the gradient of the next-token loss for `names`, the gradient of logits.mean() for `attn`.
-    jobs = list(dict.fromkeys([n + ".weight" for n in names] + attn))
-    jobs += [("loss", n) for n in names] + [("mean", n) for n in attn]
+    # One spectrum per distinct matrix, keyed (what, name): each weight once (the attention-wide ref/ metrics
+    # below reuse the modules' v and o weights), the gradient of the next-token loss for `names`, the
+    # gradient of logits.mean() for `attn`.
+    spectra = [("weight", n) for n in dict.fromkeys([n + ".weight" for n in names] + attn)]
+    spectra += [("loss", n) for n in names] + [("mean", n) for n in attn]
+    matrix = {("weight", n): W for n, W in mats.items()}  # (what, name) -> the matrix of that spectrum
     model.zero_grad(set_to_none=True)
     with amp:
         _, loss = model(probe_x, probe_y)
     loss.backward()  # the gradient of the next-token loss (RoPE on, the model's own context length)
-    grads = {("loss", n): mats[n + ".weight"].grad for n in names}
-    # The reference analysis: mean over every q/k/v/o matrix, gradient of logits.mean() (not the loss).
+    matrix.update({("loss", n): mats[n + ".weight"].grad for n in names})
+    # pico-maml's analysis (the ref/ metrics): the mean over every q/k/v/o matrix, with the gradient of
+    # logits.mean() (not of the loss).
     model.zero_grad(set_to_none=True)
     with amp:
         logits, _ = model(probe_x)
     logits.mean().backward()
-    grads.update({("mean", n): mats[n].grad for n in attn})
+    matrix.update({("mean", n): mats[n].grad for n in attn})
     model.zero_grad(set_to_none=True)
-    ers = torch.tensor([effective_rank(grads[j] if isinstance(j, tuple) else mats[j]) if i % world == rank
-                        else 0.0 for i, j in enumerate(jobs)], dtype=torch.float64, device=probe_x.device)
-    if world > 1:  # a sum gathers them: each job is nonzero on one rank only
+    ers = torch.tensor([effective_rank(matrix[key]) if i % world == rank else 0.0
+                        for i, key in enumerate(spectra)], dtype=torch.float64, device=probe_x.device)
+    if world > 1:  # a sum gathers them: each spectrum is nonzero on one rank only
         dist.all_reduce(ers)
-    er = dict(zip(jobs, ers.tolist()))
+    er = dict(zip(spectra, ers.tolist()))
     out = {}
     for n in names:
         shape = mats[n + ".weight"].shape  # PER = ER / min(shape): the same spectrum
-        er_w, er_g = er[n + ".weight"], er[("loss", n)]
+        er_w, er_g = er[("weight", n + ".weight")], er[("loss", n)]
         out[f"per_weight/{n}"], out[f"per_grad/{n}"] = er_w / min(shape), er_g / min(shape)
         out[f"er_weight/{n}"], out[f"er_grad/{n}"] = er_w, er_g
-    for kind, vals in (("weight", [er[n] for n in attn]), ("grad", [er[("mean", n)] for n in attn])):
+    for kind, what in (("weight", "weight"), ("grad", "mean")):
+        vals = [er[(what, n)] for n in attn]
         out[f"ref/per_{kind}_attn"] = float(np.mean([e / min(mats[n].shape) for e, n in zip(vals, attn)]))
         out[f"ref/er_{kind}_attn"] = float(np.mean(vals))
     ent = attention_entropy(model, probe_x)
@@ -794,7 +782,7 @@ def evaluate(model, batches, amp, rank, world):
 # from the held-out split, a fresh head with a fixed seed, the same inner loop. Identical for every run, seed
 # and resume, so a MAML run and its vanilla twin are scored on the same tasks with the same head.
 
-FEWSHOT_KEY = 20250802  # episodes and the fresh head depend on this constant only, never on --seed
+FEWSHOT_KEY = 20250802  # their seed, never --seed (prepare.BIN_MAGIC: the same number, unrelated)
 
 
 def fewshot_eval(model, head_args, episodes, amp):
@@ -809,8 +797,10 @@ def fewshot_eval(model, head_args, episodes, amp):
     head = head.to(model.rope_cos.device).eval()
     layerwise = head_args.inner_loop == "layerwise"  # tied prototypes, backtracking, as in training
     model.eval()
-    sums = dict(eval_fewshot_acc_pre=0.0, eval_fewshot_acc=0.0, eval_fewshot_loss_support_pre=0.0,
-                eval_fewshot_loss_support_post=0.0, eval_proto_acc_mask=0.0, eval_proto_acc_prev=0.0)
+    names = dict(acc_query_pre="eval_fewshot_acc_pre", acc_query_post="eval_fewshot_acc",  # stats -> record
+                 loss_support_pre="eval_fewshot_loss_support_pre",
+                 loss_support_post="eval_fewshot_loss_support_post")
+    sums = dict.fromkeys([*names.values(), "eval_proto_acc_mask", "eval_proto_acc_prev"], 0.0)
     for ep in episodes:
         with torch.no_grad(), amp:
             hs, hq = (model(ep[f"{s}_x"], return_hidden=True).float() for s in ("support", "query"))
@@ -826,19 +816,17 @@ def fewshot_eval(model, head_args, episodes, amp):
         adapted = inner_loop(head, phi0, fs, ep["support_y"], head_args.inner_steps, inner_lrs(head_args),
                              layerwise)
         with torch.no_grad():
-            st = adaptation_stats(head, phi0, adapted, fs, ep["support_y"], fq, ep["query_y"])
-        for k, name in (("acc_query_pre", "eval_fewshot_acc_pre"), ("acc_query_post", "eval_fewshot_acc"),
-                        ("loss_support_pre", "eval_fewshot_loss_support_pre"),
-                        ("loss_support_post", "eval_fewshot_loss_support_post")):
-            sums[name] += st[k].item()
+            stats = adaptation_stats(head, phi0, adapted, fs, ep["support_y"], fq, ep["query_y"])
+        for k, name in names.items():
+            sums[name] += stats[k].item()
     model.train()
     return {k: v / len(episodes) for k, v in sums.items()}
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Training loop (Algorithm 1, App. A.1). No DDP wrapper: each rank accumulates its own gradients and one
-# explicit all-reduce per optimizer step averages them, over exactly the parameters the branch used (the same
-# set on every rank, because the branch is). Unused parameters keep grad None, so AdamW skips them.
+# Training loop (Algorithm 1, App. A.1). No DDP wrapper: each rank accumulates its own gradients, and once per
+# optimizer step all_reduce_ averages them over exactly the parameters the branch used (the same set on every
+# rank, because the branch is). Unused parameters keep grad None, so AdamW skips them.
 
 def is_meta_step(seed, step, ratio):
     """The branch of optimizer step `step`: meta with probability `ratio`, else AR."""
@@ -848,7 +836,7 @@ def is_meta_step(seed, step, ratio):
 def choose_branch(args, step, run):
     """Algorithm 1, line 3: rank 0 draws this step's branch and broadcasts it; every rank uses what it
     receives. One branch for the whole step (every micro-step, every rank) makes the set of parameters with
-    gradients the same everywhere, which is what makes one plain all-reduce correct. -> "meta" or "ar"."""
+    gradients the same everywhere, which is what makes a plain all-reduce correct. -> "meta" or "ar"."""
     drawn = run.rank == 0 and is_meta_step(args.seed, step, args.hybrid_ratio)
     if run.world == 1:
         return "meta" if drawn else "ar"
@@ -870,7 +858,7 @@ def lr_at(step, args):
     return args.lr * (lo + (1 - lo) * decay)
 
 
-def due(done, every, args):
+def is_due(done, every, args):
     """Is a task that runs every `every` steps (0 = never) due after step `done`? The last step always is."""
     return bool(every) and (done % every == 0 or done == args.max_steps)
 
@@ -891,7 +879,6 @@ class Run:
     params: list  # backbone + head: what AdamW steps
     optimizer: torch.optim.Optimizer
     amp: object  # the autocast context (or a nullcontext in fp32)
-    global_batch: int  # sequences per optimizer step, over all ranks
     scale: float  # 1 / (grad_accum * world): the all-reduced SUM of gradients is then the global-batch mean
     micro_tokens: dict  # backbone tokens of one micro-step of each branch: {"meta": ..., "ar": ...}
     probe: tuple  # the fixed probe batch of learning dynamics: x, y (probe_batch, seq_len)
@@ -904,13 +891,13 @@ def train(args, stop=None, argv=()):
     resume = wants_resume(args)  # may refuse; nothing in --out_dir has been touched yet
     run = setup(args)
     start, counters = resume_or_start(run, args, resume)
-    book = open_logbook(run, args, start, counters)  # config.json, fixed eval data, the dynamics of step 0
-    meter, done, stopping = Meter(run.device), start, 0
+    logbook = open_logbook(run, args, start, counters)  # config.json, fixed eval data, step 0's dynamics
+    done, stopping = start, 0
     stop["armed"] = True  # from here on a signal means "finish the step and save" (stop_signals)
-    for step in book.bar:  # range(start, max_steps)
+    for step in logbook.bar:  # range(start, max_steps)
         branch = choose_branch(args, step, run)
         starts = (None if branch == "meta"
-                  else batch_indices(args.seed, step, len(run.tokens), args.seq_len, run.global_batch))
+                  else batch_indices(args.seed, step, len(run.tokens), args.seq_len, args.global_batch))
         for micro in range(args.grad_accum):  # gradients accumulate in .grad across micro-steps
             j = micro * run.world + run.rank  # this micro-step's slot in the global batch
             torch.manual_seed(torch_seed(args.seed, step, j))  # the head's dropout masks
@@ -922,12 +909,12 @@ def train(args, stop=None, argv=()):
                 x, y = get_batch(run.tokens, micro_slice(starts, micro, run.rank, run.world, args.batch_size),
                                  args.seq_len, run.device)
                 stats = ar_micro_step(run.model, x, y, run.scale, run.amp)
-            meter.add_all(stats, loss_mixed=stats["loss_query" if branch == "meta" else "loss_ar"])
+            logbook.add(stats, loss_mixed=stats["loss_query" if branch == "meta" else "loss_ar"])
         # Only the parameters this branch used have a .grad (the LM head idles on meta steps, the head on AR).
         params = [p for p in run.params if p.grad is not None]
         all_reduce_([p.grad for p in params], run.world)
         if branch == "meta":  # the FOMAML meta-gradient of the head init, before clipping and zeroing
-            meter.add("head_grad_norm", torch.linalg.vector_norm(torch.stack(
+            logbook.add(head_grad_norm=torch.linalg.vector_norm(torch.stack(
                 [p.grad.norm() for p in run.head.parameters()])))
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -939,29 +926,29 @@ def train(args, stop=None, argv=()):
         counters["tokens"] += n_tok
         counters[f"tokens_{branch}"] += n_tok
         done, stopping = step + 1, stop_requested(stop, run.world, run.device)  # a signal on any rank
-        book.n_steps[branch] += 1
+        logbook.n_steps[branch] += 1
         if stopping:  # a scheduler's grace period may be short: the checkpoint first, then no eval or probe
             save(run, args, done, counters)
-            book.write(book.window(run, args, meter, done, counters), run.rank)
+            logbook.write(logbook.window(run, args, done, counters), run.rank)
             break
         # What the paper measures, when it is due: eval perplexity and the held-out few-shot eval, and the
         # learning-dynamics probe. The logbook writes them with the window's training means.
-        eval_now, probe_now = due(done, args.eval_every, args), due(done, args.dynamics_every, args)
-        if due(done, args.log_every, args) or eval_now or probe_now:
-            rec = book.window(run, args, meter, done, counters)  # means over micro-steps and ranks
+        eval_now, probe_now = is_due(done, args.eval_every, args), is_due(done, args.dynamics_every, args)
+        if is_due(done, args.log_every, args) or eval_now or probe_now:
+            record = logbook.window(run, args, done, counters)  # means over micro-steps and ranks
             if eval_now:
-                rec["eval_loss"], rec["eval_ppl"] = evaluate(run.orig_model, book.evals, run.amp, run.rank,
-                                                             run.world)
-                if run.rank == 0 and book.fewshots:
-                    rec.update(fewshot_eval(run.orig_model, args, book.fewshots, run.amp))
+                record["eval_loss"], record["eval_ppl"] = evaluate(run.orig_model, logbook.evals, run.amp,
+                                                                   run.rank, run.world)
+                if run.rank == 0 and logbook.fewshots:
+                    record.update(fewshot_eval(run.orig_model, args, logbook.fewshots, run.amp))
             if probe_now:  # on every rank: they share the spectra
-                rec.update(learning_dynamics(run.orig_model, *run.probe, run.modules, run.amp, run.rank,
-                                             run.world))
-            book.write(rec, run.rank)
-        if due(done, args.save_every, args):
+                record.update(learning_dynamics(run.orig_model, *run.probe, run.modules, run.amp, run.rank,
+                                                run.world))
+            logbook.write(record, run.rank)
+        if is_due(done, args.save_every, args):
             save(run, args, done, counters)
     stop["armed"] = False
-    finish(run, args, book, counters, done, stopping, argv)
+    finish(run, args, logbook, counters, done, stopping, argv)
 
 
 # ============================================================================================================
@@ -1088,124 +1075,16 @@ def parse_args(argv=None, parser=None):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Tokenizer: GPT-2 BPE via tiktoken, built offline from the merge ranks shipped in data/ (see data/README.md).
-
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-_TOKENIZER = None
-
-
-def get_tokenizer():
-    """The tiktoken "gpt2" encoding (50,257 ids), built from data/gpt2.tiktoken.xz with no download."""
-    global _TOKENIZER
-    if _TOKENIZER is None:
-        import base64
-        import lzma
-        import tiktoken
-        path = os.path.join(HERE, "data", "gpt2.tiktoken.xz")
-        with lzma.open(path, "rb") as f:
-            ranks = {base64.b64decode(tok): int(rank)
-                     for tok, rank in (line.split() for line in f if line.strip())}
-        _TOKENIZER = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                       special_tokens={"<|endoftext|>": EOT_ID})
-    return _TOKENIZER
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The corpus: tokenized once into uint16 files (train.bin, val.bin) with a small header, by data/prepare.py
-# the first time a run names it, then memmapped. Batches are windows of it.
-
-BIN_MAGIC, BIN_VERSION, HEADER_INTS = 20250802, 1, 256
-
-
-def write_atomically(path, write):
-    """write(tmp) to a temporary name beside `path`, then rename it to `path`: a crash mid-write leaves the
-    previous file (or none), never a half-written one that looks complete. The temporary keeps the suffix
-    (np.savez appends .npz otherwise) and names the machine and the process, so two writers never share one,
-    not even on two nodes of one shared filesystem."""
-    stem, ext = os.path.splitext(path)
-    tmp = f"{stem}.tmp-{platform.node()}-{os.getpid()}{ext}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_text(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def wait_for(path, what):
-    """Block until another process (this machine's local rank 0, or a writer on another node) has written
-    `path`. No collective: a long download or tokenization cannot hit a distributed timeout."""
-    if not os.path.exists(path):
-        print(f"waiting for {what} ({path}), written by another process", flush=True)
-    while not os.path.exists(path):
-        time.sleep(2)
-
-
-def bin_header(n):
-    # uint16 holds every GPT-2 id (< 65,536) in half the bytes of int32; the 1 KiB header makes a truncated or
-    # foreign file detectable before it silently trains on garbage.
-    header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = BIN_MAGIC, BIN_VERSION, n
-    return header
-
-
-def write_bin(path, tokens):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(bin_header(len(tokens)).tobytes())
-            f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
-    write_atomically(path, write)
-
-
-def read_bin(path):
-    """The token array of a prepared split, memmapped (read-only). Validates the header and the file size."""
-    try:
-        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e}")
-    n = int(header[2]) if len(header) == HEADER_INTS else -1
-    if len(header) < HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION \
-            or os.path.getsize(path) != HEADER_INTS * 4 + 2 * n:
-        raise UserError(f"{path} is not a valid token file (wrong header or size); "
-                        "delete its folder to re-prepare")
-    # A memmap reads only the pages a batch touches: a 1B-token corpus costs no RAM until used.
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
-
+# The corpus: tokenized once into train.bin and val.bin by data/prepare.py (prepare_corpus) the first time a
+# run names it, then memmapped. Batches are windows of it.
 
 def data_module(name):
-    """data/NAME.py, imported on first use: toyworld (the offline toy world: pretraining documents, tagged
-    NER sentences) or prepare (corpus preparation)."""
-    if os.path.join(HERE, "data") not in sys.path:
-        sys.path.insert(0, os.path.join(HERE, "data"))
-    return importlib.import_module(name)
+    """data/NAME.py, for callers that predate `from data import prepare, toyworld` (which is the same)."""
+    return {"prepare": prepare, "toyworld": prepare.toyworld}[name]
 
 
 def toyworld():
-    return data_module("toyworld")
-
-
-def prepare_corpus(args, rank_is_local_zero=True):
-    """args.data_dir/<name>/, the corpus tokenized into train.bin and val.bin by data/prepare.py the first
-    time a run names it. One process prepares it (the first local rank 0 to take its lock, on any node); the
-    others wait for its files."""
-    prep = data_module("prepare")
-    name = prep.corpus_name(args)
-    out = os.path.join(args.data_dir, name)
-    done = os.path.join(out, "val.bin")
-    if not os.path.exists(done) and not rank_is_local_zero:
-        wait_for(done, f"the prepared corpus {name}")
-    elif not os.path.exists(done):
-        prep.prepare(args, out, name)
-    need = args.seq_len + 2  # at least one window (seq_len inputs + 1 target) and room to draw its start
-    for split in ("train", "val"):
-        if len(read_bin(os.path.join(out, f"{split}.bin"))) < need:
-            raise UserError(f"--data {args.data}: the {split} split has fewer than {need} tokens; the corpus "
-                            f"is empty or too small (every {prep.VAL_EVERY}th document is held out for "
-                            "validation)")
-    return out
+    return prepare.toyworld
 
 
 def batch_indices(seed, step, n_tokens, seq_len, global_batch):
@@ -1286,24 +1165,18 @@ BUCKET_NUMEL = 1 << 26  # elements per all-reduce buffer: 256 MB of fp32 gradien
 
 
 def all_reduce_(tensors, world):
-    """Sum a list of tensors across ranks in place, one flat buffer per BUCKET_NUMEL elements. Each rank
-    scaled its losses by 1 / (grad_accum * world), so the sum of the gradients is the global-batch mean."""
-    if world == 1 or not tensors:
+    """Sum a list of tensors across ranks in place, in flat buckets that begin every BUCKET_NUMEL elements:
+    one all-reduce per bucket rather than per tensor (latency), never one buffer the size of the whole model
+    (memory). Each rank scaled its losses by 1 / (grad_accum * world), so the sum is the global-batch mean."""
+    if world == 1:
         return
-    # One all-reduce per bucket instead of one per tensor (latency), but never one buffer the size of the
-    # whole model (memory). The None sentinel flushes the last bucket. Every rank passes the same list (the
-    # branch is the same everywhere).
-    bucket, size = [], 0
-    for t in tensors + [None]:
-        if t is not None:
-            bucket.append(t)
-            size += t.numel()
-        if bucket and (t is None or size >= BUCKET_NUMEL):
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat)
-            for b, v in zip(bucket, flat.split([b.numel() for b in bucket])):
-                b.copy_(v.view_as(b))
-            bucket, size = [], 0
+    starts = itertools.accumulate([t.numel() for t in tensors], initial=0)  # where each tensor begins
+    for _, group in itertools.groupby(zip(tensors, starts), key=lambda ts: ts[1] // BUCKET_NUMEL):
+        bucket = [t for t, _ in group]
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat)
+        for t, v in zip(bucket, flat.split([t.numel() for t in bucket])):
+            t.copy_(v.view_as(t))
 
 
 def autocast_ctx(device, dtype_arg):
@@ -1316,16 +1189,14 @@ def autocast_ctx(device, dtype_arg):
 def grad_accum_for(args, world):
     """Micro-steps per optimizer step: --grad_accum, or --global_batch / (--batch_size x processes), which
     must divide: a global batch rounded down is not the one asked for."""
-    micro = args.batch_size * world  # sequences per micro-step, all processes together
     if args.global_batch is None:
         return args.grad_accum
+    micro = args.batch_size * world  # sequences per micro-step, all processes together
     accum, rest = divmod(args.global_batch, micro)
     procs = f"--batch_size {args.batch_size} x {world} process{'es' if world > 1 else ''} = {micro}"
     if rest or not accum:
-        near = " or ".join(str(g) for g in (accum * micro, (accum + 1) * micro) if g)
-        fits = [b for b in range(args.batch_size, 0, -1) if args.global_batch % (b * world) == 0]
         raise UserError(f"--global_batch {args.global_batch} is not a multiple of {procs}: use "
-                        f"--global_batch {near}" + (f", or --batch_size {fits[0]}" if fits else ""))
+                        f"--global_batch {max(accum, 1) * micro} or another --batch_size")
     if args.grad_accum not in (None, accum):
         raise UserError(f"--global_batch {args.global_batch} with {procs} means --grad_accum {accum}, not "
                         f"{args.grad_accum}: give one of the two")
@@ -1336,12 +1207,12 @@ def setup(args, for_bench=False):
     """Processes, data, model, head, optimizer: everything the loop and the benchmark share, as a Run."""
     rank, local_rank, world, device = setup_distributed(args.device)
     args.grad_accum = grad_accum_for(args, world)
-    args.global_batch = args.batch_size * args.grad_accum * world  # what config.json reports: what trains
+    args.global_batch = args.batch_size * args.grad_accum * world  # what trains, as config.json reports it
     if not for_bench:
         check_out_dir(args.out_dir)
     corpus = prepare_corpus(args, local_rank == 0)
     tokens = read_bin(os.path.join(corpus, "train.bin"))
-    index = (data_module("prepare").build_smlmt_index(corpus, args, local_rank == 0)
+    index = (prepare.build_smlmt_index(corpus, args, local_rank == 0)
              if args.hybrid_ratio > 0 or for_bench else None)
     torch.manual_seed(args.seed)
     cfg = model_config(args)
@@ -1359,14 +1230,13 @@ def setup(args, for_bench=False):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # --compile covers Decoder.forward: the AR branch's whole forward + fused loss (one graph, no break), and
     # the meta branch's backbone forward (nearly all of its FLOPs). Not the MLP head: its inner loop calls
-    # torch.autograd.grad, which torch.compile cannot put in a graph, and it has a few hundred K weights.
+    # torch.autograd.grad, which torch.compile cannot put in a graph, and it has under 0.25M weights.
     # dynamic=False: one static graph per shape (support, query, AR: three, within the recompile limit of 8)
     # instead of a shape-generic one from the second shape on, which would give up fixed-size kernels.
     model = torch.compile(orig_model, dynamic=False) if args.compile else orig_model
     return Run(rank=rank, local_rank=local_rank, world=world, device=device, corpus=corpus, tokens=tokens,
                index=index, orig_model=orig_model, model=model, head=head, params=params, optimizer=optimizer,
-               amp=autocast_ctx(device, args.dtype), global_batch=args.batch_size * args.grad_accum * world,
-               scale=1.0 / (args.grad_accum * world),
+               amp=autocast_ctx(device, args.dtype), scale=1.0 / (args.grad_accum * world),
                micro_tokens=dict(meta=args.n_way * (args.k_shot + args.q_query) * smlmt_ctx(args),
                                  ar=args.batch_size * args.seq_len),
                probe=probe, modules=[m.strip() for m in args.dynamics_modules.split(",") if m.strip()])
@@ -1487,8 +1357,7 @@ def resume_or_start(run, args, resume):
         return 0, counters
     ckpt_path, metrics_path = (os.path.join(args.out_dir, n) for n in ("ckpt.pt", "metrics.jsonl"))
     ck = load_checkpoint(ckpt_path, run.device)
-    mine = dict(vars(args), global_batch=run.global_batch)
-    diff = [k for k in RUN_KEYS if mine.get(k) != ck["run"].get(k)]
+    diff = [k for k in RUN_KEYS if vars(args).get(k) != ck["run"].get(k)]
     if ck["model_config"] != asdict(run.orig_model.cfg) or diff:
         raise UserError(f"{ckpt_path} was trained with different settings "
                         f"({', '.join(diff) or 'model size'}); resume with the same flags, "
@@ -1504,18 +1373,23 @@ def resume_or_start(run, args, resume):
     return ck["step"], ck["counters"]
 
 
+def check_finite(run, done):
+    """A diverged run stops before its weights reach a checkpoint (save and every logging window call this):
+    a NaN or inf in a loss reaches every weight it trains within that step."""
+    if not torch.stack([torch.isfinite(p).all() for p in run.params]).all():
+        raise UserError(f"non-finite weights at step {done}; the last good checkpoint is kept. "
+                        "Lower --lr, enable --grad_clip, or use --dtype float32")
+
+
 def save(run, args, done, counters):
     """ckpt.pt after step `done`: everything needed to continue exactly, as tensors and plain containers
     (torch.load(weights_only=True)); the data position is the step itself (see Randomness). Rank 0 writes
     (the weights are identical on every rank), all wait."""
-    if not all(torch.isfinite(p).all() for p in run.params):
-        raise UserError(f"non-finite weights at step {done}; the last good checkpoint is kept. "
-                        "Lower --lr, enable --grad_clip, or use --dtype float32")
+    check_finite(run, done)
     if run.rank == 0:
-        settings = dict(vars(args), global_batch=run.global_batch)
         state = dict(format="maml-gpt/1", model=run.orig_model.state_dict(), head=run.head.state_dict(),
                      optimizer=run.optimizer.state_dict(), step=done, model_config=asdict(run.orig_model.cfg),
-                     args=vars(args), run={k: settings[k] for k in RUN_KEYS}, counters=dict(counters),
+                     args=vars(args), run={k: vars(args)[k] for k in RUN_KEYS}, counters=dict(counters),
                      rng=dict(torch=torch.get_rng_state(),
                               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
         write_atomically(os.path.join(args.out_dir, "ckpt.pt"), lambda tmp: torch.save(state, tmp))
@@ -1580,39 +1454,10 @@ def stop_requested(stop, world, device):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Logging and evaluation: metrics.jsonl (and W&B), fixed evaluation batches, eval loss.
-
-class Meter:
-    """Sums and counts of per-micro-step statistics over a logging window, kept on the device (no sync)."""
-
-    def __init__(self, device):
-        self.device, self.sums, self.counts = device, {}, {}
-
-    def add(self, key, value):
-        self.sums[key] = self.sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64,
-                                                                   device=self.device)
-        self.counts[key] = self.counts.get(key, 0) + 1
-
-    def add_all(self, stats, **more):
-        for key, value in {**stats, **more}.items():
-            self.add(key, value)
-
-    def means(self, world, keys):
-        """Means over the window and the ranks (every rank calls this with the same keys); absent: None."""
-        sums = torch.stack([torch.as_tensor(self.sums.get(k, 0.0), dtype=torch.float64, device=self.device)
-                            for k in keys])
-        counts = torch.tensor([float(self.counts.get(k, 0)) for k in keys], dtype=torch.float64,
-                              device=self.device)
-        both = torch.stack([sums, counts])
-        if world > 1:
-            dist.all_reduce(both)
-        self.sums, self.counts = {}, {}
-        means, counts = torch.stack([both[0] / both[1], both[1]]).tolist()  # the window's one host sync
-        return {k: m if c > 0 else None for k, m, c in zip(keys, means, counts)}
-
+# Logging and the fixed evaluation data: metrics.jsonl (and W&B), eval batches, few-shot episodes.
 
 # loss_mixed: the mean over the window's micro-steps of whichever loss each one computed (AR cross-entropy
-# over the vocabulary, or the N-way query cross-entropy), as the reference's `train/loss`. Never compare it
+# over the vocabulary, or the N-way query cross-entropy), as pico-maml's `train/loss`. Never compare it
 # with loss_ar: the query part sits near log N (3.47 at chance for 32-way) or lower, below the AR loss for
 # most of a run, so mixing it in makes a hybrid run look ahead. analyze.py measures that artifact.
 LOG_KEYS = ["loss_ar", "loss_query", "loss_mixed", "loss_support_pre", "loss_support_post", "acc_support_pre",
@@ -1629,7 +1474,7 @@ def fixed_eval_batches(args, corpus_dir, device, is_local_zero):
         if not os.path.exists(path) and is_local_zero:  # one download per machine; the others wait below
             try:
                 enc = get_tokenizer()
-                docs = data_module("prepare").hub_documents("pico-lm/pretokenized-paloma-tinsy", split="val")
+                docs = prepare.hub_documents("pico-lm/pretokenized-paloma-tinsy", split="val")
                 rows = [ids[:args.seq_len + 1] for ids in enc.encode_ordinary_batch(list(docs))]
                 os.makedirs(args.data_dir, exist_ok=True)
                 write_bin(path, np.concatenate([r for r in rows if len(r) == args.seq_len + 1]))
@@ -1657,7 +1502,7 @@ def fewshot_episodes(args, corpus_dir, device, is_local_zero):
     if not (args.eval_every and args.fewshot_episodes):
         return []
     val = read_bin(os.path.join(corpus_dir, "val.bin"))
-    index = data_module("prepare").build_smlmt_index(corpus_dir, args, is_local_zero, split="val")
+    index = prepare.build_smlmt_index(corpus_dir, args, is_local_zero, split="val")
     try:
         return [episode_tensors(val, index, args, [FEWSHOT_KEY, j], device)
                 for j in range(args.fewshot_episodes)]
@@ -1699,32 +1544,42 @@ def wandb_logger(args, header):
     return run, log
 
 
-@dataclass
 class Logbook:
-    """Rank 0's metrics.jsonl (mirrored to W&B with --wandb), the fixed evaluation data, and the progress
-    bar. train() decides what goes into a record; the logbook writes it."""
-    path: str
-    bar: object  # tqdm over range(start, max_steps): the loop iterates it
-    evals: list  # fixed eval batches [(x, y)]
-    fewshots: list  # fixed held-out episodes
-    wandb_run: object = None
-    wandb_log: object = None
-    n_steps: dict = field(default_factory=lambda: dict(meta=0, ar=0))  # steps of each branch in this window
-    last: dict = None  # the last record written
-    t0: float = field(default_factory=time.time)
+    """A logging window's statistics, summed on the device as the micro-steps produce them (add: no host
+    sync), and rank 0's record of each window: metrics.jsonl (mirrored to W&B with --wandb), the progress
+    bar. The fixed evaluation data ride along. train() decides what goes into a record; this writes it."""
 
-    def window(self, run, args, meter, done, counters):
+    def __init__(self, device, path=None, bar=None, evals=(), fewshots=()):
+        self.device, self.path, self.bar, self.evals, self.fewshots = device, path, bar, evals, fewshots
+        self.sums, self.counts, self.n_steps = {}, {}, dict(meta=0, ar=0)
+        self.wandb_run = self.wandb_log = self.last = None  # the last record written
+        self.t0 = time.time()
+
+    def add(self, stats=(), **more):
+        for key, value in {**dict(stats), **more}.items():
+            self.sums[key] = self.sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64,
+                                                                       device=self.device)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    add_all = add  # the name test_hot_path.py calls
+
+    def window(self, run, args, done, counters):
         """The record of the logging window that ends after step `done`: the means of its micro-steps'
-        statistics over steps and ranks (every rank calls this), the head's weight statistics, the time."""
+        statistics over steps and ranks (every rank calls this: one all-reduce, one host copy), the head's
+        weight statistics, the time. A diverged run stops here (check_finite)."""
         rec = dict(step=done, lr=lr_at(done - 1, args), **counters, n_meta_steps=self.n_steps["meta"],
                    n_ar_steps=self.n_steps["ar"])
-        self.n_steps = dict(meta=0, ar=0)
-        m = meter.means(run.world, LOG_KEYS)
-        for k in ("loss_ar", "loss_query"):
-            if m[k] is not None and not math.isfinite(m[k]):
-                raise UserError(f"non-finite {k} ({m[k]}) at step {done}; the last good checkpoint is kept. "
-                                "Lower --lr, enable --grad_clip, or use --dtype float32")
-        rec.update({k: v for k, v in m.items() if v is not None})
+        sums = torch.stack([torch.as_tensor(self.sums.get(k, 0.0), dtype=torch.float64, device=self.device)
+                            for k in LOG_KEYS])
+        counts = torch.tensor([float(self.counts.get(k, 0)) for k in LOG_KEYS], dtype=torch.float64,
+                              device=self.device)
+        both = torch.stack([sums, counts])  # (2, keys)
+        if run.world > 1:
+            dist.all_reduce(both)
+        means, counts = torch.stack([both[0] / both[1], both[1]]).tolist()
+        rec.update({k: m for k, m, c in zip(LOG_KEYS, means, counts) if c > 0})
+        self.sums, self.counts, self.n_steps = {}, {}, dict(meta=0, ar=0)
+        check_finite(run, done)
         with torch.no_grad():
             hp = torch.cat([p.detach().flatten() for p in run.head.parameters()])
         rec["head_weight_mean"], rec["head_weight_std"] = hp.mean().item(), hp.std().item()
@@ -1743,31 +1598,33 @@ class Logbook:
         self.bar.set_postfix({k: f"{rec[k]:.3f}" for k in shown if k in rec})
 
 
+Meter = Logbook  # the name test_hot_path.py constructs
+
+
 def open_logbook(run, args, start, counters):
     """Builds the fixed eval data; rank 0 writes config.json, starts W&B, prints the run's shape and logs the
     dynamics of the initialisation (step 0)."""
     from tqdm import tqdm
     evals, source = (fixed_eval_batches(args, run.corpus, run.device, run.local_rank == 0) if args.eval_every
                      else ([], ""))
-    book = Logbook(os.path.join(args.out_dir, "metrics.jsonl"),
-                   tqdm(range(start, args.max_steps), initial=start, total=args.max_steps,
-                        disable=run.rank != 0, dynamic_ncols=True),
-                   evals, fewshot_episodes(args, run.corpus, run.device, run.local_rank == 0))
+    logbook = Logbook(run.device, os.path.join(args.out_dir, "metrics.jsonl"),
+                      tqdm(range(start, args.max_steps), initial=start, total=args.max_steps,
+                           disable=run.rank != 0, dynamic_ncols=True),
+                      evals, fewshot_episodes(args, run.corpus, run.device, run.local_rank == 0))
     if run.rank == 0:
         header = run_header(args, run.orig_model.cfg, run.orig_model, run.device, run.world,
-                            dict(corpus=run.corpus, eval_source=source, smlmt_ctx=smlmt_ctx(args),
-                                 global_batch=run.global_batch))
+                            dict(corpus=run.corpus, eval_source=source, smlmt_ctx=smlmt_ctx(args)))
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
             json.dump(header, f, indent=1)
         if args.wandb:
-            book.wandb_run, book.wandb_log = wandb_logger(args, header)
+            logbook.wandb_run, logbook.wandb_log = wandb_logger(args, header)
         print(f"model {count_params(run.orig_model) / 1e6:.1f}M params | {run.world} process(es) on "
-              f"{run.device} | global batch {run.global_batch} x {args.seq_len} | "
+              f"{run.device} | global batch {args.global_batch} x {args.seq_len} | "
               f"hybrid ratio {args.hybrid_ratio}")
     if start == 0 and args.dynamics_every:  # the dynamics of the initialisation, each rank its share
         dyn = learning_dynamics(run.orig_model, *run.probe, run.modules, run.amp, run.rank, run.world)
-        book.write(dict(step=0, **counters, **dyn), run.rank)
-    return book
+        logbook.write(dict(step=0, **counters, **dyn), run.rank)
+    return logbook
 
 
 SAMPLE_PROMPT = "The main industry of"  # the end-of-training sample: fits the toy world and web text
@@ -1794,9 +1651,9 @@ def complete(model, prompt, num_samples=1, max_new_tokens=100, temperature=0.8, 
     return [enc.decode(r[:r.index(EOT_ID)] if EOT_ID in r else r) for r in rows]
 
 
-def finish(run, args, book, counters, done, stopping, argv):
+def finish(run, args, logbook, counters, done, stopping, argv):
     """After the loop. Stopped by a signal: say how to continue, exit 128 + signal. Done: summary, sample."""
-    book.bar.close()
+    logbook.bar.close()
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if stopping and done < args.max_steps:
         if run.rank == 0:
@@ -1809,18 +1666,18 @@ def finish(run, args, book, counters, done, stopping, argv):
         return
     print(f"done: {args.max_steps} steps, {counters['tokens'] / 1e6:.2f}M tokens "
           f"({counters['tokens_ar'] / 1e6:.2f}M AR, {counters['tokens_meta'] / 1e6:.2f}M meta) in "
-          f"{time.time() - book.t0:.0f}s; checkpoint {ckpt_path}")
-    if book.last:
-        print("last window: " + ", ".join(f"{k} {book.last[k]:.3f}" for k in
+          f"{time.time() - logbook.t0:.0f}s; checkpoint {ckpt_path}")
+    if logbook.last:
+        print("last window: " + ", ".join(f"{k} {logbook.last[k]:.3f}" for k in
                                           ("loss_ar", "eval_loss", "loss_support_pre", "loss_support_post",
                                            "acc_query_pre", "acc_query_post", "eval_fewshot_acc")
-                                          if k in book.last))
+                                          if k in logbook.last))
     text = SAMPLE_PROMPT + complete(run.orig_model, SAMPLE_PROMPT, max_new_tokens=40, seed=args.seed)[0]
     print(f"sample (40 tokens, temperature 0.8, top_k 200): {text!r}")
     print(f"next: python sample.py --out_dir {args.out_dir} \"{SAMPLE_PROMPT}\"   |   "
           f"python finetune_ner.py --ckpt {ckpt_path}   |   python analyze.py {args.out_dir}")
-    if book.wandb_run:
-        book.wandb_run.finish()
+    if logbook.wandb_run:
+        logbook.wandb_run.finish()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1852,5 +1709,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault("maml_gpt", sys.modules[__name__])  # data/prepare.py imports this very module
     main()

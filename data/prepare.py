@@ -1,31 +1,127 @@
 """
 Corpus preparation for maml_gpt.py: the documents of a corpus -> train.bin and val.bin in
-args.data_dir/<name>/, GPT-2 tokens as uint16 (maml_gpt.read_bin reads them). maml_gpt.prepare_corpus calls
-this the first time a run names a corpus, so a user never runs it by hand; it lives apart from the training
-code as nanoGPT's data/*/prepare.py does, because a run only ever reads the prepared tokens.
+args.data_dir/<name>/, GPT-2 tokens as uint16 behind a small header. A run calls prepare_corpus the first
+time it names a corpus, so a user never runs this by hand; it lives apart from the training code as
+nanoGPT's data/*/prepare.py does, because a run only ever reads the prepared tokens.
 
-Sources (--data): the offline toy world (data/toyworld.py); local files (parquet, json[l][.gz], txt) read by
-`datasets`' own builders; a hub dataset ID, streamed. Tokenizing is sharded over --prep_procs processes and
-resumable: a killed preparation continues where it stopped and writes the same bytes. Last, the SMLMT index
-of a split (the occurrences of its content words, by maml_gpt.content_word_ids), cached beside it.
+This file owns what it writes, and maml_gpt.py imports it (never the other way): the tokenizer, the token-file
+format (write_bin, read_bin), and the SMLMT index of a split (the occurrences of its content words), cached
+beside it. Sources (--data): the offline toy world (data/toyworld.py); local files (parquet, json[l][.gz],
+txt) read by `datasets`' own builders; a hub dataset ID, streamed. Tokenizing is sharded over --prep_procs
+processes and resumable: a killed preparation continues where it stopped and writes the same bytes.
 """
+import base64
 import collections
 import fcntl
 import glob
 import hashlib
 import itertools
 import json
+import lzma
 import multiprocessing
 import os
 import platform
 import re
+import time
 from contextlib import contextmanager
 
 import numpy as np
 from tqdm import tqdm
 
-import maml_gpt as mg  # imported by maml_gpt.prepare_corpus: always the loaded module
-from maml_gpt import UserError
+from . import toyworld
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing file, corrupt checkpoint): one line, no traceback."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tokenizer: GPT-2 BPE via tiktoken, built offline from the merge ranks shipped here (see data/README.md).
+
+EOT_ID = 50256  # <|endoftext|> separates documents
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_TOKENIZER = None
+
+
+def get_tokenizer():
+    """The tiktoken "gpt2" encoding (50,257 ids), built from data/gpt2.tiktoken.xz with no download."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        import tiktoken
+        with lzma.open(os.path.join(HERE, "gpt2.tiktoken.xz"), "rb") as f:
+            ranks = {base64.b64decode(tok): int(rank)
+                     for tok, rank in (line.split() for line in f if line.strip())}
+        _TOKENIZER = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                       special_tokens={"<|endoftext|>": EOT_ID})
+    return _TOKENIZER
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Token files: a 1 KiB header (magic, version, token count; the rest zero), then the tokens as uint16, which
+# holds every GPT-2 id (< 65,536) in half the bytes of int32. The header makes a truncated or foreign file
+# detectable before a run silently trains on garbage.
+
+BIN_MAGIC, BIN_VERSION, HEADER_INTS = 20250802, 1, 256
+
+
+def write_atomically(path, write):
+    """write(tmp) to a temporary name beside `path`, then rename it to `path`: a crash mid-write leaves the
+    previous file (or none), never a half-written one that looks complete. The temporary keeps the suffix
+    (np.savez appends .npz otherwise) and names the machine and the process, so two writers never share one,
+    not even on two nodes of one shared filesystem."""
+    stem, ext = os.path.splitext(path)
+    tmp = f"{stem}.tmp-{platform.node()}-{os.getpid()}{ext}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def wait_for(path, what):
+    """Block until another process (this machine's local rank 0, or a writer on another node) has written
+    `path`. No collective: a long download or tokenization cannot hit a distributed timeout."""
+    if not os.path.exists(path):
+        print(f"waiting for {what} ({path}), written by another process", flush=True)
+    while not os.path.exists(path):
+        time.sleep(2)
+
+
+def bin_header(n):
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = BIN_MAGIC, BIN_VERSION, n
+    return header
+
+
+def write_bin(path, tokens):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(bin_header(len(tokens)).tobytes())
+            f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+    write_atomically(path, write)
+
+
+def read_bin(path):
+    """The token array of a prepared split, memmapped (read-only). Validates the header and the file size."""
+    try:
+        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}")
+    n = int(header[2]) if len(header) == HEADER_INTS else -1
+    if len(header) < HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION \
+            or os.path.getsize(path) != HEADER_INTS * 4 + 2 * n:
+        raise UserError(f"{path} is not a valid token file (wrong header or size); "
+                        "delete its folder to re-prepare")
+    # A memmap reads only the pages a batch touches: a 1B-token corpus costs no RAM until used.
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The corpus.
 
 VAL_EVERY = 50  # every 50th document goes to the held-out split (doc-level: no window straddles the split)
 SHARD_DOCS = 2048  # documents per shard: the unit of work of a process, and all a kill can lose
@@ -49,12 +145,26 @@ def corpus_name(args):
                     "Use --data toy, a local path, or a hub dataset ID")
 
 
-def prepare(args, out, name):
-    """Tokenize the corpus into `out` unless another process has: one writer per folder (cache_lock)."""
-    with cache_lock(out, f"the corpus {name}"):
-        if not os.path.exists(os.path.join(out, "val.bin")):  # it may have been prepared while we waited
-            print(f"preparing the corpus {name} in {out}", flush=True)
-            tokenize_documents(args, out, name)
+def prepare_corpus(args, rank_is_local_zero=True):
+    """args.data_dir/<name>/, the corpus tokenized into train.bin and val.bin the first time a run names it.
+    One process prepares it (the first local rank 0 to take its lock, on any node); the others wait for its
+    files. -> that folder."""
+    name = corpus_name(args)
+    out = os.path.join(args.data_dir, name)
+    done = os.path.join(out, "val.bin")
+    if not os.path.exists(done) and not rank_is_local_zero:
+        wait_for(done, f"the prepared corpus {name}")
+    elif not os.path.exists(done):
+        with cache_lock(out, f"the corpus {name}"):
+            if not os.path.exists(done):  # it may have been prepared while we waited
+                print(f"preparing the corpus {name} in {out}", flush=True)
+                tokenize_documents(args, out, name)
+    need = args.seq_len + 2  # at least one window (seq_len inputs + 1 target) and room to draw its start
+    for split in ("train", "val"):
+        if len(read_bin(os.path.join(out, f"{split}.bin"))) < need:
+            raise UserError(f"--data {args.data}: the {split} split has fewer than {need} tokens; the corpus "
+                            f"is empty or too small (every {VAL_EVERY}th document is held out for validation)")
+    return out
 
 
 def tokenize_documents(args, out, desc):
@@ -63,7 +173,7 @@ def tokenize_documents(args, out, desc):
     out/progress.json: documents read, the stream's position there, tokens written. A killed or crashed run
     resumes from the last commit, the partial files cut back to it: the result is byte-identical to an
     uninterrupted run's. Memory: a few shards of text and tokens, whatever the size of the corpus."""
-    max_tokens, head = args.max_tokens if args.data != "toy" else 1 << 62, mg.HEADER_INTS * 4
+    max_tokens, head = args.max_tokens if args.data != "toy" else 1 << 62, HEADER_INTS * 4
     parts, prog_path = {s: os.path.join(out, f"{s}.partial") for s in ("train", "val")}, \
         os.path.join(out, "progress.json")
     prog = dict(docs=0, state=None, train=0, val=0, end=False)
@@ -100,7 +210,7 @@ def tokenize_documents(args, out, desc):
                 prog[s] += len(toks)
                 bar.update(len(toks))
             prog.update(mark)
-            mg.write_atomically(prog_path, lambda tmp: mg.write_text(tmp, json.dumps(prog)))
+            write_atomically(prog_path, lambda tmp: write_text(tmp, json.dumps(prog)))
     finally:
         bar.close()
         if pool:
@@ -109,20 +219,19 @@ def tokenize_documents(args, out, desc):
         n = min(prog[s], max_tokens) if s == "train" else prog[s]
         f.truncate(head + 2 * n)
         f.seek(0)
-        f.write(mg.bin_header(n).tobytes())
+        f.write(bin_header(n).tobytes())
         f.close()
     for s in files:  # val.bin last: it marks the corpus complete
         os.replace(parts[s], os.path.join(out, f"{s}.bin"))
     os.remove(prog_path)
 
 
-
 def encode_shard(texts, first):
     """Documents first, first + 1, ... -> (train, val) uint16 token arrays, each document followed by
     <|endoftext|>. Depends on nothing else, so any number of processes writes the same files."""
-    enc, split = mg.get_tokenizer(), {"train": [], "val": []}
+    enc, split = get_tokenizer(), {"train": [], "val": []}
     for n, text in enumerate(texts, first):  # "ordinary": text that looks like <|endoftext|> stays text
-        split["val" if n % VAL_EVERY == 0 else "train"].append(enc.encode_ordinary(text) + [mg.EOT_ID])
+        split["val" if n % VAL_EVERY == 0 else "train"].append(enc.encode_ordinary(text) + [EOT_ID])
     return [np.fromiter(itertools.chain.from_iterable(v), np.uint16) for v in split.values()]
 
 
@@ -142,7 +251,7 @@ def documents(args, start=0, state=None):
     """The corpus's documents from document `start` on -> (texts, the datasets stream or None). A stream's
     state_dict() is its position after the texts read so far; `state` is the one saved at `start`."""
     if args.data == "toy":  # a plain generator: the demo imports no `datasets`
-        docs = mg.toyworld().documents(seed=1337, n_docs=args.toy_docs)
+        docs = toyworld.documents(seed=1337, n_docs=args.toy_docs)
         return itertools.islice(docs, start, None), None
     ds = local_dataset(local_files(args.data)) if is_local(args.data) else hub_dataset(args.data)
     if state:
@@ -239,27 +348,47 @@ def cache_lock(folder, what):
         yield
 
 
+# ------------------------------------------------------------------------------------------------------------
+# The SMLMT index: where each content word of a split occurs, in the flat CSR layout maml_gpt.sample_episode
+# reads. Word i is the token words[i]; its positions are positions[offsets[i]:offsets[i + 1]], each
+# SMLMT_MARGIN tokens or more from either end of the split, so any episode window up to that size fits.
+
+SMLMT_MARGIN = 256
+
+
+def content_word_ids(counts, skip_top, min_count):
+    """The words SMLMT may mask: GPT-2 tokens that are whole words (a leading space and >= 3 ASCII letters),
+    not among the corpus's `skip_top` most frequent tokens (function words), and seen >= `min_count` times.
+    counts (65536,) corpus token counts -> (n_words,) int64 token ids."""
+    enc = get_tokenizer()
+    frequent = set(np.argsort(-counts)[:skip_top].tolist())
+    return np.array([i for i in np.flatnonzero(counts >= min_count)
+                     if i < EOT_ID and i not in frequent
+                     and re.fullmatch(rb" [A-Za-z]{3,}", enc.decode_single_token_bytes(int(i)))],
+                    dtype=np.int64)
+
+
 def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True, split="train"):
-    """{word id -> occurrence positions in SPLIT.bin}, capped at --smlmt_max_occ per word; cached as .npz.
-    Training episodes come from train.bin only; the few-shot eval's from val.bin (its own word counts, and a
-    word needs only K+Q occurrences there)."""
+    """The SMLMT index of SPLIT.bin (the CSR layout above), at most --smlmt_max_occ positions per word,
+    cached as .npz. Training episodes come from train.bin only; the few-shot eval's from val.bin (its own word
+    counts, and a word needs only K+Q occurrences there)."""
     min_count = args.smlmt_min_count if split == "train" else args.k_shot + args.q_query
     prefix = "smlmt" if split == "train" else f"smlmt-{split}"
     path = os.path.join(corpus_dir, f"{prefix}-{args.smlmt_skip_top}-{min_count}-{args.smlmt_max_occ}.npz")
     if not rank_is_local_zero:
-        mg.wait_for(path, "the SMLMT index")
+        wait_for(path, "the SMLMT index")
     if not os.path.exists(path):
-        tokens = mg.read_bin(os.path.join(corpus_dir, f"{split}.bin"))
+        tokens = read_bin(os.path.join(corpus_dir, f"{split}.bin"))
         chunk = 1 << 24
         # Pass 1: token frequencies (the rule's "most frequent" and "too rare" bounds need corpus counts).
         counts = sum(np.bincount(tokens[i:i + chunk], minlength=1 << 16)
                      for i in range(0, len(tokens), chunk))
-        words = mg.content_word_ids(counts, args.smlmt_skip_top, min_count)
+        words = content_word_ids(counts, args.smlmt_skip_top, min_count)
         is_word = np.zeros(1 << 16, dtype=bool)  # a lookup table: is_word[token id] -> content word?
         is_word[words] = True
         found = {int(w): [] for w in words}
         have = dict.fromkeys(found, 0)
-        lo, hi = mg.SMLMT_MARGIN, len(tokens) - mg.SMLMT_MARGIN
+        lo, hi = SMLMT_MARGIN, len(tokens) - SMLMT_MARGIN
         # Pass 2: positions, in corpus order, up to the cap (web corpora are document-shuffled, so the first
         # 1,000 occurrences are as good a sample as any). Chunked: a 1B-token corpus needs no 1B-entry arrays.
         for start in range(lo, hi, chunk):
@@ -277,9 +406,8 @@ def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True, split="train"):
                     have[w] += len(take)
         keep = [w for w in found if have[w] >= min_count]  # enough occurrences away from the edges
         positions = [np.concatenate(found[w]) for w in keep]
-        # The CSR layout sample_episode reads (see mg.SMLMT_MARGIN): one flat array, fast to load.
         offsets = np.cumsum([0] + [len(p) for p in positions])
-        mg.write_atomically(path, lambda tmp: np.savez(
+        write_atomically(path, lambda tmp: np.savez(
             tmp, words=np.array(keep, dtype=np.int64), offsets=offsets,
             positions=np.concatenate(positions) if positions else np.zeros(0, np.int64)))
     z = np.load(path)

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 
 import maml_gpt as mg
-
-toyworld = mg.toyworld()
-prepare = mg.data_module("prepare")  # data/prepare.py
+from data import prepare, toyworld
 
 
 def test_toy_world_is_deterministic_and_varied():
@@ -66,12 +64,12 @@ def test_ner_sentences_iob2_and_heldout_names():
 
 def test_bin_round_trip_and_validation(tmp_path):
     p = str(tmp_path / "x.bin")
-    mg.write_bin(p, np.arange(1000) % 50000)
-    assert np.array_equal(mg.read_bin(p), np.arange(1000) % 50000)
+    prepare.write_bin(p, np.arange(1000) % 50000)
+    assert np.array_equal(prepare.read_bin(p), np.arange(1000) % 50000)
     with open(p, "r+b") as f:  # truncate: size no longer matches the header
         f.truncate(1500)
     with pytest.raises(mg.UserError, match="not a valid token file"):
-        mg.read_bin(p)
+        prepare.read_bin(p)
 
 
 def test_batches_depend_only_on_seed_and_step():
@@ -182,19 +180,20 @@ def test_killed_preparation_resumes_where_it_stopped_byte_identical(tmp_path, mo
             "--prep_procs", "2"]
     # progress.json is written (write_atomically -> write_text) once per commit, after that shard's tokens
     code = (f"import os, signal, sys; sys.path.insert(0, {mg.HERE!r}); import maml_gpt as mg\n"
-            "mg.data_module('prepare').SHARD_DOCS, real, n = 16, mg.write_text, [0]\n"
+            "from data import prepare\n"
+            "prepare.SHARD_DOCS, real, n = 16, prepare.write_text, [0]\n"
             "def write_text(path, text):\n"
             "    n[0] += os.path.basename(path).startswith('progress')\n"
             "    if n[0] == 8: os.kill(os.getpid(), signal.SIGKILL)\n"
             "    real(path, text)\n"
-            f"mg.write_text = write_text\nmg.prepare_corpus(mg.parse_args({argv!r}))\n")
+            f"prepare.write_text = write_text\nmg.prepare_corpus(mg.parse_args({argv!r}))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     (out,) = [str(p) for p in (tmp_path / "cache").iterdir()]
     progress = json.load(open(os.path.join(out, "progress.json")))
     assert progress["docs"] == 112 and not os.path.exists(os.path.join(out, "val.bin"))
     # the 8th shard's tokens were appended, uncommitted: the rerun must cut them off
-    assert os.path.getsize(os.path.join(out, "train.partial")) > 4 * mg.HEADER_INTS + 2 * progress["train"]
+    assert os.path.getsize(os.path.join(out, "train.partial")) > 4 * prepare.HEADER_INTS + 2 * progress["train"]
     firsts = []
     encode = prepare.encode_shard
     monkeypatch.setattr(prepare, "encode_shard",

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 import maml_gpt as mg
 from conftest import SMALL, check_close, close
-
-prepare = mg.data_module("prepare")  # data/prepare.py: the SMLMT index
+from data import prepare
 
 
 @pytest.fixture

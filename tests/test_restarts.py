@@ -59,8 +59,8 @@ def test_overwrite_keeps_the_previous_run_until_the_new_checkpoint_exists(small_
     ar = AR
     assert run(small_args + ar + ["--max_steps", "2"]) == 0
     old_ckpt, old_metrics = (open(os.path.join(out, n), "rb").read() for n in ("ckpt.pt", "metrics.jsonl"))
-    # An --overwrite run that dies before its first checkpoint (a non-finite loss at step 2; no save before
-    # step 100).
+    # An --overwrite run that dies before its first checkpoint (non-finite weights after a few steps at lr
+    # 1e30; no save before step 100).
     assert run(small_args + ar + ["--max_steps", "8", "--overwrite", "--lr", "1e30",
                                   "--save_every", "100"]) == 1
     assert "non-finite" in capsys.readouterr().err

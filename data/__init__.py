@@ -1,0 +1,1 @@
+"""The corpus files of maml_gpt.py: prepare (tokenizer, token files, SMLMT index) and toyworld."""
