@@ -557,8 +557,9 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr, backtrack=F
     steps, and each entry is phi_0 + (phi_T - phi_0).detach(): the value phi_T, the gradient handed to phi_0
     unchanged (d phi_T / d phi_0 = I: the FOMAML meta-gradient). The head's own tensors are never modified.
     The hot path, graded with this lesson (tests/test_hot_path.py): no host sync (no Python `if`, bool(),
-    float() or .item() on a tensor: backtracking chooses with torch.where), and the moving entries as ONE flat
-    vector, so that a step and its undo are a few ops whatever the head's depth.
+    float() or .item() on a tensor: backtracking chooses with torch.where); the moving entries as ONE flat
+    vector; and a step judged by the loss that the next step computes anyway (one more forward after the last
+    step), so that backtracking adds a few ops per step whatever the head's depth.
 
     Why per-layer steps (README, "The inner loop, measured"): on a trained demo head the support loss's
     curvature is ~220 in layers 1-3 and ~3 in the last layer; steps on the prototypes (out.proto) keep a

@@ -64,7 +64,7 @@ LESSONS = [
            "(vs complex multiplication)",
            hint="pair feature 2i with 2i+1 (not i with i + d/2); pair i at position t turns by the angle "
                 "whose cos and sin are cos[t, i], sin[t, i], counter-clockwise, like multiplying "
-                "x_2i + i x_2i+1 by e^(i angle)"),
+                "x_2i + i x_2i+1 by e^(i angle); the arithmetic in fp32, the result in x's dtype"),
     Lesson("attention", "maml_gpt.py", "Attention.forward",
            "causal attention, 12 query heads sharing 4 kv heads "
            "(vs explicit softmax with repeated kv heads)",
@@ -84,11 +84,13 @@ LESSONS = [
                 "a per-row constant (tied=True: out.proto = mu itself). Keep the graph: the meta-gradient "
                 "reaches the body through mu"),
     Lesson("inner_loop", "maml_gpt.py", "inner_loop",
-           "first-order inner loop: SGD of the head on the support set (vs hand-written SGD)",
-           hint="take steps on fresh copies with torch.autograd.grad (never .backward()); nothing may link "
-                "one step to the next (first order); lr is one float or a step per layer group (body, "
-                "out), 0 leaving that group as it is; the result has the adapted values but hands its "
-                "gradient straight to phi0",
+           "first-order inner loop: SGD of the head on the support set, a step per layer group, "
+           "backtracking, no host sync (vs hand-written SGD)",
+           hint="step one fresh flat vector of the moving weights (torch.cat of phi0's values) with "
+                "torch.autograd.grad (never .backward()); nothing may link one step to the next (first "
+                "order); lr is one float or a step per layer group (body, out), a group that is 0 or missing "
+                "staying as it is; backtracking chooses with torch.where, never a Python if on a tensor; the "
+                "result has the adapted values but hands its gradient straight to phi0",
            needs=("episode_init",)),
     Lesson("meta_micro_step", "maml_gpt.py", "meta_micro_step",
            "one episode's gradient routing: query only, into backbone and head init "
@@ -523,9 +525,10 @@ def run_graded(argv):
 
 
 def grading_command(tree, lesson, result):
-    """The subprocess that grades one lesson in `tree` (the teacher's tests, the student's function)."""
+    """The subprocess that grades one lesson in `tree` (the teacher's tests, the student's function); it stops
+    at the first failure, the check a cell reports."""
     driver = "import sys, exercises; sys.exit(exercises.run_graded(sys.argv[1:]))"
-    return [sys.executable, "-c", driver, result, "-m", lesson.name, "--rootdir", tree,
+    return [sys.executable, "-c", driver, result, "-m", lesson.name, "--maxfail=1", "--rootdir", tree,
             *[os.path.join(tree, f) for f in marker_files(tree, lesson.name)]]
 
 

@@ -100,7 +100,8 @@ def test_an_inner_step_costs_the_same_few_ops_whatever_the_head_depth():
     assert extra[2] == extra[4] and 0 < extra[2] <= 6, \
         (f"backtracking costs {extra[2]} ops per inner step with a 2-layer head and {extra[4]} with a "
          "4-layer one: keep the moving weights in ONE flat vector (torch.cat), so that a step and its undo "
-         "are a few ops on it (at most 6 more per step), not a few per weight tensor")
+         "are a few ops on it (at most 6 more per step), not a few per weight tensor, and judge a step with "
+         "the loss the next step computes anyway (one more forward after the last), not a forward of its own")
 
 
 def probe_model():
