@@ -1,4 +1,4 @@
-"""Two measurements of the README's answer key that are not a training run (teacher-only: not in hand-outs).
+"""Two measurements of LAB.md's answer key that are not a training run (teacher-only: not in hand-outs).
 
   python tests/answer_key.py query_bug [--episodes 200] [--seeds 1337 1 2]   # exercise 1
   python tests/answer_key.py entropy RUN [RUN ...]                           # exercise 8, per layer
@@ -12,6 +12,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import maml_gpt as mg  # noqa: E402
+from data import prepare  # noqa: E402
 
 
 def query_bug(args):
@@ -19,9 +20,9 @@ def query_bug(args):
     only one of the episode's N words), labelled with its class if it is one of them, else clamped to class 0.
     Always answering 0 then scores the share of queries labelled 0."""
     run = mg.parse_args(["--data_dir", args.data_dir])  # the demo's corpus and SMLMT settings
-    corpus = mg.prepare_corpus(run)
-    index = mg.data_module("prepare").build_smlmt_index(corpus, run)
-    tokens = mg.read_bin(os.path.join(corpus, "train.bin"))
+    corpus = prepare.prepare_corpus(run)
+    index = prepare.build_smlmt_index(corpus, run)
+    tokens = prepare.read_bin(os.path.join(corpus, "train.bin"))
     total = int(index["offsets"][-1])
     print(f"{len(index['words'])} content words, {total:,} indexed occurrences; N = {run.n_way}, "
           f"Q = {run.q_query}; chance 1/N = {1 / run.n_way:.3f}")
