@@ -12,6 +12,7 @@ paired by --seed. CLAIMS below is the scoreboard: each claim once, with the one 
 pair: that number against the claim's rule. Several: the exact sign-flip test of that number over the pairs.
 """
 import argparse
+import csv
 import json
 import math
 import os
@@ -404,7 +405,7 @@ def verdict(claim, per):
             f"smallest p {len(vals)} pairs can give is {2.0 ** -len(vals):.3g}", test)
 
 
-def ruler(claim, pairs, ner_rows, base):
+def ruler(claim, pairs, base):
     """A shape claim's verdict at each end of each threshold range, the others at their defaults. -> (the
     verdict, words): a verdict that changes inside the ranges is inconclusive."""
     seen = []
@@ -486,6 +487,10 @@ def split_arms(paths, vanilla):
     return runs, vans
 
 
+def seed_of(run):
+    return run["config"]["args"].get("seed")
+
+
 def check_arm(runs, arm):
     """UserError naming the first training flag (not seed, folders, logging) that differs within an arm."""
     free = {"seed", "out_dir", "data_dir", "resume", "overwrite", "wandb", "save_every", "device", "compile"}
@@ -502,7 +507,7 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
     """paths: MAML run folders (both arms when vanilla is None); vanilla: their twins; ner: grid folder(s)."""
     mamls, vans = split_arms(paths, vanilla)
     grids = [ner] if isinstance(ner, str) else list(ner or [])
-    ner_rows = [row for g in grids for row in load_grid(g)] or None
+    ner_rows = load_grids(grids) or None
     if len(mamls) > 1 or len(vans) > 1:
         if not (mamls and vans):
             raise UserError(f"{len(mamls or vans)} {'MAML' if mamls else 'vanilla'} runs and no "
@@ -511,10 +516,9 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
         check_arm(mamls, "MAML")
         check_arm(vans, "vanilla")
     if mamls and vans:
-        pairs, notes = pair_by_seed(mamls, vans, lambda r: r["config"]["args"].get("seed"),
-                                    lambda r: r["path"])
+        pairs, notes = pair_by_seed(mamls, vans, seed_of, lambda r: r["path"])
     else:
-        pairs, notes = [((mamls or vans)[0]["config"]["args"].get("seed"), mamls[0] if mamls else None,
+        pairs, notes = [(seed_of((mamls or vans)[0]), mamls[0] if mamls else None,
                          vans[0] if vans else None)], []
     for n in notes:
         print(f"note: {n}")
@@ -525,7 +529,7 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
     for claim in CLAIMS:
         kind, why, test = verdict(claim, per)
         if claim.get("shape") and kind in ("holds", "does not hold"):
-            kind, words = ruler(claim, pairs, ner_rows, kind)
+            kind, words = ruler(claim, pairs, kind)
             why += f"; {words}"
             c[f"verdict_{claim['id']}_ruler"] = words
         c[f"verdict_{claim['id']}"] = kind
@@ -590,14 +594,23 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
     return results
 
 
-def load_grid(grid_dir):
-    import csv
-    path = os.path.join(grid_dir, "grid.csv")
-    if not os.path.exists(path):
-        raise UserError(f"{grid_dir} has no grid.csv; pass the --out folder of "
-                        "`finetune_ner.py --sweep --ckpt MAML/ckpt.pt VANILLA/ckpt.pt`")
-    with open(path) as f:
-        return list(csv.DictReader(f))
+def load_grids(dirs):
+    """The rows of every grid (`finetune_ner.py --sweep --out DIR`). A UserError for a folder without
+    grid.csv, or for grids fine-tuned with different settings (grid.json): their F1s do not compare."""
+    rows, settings = [], {}
+    for d in dirs:
+        if not os.path.exists(os.path.join(d, "grid.csv")):
+            raise UserError(f"{d} has no grid.csv; pass the --out folder of "
+                            "`finetune_ner.py --sweep --ckpt MAML/ckpt.pt VANILLA/ckpt.pt`")
+        with open(os.path.join(d, "grid.csv")) as f:
+            rows += list(csv.DictReader(f))
+        if os.path.exists(os.path.join(d, "grid.json")):
+            settings[d] = json.load(open(os.path.join(d, "grid.json")))
+    if len({json.dumps(v, sort_keys=True) for v in settings.values()}) > 1:
+        raise UserError("the NER grids were fine-tuned with different settings ("
+                        + "; ".join(f"{d}: {v}" for d, v in settings.items())
+                        + "); give grids made with the same `finetune_ner.py --sweep` flags")
+    return rows
 
 
 def fmt(v, nd=3):
@@ -672,12 +685,11 @@ def figure_loss(plt, runs, c):
 def figure_speedup(plt, runs, c):
     """Vanilla's steps to each loss level over MAML's, per pair (the first pair's curves, or each pair's)."""
     mamls, vans = [r for r in runs if not r["vanilla"]], [r for r in runs if r["vanilla"]]
-    pairs = list(zip(mamls, vans)) if len(mamls) == len(vans) else []
-    if not pairs:
+    if not (mamls and vans):
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, x, metric, label in SPEEDUPS:
-        for i, (m, v) in enumerate(pairs):
+        for i, (_, m, v) in enumerate(pair_by_seed(mamls, vans, seed_of, lambda r: r["path"])[0]):
             sp = speedup(*curve(v, x, metric), *curve(m, x, metric))
             if sp:
                 ax.plot(sp["levels"], sp["ratios"], ls="--" if "mixed" in name else "-", lw=1 if i else 1.5,

@@ -163,3 +163,12 @@ def test_holm_and_t_quantiles_by_hand():
     m, ci = analyze.ci95([1.0, 2.0, 3.0])
     assert m == 2.0 and ci == pytest.approx([2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5])
     assert analyze.sign_flip_p([1, 2, 3]) == (1 / 8, 1.0)
+
+
+def test_grids_of_different_settings_are_refused(tmp_path):
+    m, v = write_pair(str(tmp_path), "paper")
+    for name, epochs in (("g1", 10), ("g2", 1)):
+        write_grid(str(tmp_path / name), {("head", "toy"): (0.5, 0.4)})
+        json.dump(dict(epochs=epochs), open(tmp_path / name / "grid.json", "w"))
+    with pytest.raises(analyze.UserError, match="fine-tuned with different settings"):
+        analyze.analyze([m], str(tmp_path / "an"), [str(tmp_path / "g1"), str(tmp_path / "g2")], vanilla=[v])
