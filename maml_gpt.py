@@ -957,7 +957,7 @@ def train(args, stop=None, argv=()):
 # ============================================================================================================
 
 # ------------------------------------------------------------------------------------------------------------
-# The command line. The presets at the top are its defaults; the README explains each setting.
+# The command line. The presets at the top are its defaults, which --help shows beside each setting.
 
 def build_parser():
     p = argparse.ArgumentParser(description="FOMAML + next-token pretraining of a Llama-style decoder "
@@ -1411,13 +1411,12 @@ def resume_command(argv, world):
 
 @contextmanager
 def stop_signals(verbose=True):
-    """SIGTERM (a scheduler's notice before it kills: preemption, time limit) and SIGINT (Ctrl-C). Once the
-    loop has armed the flag, they only set it; the loop reads it once per step: the step finishes, a
-    checkpoint is written, the process exits 128 + signal. Before that (setup, data preparation) there is
-    nothing to save: they exit at once. A second Ctrl-C quits at once; the last complete checkpoint stays
-    valid because saves are atomic. A repeat within a second is a copy, not a second press: torchrun forwards
-    to every worker the Ctrl-C the terminal already sent them (srun does the same with SIGTERM), and repeated
-    SIGTERMs never cut the save short (SIGKILL follows)."""
+    """SIGTERM (a scheduler's notice before it kills) and SIGINT (Ctrl-C). Once the loop has armed the flag,
+    they only set it, and the loop reads it once per step: the step finishes, a checkpoint is written, the
+    process exits 128 + signal. Before that (setup, data preparation) there is nothing to save: they exit.
+    A second Ctrl-C quits at once (saves are atomic: the last complete checkpoint stays valid), but a repeat
+    within a second is torchrun forwarding the terminal's Ctrl-C (srun: SIGTERM) to workers that already got
+    it; repeated SIGTERMs never cut the save short (SIGKILL follows)."""
     stop = dict(signum=0, at=0.0, armed=False)
 
     def handler(signum, frame):

@@ -121,7 +121,7 @@ def read_bin(path):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The corpus.
+# The corpus: its cache folder's name, its documents, their tokens in train.bin and val.bin.
 
 VAL_EVERY = 50  # every 50th document goes to the held-out split (doc-level: no window straddles the split)
 SHARD_DOCS = 2048  # documents per shard: the unit of work of a process, and all a kill can lose
