@@ -4,7 +4,7 @@ analyze.py: which of the paper's claims hold on MAML runs and their vanilla twin
     python analyze.py                                   # the demo run(s): out/demo [and out/demo-vanilla]
     python analyze.py out/small out/small-vanilla       # a MAML run and its vanilla twin
     python analyze.py RUN_MAML --vanilla RUN_VANILLA --ner GRID   # + the NER row (finetune_ner.py --sweep)
-    python analyze.py out/demo-s{1..5} --vanilla out/demo-vanilla-s{1..5} --ner GRID_M GRID_V --out DIR
+    python analyze.py out/demo-s{1..5} --vanilla out/demo-vanilla-s{1..5} --ner GRID [GRID ...] --out DIR
 
 Reads RUN/metrics.jsonl and RUN/config.json; writes claims.json, report.md (the claims table on top) and PNG
 figures, and prints the claims table. Runs with --hybrid_ratio 0 are "vanilla". Several runs per arm are
@@ -33,7 +33,7 @@ CLAIMS = [
          rule="vanilla's steps to a loss / MAML's steps to it, at vanilla's final AR loss; 1 pair: >= 1.1x"),
     dict(id="ner", name="NER F1 under equal compute", key="ner_rel_avg", min=0.0,
          paper="§5, Table 3: relative change of micro-F1, head and full fine-tuning, seen / PUD / other; "
-               "averaged: tiny -6.4 %, small +6.4 %, medium +3.3 %, large +5.3 %",
+               "the mean of its six cells: tiny -6.4 %, small +6.4 %, medium +3.3 %, large +5.3 %",
          rule="the mean of the six Table 3 cells (regime x group) that this grid has; one pair: > 0"),
     dict(id="dynamics", name="Diversify-then-compress", key="compress_diff", min=0.0, shape=True,
          ruler=("fall", "z"),
@@ -46,7 +46,8 @@ CLAIMS = [
          ruler=("rise", "near", "probes", "fall", "z"),
          paper="§6, Fig. 4 and 6: query (and support) accuracy after adaptation flat near chance, then an "
                "abrupt rise (to > 0.5, large) at the step of the PER drop; absent at smaller scales",
-         rule="acc_query_post: the median of `plateau` windows within `near` of chance and flat, then the "
+         rule="acc_query_post: the median of `plateau` windows within `near` of chance and flat (first two "
+              "and last two within rise / 4), then the "
               "median of the `plateau` windows after the next `within` windows >= `rise` above it, and an "
               "attention weight-PER drop (claim above) within `probes` probes"),
     dict(id="fewshot_mask", name="Better few-shot learner, at [MASK]", key="fewshot_mask_diff", min=0.0,
@@ -57,7 +58,6 @@ CLAIMS = [
          paper="the same question read at the token before the [MASK], where a next-token model reads",
          rule="eval_proto_acc_prev at the last common eval, MAML - vanilla; > 0"),
 ]
-CLAIM = {c["id"]: c for c in CLAIMS}
 # Defaults and the reasonable range a "holds" must survive. fall: relative PER fall; z: robust sds; rise,
 # near: accuracy; plateau, within: windows; probes: PER probes between the jump and the drop.
 THRESHOLDS = dict(fall=0.03, z=4.0, rise=0.2, near=0.1, plateau=5, within=3, probes=2)
@@ -581,16 +581,13 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
     m, v = pairs[0][1:]
     for (name, x, metric, _), old in zip(SPEEDUPS, ("step", "tokens", "arstep", "step_mixed")):
         results[f"speedup_{old}"] = speedup(*curve(v, x, metric), *curve(m, x, metric)) if m and v else None
-    results["knees"], results["jumps"] = {}, {}
-    for r in runs:
-        mods = compress(r, THRESHOLDS)[0]
-        ok = [d["w"] for d in mods.values() if d["w_ok"]]
-        results["knees"][r["name"]] = dict(weight=dict(peak_step=ok[0]["peak_step"], drop_step=ok[0]["step"])
-                                           if ok else None)
-        j = not r["vanilla"] and jump(*series(r, "acc_query_post"), THRESHOLDS, 1 / r["config"]["args"].get(
-            "n_way", 32))
-        results["jumps"][r["name"]] = [dict(step=j["step"], rise=j["rise"])] if j and j["rise"] >= \
-            THRESHOLDS["rise"] else []
+    th, n_way = THRESHOLDS, lambda r: r["config"]["args"].get("n_way", 32)
+    knee = [[dict(peak_step=d["w"]["peak_step"], drop_step=d["w"]["step"])
+             for d in compress(r, th)[0].values() if d["w_ok"]] for r in runs]
+    results["knees"] = {r["name"]: dict(weight=k[0] if k else None) for r, k in zip(runs, knee)}
+    jumps = {r["name"]: jump(*series(r, "acc_query_post"), th, 1 / n_way(r)) for r in mamls}
+    results["jumps"] = {k: [dict(step=j["step"], rise=j["rise"])] if j and j["rise"] >= th["rise"] else []
+                        for k, j in jumps.items()}
     return results
 
 
