@@ -717,9 +717,10 @@ def figure_meta(plt, runs, c):
                            ("eval_fewshot_acc", ":")):
             band(ax[2], [series(r, key) for r in group], f"{name} {key}", ls=style)
     if c.get("jump_step"):
-        ax[1].axvline(c["jump_step"], color="red", lw=0.8, ls="--", label="largest rise after a plateau")
+        ax[1].axvline(c["jump_step"], color="red", lw=0.8, ls="--",
+                      label=f"largest rise after a plateau (+{c['jump_rise']:.2f})")
     for a, t in zip(ax, ("support accuracy (pre / post adaptation)", "query accuracy (pre / post)",
-                         "held-out few-shot eval: prototypes at [MASK] / token before, adapted head")):
+                         "held-out few-shot eval")):
         a.set(title=t, xlabel="optimizer step")
         a.legend(fontsize=6) if a.get_legend_handles_labels()[0] else None
     return fig
