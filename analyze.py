@@ -225,18 +225,21 @@ def jump(x, y, th, chance=None):
     chance is given) to the median of the `plateau` windows after the next `within`. -> dict(step, rise,
     plateau) or None when no window has a plateau before it."""
     P, W = int(th["plateau"]), int(th["within"])
-    best = None
-    for t in range(P, len(y) - W - P + 2):
-        pre, post = y[t - P:t], y[t + W - 1:t + W - 1 + P]
-        flat = abs(np.mean(pre[-2:]) - np.mean(pre[:2])) <= th["rise"] / 4
-        if not flat or (chance is not None and np.median(pre) - chance > th["near"]):
-            continue
-        rise = float(np.median(post) - np.median(pre))
-        if best is None or rise > best["rise"]:
-            # the step: the first window from t half-way up (a few t before it give the same rise)
-            k = next((k for k in range(t, len(y)) if y[k] >= np.median(pre) + rise / 2), t)
-            best = dict(step=float(x[k]), rise=rise, plateau=float(np.median(pre)))
-    return best
+    ts = np.arange(P, len(y) - W - P + 2)  # t: the first window after the plateau y[t - P:t]
+    if not len(ts):
+        return None
+    blocks = np.lib.stride_tricks.sliding_window_view(y, P)  # (windows - P + 1, P): y[i:i + P]
+    med = np.median(blocks, axis=1)
+    pre, post = med[ts - P], med[ts + W - 1]
+    ok = np.abs(blocks[ts - P, -2:].mean(1) - blocks[ts - P, :2].mean(1)) <= th["rise"] / 4  # flat
+    ok &= (pre - chance <= th["near"]) if chance is not None else True
+    if not ok.any():
+        return None
+    rise = np.where(ok, post - pre, -np.inf)
+    i = int(np.argmax(rise))
+    # the step: the first window from t half-way up (a few t before it give the same rise)
+    k = next((k for k in range(ts[i], len(y)) if y[k] >= pre[i] + rise[i] / 2), ts[i])
+    return dict(step=float(x[k]), rise=float(rise[i]), plateau=float(pre[i]))
 
 
 def transition(run, th, drops, probe):
@@ -528,6 +531,7 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
     rows = []
     for claim in CLAIMS:
         kind, why, test = verdict(claim, per)
+        c.update({f"verdict_{claim['id']}_ruler": None} if claim.get("shape") else {})
         if claim.get("shape") and kind in ("holds", "does not hold"):
             kind, words = ruler(claim, pairs, kind)
             why += f"; {words}"

@@ -52,7 +52,7 @@ def test_speedup_on_four_axes_and_the_mixed_metric_artifact(tmp_path, capsys):
     write_run(str(tmp_path / "vanilla"), 0.0)
     write_run(str(tmp_path / "maml"), 0.5)
     out = str(tmp_path / "an")
-    analyze.analyze([str(tmp_path / "maml"), str(tmp_path / "vanilla")], out)
+    analyze.analyze([str(tmp_path / "maml"), str(tmp_path / "vanilla")], out, draw=False)
     c = json.load(open(os.path.join(out, "claims.json")))
     # By hand. MAML ends at 1500 AR steps with loss f(1500), above vanilla's final f(3000), so the ratios ask
     # where vanilla first reaches f(1500): at step 1500 = 1500 AR steps = 1.5M tokens. MAML ends at step 3000,
@@ -103,10 +103,10 @@ def test_fewshot_claims_at_the_last_common_eval(tmp_path):
 def test_claims_without_vanilla_twin_or_fewshot_keys(tmp_path):
     """An old MAML run alone: every key still present, the two-run claims 'not measurable'."""
     write_run(str(tmp_path / "maml"), 0.5)
-    analyze.analyze([str(tmp_path / "maml")], str(tmp_path / "an"))
+    analyze.analyze([str(tmp_path / "maml")], str(tmp_path / "an"), draw=False)
     c = json.load(open(str(tmp_path / "an" / "claims.json")))
     write_run(str(tmp_path / "v"), 0.0)
-    analyze.analyze([str(tmp_path / "maml"), str(tmp_path / "v")], str(tmp_path / "an2"))
+    analyze.analyze([str(tmp_path / "maml"), str(tmp_path / "v")], str(tmp_path / "an2"), draw=False)
     assert set(c) == set(json.load(open(str(tmp_path / "an2" / "claims.json"))))  # stable keys
     assert c["verdict_speedup"] == c["verdict_ner"] == c["verdict_dynamics"] == "not measurable"
     assert c["verdict_fewshot_mask"] == c["verdict_fewshot_prev"] == "not measurable"
@@ -114,7 +114,8 @@ def test_claims_without_vanilla_twin_or_fewshot_keys(tmp_path):
     assert c["transition_kind"] == "jump without PER drop" and c["verdict_jump"] == "does not hold"
 
 
-def test_ner_claim_from_a_hand_made_grid(tmp_path, capsys):
+def test_ner_claim_from_a_hand_made_grid(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(analyze, "figures", lambda *a: [])  # through main(): the figures are not under test
     maml, van = str(tmp_path / "maml"), str(tmp_path / "vanilla")
     write_run(maml, 0.5)
     write_run(van, 0.0)
