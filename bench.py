@@ -99,8 +99,8 @@ class count_host_syncs(TorchFunctionMode):
 
 
 def peak_memory_gib(device, reset=False):
-    """CUDA: peak bytes allocated by tensors. CPU: the peak resident set size of the process (Linux's VmHWM;
-    writing 5 to /proc/self/clear_refs resets it). reset=True restarts the count: -> False where it cannot."""
+    """CUDA: peak bytes allocated by tensors. CPU: the process's peak resident set size (Linux's VmHWM, reset
+    by writing 5 to /proc/self/clear_refs). reset=True restarts the count: -> False where it cannot."""
     if device.type == "cuda":
         if reset:
             torch.cuda.reset_peak_memory_stats(device)
@@ -122,29 +122,24 @@ VIEW_OPS = {"aten::" + n for n in ("view view_as reshape _reshape_alias _unsafe_
                                    "as_strided").split()}
 
 
-def aten_ops(fn):
-    """-> (top, every): the aten operators one call of fn() runs after a warm-up call, from torch.profiler:
-    those called from Python, and every one (with those they dispatch to, e.g. SDPA's kernel)."""
-    from torch.profiler import profile
+def launched_ops(fn):
+    """-> (ops, launched, every): from torch.profiler, after a warm-up call, the aten operators one call of
+    fn() runs from Python, how many of them are not views, and the names of every aten operator it ran
+    (with those they dispatch to, e.g. SDPA's kernel)."""
+    from torch.profiler import ProfilerActivity, profile
     fn()
-    with profile() as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     ops = [e for e in prof.events() if e.name.startswith("aten::")]
-    return ([e.name for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")],
-            [e.name for e in ops])
-
-
-def launched_ops(fn):
-    """-> (ops, launched): aten_ops's top-level operators of fn(), and those of them that are not views."""
-    top = aten_ops(fn)[0]
-    return len(top), sum(n not in VIEW_OPS for n in top)
+    top = [e.name for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return len(top), sum(n not in VIEW_OPS for n in top), [e.name for e in ops]
 
 
 def sdpa_kernel(model, x, amp):
     """The attention kernel the model's forward on x runs. On an H100 in bf16 it should be flash or cuDNN:
     the math fallback costs several times the attention time."""
     with amp:
-        every = aten_ops(lambda: model(x, x))[1]
+        every = launched_ops(lambda: model(x, x))[2]
     return next((n[len("aten::_scaled_dot_product_"):] for n in every
                  if n.startswith("aten::_scaled_dot_product_")), "unknown")
 
@@ -217,7 +212,7 @@ def bench(args, iters=5):
     ep, layerwise = episode(0), args.inner_loop == "layerwise"
     with torch.no_grad(), amp:
         hs = mg.read_features(model, ep["support_x"], ep["support_at"], args.read)
-    ops, launched = launched_ops(lambda: mg.inner_loop(
+    ops, launched, _ = launched_ops(lambda: mg.inner_loop(
         run.head, mg.episode_init(run.head, hs, ep["support_y"], ep["classes"], args.head_init, layerwise),
         hs, ep["support_y"], args.inner_steps, mg.inner_lrs(args), layerwise))
     print(f"  inner loop (episode_init + {args.inner_steps} steps, --inner_loop {args.inner_loop}): "

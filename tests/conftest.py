@@ -1,5 +1,6 @@
 """Shared fixtures. Tests run on the CPU, offline (no hub), and deterministically."""
 import contextlib
+import io
 import os
 import sys
 import tempfile
@@ -37,6 +38,17 @@ def data_dir(tmp_path_factory):
 def small_args(data_dir, tmp_path):
     """argv for a fast CLI run in a fresh out_dir."""
     return SMALL + ["--data_dir", data_dir, "--out_dir", str(tmp_path / "run")]
+
+
+@pytest.fixture(scope="session")
+def trained_run(data_dir, tmp_path_factory):
+    """One run of SMALL for 4 steps (both branches, eval and probe every 2 steps), trained once for every test
+    that reads a run: (its folder, what it printed). A test that changes the folder works on a copy."""
+    out = str(tmp_path_factory.mktemp("trained") / "run")
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert run_cli(SMALL + ["--data_dir", data_dir, "--out_dir", out, "--max_steps", "4",
+                                "--eval_every", "2", "--dynamics_every", "2"]) == 0
+    return out, stdout.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------------------

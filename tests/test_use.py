@@ -4,6 +4,7 @@ import glob
 import io
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -12,7 +13,6 @@ import torch
 import export as export_py
 import maml_gpt as mg
 import sample as sample_py
-from conftest import SMALL
 from conftest import run_cli as run
 
 
@@ -26,18 +26,17 @@ def gen(seed):
 
 
 @pytest.fixture(scope="session")
-def trained(data_dir, tmp_path_factory):
-    """A 2-step run, trained once: (its folder, what it printed). Its weights are then perturbed so that every
+def trained(trained_run, tmp_path_factory):
+    """A copy of the shared 4-step run: (its folder, what it printed). Its weights are perturbed so that every
     norm gain and matrix matters below."""
     out = str(tmp_path_factory.mktemp("use") / "run")
-    with contextlib.redirect_stdout(io.StringIO()) as stdout:
-        assert run(SMALL + ["--data_dir", data_dir, "--out_dir", out, "--max_steps", "2"]) == 0
+    shutil.copytree(trained_run[0], out)
     path = os.path.join(out, "ckpt.pt")
     ck = torch.load(path, weights_only=True)
     g = gen(1)
     ck["model"] = {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in ck["model"].items()}
     torch.save(ck, path)
-    return out, stdout.getvalue()
+    return out, trained_run[1]
 
 
 @pytest.fixture
@@ -119,7 +118,7 @@ def test_sample_cli_is_deterministic_and_the_demo_prints_one(trained, run_dir, c
     first = capsys.readouterr().out
     assert sample(argv) == 0
     assert capsys.readouterr().out == first
-    assert first.count("\nThe baker") == 2 and "--- sample 2/2" in first and "(step 2)" in first
+    assert first.count("\nThe baker") == 2 and "--- sample 2/2" in first and "(step 4)" in first
     assert sample(argv + ["--seed", "2"]) == 0 and capsys.readouterr().out != first
 
 
