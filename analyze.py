@@ -189,7 +189,7 @@ def weight_drop(x, y):
     probe-to-probe changes), step (the first probe after it), peak_step, decline (last < first)) or None."""
     if len(y) < 4:
         return None
-    d = np.diff(y) / y[:-1]
+    d = np.diff(y) / np.maximum(y[:-1], 1e-12)
     i = int(np.argmin(d))
     rest = np.delete(d, i)
     scale = max(1.4826 * float(np.median(np.abs(rest - np.median(rest)))), 1e-4)  # MAD, floored: clean lines
@@ -202,7 +202,8 @@ def grad_dip(x, y):
     relative to the level before. -> dict(dip, step) or None."""
     if len(y) < 3:
         return None
-    depth = [min(y[:j].max() - y[j], y[j + 1:].max() - y[j]) / y[:j].max() for j in range(1, len(y) - 1)]
+    depth = [min(y[:j].max() - y[j], y[j + 1:].max() - y[j]) / max(y[:j].max(), 1e-12)  # PER 0: zero grads
+             for j in range(1, len(y) - 1)]
     j = int(np.argmax(depth))
     return dict(dip=float(depth[j]), step=float(x[j + 1]))
 
@@ -243,8 +244,8 @@ def jump(x, y, th, chance=None):
 
 
 def transition(run, th, drops, probe):
-    """-> (dict(jump, support, with_drop, kind), 0/1 score). kind: 'transition', 'jump without PER drop'
-    or 'no transition'."""
+    """-> (dict(jump, support, kind), 0/1 score). kind: 'transition', 'jump without PER drop' (none within
+    `probes` probes of the jump) or 'no transition' (no rise >= `rise` after a plateau)."""
     x, y = series(run, "acc_query_post")
     if len(y) < 2 * th["plateau"] + th["within"]:
         return None, None

@@ -172,3 +172,14 @@ def test_grids_of_different_settings_are_refused(tmp_path):
         json.dump(dict(epochs=epochs), open(tmp_path / name / "grid.json", "w"))
     with pytest.raises(analyze.UserError, match="fine-tuned with different settings"):
         analyze.analyze([m], str(tmp_path / "an"), [str(tmp_path / "g1"), str(tmp_path / "g2")], vanilla=[v])
+
+
+def test_too_few_windows_or_no_per_logs_are_not_measurable(tmp_path):
+    m, v = write_pair(str(tmp_path), "paper")
+    rows = [json.loads(line) for line in open(os.path.join(m, "metrics.jsonl"))]
+    with open(os.path.join(m, "metrics.jsonl"), "w") as f:  # 10 windows: under 2 plateaus + `within`
+        f.write("".join(json.dumps({k: x for k, x in r.items() if not k.startswith("per_")}) + "\n"
+                        for r in rows if r["step"] <= 100))
+    c = claims(str(tmp_path), [m], [v])
+    assert c["verdict_jump"] == c["verdict_dynamics"] == "not measurable"
+    assert c["verdict_jump_ruler"] is None and c["compress_maml"] is None
