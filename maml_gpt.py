@@ -559,11 +559,8 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr, backtrack=F
     The hot path, graded with this lesson (tests/test_hot_path.py): no host sync (no Python `if`, bool(),
     float() or .item() on a tensor: backtracking chooses with torch.where); the moving entries as ONE flat
     vector; and a step judged by the loss that the next step computes anyway (one more forward after the last
-    step), so that backtracking adds a few ops per step whatever the head's depth.
-
-    Why per-layer steps (README, "The inner loop, measured"): on a trained demo head the support loss's
-    curvature is ~220 in layers 1-3 and ~3 in the last layer; steps on the prototypes (out.proto) keep a
-    nearest-prototype classifier, and backtracking follows their good step size as the features grow."""
+    step), so that backtracking adds a few ops per step whatever the head's depth. Why a step per layer group
+    and backtracking: README, "The inner loop, measured"."""
     feats = support_feats.detach().float()  # (N*K, d): no gradient reaches the backbone from the support set
     lr_of = {k: (lr if not isinstance(lr, dict) else lr.get(k.split(".")[0], 0.0)) for k in phi0}
     moving = [k for k in phi0 if lr_of[k] != 0]

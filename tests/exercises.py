@@ -6,7 +6,7 @@ tests.
   python -m pytest -m apply_rope                        # grade: its tests, against independent computations
   python tests/exercises.py restore apply_rope          # the original back (`restore --all` for every one)
   python tests/exercises.py handout rms_norm apply_rope --out lab/   # a student copy without the answers
-  python tests/exercises.py grade submissions/ --csv grades.csv      # a class: student x lesson table
+  python tests/exercises.py grade submissions/ --csv grades.csv      # what was handed out: student x lesson
 
 `blank` keeps the signature, decorators and docstring, and saves the original function in .exercises/NAME.py;
 `restore` puts it back from there, or from git (HEAD) when there is no saved copy, and keeps what a student
@@ -15,11 +15,13 @@ naming it (tests/conftest.py), so a half-done exercise reports what is missing i
 failures.
 `handout` writes a fresh copy of the project with those lessons blank, a LAB.md for the student, and a new git
 repository whose only commit is that copy: no saved original, no history, not the kit's own test (its planted
-bugs quote the originals) and not the teacher's sections of the README. `grade` takes a folder of submissions
-(one sub-folder per student: a whole copy, or just the student's maml_gpt.py) and grades every lesson in
-isolation: the student's file with every *other* lesson function put back to the reference, the teacher's
-tests, one subprocess per student and lesson with a time limit, so an infinite loop or a file that does not
-import costs only its own cell.
+bugs quote the originals) and not the teacher's sections of the README; it records the lessons it blanked in
+.exercises/handout.json. `grade` takes a folder of submissions (one sub-folder per student: a whole copy, or
+just the student's maml_gpt.py) and grades the recorded lessons (or --lessons), each in isolation: the
+student's file with every *other* lesson function put back to the reference, the teacher's tests, one
+subprocess per student and lesson with a time limit, so an infinite loop costs only its own cell. A cell is
+passed, failed, blank (left as handed out), not handed in (no such file), or error (a file that does not parse
+or import is error in every lesson it holds).
 Plain text and `ast`: no import of the code under exercise, so it works even when that code is broken.
 """
 import argparse

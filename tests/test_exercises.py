@@ -471,14 +471,32 @@ def test_marker_tests_fail_on_blanks_and_plants_and_pass_on_the_original(tmp_pat
     assert not problems, "\n".join(problems)
 
 
+# Lessons blanked together for the blank check: no lesson's tests call another lesson of its group (a test
+# that did would be skipped as needing the other, and the check would report it), so one pytest session per
+# group serves every lesson in it.
+BLANK_TOGETHER = [("rms_norm", "apply_rope", "sample_episode", "episode_init", "effective_rank", "entity_f1"),
+                  ("attention", "inner_loop"), ("attention_entropy", "meta_micro_step", "lm_loss")]
+
+
+class Markers:
+    """pytest plugin: the lesson markers of every collected test, by node id."""
+
+    def __init__(self):
+        self.of = {}
+
+    def pytest_collection_modifyitems(self, items):
+        self.of.update({item.nodeid: {m.name for m in item.iter_markers()} for item in items})
+
+
 def grade_all(root, out, names=()):
-    """For every lesson present, in the repository copy at `root`: blank -> run its marker's tests; each
-    plant -> run them (stop at the first failure); restore -> run them. One process, so torch is imported
-    once; the copy's own modules are imported afresh for every pytest run. Writes
-    [(lesson, variant, {test: outcome})] to `out`."""
+    """For every lesson present, in the repository copy at `root`: blank (with its group) -> run its marker's
+    tests; restore; each plant -> run them (stop at the first failure, as `grade` does); then the restored
+    originals, every lesson's tests in one run. One process, so torch is imported once; the copy's own
+    modules are imported afresh for every pytest run. Writes [(lesson, variant, {test: outcome}, messages)]
+    to `out`."""
     sys.dont_write_bytecode = True  # a same-size edit within a second must never reuse a stale .pyc
 
-    def run(*args):
+    def run(*args, markers=None):
         # maml_gpt, finetune_ner, conftest, test_*: fresh each time
         for name, mod in list(sys.modules.items()):
             if (name != "__main__"
@@ -487,29 +505,39 @@ def grade_all(root, out, names=()):
         rec = kit.Recorder(threads=1)  # after conftest's 2: on a busy machine a second thread spins
         # no:unraisableexception: its five gc.collect() per session cost more than the tests themselves here
         pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--rootdir", root,
-                     *args], plugins=[rec])
+                     *args], plugins=[rec] + ([markers] if markers else []))
         return rec.outcomes, list(rec.messages.values())
 
-    results, ran = [], []
-    for lesson in [les for les in PRESENT if not names or les.name in names]:
-        files = [os.path.join(root, f) for f in kit.marker_files(root, lesson.name)]  # as `grade` runs them
+    present = [les.name for les in PRESENT if not names or les.name in names]
+    assert sorted(n for group in BLANK_TOGETHER for n in group) == sorted(les.name for les in kit.LESSONS)
+    files_of = {n: [os.path.join(root, f) for f in kit.marker_files(root, n)] for n in present}  # as graded
+    results = []
+    for group in [[n for n in g if n in present] for g in BLANK_TOGETHER]:
+        if not group:
+            continue
+        originals = {n: open(os.path.join(root, kit.BY_NAME[n].file)).read() for n in group}
+        kit.main(["blank", *group], root=root)
+        markers = Markers()
+        outcomes, _ = run("-m", " or ".join(group), *sorted({f for n in group for f in files_of[n]}),
+                          markers=markers)
+        kit.main(["restore", *group], root=root)
+        for n in group:
+            results.append((n, "blank", {t: o for t, o in outcomes.items() if n in markers.of[t]}, []))
+            same = open(os.path.join(root, kit.BY_NAME[n].file)).read() == originals[n]
+            results.append((n, "restored", {"the same bytes": "passed" if same else "failed"}, []))
+    for name in present:
+        lesson = kit.BY_NAME[name]
         path = os.path.join(root, lesson.file)
         original = open(path).read()
-        kit.main(["blank", lesson.name], root=root)
-        results.append((lesson.name, "blank", *run("-m", lesson.name, *files)))
-        kit.main(["restore", lesson.name], root=root)
-        results.append((lesson.name, "restored", {"the same bytes": "passed" if open(path).read() == original
-                                                  else "failed"}, []))
         for desc, subs in PLANTS[lesson.name].items():
             with open(path, "w") as f:
                 f.write(planted(original, lesson, subs))
-            results.append((lesson.name, f"plant: {desc}", *run("-m", lesson.name, "--maxfail=1", *files)))
+            results.append((name, f"plant: {desc}", *run("-m", name, "--maxfail=1", *files_of[name])))
         with open(path, "w") as f:
             f.write(original)
-        ran.append(lesson.name)
     # the restored originals: every marker's tests pass, graded as `grade` runs them (one session for all)
-    files = sorted({os.path.join(root, f) for name in ran for f in kit.marker_files(root, name)})
-    results.append(("every lesson", "restored", *run("-m", " or ".join(ran), *files)))
+    files = sorted({f for n in present for f in files_of[n]})
+    results.append(("every lesson", "restored", *run("-m", " or ".join(present), *files)))
     if not names or "rms_norm" in names:
         kit.main(["blank", "rms_norm"], root=root)
         results.append(("rms_norm", "dependents", *run(os.path.join(root, "tests", "test_model.py"))))
