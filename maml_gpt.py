@@ -1549,7 +1549,7 @@ class Logbook:
     def __init__(self, device, path=None, bar=None, evals=(), fewshots=()):
         self.device, self.path, self.bar, self.evals, self.fewshots = device, path, bar, evals, fewshots
         self.sums, self.counts, self.n_steps = {}, {}, dict(meta=0, ar=0)
-        self.wandb_run = self.wandb_log = self.last = None  # the last record written
+        self.wandb_run = self.wandb_log = self.last = None  # W&B's run and logger; the last record written
         self.t0 = time.time()
 
     def add(self, stats=(), **more):
@@ -1562,9 +1562,9 @@ class Logbook:
 
     def window(self, run, args, done, counters):
         """The record of the logging window that ends after step `done`: the means of its micro-steps'
-        statistics over steps and ranks (every rank calls this: one all-reduce, one host copy), the head's
-        weight statistics, the time. A diverged run stops here (check_finite)."""
-        rec = dict(step=done, lr=lr_at(done - 1, args), **counters, n_meta_steps=self.n_steps["meta"],
+        statistics over steps and ranks (every rank calls this: one all-reduce), the head's weight statistics,
+        the time. A diverged run stops here (check_finite)."""
+        record = dict(step=done, lr=lr_at(done - 1, args), **counters, n_meta_steps=self.n_steps["meta"],
                    n_ar_steps=self.n_steps["ar"])
         sums = torch.stack([torch.as_tensor(self.sums.get(k, 0.0), dtype=torch.float64, device=self.device)
                             for k in LOG_KEYS])
@@ -1574,25 +1574,25 @@ class Logbook:
         if run.world > 1:
             dist.all_reduce(both)
         means, counts = torch.stack([both[0] / both[1], both[1]]).tolist()
-        rec.update({k: m for k, m, c in zip(LOG_KEYS, means, counts) if c > 0})
+        record.update({k: m for k, m, c in zip(LOG_KEYS, means, counts) if c > 0})
         self.sums, self.counts, self.n_steps = {}, {}, dict(meta=0, ar=0)
         check_finite(run, done)
         with torch.no_grad():
             hp = torch.cat([p.detach().flatten() for p in run.head.parameters()])
-        rec["head_weight_mean"], rec["head_weight_std"] = hp.mean().item(), hp.std().item()
-        rec["sec"] = round(time.time() - self.t0, 3)
-        return rec
+        record["head_weight_mean"], record["head_weight_std"] = hp.mean().item(), hp.std().item()
+        record["sec"] = round(time.time() - self.t0, 3)
+        return record
 
-    def write(self, rec, rank=0):
+    def write(self, record, rank=0):
         if rank != 0:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps(record) + "\n")
         if self.wandb_log:
-            self.wandb_log(rec)
-        self.last = rec
+            self.wandb_log(record)
+        self.last = record
         shown = ("loss_ar", "loss_query", "loss_support_pre", "loss_support_post", "acc_query_post")
-        self.bar.set_postfix({k: f"{rec[k]:.3f}" for k in shown if k in rec})
+        self.bar.set_postfix({k: f"{record[k]:.3f}" for k in shown if k in record})
 
 
 Meter = Logbook  # the name test_hot_path.py constructs
