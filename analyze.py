@@ -46,10 +46,10 @@ CLAIMS = [
          ruler=("rise", "near", "probes", "fall", "z"),
          paper="§6, Fig. 4 and 6: query (and support) accuracy after adaptation flat near chance, then an "
                "abrupt rise (to > 0.5, large) at the step of the PER drop; absent at smaller scales",
-         rule="acc_query_post: the median of `plateau` windows within `near` of chance and flat (first two "
-              "and last two within rise / 4), then the "
-              "median of the `plateau` windows after the next `within` windows >= `rise` above it, and an "
-              "attention weight-PER drop (claim above) within `probes` probes"),
+         rule="acc_query_post: the median of `plateau` windows within `near` of chance and flat (its first "
+              "two and last two windows within a quarter of the rise), then the median of the `plateau` "
+              "windows after the next `within` windows >= `rise` above it, and an attention weight-PER drop "
+              "(claim above) within `probes` probes"),
     dict(id="fewshot_mask", name="Better few-shot learner, at [MASK]", key="fewshot_mask_diff", min=0.0,
          paper="this project's question, not the paper's: is the MAML backbone's held-out few-shot accuracy "
                "above vanilla's? The vanilla twin never trains the [MASK] position",
@@ -232,7 +232,9 @@ def jump(x, y, th, chance=None):
     blocks = np.lib.stride_tricks.sliding_window_view(y, P)  # (windows - P + 1, P): y[i:i + P]
     med = np.median(blocks, axis=1)
     pre, post = med[ts - P], med[ts + W - 1]
-    ok = np.abs(blocks[ts - P, -2:].mean(1) - blocks[ts - P, :2].mean(1)) <= th["rise"] / 4  # flat
+    # flat: the plateau's own change (its last two windows against its first two) under a quarter of the
+    # rise, which a steady climb (3 windows of slope against 7) never is, whatever its slope
+    ok = np.abs(blocks[ts - P, -2:].mean(1) - blocks[ts - P, :2].mean(1)) <= (post - pre) / 4
     ok &= (pre - chance <= th["near"]) if chance is not None else True
     if not ok.any():
         return None
@@ -309,7 +311,7 @@ def metrics(maml, van, ner_rows, th=THRESHOLDS):
     where = [os.path.realpath(r["path"]) if r else None for r in (maml, van)]
     seed = str((maml or van)["config"]["args"].get("seed"))
     pick = next((p for p in pairs if [os.path.realpath(os.path.dirname(k)) for k in p[1:]] == where), None) \
-        or next((p for p in pairs if str(p[0]) == seed), None) or (pairs[0] if len(pairs) == 1 else None)
+        or next((p for p in pairs if str(p[0]) == seed or p[0] is None), None)  # None: a grid without seeds
     c["ner_ckpt_maml"], c["ner_ckpt_vanilla"] = pick[1:] if pick else (None, None)
     rel = relative_f1(ner_rows, *pick[1:]) if pick else {}
     for regime in ("head", "full"):
