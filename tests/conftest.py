@@ -14,7 +14,10 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf-home-"))
 
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# One thread. The suite's models are tiny (d = 24, 32 tokens), where a second thread saves little, and on
+# shared cores every op of a 2-thread run waits for a descheduled thread: the end-of-run 40-token sample took
+# 4 s on 1 thread and 104 s on 2 at load 14 (`python -c` of maml_gpt.complete on a fresh d = 24 model).
+torch.set_num_threads(1)
 
 # A small but real configuration: the toy world (2,000 paragraphs), a 2-layer d=24 model, 32-token sequences.
 SMALL = ["--data", "toy", "--toy_docs", "2000", "--d_model", "24", "--n_layers", "2", "--seq_len", "32",
@@ -28,9 +31,10 @@ def data_dir(tmp_path_factory):
     """One prepared toy corpus (and SMLMT index), built once per pytest run and shared by every test."""
     d = str(tmp_path_factory.mktemp("data"))
     import maml_gpt
+    from data import prepare
     args = maml_gpt.parse_args(SMALL + ["--data_dir", d])
     corpus = maml_gpt.prepare_corpus(args)
-    maml_gpt.data_module("prepare").build_smlmt_index(corpus, args)
+    prepare.build_smlmt_index(corpus, args)
     return d
 
 

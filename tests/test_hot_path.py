@@ -20,21 +20,21 @@ def small_run(data_dir, tmp_path_factory):
 
 
 def test_micro_steps_never_wait_on_the_host(small_run):
-    """What the loop runs per micro-step (the copy to the device, the step, the meter) makes no host sync
-    in either branch."""
+    """What the loop runs per micro-step (the copy to the device, the step, the logbook's sums) makes no host
+    sync in either branch."""
     args, r = small_run
-    meter = mg.Meter(r.device)
+    logbook = mg.Logbook(r.device)
 
     def meta():
         ep = mg.episode_tensors(r.tokens, r.index, args, mg.stream_key(args.seed, 1, "episode", 0), r.device)
         stats = mg.meta_micro_step(r.model, r.head, ep, args, 1.0, r.amp)
-        meter.add_all(stats, loss_mixed=stats["loss_query"])
+        logbook.add(stats, loss_mixed=stats["loss_query"])
 
     def ar():
         starts = mg.batch_indices(args.seed, 1, len(r.tokens), args.seq_len, args.batch_size)
         x, y = mg.get_batch(r.tokens, starts, args.seq_len, r.device)
         stats = mg.ar_micro_step(r.model, x, y, 1.0, r.amp)
-        meter.add_all(stats, loss_mixed=stats["loss_ar"])
+        logbook.add(stats, loss_mixed=stats["loss_ar"])
 
     for step in (ar, meta):
         with bench.count_host_syncs() as seen:
@@ -112,7 +112,8 @@ def probe_model():
 
 
 def test_probe_takes_one_spectrum_per_distinct_matrix(monkeypatch):
-    """Weights once each (the ref/ set reuses v and o), each gradient once: PER and ER share it."""
+    """Weights once each (pico-maml's attention-wide metrics, logged as ref/..., read every q, k, v and o
+    weight, v and o among them), each gradient once: PER and ER share it."""
     m, x, y = probe_model()
     modules = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
     calls, svdvals = [], torch.linalg.svdvals
@@ -120,7 +121,7 @@ def test_probe_takes_one_spectrum_per_distinct_matrix(monkeypatch):
     out = mg.learning_dynamics(m, x, y, modules, mg.nullcontext())
     attn = [n for n, _ in m.named_parameters() if ".attention." in n]  # q, k, v, o of every layer
     names = {f"layers.{i}.{mod}.weight" for i in range(2) for mod in modules}
-    distinct = len(names | set(attn)) + len(names) + len(attn)  # weights, loss gradients, ref/ gradients
+    distinct = len(names | set(attn)) + len(names) + len(attn)  # weights, loss gradients, q/k/v/o gradients
     assert len(calls) == distinct == 10 + 6 + 8
     assert out["per_weight/layers.0.swiglu.w_2"] == pytest.approx(out["er_weight/layers.0.swiglu.w_2"] / 24)
 

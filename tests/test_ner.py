@@ -3,6 +3,7 @@ end."""
 import json
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -202,12 +203,12 @@ def test_integration_real_uner_da_ddt(ckpt, tmp_path):
     assert all(0.0 <= r["f1"] <= 1.0 for r in res["eval"].values())
 
 
-def test_sweep_grid_tables_and_resume(ckpt, data_dir, tmp_path, capsys):
-    from conftest import SMALL
-    maml = str(tmp_path / "maml")
-    mg.main(SMALL + ["--data_dir", data_dir, "--out_dir", maml, "--max_steps", "4"])
+def test_sweep_grid_tables_and_resume(ckpt, trained_run, tmp_path, capsys):
+    maml = tmp_path / "maml"  # a copy: the grid names a checkpoint by its folder, and both folders are "run"
+    maml.mkdir()
+    shutil.copy(os.path.join(trained_run[0], "ckpt.pt"), maml)
     out = tmp_path / "grid"
-    argv = ["--sweep", "--ckpt", os.path.join(maml, "ckpt.pt"), ckpt, "--out", str(out),
+    argv = ["--sweep", "--ckpt", str(maml / "ckpt.pt"), ckpt, "--out", str(out),
             "--toy_sentences", "100", "--epochs", "1"]
     fn.main(argv)
     rows = (out / "grid.csv").read_text().splitlines()

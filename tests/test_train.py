@@ -30,9 +30,8 @@ def assert_same_weights(a, b):
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
 
 
-def test_checkpoint_round_trip_and_logged_keys(small_args, tmp_path):
-    out = str(tmp_path / "run")
-    assert run(small_args + ["--max_steps", "4", "--dynamics_every", "2", "--eval_every", "2"]) == 0
+def test_checkpoint_round_trip_and_logged_keys(trained_run):
+    out = trained_run[0]  # --max_steps 4 --dynamics_every 2 --eval_every 2; seed 1337: meta, meta, AR, AR
     ck = load(out)  # weights_only=True: plain containers and tensors only
     assert (ck["step"] == 4 and ck["model_config"]["d_model"] == 24
             and "exp_avg" in str(ck["optimizer"]["state"]))
@@ -55,10 +54,12 @@ def test_checkpoint_round_trip_and_logged_keys(small_args, tmp_path):
 
 
 def test_loss_mixed_is_the_micro_step_mean_of_both_branches(small_args, tmp_path):
-    """loss_mixed (the reference's train/loss) == the branch means weighted by their micro-step counts."""
+    """loss_mixed (pico-maml's train/loss) == the branch means weighted by their micro-step counts."""
     out = str(tmp_path / "run")
-    assert run(small_args + ["--max_steps", "8", "--log_every", "4", "--grad_accum", "2"]) == 0
+    # seed 1337 draws meta, meta, AR, AR: a window of steps 0-2 mixes the branches, step 3 is AR alone
+    assert run(small_args + ["--max_steps", "4", "--log_every", "3", "--grad_accum", "2"]) == 0
     rows = metrics(out)
+    assert [r["n_meta_steps"] + r["n_ar_steps"] for r in rows] == [3, 1]
     both = [r for r in rows if r["n_meta_steps"] and r["n_ar_steps"]]
     assert both  # windows that mix the two branches: the case that matters
     for r in rows:
@@ -72,9 +73,10 @@ def test_resume_is_exact(small_args, tmp_path):
     full = str(tmp_path / "full")
     base = [a for a in small_args]
     base[base.index("--out_dir") + 1] = full
-    assert run(base + ["--max_steps", "6"]) == 0
+    # seed 1337 draws meta, meta, AR, AR, meta: both branches before the stop at step 3 and after it
+    assert run(base + ["--max_steps", "5"]) == 0
     assert run(small_args + ["--max_steps", "3"]) == 0
-    assert run(small_args + ["--max_steps", "6", "--resume"]) == 0
+    assert run(small_args + ["--max_steps", "5", "--resume"]) == 0
     part = str(tmp_path / "run")
     assert_same_weights(load(full), load(part))
     assert load(full)["optimizer"]["state"][0]["exp_avg"].equal(
@@ -99,13 +101,13 @@ def test_vanilla_twin_sees_the_same_ar_batches(small_args, tmp_path, monkeypatch
     monkeypatch.setattr(mg, "choose_branch", branch)
     monkeypatch.setattr(mg, "ar_micro_step", ar)
     for ratio, out in (("0.5", "hybrid"), ("0", "vanilla")):
-        argv = small_args + ["--max_steps", "6", "--hybrid_ratio", ratio, "--out_dir", str(tmp_path / out)]
+        argv = small_args + ["--max_steps", "4", "--hybrid_ratio", ratio, "--out_dir", str(tmp_path / out)]
         assert run(argv) == 0
     x = {(ratio, step): x for ratio, step, x in seen if x is not None}
     hybrid_ar = [step for ratio, step in x if ratio == 0.5]
-    assert sorted(step for ratio, step in x if ratio == 0) == list(range(6))  # vanilla: AR at every step
+    assert sorted(step for ratio, step in x if ratio == 0) == list(range(4))  # vanilla: AR at every step
     # AR after a meta step
-    assert 0 < len(hybrid_ar) < 6 and max(hybrid_ar) > min(set(range(6)) - set(hybrid_ar))
+    assert 0 < len(hybrid_ar) < 4 and max(hybrid_ar) > min(set(range(4)) - set(hybrid_ar))
     assert all(torch.equal(x[0.5, step], x[0.0, step]) for step in hybrid_ar)
     assert not torch.equal(x[0.0, 0], x[0.0, 1])  # and the batches do change from step to step
     assert all(r["n_ar_steps"] == 1 and "loss_query" not in r for r in metrics(str(tmp_path / "vanilla")))
@@ -136,13 +138,14 @@ def test_fewshot_eval_is_identical_across_seeds_and_resumes(small_args, tmp_path
                        "eval_fewshot_loss_support_post", "eval_proto_acc_mask", "eval_proto_acc_prev"}
     assert all(0.0 <= v <= 1.0 for k, v in r1.items() if "_acc" in k)
     assert r1["eval_fewshot_loss_support_post"] < r1["eval_fewshot_loss_support_pre"]
-    # resume: eval rows of an interrupted run equal the uninterrupted run's
+    # resume: eval rows of an interrupted run equal the uninterrupted run's (2 episodes suffice for that)
     full = str(tmp_path / "full")
-    argv = [x for x in small_args] + ["--eval_every", "2"]
+    evals = ["--eval_every", "2", "--fewshot_episodes", "2"]
+    argv = [x for x in small_args] + evals
     argv[argv.index("--out_dir") + 1] = full
     assert run(argv + ["--max_steps", "4"]) == 0
-    assert run(small_args + ["--eval_every", "2", "--max_steps", "2"]) == 0
-    assert run(small_args + ["--eval_every", "2", "--max_steps", "4", "--resume"]) == 0
+    assert run(small_args + evals + ["--max_steps", "2"]) == 0
+    assert run(small_args + evals + ["--max_steps", "4", "--resume"]) == 0
     keys = ("step", "eval_fewshot_acc", "eval_fewshot_acc_pre", "eval_proto_acc_mask", "eval_proto_acc_prev")
     got = [[r.get(k) for k in keys] for r in metrics(str(tmp_path / "run")) if "eval_fewshot_acc" in r]
     assert (got == [[r.get(k) for k in keys] for r in metrics(full) if "eval_fewshot_acc" in r]
@@ -155,10 +158,10 @@ def test_the_inner_loop_fits_the_support_set(small_args, tmp_path):
     gives nearly uniform prototype logits, where any first step trades accuracy for loss) and a 16-way
     episode, with the prototypes' step halved from the 32-way default: it expands them by ~1 + 2 lr / N."""
     argv = small_args + ["--d_model", "96", "--n_way", "16", "--k_shot", "4", "--inner_steps", "10",
-                         "--inner_lr_out", "5", "--max_steps", "6", "--hybrid_ratio", "1"]
+                         "--inner_lr_out", "5", "--max_steps", "3", "--hybrid_ratio", "1"]
     assert run(argv) == 0
     rows = metrics(str(tmp_path / "run"))
-    assert len(rows) == 6
+    assert len(rows) == 3
     for r in rows:
         assert r["loss_support_post"] < r["loss_support_pre"] - 0.1, r
         assert r["acc_support_post"] >= r["acc_support_pre"], r
@@ -186,22 +189,23 @@ def test_ddp_two_processes_equal_one_process_with_grad_accum(small_args, tmp_pat
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     argv = [a for a in small_args]
     i = argv.index("--out_dir")
-    common = argv[:i] + argv[i + 2:] + ["--max_steps", "6", "--device", "cpu", "--hybrid_ratio", "0.5",
-                                        "--head_dropout", "0.1", "--dynamics_every", "3"]
+    # seed 1337 draws meta, meta, AR, AR: both branches
+    common = argv[:i] + argv[i + 2:] + ["--max_steps", "4", "--device", "cpu", "--hybrid_ratio", "0.5",
+                                        "--head_dropout", "0.1", "--dynamics_every", "2"]
     launch(common + ["--out_dir", one, "--grad_accum", "2"], nproc=1)
     launch(common + ["--out_dir", two, "--grad_accum", "1"], nproc=2)
     a, b = load(one), load(two)
     assert_same_weights(a, b)  # bitwise: the all-reduced sum of two halves is the accumulated sum
     ma, mb = metrics(one), metrics(two)
     assert [r.get("n_meta_steps") for r in ma] == [r.get("n_meta_steps") for r in mb]  # same branches
-    assert 0 < sum(r.get("n_meta_steps", 0) for r in ma) < 6
+    assert 0 < sum(r.get("n_meta_steps", 0) for r in ma) < 4
     for ra, rb in zip(ma, mb):
         for k in ("loss_ar", "loss_query", "acc_query_post", "tokens"):
             assert (k in ra) == (k in rb) and (k not in ra or abs(ra[k] - rb[k]) < 1e-5)
         # the probe, its spectra shared over the 2 ranks, gives what 1 process computes alone
         probe = [{k: v for k, v in r.items() if k.startswith(("per_", "er_", "ref/"))} for r in (ra, rb)]
         assert probe[0] == probe[1]
-    assert sum(1 for r in ma if "per_grad/layers.1.swiglu.w_2" in r) == 3  # steps 0, 3 and 6
+    assert sum(1 for r in ma if "per_grad/layers.1.swiglu.w_2" in r) == 3  # steps 0, 2 and 4
 
 
 def test_two_nodes_on_one_shared_cache_both_train_and_one_prepares(small_args, tmp_path):
