@@ -17,8 +17,7 @@ import maml_gpt as mg
 
 
 def hf_state_dict(model):
-    """Our Decoder's weights under Hugging Face LlamaForCausalLM's names, fp32, q/k rows in rotate_half
-    order."""
+    """Our Decoder's weights under LlamaForCausalLM's names, fp32, q/k rows in rotate_half order."""
     cfg = model.cfg
     hd = cfg.d_model // cfg.n_heads
 
@@ -26,15 +25,13 @@ def hf_state_dict(model):
         # We rotate adjacent features (2i, 2i+1) of each head as one pair; HF's rotate_half pairs (i,
         # i + hd/2). Reordering each head's output rows evens-then-odds makes the same features rotate by the
         # same angles, and since q and k are permuted alike, every q.k (hence the attention) is unchanged.
-        # (out, in) -> same.
         return w.unflatten(0, (n_heads, hd // 2, 2)).transpose(1, 2).flatten(0, 2)
 
     rename = {"embedding_proj": "model.embed_tokens", "layers": "model.layers", "output_norm": "model.norm",
               "de_embedding_proj": "lm_head", "attention_norm": "input_layernorm", "attention": "self_attn",
               "swiglu_norm": "post_attention_layernorm", "swiglu": "mlp", "w_0": "gate_proj",
               "w_1": "up_proj", "w_2": "down_proj"}
-    out = {}
-    # e.g. layers.3.swiglu.w_0.weight -> model.layers.3.mlp.gate_proj.weight
+    out = {}  # e.g. layers.3.swiglu.w_0.weight -> model.layers.3.mlp.gate_proj.weight
     for name, w in model.state_dict().items():
         w = w.detach().float().cpu()
         if name.endswith(("q_proj.weight", "k_proj.weight")):
@@ -44,16 +41,14 @@ def hf_state_dict(model):
 
 
 def hf_config(cfg):
-    """config.json for transformers.LlamaForCausalLM: the same architecture, hyper-parameter for
-    hyper-parameter."""
+    """config.json for transformers.LlamaForCausalLM: the same architecture."""
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
                 hidden_size=cfg.d_model, intermediate_size=cfg.ffn_mult * cfg.d_model,
                 num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                num_key_value_heads=cfg.n_kv_heads,
-                head_dim=cfg.d_model // cfg.n_heads, hidden_act="silu", rms_norm_eps=cfg.norm_eps,
-                rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False,
-                attention_bias=False, mlp_bias=False, bos_token_id=mg.EOT_ID, eos_token_id=mg.EOT_ID,
-                torch_dtype="float32")
+                num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.d_model // cfg.n_heads, hidden_act="silu",
+                rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len,
+                tie_word_embeddings=False, attention_bias=False, mlp_bias=False, bos_token_id=mg.EOT_ID,
+                eos_token_id=mg.EOT_ID, torch_dtype="float32")
 
 
 def hf_tokenizer_files(model_max_length):
@@ -67,8 +62,7 @@ def hf_tokenizer_files(model_max_length):
                  *range(ord("®"), ord("ÿ") + 1)}
     shifted = iter(range(256, 512))
     char = {b: chr(b if b in printable else next(shifted)) for b in range(256)}
-    # 256 single bytes, then 50,000 merges
-    ranks = {enc.decode_single_token_bytes(i): i for i in range(mg.EOT_ID)}
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(mg.EOT_ID)}  # 256 bytes, then 50,000 merges
     merges = []
     for tok, rank in ranks.items():  # rank order = merge order
         if rank < 256:
@@ -126,9 +120,8 @@ def export(out_dir, dest):
         save_file(weights, os.path.join(dest, "model.safetensors"), metadata={"format": "pt"})
     except ImportError:
         torch.save(weights, os.path.join(dest, "pytorch_model.bin"))
-    files = {"config.json": json.dumps(hf_config(model.cfg), indent=1),
-             **hf_tokenizer_files(model.cfg.max_seq_len)}
-    for name, text in files.items():
+    for name, text in {"config.json": json.dumps(hf_config(model.cfg), indent=1),
+                       **hf_tokenizer_files(model.cfg.max_seq_len)}.items():
         mg.write_text(os.path.join(dest, name), text)
     print(f"wrote {dest}: LlamaForCausalLM ({mg.count_params(model) / 1e6:.1f}M params, "
           f"step {ck['step']} of {path}) and its tokenizer. "

@@ -1,12 +1,8 @@
 """
 Corpus preparation for maml_gpt.py: the documents of a corpus -> train.bin and val.bin in
 args.data_dir/<name>/, GPT-2 tokens as uint16 behind a small header. A run calls prepare_corpus the first
-time it names a corpus, so a user never runs this by hand; it lives apart from the training code as
-nanoGPT's data/*/prepare.py does, because a run only ever reads the prepared tokens.
-
-This file owns what it writes, and maml_gpt.py imports it (never the other way): the tokenizer, the token-file
-format (write_bin, read_bin), and the SMLMT index of a split (the occurrences of its content words), cached
-beside it. Sources (--data): the offline toy world (data/toyworld.py); local files (parquet, json[l][.gz],
+time it names a corpus. This file owns what it writes, and maml_gpt.py imports it (never the other way): the
+tokenizer, the token-file format (write_bin, read_bin), and the SMLMT index of a split, cached beside it. Sources (--data): the offline toy world (data/toyworld.py); local files (parquet, json[l][.gz],
 txt) read by `datasets`' own builders; a hub dataset ID, streamed. Tokenizing is sharded over --prep_procs
 processes and resumable: a killed preparation continues where it stopped and writes the same bytes.
 """
@@ -68,9 +64,8 @@ BIN_MAGIC, BIN_VERSION, HEADER_INTS = 20250802, 1, 256
 
 def write_atomically(path, write):
     """write(tmp) to a temporary name beside `path`, then rename it to `path`: a crash mid-write leaves the
-    previous file (or none), never a half-written one that looks complete. The temporary keeps the suffix
-    (np.savez appends .npz otherwise) and names the machine and the process, so two writers never share one,
-    not even on two nodes of one shared filesystem."""
+    previous file (or none), never a half-written one. The temporary keeps the suffix (np.savez appends .npz
+    otherwise) and names the machine and the process, so no two writers share one."""
     stem, ext = os.path.splitext(path)
     tmp = f"{stem}.tmp-{platform.node()}-{os.getpid()}{ext}"
     write(tmp)
@@ -168,11 +163,10 @@ def prepare_corpus(args, rank_is_local_zero=True):
 
 
 def tokenize_documents(args, out, desc):
-    """Tokenize the corpus into out/{train,val}.bin, streaming. SHARD_DOCS documents at a time are tokenized
-    (by --prep_procs processes), appended to out/{train,val}.partial in corpus order, and committed to
-    out/progress.json: documents read, the stream's position there, tokens written. A killed or crashed run
-    resumes from the last commit, the partial files cut back to it: the result is byte-identical to an
-    uninterrupted run's. Memory: a few shards of text and tokens, whatever the size of the corpus."""
+    """Tokenize the corpus into out/{train,val}.bin, streaming: SHARD_DOCS documents at a time (by
+    --prep_procs processes), appended to out/{train,val}.partial in corpus order and committed to
+    out/progress.json (documents read, the stream's position, tokens written). A killed run resumes from the
+    last commit, the partial files cut back to it, and writes the same bytes as an uninterrupted one."""
     max_tokens, head = args.max_tokens if args.data != "toy" else 1 << 62, HEADER_INTS * 4
     parts, prog_path = {s: os.path.join(out, f"{s}.partial") for s in ("train", "val")}, \
         os.path.join(out, "progress.json")

@@ -1,15 +1,11 @@
 """
 The toy world: a deterministic, offline corpus about a fictional world.
 
-Everything in maml-gpt runs offline on this corpus (the first run, the tests, the classroom). It is not a stand-in
-for real web text in any claim; it exists so that
-
-  * next-token prediction has structure to learn and a floor well above zero (many frames, real randomness), and
-  * SMLMT episodes (mask a content word, guess which of N words it was) are *solvable from context*: every person,
-    place and organisation has consistent attributes (a baker "bakes bread at the bakery", a city is "rainy"),
-    repeated across many paragraphs, so a masked " baker" can often be inferred from the words around it;
-  * the same generator can emit word-level IOB2 NER tags (PER / ORG / LOC), with a held-out pool of entity names
-    for a "zero-shot" test set.
+Everything in maml-gpt runs offline on this corpus (the first run, the tests, the classroom); it stands in for
+web text in no claim. Next-token prediction has structure to learn and a floor well above zero; SMLMT episodes
+are solvable from context, as every person, place and organisation keeps its attributes (a baker "bakes bread
+at the bakery") across many paragraphs; and the generator emits word-level IOB2 NER tags (PER / ORG / LOC),
+with a held-out pool of entity names for a "zero-shot" test set.
 
     python data/toyworld.py              # print a few paragraphs and tagged sentences
 
