@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import json
+import linecache
 import os
 import shutil
 import subprocess
@@ -492,16 +493,42 @@ def grade_all(root, out, names=()):
     """For every lesson present, in the repository copy at `root`: blank (with its group) -> run its marker's
     tests; restore; each plant -> run them (stop at the first failure, as `grade` does); then the restored
     originals, every lesson's tests in one run. One process, so torch is imported once; the copy's own
-    modules are imported afresh for every pytest run. Writes [(lesson, variant, {test: outcome}, messages)]
+    modules and test files are imported once, and each run swaps in the lesson functions as the files hold
+    them (sync). Writes [(lesson, variant, {test: outcome}, messages)]
     to `out`."""
     sys.dont_write_bytecode = True  # a same-size edit within a second must never reuse a stale .pyc
 
+    loaded = {}  # (file, qualname) -> the text of the function the imported module runs
+
+    def sync():
+        """Each lesson function whose text in its file changed since its module ran it: compiled from the file
+        (its own line numbers) into the imported module, in place. The modules, conftest and the test files
+        are imported once, not once per run: a run costs its tests, not the imports and their compiling."""
+        linecache.checkcache()
+        for file in dict.fromkeys(les.file for les in kit.LESSONS):
+            path = os.path.join(root, file)
+            mod = sys.modules.get(file[:-3].replace("/", "."))
+            if mod is not None and os.path.abspath(mod.__file__) != path:
+                raise AssertionError(f"{mod.__name__} is imported from {mod.__file__}, not from {path}")
+            source = open(path).read()
+            tree, lines = ast.parse(source), source.splitlines(keepends=True)
+            for les in (les for les in kit.LESSONS if les.file == file):
+                node = kit.find(tree, les.qualname)
+                if node is None:
+                    continue
+                first = min([d.lineno for d in node.decorator_list] + [node.lineno])
+                text = "".join(lines[first - 1:node.end_lineno])
+                if mod is not None and loaded.get((file, les.qualname), text) != text:
+                    *cls, name = les.qualname.split(".")
+                    # a method keeps its indentation under `if 1:`; the padding keeps its line numbers
+                    code = "\n" * (first - 2) + "if 1:\n" + text if cls else "\n" * (first - 1) + text
+                    scope = {}
+                    exec(compile(code, path, "exec"), mod.__dict__, scope)
+                    setattr(getattr(mod, cls[0]) if cls else mod, name, scope[name])
+                loaded[file, les.qualname] = text  # before the first import: what the import will read
+
     def run(*args, markers=None):
-        # maml_gpt, finetune_ner, conftest, test_*: fresh each time
-        for name, mod in list(sys.modules.items()):
-            if (name != "__main__"
-                    and os.path.abspath(getattr(mod, "__file__", None) or "/").startswith(root + os.sep)):
-                del sys.modules[name]
+        sync()
         rec = kit.Recorder(threads=1)  # after conftest's 2: on a busy machine a second thread spins
         # no:unraisableexception: its five gc.collect() per session cost more than the tests themselves here
         pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--rootdir", root,
