@@ -70,9 +70,8 @@ class ModelConfig:
 
 MASK_ID = 50257  # [MASK]: one extra id after GPT-2's vocabulary; only SMLMT episodes use it
 
-# One row per size: the width (the only thing that scales: 12 layers everywhere) and the sequences per
-# micro-step per process. The released runs used 8 per GPU x 4 GPUs x 8 accumulation steps for a global
-# batch of 256, except tiny: 16 x 4 x 4.
+# One row per size: the width (12 layers everywhere) and the sequences per micro-step per process. The
+# released runs used 8 per GPU x 4 GPUs x 8 accumulation steps (a global batch of 256); tiny 16 x 4 x 4.
 SIZES = {"tiny": dict(d_model=96, batch_size=16), "small": dict(d_model=384, batch_size=8),
          "medium": dict(d_model=768, batch_size=8), "large": dict(d_model=1536, batch_size=8)}
 
@@ -392,10 +391,9 @@ def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_rows=None)
 # ------------------------------------------------------------------------------------------------------------
 # SMLMT episodes (paper §3.2): N content words, K support + Q query contexts each, the word replaced by
 # [MASK]. An episode is an N-way classification task made from raw text: which of N words was masked here?
-# Content words are whole GPT-2 words of >= 3 ASCII letters, not among the corpus's --smlmt_skip_top most
-# frequent tokens, seen >= --smlmt_min_count times (data/prepare.py). In its index of them word i is the token
-# index["words"][i], its positions index["positions"][index["offsets"][i]:index["offsets"][i + 1]]: at most
-# --smlmt_max_occ, each prepare.SMLMT_MARGIN (256) or more tokens from either end: its window fits.
+# Content words come from data/prepare.py (content_word_ids). Its CSR index: word i is the token
+# index["words"][i], its positions index["positions"][index["offsets"][i]:index["offsets"][i + 1]], each far
+# enough from either end of the split for its window to fit.
 
 
 def sample_episode(tokens, index, n_way, k_shot, q_query, ctx, key, read="mask"):
@@ -1076,15 +1074,6 @@ def parse_args(argv=None, parser=None):
 # The corpus: tokenized once into train.bin and val.bin by data/prepare.py (prepare_corpus) the first time a
 # run names it, then memmapped. Batches are windows of it.
 
-def data_module(name):
-    """data/NAME.py, for callers that predate `from data import prepare, toyworld` (which is the same)."""
-    return {"prepare": prepare, "toyworld": prepare.toyworld}[name]
-
-
-def toyworld():
-    return prepare.toyworld
-
-
 def batch_indices(seed, step, n_tokens, seq_len, global_batch):
     """Start offsets of the `global_batch` windows of optimizer step `step`."""
     # Random windows with replacement (nanoGPT style) rather than epochs: the vanilla twin (--hybrid_ratio 0)
@@ -1226,11 +1215,9 @@ def setup(args, for_bench=False):
     probe = get_batch(val, fixed_windows(len(val), args.seq_len, args.probe_batch), args.seq_len, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # --compile covers Decoder.forward: the AR branch's whole forward + fused loss (one graph, no break), and
-    # the meta branch's backbone forward (nearly all of its FLOPs). Not the MLP head: its inner loop calls
-    # torch.autograd.grad, which torch.compile cannot put in a graph, and it has under 0.25M weights.
-    # dynamic=False: one static graph per shape (support, query, AR: three, within the recompile limit of 8)
-    # instead of a shape-generic one from the second shape on, which would give up fixed-size kernels.
+    # --compile covers Decoder.forward (the AR forward + fused loss, the meta branch's backbone forward), not
+    # the MLP head: its inner loop calls torch.autograd.grad, which cannot be put in a graph. dynamic=False:
+    # one static graph per shape (support, query, AR: three, within the recompile limit of 8).
     model = torch.compile(orig_model, dynamic=False) if args.compile else orig_model
     return Run(rank=rank, local_rank=local_rank, world=world, device=device, corpus=corpus, tokens=tokens,
                index=index, orig_model=orig_model, model=model, head=head, params=params, optimizer=optimizer,
@@ -1408,12 +1395,10 @@ def resume_command(argv, world):
 
 @contextmanager
 def stop_signals(verbose=True):
-    """SIGTERM (a scheduler's notice before it kills) and SIGINT (Ctrl-C). Once the loop has armed the flag,
-    they only set it, and the loop reads it once per step: the step finishes, a checkpoint is written, the
-    process exits 128 + signal. Before that (setup, data preparation) there is nothing to save: they exit.
-    A second Ctrl-C quits at once (saves are atomic: the last complete checkpoint stays valid), but a repeat
-    within a second is torchrun forwarding the terminal's Ctrl-C (srun: SIGTERM) to workers that already got
-    it; repeated SIGTERMs never cut the save short (SIGKILL follows)."""
+    """SIGTERM (a scheduler's notice) and SIGINT (Ctrl-C). Once the loop has armed the flag they only set it:
+    the step finishes, a checkpoint is written, the process exits 128 + signal; before, they exit. A second
+    Ctrl-C quits at once (saves are atomic), except within a second of the first: that is torchrun forwarding
+    the terminal's Ctrl-C. Repeated SIGTERMs never cut the save short (SIGKILL follows)."""
     stop = dict(signum=0, at=0.0, armed=False)
 
     def handler(signum, frame):
@@ -1530,8 +1515,7 @@ def wandb_logger(args, header):
         rec = dict(rec)
         if "attn_entropy" in rec:  # (layers, heads): one heat-map and one histogram, not 144 separate curves
             ent = np.array(rec.pop("attn_entropy"))
-            # 1 = uniform over T keys
-            rgb = matplotlib.colormaps["viridis"](ent / math.log(args.seq_len))[..., :3]
+            rgb = matplotlib.colormaps["viridis"](ent / math.log(args.seq_len))[..., :3]  # 1: uniform
             rec["attn_entropy"] = wandb.Image((rgb * 255).astype(np.uint8).repeat(16, 0).repeat(16, 1),
                                               caption="rows: layers, columns: heads; "
                                                       "colour: entropy / log(seq_len)")
@@ -1558,14 +1542,12 @@ class Logbook:
                                                                        device=self.device)
             self.counts[key] = self.counts.get(key, 0) + 1
 
-    add_all = add  # the name test_hot_path.py calls
-
     def window(self, run, args, done, counters):
         """The record of the logging window that ends after step `done`: the means of its micro-steps'
         statistics over steps and ranks (every rank calls this: one all-reduce), the head's weight statistics,
         the time. A diverged run stops here (check_finite)."""
         record = dict(step=done, lr=lr_at(done - 1, args), **counters, n_meta_steps=self.n_steps["meta"],
-                   n_ar_steps=self.n_steps["ar"])
+                      n_ar_steps=self.n_steps["ar"])
         sums = torch.stack([torch.as_tensor(self.sums.get(k, 0.0), dtype=torch.float64, device=self.device)
                             for k in LOG_KEYS])
         counts = torch.tensor([float(self.counts.get(k, 0)) for k in LOG_KEYS], dtype=torch.float64,
@@ -1593,9 +1575,6 @@ class Logbook:
         self.last = record
         shown = ("loss_ar", "loss_query", "loss_support_pre", "loss_support_post", "acc_query_post")
         self.bar.set_postfix({k: f"{record[k]:.3f}" for k in shown if k in record})
-
-
-Meter = Logbook  # the name test_hot_path.py constructs
 
 
 def open_logbook(run, args, start, counters):
@@ -1657,8 +1636,7 @@ def finish(run, args, logbook, counters, done, stopping, argv):
             print(f"stopped by {signal.Signals(stopping).name} after step {done} of {args.max_steps}; "
                   f"checkpoint {ckpt_path}. Continue with:\n  {resume_command(list(argv), run.world)}",
                   flush=True)
-        # the shell's code for "ended by this signal": wrappers see an unfinished run
-        sys.exit(128 + stopping)
+        sys.exit(128 + stopping)  # the shell's code for "ended by this signal": an unfinished run
     if run.rank != 0:
         return
     print(f"done: {args.max_steps} steps, {counters['tokens'] / 1e6:.2f}M tokens "
