@@ -4,6 +4,7 @@ again once it is restored; a blanked function skips the tests that merely depend
 import ast
 import contextlib
 import csv
+import functools
 import io
 import json
 import linecache
@@ -246,13 +247,18 @@ def planted(source, lesson, subs):
     return "".join(lines[:node.lineno - 1]) + body + "".join(lines[node.end_lineno:])
 
 
+@functools.cache
+def marked_tests():
+    return kit.marked_tests(kit.ROOT)  # every test file parsed once, not once per lesson
+
+
 @pytest.mark.parametrize("lesson", kit.LESSONS, ids=lambda les: les.name)
 def test_every_lesson_has_tests_and_plants(lesson, pytestconfig, original):
     # registered: no warnings
     assert any(m.startswith(lesson.name + ":") for m in pytestconfig.getini("markers"))
     if lesson not in PRESENT:
         pytest.skip(f"{lesson.qualname} is not in {lesson.file} yet")
-    assert kit.marked_tests(kit.ROOT).get(lesson.name, 0) >= 1, \
+    assert marked_tests().get(lesson.name, 0) >= 1, \
         f"no test is marked @pytest.mark.{lesson.name}"
     assert PLANTS.get(lesson.name), f"no planted wrong version of {lesson.name}"
     source = open(os.path.join(original, lesson.file)).read()
@@ -423,7 +429,8 @@ def test_grade_grades_what_was_handed_out(original, tmp_path, capsys):
 
 def test_grade_survives_an_infinite_loop(original, tmp_path, monkeypatch):
     """One student's grading that never ends costs that cell its time limit; the others are graded. (The
-    commands are stand-ins: a loop, and one that reports a pass at once.)"""
+    commands are stand-ins: a loop that never ends, idle so that it costs no CPU, and one that reports a pass
+    at once.)"""
     subs = str(tmp_path / "subs")
     source = open(os.path.join(original, "maml_gpt.py")).read()
     source = source.replace("xf = x.float()", "xf = x.float()  # ")  # not the reference: it must run
@@ -433,7 +440,7 @@ def test_grade_survives_an_infinite_loop(original, tmp_path, monkeypatch):
     passes = "import json, sys; json.dump(dict(code=0, outcomes={'t': 'passed'}, messages={}, errors=[]), " \
              "open(sys.argv[1], 'w'))"
     monkeypatch.setattr(kit, "grading_command", lambda tree, lesson, result: (
-        [sys.executable, "-c", "while True: pass"] if f"{os.sep}loops{os.sep}" in tree
+        [sys.executable, "-c", "import time\nwhile True: time.sleep(1)"] if f"{os.sep}loops{os.sep}" in tree
         else [sys.executable, "-c", passes, result]))
     rows = kit.grade(original, subs, ["rms_norm"], timeout=2, jobs=1)
     assert [(s, st) for s, _, st, _ in rows] == [("loops", "error"), ("next", "passed")]
