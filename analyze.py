@@ -6,10 +6,9 @@ analyze.py: which of the paper's claims hold on MAML runs and their vanilla twin
     python analyze.py RUN_MAML --vanilla RUN_VANILLA --ner GRID   # + the NER row (finetune_ner.py --sweep)
     python analyze.py out/demo-s{1..5} --vanilla out/demo-vanilla-s{1..5} --ner GRID [GRID ...] --out DIR
 
-Reads RUN/metrics.jsonl and RUN/config.json; writes claims.json, report.md (the claims table on top) and PNG
-figures, and prints the claims table. Runs with --hybrid_ratio 0 are "vanilla". Several runs per arm are
-paired by --seed. CLAIMS below is the scoreboard: each claim once, with the one number that decides it. One
-pair: that number against the claim's rule. Several: the exact sign-flip test of that number over the pairs.
+Writes claims.json, report.md and PNG figures, and prints the claims table. Runs with --hybrid_ratio 0 are
+"vanilla"; several runs per arm are paired by --seed. CLAIMS is the scoreboard: each claim once, with the one
+number that decides it, against the claim's rule (one pair) or by the exact sign-flip test (several pairs).
 """
 import argparse
 import csv
@@ -64,10 +63,6 @@ THRESHOLDS = dict(fall=0.03, z=4.0, rise=0.2, near=0.1, plateau=5, within=3, pro
 RANGES = dict(fall=(0.02, 0.05), z=(3.0, 6.0), rise=(0.15, 0.25), near=(0.05, 0.15), probes=(1, 3))
 P_LEVEL = 0.05
 
-# ------------------------------------------------------------------------------------------------------------
-# Loading
-
-
 def load_run(path):
     """-> dict(name, path, config, rows, ratio, vanilla). A clear error for a folder that is not a run."""
     mfile = os.path.join(path, "metrics.jsonl")
@@ -96,8 +91,7 @@ def series(run, key, x="step"):
 
 
 def smooth(y, k=5):
-    """Centered moving average over k log points (edges use what is there). Only the loss curves and the
-    figures are smoothed; the shape rules read raw log points."""
+    """Centered moving average over k log points (edges use what is there); for losses and figures only."""
     if len(y) < 3:
         return y
     k = min(k, len(y))
@@ -186,7 +180,7 @@ def mean_per(run, kind, module):
 
 def weight_drop(x, y):
     """The steepest fall between two probes: -> dict(fall (relative), z (robust sds outside the other
-    probe-to-probe changes), step (the first probe after it), peak_step, decline (last < first)) or None."""
+    probe-to-probe changes), step (the first probe after it), decline (last < first)) or None."""
     if len(y) < 4:
         return None
     d = np.diff(y) / np.maximum(y[:-1], 1e-12)
@@ -194,7 +188,7 @@ def weight_drop(x, y):
     rest = np.delete(d, i)
     scale = max(1.4826 * float(np.median(np.abs(rest - np.median(rest)))), 1e-4)  # MAD, floored: clean lines
     return dict(fall=float(-d[i]), z=float((np.median(rest) - d[i]) / scale), step=float(x[i + 1]),
-                peak_step=float(x[int(np.argmax(y[:i + 1]))]), decline=bool(y[-1] < y[0]))
+                decline=bool(y[-1] < y[0]))
 
 
 def grad_dip(x, y):
@@ -551,7 +545,6 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
     with open(os.path.join(out, "claims.json"), "w") as f:
         json.dump(c, f, indent=1)
     runs = mamls + vans
-    results = dict(claims=c, per_pair=per, pairs=pairs)
     made = figures(runs, out, c) if draw else []
     what = (f"{len(pairs)} pairs by seed ({', '.join(map(str, seeds))})" if len(pairs) > 1 else
             " vs ".join(r["name"] for r in pairs[0][1:] if r))
@@ -584,18 +577,7 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
     print("\n".join(md + [""] + runs_md))
     print(f"speed-up per step: {speedup_words(c)}")
     print(f"report: {os.path.join(out, 'report.md')} ({len(made)} figures), claims.json beside it")
-    # the one pair's curves, for callers: speed-ups, PER drops (as knees) and jumps
-    m, v = pairs[0][1:]
-    for (name, x, metric, _), old in zip(SPEEDUPS, ("step", "tokens", "arstep", "step_mixed")):
-        results[f"speedup_{old}"] = speedup(*curve(v, x, metric), *curve(m, x, metric)) if m and v else None
-    th, n_way = THRESHOLDS, lambda r: r["config"]["args"].get("n_way", 32)
-    knee = [[dict(peak_step=d["w"]["peak_step"], drop_step=d["w"]["step"])
-             for d in compress(r, th)[0].values() if d["w_ok"]] for r in runs]
-    results["knees"] = {r["name"]: dict(weight=k[0] if k else None) for r, k in zip(runs, knee)}
-    jumps = {r["name"]: jump(*series(r, "acc_query_post"), th, 1 / n_way(r)) for r in mamls}
-    results["jumps"] = {k: [dict(step=j["step"], rise=j["rise"])] if j and j["rise"] >= th["rise"] else []
-                        for k, j in jumps.items()}
-    return results
+    return dict(claims=c, per_pair=per, pairs=pairs)
 
 
 def load_grids(dirs):
@@ -627,10 +609,8 @@ def fmt(v, nd=3):
 def band(ax, curves, label, color=None, ls="-"):
     """[(x, y)] of one curve over seeds: the mean on the x values all share, a band, a thin line each."""
     curves = [(x, y) for x, y in curves if len(x)]
-    if not curves:
-        return color
-    if len(curves) == 1:
-        return ax.plot(*curves[0], ls=ls, color=color, label=label)[0].get_color()
+    if len(curves) < 2:
+        return ax.plot(*curves[0], ls=ls, color=color, label=label)[0].get_color() if curves else color
     common = np.array(sorted(set.intersection(*(set(x.tolist()) for x, _ in curves))))
     common = common if len(common) else curves[0][0]
     ys = np.array([np.interp(common, x, y) for x, y in curves])  # (seeds, points)
@@ -651,10 +631,15 @@ def arms(runs):
     return [(g[0]["name"] if len(g) == 1 else f"rho={rho}, {len(g)} seeds", g) for rho, g in groups.items()]
 
 
+def titled(ax, titles, xlabels, fontsize=7):
+    for a, t, xl in zip(ax, titles, xlabels):
+        a.set(title=t, xlabel=xl)
+        a.legend(fontsize=fontsize) if a.get_legend_handles_labels()[0] else None
+
+
 def figures(runs, out, c):
     """Every figure these runs support, as PNGs in `out`; -> their file names."""
-    plt = pyplot()
-    made = []
+    plt, made = pyplot(), []
     todo = [("loss.png", figure_loss), ("speedup.png", figure_speedup), ("meta.png", figure_meta)]
     todo += [(f"{kind}_{r['name']}.png", lambda plt, runs, c, r=r, fig=fig: fig(plt, r))
              for r in runs for kind, fig in (("per", figure_per), ("entropy", figure_entropy))]
@@ -678,31 +663,28 @@ def figure_loss(plt, runs, c):
             band(ax[0], [(x, smooth(y)) for x, y in (series(r, "loss_mixed") for r in group)],
                  f"{name} mixed", color, "--")
         band(ax[2], [series(r, "eval_ppl") for r in group], name)
-    for a, t, xl in zip(ax, ("loss vs step: AR (solid), mixed train/loss (dashed)", "AR loss vs tokens",
-                             "eval perplexity"), ("optimizer step", "backbone tokens (AR + meta)", "step")):
-        a.set(title=t, xlabel=xl)
-        a.legend(fontsize=7) if a.get_legend_handles_labels()[0] else None
+    titled(ax, ("loss vs step: AR (solid), mixed train/loss (dashed)", "AR loss vs tokens", "eval perplexity"),
+           ("optimizer step", "backbone tokens (AR + meta)", "step"))
     ax[2].set_yscale("log")
     return fig
 
 
 def figure_speedup(plt, runs, c):
-    """Vanilla's steps to each loss level over MAML's, per pair (the first pair's curves, or each pair's)."""
+    """Vanilla's steps to each loss level over MAML's, one curve per pair and speed-up."""
     mamls, vans = [r for r in runs if not r["vanilla"]], [r for r in runs if r["vanilla"]]
     if not (mamls and vans):
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, x, metric, label in SPEEDUPS:
+    for n, (name, x, metric, label) in enumerate(SPEEDUPS):
         for i, (_, m, v) in enumerate(pair_by_seed(mamls, vans, seed_of, lambda r: r["path"])[0]):
             sp = speedup(*curve(v, x, metric), *curve(m, x, metric))
             if sp:
                 ax.plot(sp["levels"], sp["ratios"], ls="--" if "mixed" in name else "-", lw=1 if i else 1.5,
-                        color=f"C{[s[0] for s in SPEEDUPS].index(name)}", label=None if i else label)
+                        color=f"C{n}", label=None if i else label)
     ax.axhline(1, color="grey", lw=0.8)
     ax.invert_xaxis()
-    ax.set(xlabel="loss level (of the curve's own metric)", ylabel="x sooner (vanilla / MAML)",
-           title="reaches the same loss N x sooner")
-    ax.legend(fontsize=7)
+    ax.set(ylabel="x sooner (vanilla / MAML)")
+    titled([ax], ["reaches the same loss N x sooner"], ["loss level (of the curve's own metric)"])
     return fig
 
 
@@ -726,30 +708,26 @@ def figure_meta(plt, runs, c):
     if c.get("jump_step"):
         ax[1].axvline(c["jump_step"], color="red", lw=0.8, ls="--",
                       label=f"largest rise after a plateau (+{c['jump_rise']:.2f})")
-    for a, t in zip(ax, ("support accuracy (pre / post adaptation)", "query accuracy (pre / post)",
-                         "held-out few-shot eval")):
-        a.set(title=t, xlabel="optimizer step")
-        a.legend(fontsize=6) if a.get_legend_handles_labels()[0] else None
+    titled(ax, ("support accuracy (pre / post adaptation)", "query accuracy (pre / post)",
+                "held-out few-shot eval"), ["optimizer step"] * 3, 6)
     return fig
 
 
 def figure_per(plt, run):
     """PER of weights and gradients per attention matrix (mean over layers, raw probes), the steepest
     weight-PER drop marked, and the released code's all-attention variant."""
-    mods = attn_modules(run)
-    if not mods:
+    if not attn_modules(run):
         return None
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
     for a, kind in zip(ax, ("weight", "grad")):
-        for mod in mods:
+        for mod in attn_modules(run):
             x, y = mean_per(run, kind, mod)
             color = a.plot(x, y, marker=".", label=mod)[0].get_color()
             w = weight_drop(x, y) if kind == "weight" else None
             if w and w["fall"] >= THRESHOLDS["fall"]:
                 a.axvline(w["step"], color=color, ls="--", lw=0.8, label=f"steepest drop ({mod})")
         a.plot(*series(run, f"ref/per_{kind}_attn"), color="grey", lw=1, label="released code's (all attn)")
-        a.set(title=f"PER of {kind}s ({run['name']})", xlabel="step")
-        a.legend(fontsize=7)
+    titled(ax, [f"PER of {kind}s ({run['name']})" for kind in ("weight", "grad")], ["step"] * 2)
     return fig
 
 
