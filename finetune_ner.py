@@ -25,8 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import toyworld
 from maml_gpt import (EOT_ID, HERE, UserError, cli, get_tokenizer, load_checkpoint,
-                      model_from_checkpoint, pick_device, toyworld, write_atomically)
+                      model_from_checkpoint, pick_device, write_atomically)
 
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 LABEL_ID = {t: i for i, t in enumerate(LABELS)}
@@ -114,13 +115,11 @@ def uner_file(cfg, split, data_dir, cache_dir):
 def load_splits(args):
     """-> dict(train, dev, test: {name: sentences}) for args.train_on."""
     if args.train_on == "toy":
-        world = toyworld()
-        data = world.ner_sentences(seed=1337, n=args.toy_sentences + 2 * args.toy_sentences // 4)
+        data = toyworld.ner_sentences(seed=1337, n=args.toy_sentences + 2 * args.toy_sentences // 4)
         n_dev = args.toy_sentences // 4
         return dict(train=data[:args.toy_sentences], dev=data[args.toy_sentences:args.toy_sentences + n_dev],
-                    test={"toy": data[args.toy_sentences + n_dev:],  # same world, unseen sentences
-                          # unseen names
-                          "toy_heldout": world.ner_sentences(seed=1337, n=n_dev, heldout=True)})
+                    test={"toy": data[args.toy_sentences + n_dev:],  # unseen sentences; then unseen names
+                          "toy_heldout": toyworld.ner_sentences(seed=1337, n=n_dev, heldout=True)})
     cfgs = list(TRAIN_CONFIGS) if args.train_on == "all" else [args.train_on]
     if args.train_on not in TRAIN_CONFIGS and args.train_on != "all":
         raise UserError(f"--train_on {args.train_on!r}: "
@@ -396,8 +395,7 @@ def sweep(args):
         configs = [c for c in TRAIN_CONFIGS
                    if args.data_dir is None or uner_file(c, "train", args.data_dir, None)]
         configs += ["all"] if len(configs) == len(TRAIN_CONFIGS) else []
-    # ckpt_seed: the --seed the checkpoint was pretrained with (analyze.py pairs the arms by it); empty in
-    # rows of grids written before it was recorded
+    # ckpt_seed: the --seed the checkpoint was pretrained with (analyze.py pairs the arms by it)
     fields = ["ckpt", "hybrid_ratio", "ckpt_seed", "regime", "train_on", "eval_on", "precision", "recall",
               "f1"]
     for ckpt in args.ckpt:
@@ -447,7 +445,7 @@ def pair_by_seed(mamls, vanillas, seed_of, name_of):
             s = seed_of(it)
             if s is None:
                 raise UserError(f"{name_of(it)} has no recorded seed: pairing by seed needs runs "
-                                "(checkpoints) written by maml_gpt.py (re-run an old sweep: it records it)")
+                                "(checkpoints) written by maml_gpt.py")
             if s in by[arm]:
                 raise UserError(f"{name_of(by[arm][s])} and {name_of(it)} are both seed {s} of the {arm} "
                                 "arm; give one per seed and arm")
@@ -489,8 +487,7 @@ def relative_f1(rows, m, v, groups=None):
 
 
 def ner_grid_report(rows, out):
-    """grid.md (every cell), one heatmap per checkpoint and regime, and MAML-vs-vanilla relative
-    improvements."""
+    """grid.md (every cell), one heatmap per checkpoint and regime, MAML-vs-vanilla relative changes."""
     plt = pyplot()
     lines = ["# NER fine-tuning grid (entity micro-F1)", ""]
     for ckpt in dict.fromkeys(r["ckpt"] for r in rows):
@@ -516,12 +513,11 @@ def ner_grid_report(rows, out):
                 for j in range(len(ev)):
                     if not np.isnan(grid[i, j]):
                         ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
-            ax.set_title(f"micro-F1: {os.path.basename(os.path.dirname(ckpt)) or ckpt} ({regime})")
+            name = os.path.basename(os.path.dirname(ckpt))
+            ax.set_title(f"micro-F1: {name or ckpt} ({regime})")
             fig.colorbar(im)
             fig.tight_layout()
-            fig.savefig(os.path.join(out, f"heatmap_{os.path.basename(os.path.dirname(ckpt)) or 'model'}"
-                                          f"_{regime}.png"),
-                        dpi=110)
+            fig.savefig(os.path.join(out, f"heatmap_{name or 'model'}_{regime}.png"), dpi=110)
             plt.close(fig)
     pairs, notes = grid_pairs(rows)
     for n in notes:
@@ -529,32 +525,26 @@ def ner_grid_report(rows, out):
 
     rel = [relative_f1(rows, m, v) for _, m, v in pairs]
 
-    def cell(x):
-        return "-" if x is None else f"{x:+.1f}%"
-
-    def table(rels):  # the mean over the given pairs of each (regime, group) change that they have
-        lines = ["| regime | seen | PUD | other |", "|---|---|---|---|"]
+    def table(rels, cols):  # the mean over the given pairs of each (regime, column) change that they have
+        lines = ["| regime | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for regime in ("head", "full"):
-            vals = [[r[regime, g][2] for r in rels if r[regime, g][2] is not None]
-                    for g in ("seen", "pud", "other")]
-            lines.append(f"| {regime} | " + " | ".join(cell(np.mean(x) if x else None) for x in vals) + " |")
+            vals = [[r[regime, g][2] for r in rels if r[regime, g][2] is not None] for g in cols]
+            lines.append(f"| {regime} | " + " | ".join("-" if not x else f"{np.mean(x):+.1f}%" for x in vals)
+                         + " |")
         return lines
     for (seed, m, v), r in zip(pairs, rel):
         lines += [f"## Relative improvement of MAML ({m}) over vanilla ({v})"
                   + (f", seed {seed}" if len(pairs) > 1 else "") + ", % of vanilla micro-F1 (Table 3)", ""]
-        lines += table([r]) + ([""] if len(pairs) > 1 else [])
+        lines += table([r], GROUPS) + ([""] if len(pairs) > 1 else [])
     if len(pairs) > 1:
         lines += [f"## Mean over the {len(pairs)} seed pairs ({', '.join(str(s) for s, _, _ in pairs)}) of "
-                  "the relative improvement, % (analyze.py adds intervals and a test)", ""] + table(rel)
+                  "the relative improvement, % (analyze.py adds intervals and a test)", ""]
+        lines += table(rel, GROUPS)
     if pairs:
         evs = {e: [e] for e in dict.fromkeys(r["eval_on"] for r in rows)}
-        per_set = [relative_f1(rows, m, v, evs) for _, m, v in pairs]
         lines += ["", "## Per evaluation set (Tables 4-5), averaged over fine-tuning configs"
-                  + (f" and over the {len(pairs)} seed pairs" if len(pairs) > 1 else ""), "",
-                  "| regime | " + " | ".join(evs) + " |", "|---" * (len(evs) + 1) + "|"]
-        for regime in ("head", "full"):
-            vals = [[r[regime, e][2] for r in per_set if r[regime, e][2] is not None] for e in evs]
-            lines.append(f"| {regime} | " + " | ".join(cell(np.mean(x) if x else None) for x in vals) + " |")
+                  + (f" and over the {len(pairs)} seed pairs" if len(pairs) > 1 else ""), ""]
+        lines += table([relative_f1(rows, m, v, evs) for _, m, v in pairs], evs)
     with open(os.path.join(out, "grid.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"grid: {os.path.join(out, 'grid.csv')}, {os.path.join(out, 'grid.md')}, heatmaps in {out}")
