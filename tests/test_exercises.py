@@ -326,15 +326,15 @@ def test_list_shows_every_lesson(capsys):
 
 
 def unique_body_lines(root, lesson, files):
-    """Lines of the lesson's original body (comments included) that occur nowhere else in the project: if
-    one of them is in a hand-out, the answer is."""
+    """Lines of the lesson's original body (comments included) that occur nowhere else in the project
+    (`files`: {path: text}): if one of them is in a hand-out, the answer is."""
     source = kit.reference_source(root, lesson.file)
     lines = source.splitlines(keepends=True)
     node = kit.find(ast.parse(source), lesson.qualname)
     body = {ln.strip() for ln in lines[kit.body_start(lines, node) - 1:node.end_lineno]
             if len(ln.strip()) > 8}
     rest = "".join(lines[:node.lineno - 1] + lines[node.end_lineno:])
-    rest += "".join(open(os.path.join(root, f), errors="replace").read() for f in files if f != lesson.file)
+    rest += "".join(text for f, text in files.items() if f != lesson.file)
     return [ln for ln in body if ln not in rest]
 
 
@@ -345,7 +345,8 @@ def test_handout_holds_no_answer_anywhere(original, tmp_path, capsys):
     out = str(tmp_path / "lab")
     assert kit.main(["handout", *[les.name for les in PRESENT], "--out", out], root=original) is None
     assert "fresh git repository with one commit" in capsys.readouterr().out
-    files = [f for f in kit.project_files(original) if f not in kit.TEACHER_ONLY]
+    files = {f: open(os.path.join(original, f), errors="replace").read() for f in kit.project_files(original)
+             if f not in kit.TEACHER_ONLY}  # read once for every lesson
     handed = {}
     for d, _, names in os.walk(out):
         for n in names:
