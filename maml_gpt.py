@@ -558,7 +558,7 @@ def inner_loop(head, phi0, support_feats, support_labels, steps, lr, backtrack=F
     float() or .item() on a tensor: backtracking chooses with torch.where); the moving entries as ONE flat
     vector; and a step judged by the loss that the next step computes anyway (one more forward after the last
     step), so that backtracking adds a few ops per step whatever the head's depth. Why a step per layer group
-    and backtracking: README, "The inner loop, measured"."""
+    and backtracking: RESULTS.md, "Ablations of the defaults"."""
     feats = support_feats.detach().float()  # (N*K, d): no gradient reaches the backbone from the support set
     lr_of = {k: (lr if not isinstance(lr, dict) else lr.get(k.split(".")[0], 0.0)) for k in phi0}
     moving = [k for k in phi0 if lr_of[k] != 0]
@@ -1014,7 +1014,7 @@ def build_parser():
     a("--inner_steps", type=int, default=10, help="SGD steps of the head on the support set")
     a("--inner_loop", default="layerwise", choices=["layerwise", "sgd"],
       help="layerwise: the last layer (a proto head's prototypes) steps by --inner_lr_out, layers 1-3 by "
-           "--inner_lr, and a step that raises the support loss is undone and the next halved (README); "
+           "--inner_lr, and a step that raises the support loss is undone and the next halved (RESULTS.md); "
            "sgd: the paper's plain SGD, one --inner_lr for all four layers (proto: W = 2 mu, b = -||mu||^2)")
     a("--inner_lr", type=float, default=0.001,
       help="inner SGD step of the head's layers 1-3 (--inner_loop sgd: of all four layers; released runs: "
