@@ -457,9 +457,9 @@ def shows(c, cid):
     if cid == "dynamics":
         mods = sorted({k.split("/", 1)[1] for k in c if k.startswith("per_fall_maml/")
                        and not k.endswith(("_per_seed", "_ci95"))})
-        return "; ".join(f"{m.split('.')[-1]}: steepest drop of weight PER {f(f'per_fall_maml/{m}')} (z "
+        return "; ".join(f"{m.split('.')[-1]}: steepest drop of weight PER {f(f'per_fall_maml/{m}', 4)} (z "
                          f"{f(f'per_z_maml/{m}', 1)}) at step {f(f'per_drop_step_maml/{m}', 0)} vs vanilla "
-                         f"{f(f'per_fall_vanilla/{m}')}, gradient dip {f(f'per_grad_dip_maml/{m}')}"
+                         f"{f(f'per_fall_vanilla/{m}', 4)}, gradient dip {f(f'per_grad_dip_maml/{m}')}"
                          for m in mods) + (f"; attention entropy {f('entropy_first_maml', 2)} -> "
                                            f"{f('entropy_last_maml', 2)} (reported only)")
     if cid == "jump":
