@@ -89,6 +89,24 @@ def pytest_runtest_makereport(item, call):
             _SKIPPED_FOR[n] = _SKIPPED_FOR.get(n, 0) + 1
 
 
+GRADING = "test_marker_tests_fail_on_blanks_and_plants_and_pass_on_the_original"
+
+
+def pytest_collection_finish(session):
+    """The kit's end-to-end grading costs one core for about 40 s, and the rest of the suite keeps to one core
+    (above): when that test is selected, its subprocess starts now and runs beside the others."""
+    for item in session.items:
+        if item.name == GRADING:
+            item.module.STARTED.append(item.module.start_grading(tempfile.mkdtemp(prefix="grading-")))
+
+
+def pytest_sessionfinish(session):
+    for item in session.items:  # a grading that no test waited for (-x, Ctrl-C): stopped, not left running
+        if item.name == GRADING:
+            for proc, _, _ in item.module.STARTED:
+                proc.kill()
+
+
 def pytest_terminal_summary(terminalreporter):
     for name, n in sorted(_SKIPPED_FOR.items()):
         terminalreporter.write_line(f"exercise {name} is blank: {n} test(s) that need it were skipped; "

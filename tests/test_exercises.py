@@ -448,16 +448,28 @@ def test_grade_survives_an_infinite_loop(original, tmp_path, monkeypatch):
     assert "ran past the time limit of 2 s" in rows[0][3]
 
 
+def start_grading(folder):
+    """grade_all on a copy of the repository, in a subprocess (its own imports of the copy's modules), its
+    output to a file: -> (the process, where its results go, where its output goes)."""
+    root = copy_repo(os.path.join(folder, "repo"))
+    out, log = os.path.join(folder, "results.json"), open(os.path.join(folder, "output.txt"), "w+")
+    script = os.path.join(root, "tests", "test_exercises.py")  # the copy's kit acts on the copy
+    proc = subprocess.Popen([sys.executable, script, root, out], stdout=log, stderr=subprocess.STDOUT,
+                            text=True, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    return proc, out, log
+
+
+STARTED = []  # the grading conftest.py started when this test was collected (it runs beside the others)
+
+
 def test_marker_tests_fail_on_blanks_and_plants_and_pass_on_the_original(tmp_path):
     """The grading, end to end, in one subprocess (see grade_all)."""
-    root = copy_repo(tmp_path / "repo")
-    out = str(tmp_path / "results.json")
-    script = os.path.join(root, "tests", "test_exercises.py")  # the copy's kit acts on the copy
-    r = subprocess.run([sys.executable, script, root, out], capture_output=True, text=True,
-                       timeout=900, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    proc, out, log = STARTED.pop() if STARTED else start_grading(str(tmp_path))
+    assert proc.wait(timeout=900) == 0, (log.seek(0), log.read()[-4000:])[1]
+    results = json.load(open(out))
+    shutil.rmtree(os.path.dirname(out))
     problems = []
-    for name, variant, outcomes, messages in json.load(open(out)):
+    for name, variant, outcomes, messages in results:
         n_failed = sum(o == "failed" for o in outcomes.values())
         if not outcomes:
             problems.append(f"{name} / {variant}: no test ran")

@@ -174,15 +174,19 @@ def test_the_inner_loop_fits_the_support_set(small_args, tmp_path):
         assert gain < lw_gain
 
 
-def launch(argv, nproc):
-    """Run maml_gpt.py in fresh processes (torchrun when nproc > 1), one thread each so both runs use the same
-    kernels and reduction orders."""
-    launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
-                else [])
-    cmd = [sys.executable] + launcher + [os.path.join(mg.HERE, "maml_gpt.py")] + argv
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+def launch(*runs):
+    """Run maml_gpt.py once per (argv, nproc), all at once, each in fresh processes (torchrun when nproc > 1),
+    one thread each so that every run uses the same kernels and reduction orders."""
+    procs = []
+    for argv, nproc in runs:
+        launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
+                    else [])
+        cmd = [sys.executable] + launcher + [os.path.join(mg.HERE, "maml_gpt.py")] + argv
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                      env=dict(os.environ, OMP_NUM_THREADS="1")))
+    for p in procs:
+        err = p.communicate(timeout=300)[1]
+        assert p.returncode == 0, err[-3000:]
 
 
 def test_ddp_two_processes_equal_one_process_with_grad_accum(small_args, tmp_path):
@@ -192,8 +196,8 @@ def test_ddp_two_processes_equal_one_process_with_grad_accum(small_args, tmp_pat
     # seed 1337 draws meta, meta, AR, AR: both branches
     common = argv[:i] + argv[i + 2:] + ["--max_steps", "4", "--device", "cpu", "--hybrid_ratio", "0.5",
                                         "--head_dropout", "0.1", "--dynamics_every", "2"]
-    launch(common + ["--out_dir", one, "--grad_accum", "2"], nproc=1)
-    launch(common + ["--out_dir", two, "--grad_accum", "1"], nproc=2)
+    launch((common + ["--out_dir", one, "--grad_accum", "2"], 1),
+           (common + ["--out_dir", two, "--grad_accum", "1"], 2))
     a, b = load(one), load(two)
     assert_same_weights(a, b)  # bitwise: the all-reduced sum of two halves is the accumulated sum
     ma, mb = metrics(one), metrics(two)
