@@ -35,15 +35,6 @@ def flops_per_token(cfg, T, backward=True, lm_head=True):
     return f if backward else f / 3
 
 
-def micro_step_flops(cfg, args):
-    """FLOPs of one AR micro-step and one meta micro-step (support forward only, query forward + backward, no
-    LM head; the MLP head, < 0.1 % of the backbone, left out)."""
-    ctx = mg.smlmt_ctx(args)
-    return dict(ar=flops_per_token(cfg, args.seq_len) * args.batch_size * args.seq_len,
-                meta=flops_per_token(cfg, ctx, backward=False, lm_head=False) * args.n_way * args.k_shot * ctx
-                + flops_per_token(cfg, ctx, lm_head=False) * args.n_way * args.q_query * ctx)
-
-
 class count_host_syncs(TorchFunctionMode):
     """with count_host_syncs() as seen: ... -> a Counter of "what at function:line" (innermost maml_gpt.py
     line) -> calls that would make the CPU wait for a CUDA device, counted on any device: value reads, ops
@@ -117,17 +108,15 @@ def launched_ops(fn):
     return len(top), sum(n not in VIEW_OPS for n in top), [e.name for e in ops]
 
 
-def sdpa_kernel(model, x, amp):
-    """The attention kernel of the model's forward on x (on a GPU in bf16: flash or cuDNN, not math)."""
-    with amp:
-        every = launched_ops(lambda: model(x, x))[2]
-    return next((n[len("aten::_scaled_dot_product_"):] for n in every
-                 if n.startswith("aten::_scaled_dot_product_")), "unknown")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def timed(fn, device, n=1):
+    """Seconds per call of fn(1), ..., fn(n), the work they queue on a GPU included."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    t = time.perf_counter()
+    for i in range(1, n + 1):
+        fn(i)
+    sync()
+    return (time.perf_counter() - t) / n
 
 
 def describe(args, model, device, amp):
@@ -154,42 +143,39 @@ def bench(args, iters=5):
         mg.meta_micro_step(model or run.model, run.head, episode(i), args, 1.0, amp)
         run.optimizer.zero_grad(set_to_none=True)
 
-    syncs = {}
-    for name, fn in (("AR", ar), ("meta", meta)):  # on the eager model: a compiled graph runs no Python
+    steps, syncs = dict(AR=ar, meta=meta), {}
+    for name, fn in steps.items():  # on the eager model: a compiled graph runs no Python
         with count_host_syncs() as syncs[name]:
             fn(0, model)
     for fn in (ar, meta, ar, meta):  # warm-up (and compilation), not timed
         fn(0)
-    sync(device)
     reset = peak_memory_gib(device, reset=True)  # the peak of training itself: preparation, warm-up are over
-
-    def timed(fn, n):
-        sync(device)
-        t = time.perf_counter()
-        for i in range(1, n + 1):
-            fn(i)
-        sync(device)
-        return (time.perf_counter() - t) / n
-    sec = dict(AR=timed(ar, iters), meta=timed(meta, iters),
-               probe=timed(lambda i: mg.learning_dynamics(model, *run.probe, run.modules, amp), 1))
-    mem = peak_memory_gib(device)
-    tok = dict(AR=run.micro_tokens["ar"], meta=run.micro_tokens["meta"])
+    sec = {k: timed(fn, device, iters) for k, fn in steps.items()}
+    sec["probe"] = timed(lambda i: mg.learning_dynamics(model, *run.probe, run.modules, amp), device)
+    mem, tok = peak_memory_gib(device), dict(AR=run.micro_tokens["ar"], meta=run.micro_tokens["meta"])
     step = args.grad_accum * (args.hybrid_ratio * sec["meta"] + (1 - args.hybrid_ratio) * sec["AR"])
-    flops = micro_step_flops(model.cfg, args)
+    ctx = mg.smlmt_ctx(args)
+    n_sup = args.n_way * args.k_shot * ctx
+    # meta: the support forward only, the query forward + backward, no LM head (the MLP head, < 0.1 % of the
+    # backbone, left out)
+    flops = dict(AR=flops_per_token(model.cfg, args.seq_len) * tok["AR"],
+                 meta=flops_per_token(model.cfg, ctx, backward=False, lm_head=False) * n_sup
+                 + flops_per_token(model.cfg, ctx, lm_head=False) * (tok["meta"] - n_sup))
     peak = (peak_of(torch.cuda.get_device_name(device))
             if device.type == "cuda" and not isinstance(amp, nullcontext) else None)
-    kernel, ctx = sdpa_kernel(model, run.probe[0][:1], amp), mg.smlmt_ctx(args)
-    n_sup = args.n_way * args.k_shot * ctx
+    with amp:  # the attention kernel of a forward (on a GPU in bf16: flash or cuDNN, not math)
+        every = launched_ops(lambda: model(run.probe[0][:1], run.probe[0][:1]))[2]
+    kernel = next((n.removeprefix("aten::_scaled_dot_product_") for n in every
+                   if n.startswith("aten::_scaled_dot_product_")), "unknown")
     print(f"bench: {describe(args, model, device, amp)}, compile={args.compile}, attention kernel: {kernel}")
-    shape = dict(AR=f"{args.batch_size} x {args.seq_len}",
-                 meta=f"support {n_sup} no-grad + query {tok['meta'] - n_sup}; ctx {ctx}")
-    for k in ("AR", "meta"):
+    for k, shape in (("AR", f"{args.batch_size} x {args.seq_len}"),
+                     ("meta", f"support {n_sup} no-grad + query {tok['meta'] - n_sup}; ctx {ctx}")):
         print(f"  {k + ' micro-step':15s} {tok[k]:6d} tokens  {sec[k] * 1e3:8.1f} ms  "
-              f"{tok[k] / sec[k]:10.0f} tok/s  ({shape[k]})")
+              f"{tok[k] / sec[k]:10.0f} tok/s  ({shape})")
     print(f"  meta / AR cost per backbone token: {sec['meta'] / tok['meta'] / (sec['AR'] / tok['AR']):.3f}; "
           f"est. step {step:.2f} s at grad_accum {args.grad_accum}, hybrid_ratio {args.hybrid_ratio}")
-    mfu = {k: flops[k.lower()] / sec[k] / peak for k in ("AR", "meta")} if peak else {}
-    print(f"  MFU: AR {mfu['AR']:.1%}  meta {mfu['meta']:.1%}  (peak {peak / 1e12:.0f} TFLOPS bf16)" if peak
+    mfu = "  ".join(f"{k} {flops[k] / sec[k] / peak:.1%}" for k in ("AR", "meta")) if peak else ""
+    print(f"  MFU: {mfu}  (peak {peak / 1e12:.0f} TFLOPS bf16)" if peak
           else "  MFU: unknown (no known bf16 peak for this device/dtype)")
     print(f"  peak memory: {mem:.2f} GiB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'}, "
           f"{'after warm-up' if reset else 'since start'})")
@@ -226,22 +212,23 @@ def vs_hf(args):
     x = torch.randint(0, mg.EOT_ID, (args.batch_size, args.seq_len), device=device)
     y = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)  # the last position has no next token
     # "plain": our model with F.cross_entropy on the full (B*T, V) logits, which the fused loss replaced
-    runs = {"maml-gpt (fused loss)": (ours, lambda: ours(x, y)[1]),
-            "maml-gpt, plain F.cross_entropy": (ours, lambda: F.cross_entropy(
-                ours(x)[0].flatten(0, 1), y.flatten(), ignore_index=-100)),
-            "HF LlamaForCausalLM": (hf, lambda: hf(input_ids=x, labels=x).loss)}
-    times, losses = {w: [] for w in runs}, {}
+    runs = {"maml-gpt (fused loss)": lambda: ours(x, y)[1],
+            "maml-gpt, plain F.cross_entropy": lambda: F.cross_entropy(ours(x)[0].flatten(0, 1),
+                                                                       y.flatten()),
+            "HF LlamaForCausalLM": lambda: hf(input_ids=x, labels=x).loss}
+    with torch.no_grad(), amp:
+        losses = {w: loss().item() for w, loss in runs.items()}
+
+    def step(w):
+        with amp:
+            loss = runs[w]()
+        loss.backward()
+    times = {w: [] for w in runs}
     for r in range(2 + args.repeats):  # the first two rounds warm up allocators and kernels
         for w in list(runs)[r % 3:] + list(runs)[:r % 3]:
-            sync(device)
-            t = time.perf_counter()
-            with amp:
-                loss = runs[w][1]()
-            loss.backward()
-            sync(device)
-            times[w] += [time.perf_counter() - t] if r >= 2 else []
-            losses.setdefault(w, loss.item())
-            runs[w][0].zero_grad(set_to_none=True)
+            times[w] += [timed(lambda i: step(w), device)] if r >= 2 else []
+            ours.zero_grad(set_to_none=True)
+            hf.zero_grad(set_to_none=True)
     print("loss (same weights, same tokens): " + "  ".join(f"{w} {v:.6f}" for w, v in losses.items()))
     print(f"{describe(args, ours, device, amp)}, {args.batch_size} x {args.seq_len}, torch "
           f"{torch.__version__}, transformers {transformers.__version__}; forward + backward, median of "
