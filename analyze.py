@@ -113,14 +113,13 @@ def first_reach(x, y, level):
     if not len(hit):
         return None
     i = hit[0]
-    if i == 0:
-        return x[0]
-    y0, y1 = best[i - 1], best[i]
-    return x[i - 1] + (x[i] - x[i - 1]) * (y0 - level) / (y0 - y1) if y0 != y1 else x[i]
+    if i == 0 or best[i - 1] == best[i]:
+        return x[i]
+    return x[i - 1] + (x[i] - x[i - 1]) * (best[i - 1] - level) / (best[i - 1] - best[i])
 
 
 def speedup(xv, yv, xm, ym, n_levels=50):
-    """-> dict(levels, ratios, max, max_level, at_final, reached), ratios = x_vanilla(L) / x_maml(L), or None.
+    """-> dict(levels, ratios, max, at_final, reached), ratios = x_vanilla(L) / x_maml(L), or None.
     at_final: where vanilla ends over where MAML first reaches vanilla's final loss (reached=True); if MAML
     never gets there, where vanilla first reaches MAML's final loss over where MAML ends (reached=False,
     then < 1: "vanilla reached MAML's final loss in that fraction of the steps")."""
@@ -133,33 +132,27 @@ def speedup(xv, yv, xm, ym, n_levels=50):
                        ((first_reach(xv, yv, L), first_reach(xm, ym, L)) for L in levels)])
     reached = bool(bm[-1] <= bv[-1])
     hit = first_reach(xm, ym, bv[-1]) if reached else first_reach(xv, yv, bm[-1])
-    at_final = (xv[-1] / hit if reached else hit / xm[-1]) if hit else None
+    at_final = float(xv[-1] / hit if reached else hit / xm[-1]) if hit else None
     if not np.isfinite(ratios).any():
         return None
-    i = int(np.nanargmax(ratios))
-    return dict(levels=levels, ratios=ratios, max=float(ratios[i]), max_level=float(levels[i]),
-                at_final=None if at_final is None else float(at_final), reached=reached)
+    return dict(levels=levels, ratios=ratios, max=float(np.nanmax(ratios)), at_final=at_final,
+                reached=reached)
 
 
-# (key in claims.json, x axis, metric, label). tokens_ar counts AR tokens: "per AR step" up to one factor.
+# (key in claims.json, x axis, MAML's metric, label); vanilla's is always loss_ar (its mixed loss is its AR
+# loss). tokens_ar counts AR tokens: "per AR step" up to one factor.
 SPEEDUPS = [("step_ar", "step", "loss_ar", "per step, AR loss"),
             ("token_ar", "tokens", "loss_ar", "per backbone token, AR loss"),
             ("arstep_ar", "tokens_ar", "loss_ar", "per AR step, AR loss"),
             ("step_mixed", "step", "loss_mixed", "per step, the released code's mixed train/loss")]
 
 
-def curve(run, x, metric):
-    return series(run, "loss_ar" if run["vanilla"] else metric, x)  # vanilla's mixed loss is its AR loss
-
-
 def speedup_words(c, name="step_ar"):
     v = c.get(f"speedup_{name}")
     if v is None:
         return "not measurable"
-    if c[f"speedup_{name}_reached"]:
-        return f"MAML reached vanilla's final loss {v:.2f}x sooner"
-    return f"MAML never reached vanilla's final loss; vanilla reached MAML's final loss in {v:.2f} of the " \
-        "steps"
+    return f"MAML reached vanilla's final loss {v:.2f}x sooner" if c[f"speedup_{name}_reached"] else \
+        f"MAML never reached vanilla's final loss; vanilla reached MAML's final loss in {v:.2f} of the steps"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -202,19 +195,6 @@ def grad_dip(x, y):
     return dict(dip=float(depth[j]), step=float(x[j + 1]))
 
 
-def compress(run, th):
-    """Per attention matrix: the weight drop and gradient dip; -> (per-module dict, 0/1 score, drop steps)."""
-    out, steps = {}, []
-    for mod in attn_modules(run) if run else []:
-        w, g = weight_drop(*mean_per(run, "weight", mod)), grad_dip(*mean_per(run, "grad", mod))
-        w_ok = bool(w and w["decline"] and w["fall"] >= th["fall"] and w["z"] >= th["z"])
-        g_ok = bool(g and g["dip"] >= th["fall"])
-        out[mod] = dict(w=w, g=g, w_ok=w_ok, g_ok=g_ok)
-        steps += [w["step"]] if w_ok else []
-    score = int(any(m["w_ok"] and m["g_ok"] for m in out.values())) if out else None
-    return out, score, steps
-
-
 def jump(x, y, th, chance=None):
     """The largest rise after a plateau: the median of `plateau` windows (flat, within `near` of chance when
     chance is given) to the median of the `plateau` windows after the next `within`. -> dict(step, rise,
@@ -239,48 +219,44 @@ def jump(x, y, th, chance=None):
     return dict(step=float(x[k]), rise=float(rise[i]), plateau=float(pre[i]))
 
 
-def transition(run, th, drops, probe):
-    """-> (dict(jump, support, kind), 0/1 score). kind: 'transition', 'jump without PER drop' (none within
-    `probes` probes of the jump) or 'no transition' (no rise >= `rise` after a plateau)."""
-    x, y = series(run, "acc_query_post")
-    if len(y) < 2 * th["plateau"] + th["within"]:
-        return None, None
-    j = jump(x, y, th, 1 / run["config"]["args"].get("n_way", 32))
-    s = jump(*series(run, "acc_support_post"), th)
-    big = bool(j and j["rise"] >= th["rise"])
-    near = bool(big and any(abs(j["step"] - d) <= th["probes"] * probe for d in drops))
-    kind = "transition" if near else "jump without PER drop" if big else "no transition"
-    return dict(jump=j, support=s, kind=kind), int(near)
-
-
 def shape_metrics(c, maml, van, th):
     """The numbers of (iii) and (iv), into c: they alone depend on the thresholds th."""
-    # (iii) diversify-then-compress
-    score = {}
+    # (iii) per attention matrix: its steepest weight-PER drop and its gradient-PER dip
+    drops = {}
     for tag, run in (("maml", maml), ("vanilla", van)):
-        mods, score[tag], drops = compress(run, th)
-        for mod, m in mods.items():
-            for k, v in (("drop_step", m["w"] and m["w"]["step"]), ("fall", m["w"] and m["w"]["fall"]),
-                         ("z", m["w"] and m["w"]["z"]), ("weight_drop", m["w_ok"]),
-                         ("grad_dip", m["g"] and m["g"]["dip"]), ("grad_dip_step", m["g"] and m["g"]["step"]),
-                         ("grad_dips", m["g_ok"])):
+        mods, drops[tag], both = attn_modules(run) if run else [], [], []
+        for mod in mods:
+            w = weight_drop(*mean_per(run, "weight", mod)) or {}
+            g = grad_dip(*mean_per(run, "grad", mod)) or {}
+            w_ok = bool(w and w["decline"] and w["fall"] >= th["fall"] and w["z"] >= th["z"])
+            g_ok = bool(g and g["dip"] >= th["fall"])
+            for k, v in dict(drop_step=w.get("step"), fall=w.get("fall"), z=w.get("z"), weight_drop=w_ok,
+                             grad_dip=g.get("dip"), grad_dip_step=g.get("step"), grad_dips=g_ok).items():
                 c[f"per_{k}_{tag}/{mod}"] = v
-        c[f"compress_{tag}"] = score[tag]
-        c[f"weight_drop_{tag}"] = int(any(m["w_ok"] for m in mods.values())) if mods else None
+            drops[tag] += [w["step"]] if w_ok else []
+            both.append(w_ok and g_ok)
+        c[f"compress_{tag}"] = int(any(both)) if mods else None
+        c[f"weight_drop_{tag}"] = int(bool(drops[tag])) if mods else None
         x, e = series(run, "attn_entropy_mean")
         c[f"entropy_first_{tag}"], c[f"entropy_last_{tag}"] = (e[0], e[-1]) if len(e) else (None, None)
-        if tag == "maml":
-            maml_drops = drops
-    c["compress_diff"] = None if score["maml"] is None else score["maml"] - (c["weight_drop_vanilla"] or 0)
-    # (iv) phase transition
+    score = c["compress_maml"]
+    c["compress_diff"] = None if score is None else score - (c["weight_drop_vanilla"] or 0)
+    # (iv) kind: 'transition', 'jump without PER drop' (no MAML weight drop within `probes` probes of the
+    # jump) or 'no transition' (no rise >= `rise` after a plateau); None: too few windows for the rule
     xs = mean_per(maml, "weight", attn_modules(maml)[0])[0] if maml and attn_modules(maml) else []
     probe = float(np.median(np.diff(xs))) if len(xs) > 1 else 0.0
-    t, c["transition"] = transition(maml, th, maml_drops, probe) if maml else (None, None)
-    c["transition_kind"] = t and t["kind"]
-    for part in ("jump", "support"):
-        j = t and t[part]
+    x, y = series(maml, "acc_query_post")
+    j = s = c["transition"] = c["transition_kind"] = None
+    if len(y) >= 2 * th["plateau"] + th["within"]:
+        j = jump(x, y, th, 1 / maml["config"]["args"].get("n_way", 32))
+        s = jump(*series(maml, "acc_support_post"), th)
+        big = bool(j and j["rise"] >= th["rise"])
+        near = bool(big and any(abs(j["step"] - d) <= th["probes"] * probe for d in drops["maml"]))
+        c["transition"] = int(near)
+        c["transition_kind"] = "transition" if near else "jump without PER drop" if big else "no transition"
+    for part, d in (("jump", j), ("support", s)):
         for k in ("step", "rise", "plateau"):
-            c[f"{part}_{k}"] = j and j[k]
+            c[f"{part}_{k}"] = d and d[k]
     c["acc_query_post_last"] = last(maml, "acc_query_post")
     c["chance"] = maml and 1 / maml["config"]["args"].get("n_way", 32)
     return c
@@ -292,7 +268,7 @@ def shape_metrics(c, maml, van, th):
 def metrics(maml, van, ner_rows, th=THRESHOLDS):
     c = dict(run_maml=maml and maml["path"], run_vanilla=van and van["path"])
     for name, x, metric, label in SPEEDUPS:
-        sp = speedup(*curve(van, x, metric), *curve(maml, x, metric)) if maml and van else None
+        sp = speedup(*series(van, "loss_ar", x), *series(maml, metric, x)) if maml and van else None
         c[f"speedup_{name}"], c[f"speedup_{name}_max"] = sp and sp["at_final"], sp and sp["max"]
         c[f"speedup_{name}_reached"] = sp and sp["reached"]
         c[f"speedup_{name}_direction"] = sp and (
@@ -324,11 +300,10 @@ def metrics(maml, van, ner_rows, th=THRESHOLDS):
         for tag, run in (("maml", maml), ("vanilla", van)):
             c[f"{k}_{tag}"] = next((r[k] for r in run["rows"] if r["step"] == c["fewshot_step"] and k in r),
                                    None) if run and common else None
-    for name, k in (("fewshot_mask_diff", "eval_proto_acc_mask"),
-                    ("fewshot_prev_diff", "eval_proto_acc_prev"),
-                    ("eval_fewshot_acc_diff", "eval_fewshot_acc")):
+    for d, k in (("fewshot_mask_diff", "eval_proto_acc_mask"), ("fewshot_prev_diff", "eval_proto_acc_prev"),
+                 ("eval_fewshot_acc_diff", "eval_fewshot_acc")):
         a, b = c[f"{k}_maml"], c[f"{k}_vanilla"]
-        c[name] = a - b if a is not None and b is not None else None
+        c[d] = a - b if a is not None and b is not None else None
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in c.items()}
 
 
@@ -473,10 +448,12 @@ def shows(c, cid):
 
 
 def split_arms(paths, vanilla):
-    """-> (MAML runs, vanilla runs). Without --vanilla the hybrid ratio sorts them (0: vanilla)."""
+    """-> (MAML runs, vanilla runs); without --vanilla the hybrid ratio sorts them (0: vanilla). A UserError
+    for a run in the wrong arm, an arm of several runs without the other, or the runs of an arm that differ
+    in a training flag (not seed, folders, logging)."""
     runs, vans = [load_run(p) for p in paths], [load_run(p) for p in vanilla or []]
     if vanilla is None:
-        return [r for r in runs if not r["vanilla"]], [r for r in runs if r["vanilla"]]
+        runs, vans = [r for r in runs if not r["vanilla"]], [r for r in runs if r["vanilla"]]
     for r in runs:
         if r["vanilla"]:
             raise UserError(f"{r['path']} is a vanilla run (--hybrid_ratio 0); list it after --vanilla")
@@ -484,100 +461,30 @@ def split_arms(paths, vanilla):
         if not r["vanilla"]:
             raise UserError(f"{r['path']} (after --vanilla) has --hybrid_ratio {r['ratio']}; list MAML runs "
                             "before --vanilla and their --hybrid_ratio 0 twins after it")
+    if len(runs) > 1 or len(vans) > 1:
+        if not (runs and vans):
+            raise UserError(f"{len(runs or vans)} {'MAML' if runs else 'vanilla'} runs and no "
+                            f"{'vanilla' if runs else 'MAML'} run: give the MAML runs, then --vanilla and "
+                            "their --hybrid_ratio 0 twins (the same seeds)")
+        free = "seed out_dir data_dir resume overwrite wandb save_every device compile".split()
+        for arm, group in (("MAML", runs), ("vanilla", vans)):
+            same({r["path"]: {k: v for k, v in r["config"]["args"].items() if k not in free} for r in group},
+                 f"the {arm} runs differ in --{{k}} ({{vals}}); the runs of an arm may differ only in "
+                 "--seed: give runs made with the same flags")
     return runs, vans
+
+
+def same(settings, message):
+    """A UserError (message, formatted with k and vals) for the first key whose value differs between the
+    {folder: {key: value}} of settings."""
+    for k in sorted({k for s in settings.values() for k in s}):
+        vals = {d: s.get(k) for d, s in settings.items()}
+        if len({json.dumps(v, sort_keys=True) for v in vals.values()}) > 1:
+            raise UserError(message.format(k=k, vals=", ".join(f"{d}: {v}" for d, v in vals.items())))
 
 
 def seed_of(run):
     return run["config"]["args"].get("seed")
-
-
-def check_arm(runs, arm):
-    """UserError naming the first training flag (not seed, folders, logging) that differs within an arm."""
-    free = {"seed", "out_dir", "data_dir", "resume", "overwrite", "wandb", "save_every", "device", "compile"}
-    for k in sorted({k for r in runs for k in r["config"]["args"]} - free):
-        vals = {r["path"]: r["config"]["args"].get(k) for r in runs}
-        if len({json.dumps(v) for v in vals.values()}) > 1:
-            raise UserError(f"the {arm} runs differ in --{k} ("
-                            + ", ".join(f"{p}: {v}" for p, v in vals.items())
-                            + "); the runs of an arm may differ only in --seed: give runs made with the same "
-                            "flags")
-
-
-def analyze(paths, out, ner=None, vanilla=None, draw=True):
-    """paths: MAML run folders (both arms when vanilla is None); vanilla: their twins; ner: grid folder(s)."""
-    mamls, vans = split_arms(paths, vanilla)
-    grids = [ner] if isinstance(ner, str) else list(ner or [])
-    ner_rows = load_grids(grids) or None
-    if len(mamls) > 1 or len(vans) > 1:
-        if not (mamls and vans):
-            raise UserError(f"{len(mamls or vans)} {'MAML' if mamls else 'vanilla'} runs and no "
-                            f"{'vanilla' if mamls else 'MAML'} run: give the MAML runs, then --vanilla and "
-                            "their --hybrid_ratio 0 twins (the same seeds)")
-        check_arm(mamls, "MAML")
-        check_arm(vans, "vanilla")
-    if mamls and vans:
-        pairs, notes = pair_by_seed(mamls, vans, seed_of, lambda r: r["path"])
-    else:
-        pairs, notes = [(seed_of((mamls or vans)[0]), mamls[0] if mamls else None,
-                         vans[0] if vans else None)], []
-    for n in notes:
-        print(f"note: {n}")
-    per = [metrics(m, v, ner_rows) for _, m, v in pairs]
-    c = summarize(per)
-    c.update(per[0] if len(per) == 1 else {})  # one pair: its exact values (not a geometric mean of one)
-    rows = []
-    for claim in CLAIMS:
-        kind, why, test = verdict(claim, per)
-        c.update({f"verdict_{claim['id']}_ruler": None} if claim.get("shape") else {})
-        if claim.get("shape") and kind in ("holds", "does not hold"):
-            kind, words = ruler(claim, pairs, kind)
-            why += f"; {words}"
-            c[f"verdict_{claim['id']}_ruler"] = words
-        c[f"verdict_{claim['id']}"] = kind
-        c[f"{claim['key']}_p"], c[f"{claim['key']}_p_opposite"] = test["p"], test["p_opposite"]
-        rows.append((claim, kind, why))
-    for claim, p in zip(CLAIMS, holm([c[f"{cl['key']}_p"] for cl in CLAIMS])):
-        c[f"{claim['key']}_p_holm"] = p
-    seeds = [s for s, _, _ in pairs]
-    c.update(n_pairs=len(pairs) if pairs[0][1] and pairs[0][2] else 0, seeds=seeds, left_out=notes,
-             ner_grids=grids, speedup_words=speedup_words(c), thresholds=THRESHOLDS, threshold_ranges=RANGES)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "claims.json"), "w") as f:
-        json.dump(c, f, indent=1)
-    runs = mamls + vans
-    made = figures(runs, out, c) if draw else []
-    what = (f"{len(pairs)} pairs by seed ({', '.join(map(str, seeds))})" if len(pairs) > 1 else
-            " vs ".join(r["name"] for r in pairs[0][1:] if r))
-    md = ["## Claims", "", what + (f"; NER grid {', '.join(grids)}" if grids else "") + (
-          f". Verdicts: exact sign-flip test, one-sided, p < {P_LEVEL}; 95 % t-intervals" if len(pairs) > 1
-          else ". One pair: each claim's one-pair rule, no test") + ". Rules: CLAIMS in analyze.py.", ""]
-    md += [f"Note: {n}." for n in notes] + ([""] if notes else [])
-    md += ["| claim | paper | these runs | verdict |", "|---|---|---|---|"]
-    md += [f"| {cl['name']} | {cl['paper']} | {shows(c, cl['id'])} | **{kind}**: {why} |"
-           for cl, kind, why in rows]
-    md += ["", "| claim | number | rule | p | Holm p |", "|---|---|---|---|---|"]
-    md += [f"| {cl['name']} | `{cl['key']}` | {cl['rule']} | {fmt(c[cl['key'] + '_p'], 4)} | "
-           f"{fmt(c[cl['key'] + '_p_holm'], 4)} |" for cl, _, _ in rows]
-    if len(pairs) > 1:
-        md += ["", "| number | mean | 95 % interval | per seed |", "|---|---|---|---|"]
-        for cl in CLAIMS:
-            k = cl["key"]
-            ci = c.get(f"{k}_ci95")
-            md.append(f"| `{k}` | {fmt(c.get(k), 4)} | {'-' if not ci else f'[{ci[0]:.4g}, {ci[1]:.4g}]'} | "
-                      + ", ".join(fmt(v, 4) for v in c[f"{k}_per_seed"]) + " |")
-    runs_md = ["| run | seed | rho | steps | AR loss (last window) | eval ppl | query acc post (last) |",
-               "|---|---|---|---|---|---|---|"]
-    runs_md += [f"| {r['name']} | {r['config']['args'].get('seed')} | {r['ratio']} | {r['rows'][-1]['step']} "
-                f"| {fmt(last(r, 'loss_ar'))} | {fmt(last(r, 'eval_ppl'), 1)} | "
-                f"{fmt(last(r, 'acc_query_post'))} |"
-                for r in runs]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(["# maml-gpt analysis", ""] + md + ["", "## Runs", ""] + runs_md
-                          + ["", "## Figures", ""] + [f"![{m}]({m})" for m in made]) + "\n")
-    print("\n".join(md + [""] + runs_md))
-    print(f"speed-up per step: {speedup_words(c)}")
-    print(f"report: {os.path.join(out, 'report.md')} ({len(made)} figures), claims.json beside it")
-    return dict(claims=c, per_pair=per, pairs=pairs)
 
 
 def load_grids(dirs):
@@ -592,11 +499,77 @@ def load_grids(dirs):
             rows += list(csv.DictReader(f))
         if os.path.exists(os.path.join(d, "grid.json")):
             settings[d] = json.load(open(os.path.join(d, "grid.json")))
-    if len({json.dumps(v, sort_keys=True) for v in settings.values()}) > 1:
-        raise UserError("the NER grids were fine-tuned with different settings ("
-                        + "; ".join(f"{d}: {v}" for d, v in settings.items())
-                        + "); give grids made with the same `finetune_ner.py --sweep` flags")
+    same(settings, "the NER grids were fine-tuned with different settings ({k}: {vals}); give grids made "
+         "with the same `finetune_ner.py --sweep` flags")
     return rows
+
+
+def analyze(paths, out, ner=None, vanilla=None, draw=True):
+    """paths: MAML run folders (both arms when vanilla is None); vanilla: their twins; ner: grid folder(s)."""
+    mamls, vans = split_arms(paths, vanilla)
+    grids = [ner] if isinstance(ner, str) else list(ner or [])
+    ner_rows = load_grids(grids) or None
+    if mamls and vans:
+        pairs, notes = pair_by_seed(mamls, vans, seed_of, lambda r: r["path"])
+    else:
+        pairs, notes = [(seed_of((mamls or vans)[0]), (mamls or [None])[0], (vans or [None])[0])], []
+    for n in notes:
+        print(f"note: {n}")
+    per = [metrics(m, v, ner_rows) for _, m, v in pairs]
+    c = summarize(per)
+    c.update(per[0] if len(per) == 1 else {})  # one pair: its exact values (not a geometric mean of one)
+    rows, keys = [], [cl["key"] for cl in CLAIMS]
+    for claim in CLAIMS:
+        kind, why, test = verdict(claim, per)
+        if claim.get("shape"):  # a verdict must also stand over the threshold ranges
+            kind, words = ruler(claim, pairs, kind) if kind in ("holds", "does not hold") else (kind, None)
+            why += f"; {words}" if words else ""
+            c[f"verdict_{claim['id']}_ruler"] = words
+        c[f"verdict_{claim['id']}"] = kind
+        c[f"{claim['key']}_p"], c[f"{claim['key']}_p_opposite"] = test["p"], test["p_opposite"]
+        rows.append((claim, f"**{kind}**: {why}"))
+    for k, p in zip(keys, holm([c[f"{k}_p"] for k in keys])):
+        c[f"{k}_p_holm"] = p
+    seeds = [s for s, _, _ in pairs]
+    c.update(n_pairs=len(pairs) if pairs[0][1] and pairs[0][2] else 0, seeds=seeds, left_out=notes,
+             ner_grids=grids, speedup_words=speedup_words(c), thresholds=THRESHOLDS, threshold_ranges=RANGES)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "claims.json"), "w") as f:
+        json.dump(c, f, indent=1)
+    runs = mamls + vans
+    made = figures(runs, out, c) if draw else []
+    what = (f"{len(pairs)} pairs by seed ({', '.join(map(str, seeds))})" if len(pairs) > 1 else
+            " vs ".join(r["name"] for r in pairs[0][1:] if r))
+    md = ["## Claims", "", what + (f"; NER grid {', '.join(grids)}" if grids else "") + (
+          f". Verdicts: exact sign-flip test, one-sided, p < {P_LEVEL}; 95 % t-intervals" if len(pairs) > 1
+          else ". One pair: each claim's one-pair rule, no test") + ". Rules: CLAIMS in analyze.py.", ""]
+    md += [f"Note: {n}." for n in notes] + ([""] if notes else [])
+    md += table("claim | paper | these runs | verdict",
+                [(cl["name"], cl["paper"], shows(c, cl["id"]), v) for cl, v in rows])
+    md += [""] + table("claim | number | rule | p | Holm p",
+                       [(cl["name"], f"`{k}`", cl["rule"], fmt(c[f"{k}_p"], 4), fmt(c[f"{k}_p_holm"], 4))
+                        for cl, k in zip(CLAIMS, keys)])
+    if len(pairs) > 1:
+        ci = {k: c.get(f"{k}_ci95") for k in keys}
+        md += [""] + table("number | mean | 95 % interval | per seed", [
+            (f"`{k}`", fmt(c.get(k), 4), "[{:.4g}, {:.4g}]".format(*ci[k]) if ci[k] else "-",
+             ", ".join(fmt(v, 4) for v in c[f"{k}_per_seed"])) for k in keys])
+    runs_md = table("run | seed | rho | steps | AR loss (last window) | eval ppl | query acc post (last)", [
+        (r["name"], seed_of(r), r["ratio"], r["rows"][-1]["step"], fmt(last(r, "loss_ar")),
+         fmt(last(r, "eval_ppl"), 1), fmt(last(r, "acc_query_post"))) for r in runs])
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(["# maml-gpt analysis", ""] + md + ["", "## Runs", ""] + runs_md
+                          + ["", "## Figures", ""] + [f"![{m}]({m})" for m in made]) + "\n")
+    print("\n".join(md + [""] + runs_md))
+    print(f"speed-up per step: {speedup_words(c)}")
+    print(f"report: {os.path.join(out, 'report.md')} ({len(made)} figures), claims.json beside it")
+    return dict(claims=c, per_pair=per, pairs=pairs)
+
+
+def table(head, rows):
+    """A markdown table: its header ("a | b"), then the cells of each row."""
+    return [f"| {head} |", "|---" * (head.count("|") + 1) + "|"] + ["| " + " | ".join(map(str, r)) + " |"
+                                                                      for r in rows]
 
 
 def fmt(v, nd=3):
@@ -606,21 +579,22 @@ def fmt(v, nd=3):
 # ------------------------------------------------------------------------------------------------------------
 # Figures: an arm of several seeds is drawn as its mean with a +-1 sd band and a thin line per seed.
 
-def band(ax, curves, label, color=None, ls="-"):
-    """[(x, y)] of one curve over seeds: the mean on the x values all share, a band, a thin line each."""
-    curves = [(x, y) for x, y in curves if len(x)]
+def band(ax, runs, key, label, x="step", k=1, color=None, ls="-"):
+    """`key` of the runs of one arm (smoothed over k log points): the mean on the x values all share, a band,
+    a thin line each; -> its color."""
+    curves = [(xs, smooth(ys, k)) for xs, ys in (series(r, key, x) for r in runs) if len(xs)]
     if len(curves) < 2:
         return ax.plot(*curves[0], ls=ls, color=color, label=label)[0].get_color() if curves else color
-    common = np.array(sorted(set.intersection(*(set(x.tolist()) for x, _ in curves))))
+    common = np.array(sorted(set.intersection(*(set(xs.tolist()) for xs, _ in curves))))
     common = common if len(common) else curves[0][0]
-    ys = np.array([np.interp(common, x, y) for x, y in curves])  # (seeds, points)
+    ys = np.array([np.interp(common, xs, y) for xs, y in curves])  # (seeds, points)
     mean, sd = ys.mean(0), ys.std(0, ddof=1)
     color = ax.plot(common, mean, ls=ls, color=color, label=f"{label} (mean of {len(ys)}, band +-1 sd)")[0] \
         .get_color()
     ax.fill_between(common, np.maximum(mean - sd, ys.min(0)), np.minimum(mean + sd, ys.max(0)), color=color,
                     alpha=0.2, lw=0)
-    for x, y in curves:
-        ax.plot(x, y, ls=ls, lw=0.5, alpha=0.4, color=color)
+    for xs, y in curves:
+        ax.plot(xs, y, ls=ls, lw=0.5, alpha=0.4, color=color)
     return color
 
 
@@ -631,25 +605,27 @@ def arms(runs):
     return [(g[0]["name"] if len(g) == 1 else f"rho={rho}, {len(g)} seeds", g) for rho, g in groups.items()]
 
 
-def titled(ax, titles, xlabels, fontsize=7):
-    for a, t, xl in zip(ax, titles, xlabels):
-        a.set(title=t, xlabel=xl)
-        a.legend(fontsize=fontsize) if a.get_legend_handles_labels()[0] else None
+def titled(fig, titles, xlabel, fontsize=7, ncol=1):
+    """Every figure's finish: a title and legend per axis, one x label; -> fig."""
+    for a, t in zip(fig.axes, titles):
+        a.set(title=t, xlabel=xlabel)
+        a.legend(fontsize=fontsize, ncol=ncol) if a.get_legend_handles_labels()[0] else None
+    return fig
 
 
 def figures(runs, out, c):
     """Every figure these runs support, as PNGs in `out`; -> their file names."""
     plt, made = pyplot(), []
-    todo = [("loss.png", figure_loss), ("speedup.png", figure_speedup), ("meta.png", figure_meta)]
-    todo += [(f"{kind}_{r['name']}.png", lambda plt, runs, c, r=r, fig=fig: fig(plt, r))
-             for r in runs for kind, fig in (("per", figure_per), ("entropy", figure_entropy))]
-    for name, draw in todo:
-        fig = draw(plt, runs, c)
+    todo = [("loss", figure_loss, runs), ("speedup", figure_speedup, runs), ("meta", figure_meta, runs)]
+    todo += [(f"{kind}_{r['name']}", fig, r) for r in runs for kind, fig in (("per", figure_per),
+                                                                              ("entropy", figure_entropy))]
+    for name, draw, arg in todo:
+        fig = draw(plt, arg, c)
         if fig is not None:
             fig.tight_layout()
-            fig.savefig(os.path.join(out, name), dpi=110)
+            fig.savefig(os.path.join(out, f"{name}.png"), dpi=110)
             plt.close(fig)
-            made.append(name)
+            made.append(f"{name}.png")
     return made
 
 
@@ -658,14 +634,14 @@ def figure_loss(plt, runs, c):
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     for name, group in arms(runs):
         for a, axis in zip(ax[:2], ("step", "tokens")):
-            color = band(a, [(x, smooth(y)) for x, y in (series(r, "loss_ar", axis) for r in group)], name)
+            color = band(a, group, "loss_ar", name, axis, k=5)
         if not group[0]["vanilla"]:
-            band(ax[0], [(x, smooth(y)) for x, y in (series(r, "loss_mixed") for r in group)],
-                 f"{name} mixed", color, "--")
-        band(ax[2], [series(r, "eval_ppl") for r in group], name)
-    titled(ax, ("loss vs step: AR (solid), mixed train/loss (dashed)", "AR loss vs tokens", "eval perplexity"),
-           ("optimizer step", "backbone tokens (AR + meta)", "step"))
+            band(ax[0], group, "loss_mixed", f"{name} mixed", k=5, color=color, ls="--")
+        band(ax[2], group, "eval_ppl", name)
     ax[2].set_yscale("log")
+    titled(fig, ("loss vs step: AR (solid), mixed train/loss (dashed)", "AR loss vs tokens",
+                 "eval perplexity"), "optimizer step")
+    ax[1].set(xlabel="backbone tokens (AR + meta)")
     return fig
 
 
@@ -677,15 +653,14 @@ def figure_speedup(plt, runs, c):
     fig, ax = plt.subplots(figsize=(6, 4))
     for n, (name, x, metric, label) in enumerate(SPEEDUPS):
         for i, (_, m, v) in enumerate(pair_by_seed(mamls, vans, seed_of, lambda r: r["path"])[0]):
-            sp = speedup(*curve(v, x, metric), *curve(m, x, metric))
+            sp = speedup(*series(v, "loss_ar", x), *series(m, metric, x))
             if sp:
                 ax.plot(sp["levels"], sp["ratios"], ls="--" if "mixed" in name else "-", lw=1 if i else 1.5,
                         color=f"C{n}", label=None if i else label)
     ax.axhline(1, color="grey", lw=0.8)
     ax.invert_xaxis()
     ax.set(ylabel="x sooner (vanilla / MAML)")
-    titled([ax], ["reaches the same loss N x sooner"], ["loss level (of the curve's own metric)"])
-    return fig
+    return titled(fig, ["reaches the same loss N x sooner"], "loss level (of the curve's own metric)")
 
 
 def figure_meta(plt, runs, c):
@@ -697,23 +672,22 @@ def figure_meta(plt, runs, c):
     for name, group in arms(meta):
         for key, style in (("acc_support_pre", ":"), ("acc_support_post", "-"), ("acc_query_pre", "--"),
                            ("acc_query_post", "-")):
-            band(ax[0 if "support" in key else 1], [series(r, key) for r in group], f"{name} {key}", ls=style)
+            band(ax[0 if "support" in key else 1], group, key, f"{name} {key}", ls=style)
         n_way = group[0]["config"]["args"].get("n_way", 32)
         for a in ax[:2]:
             a.axhline(1 / n_way, color="grey", lw=0.8, label=f"chance 1/{n_way}")
     for name, group in arms(runs):
         for key, style in (("eval_proto_acc_mask", "-"), ("eval_proto_acc_prev", "--"),
                            ("eval_fewshot_acc", ":")):
-            band(ax[2], [series(r, key) for r in group], f"{name} {key}", ls=style)
+            band(ax[2], group, key, f"{name} {key}", ls=style)
     if c.get("jump_step"):
         ax[1].axvline(c["jump_step"], color="red", lw=0.8, ls="--",
                       label=f"largest rise after a plateau (+{c['jump_rise']:.2f})")
-    titled(ax, ("support accuracy (pre / post adaptation)", "query accuracy (pre / post)",
-                "held-out few-shot eval"), ["optimizer step"] * 3, 6)
-    return fig
+    return titled(fig, ("support accuracy (pre / post adaptation)", "query accuracy (pre / post)",
+                        "held-out few-shot eval"), "optimizer step", 6)
 
 
-def figure_per(plt, run):
+def figure_per(plt, run, c):
     """PER of weights and gradients per attention matrix (mean over layers, raw probes), the steepest
     weight-PER drop marked, and the released code's all-attention variant."""
     if not attn_modules(run):
@@ -727,32 +701,26 @@ def figure_per(plt, run):
             if w and w["fall"] >= THRESHOLDS["fall"]:
                 a.axvline(w["step"], color=color, ls="--", lw=0.8, label=f"steepest drop ({mod})")
         a.plot(*series(run, f"ref/per_{kind}_attn"), color="grey", lw=1, label="released code's (all attn)")
-    titled(ax, [f"PER of {kind}s ({run['name']})" for kind in ("weight", "grad")], ["step"] * 2)
-    return fig
+    return titled(fig, [f"PER of {kind}s ({run['name']})" for kind in ("weight", "grad")], "step")
 
 
-def figure_entropy(plt, run):
+def figure_entropy(plt, run, c):
     """Mean attention entropy per layer over training (nats)."""
     rows = [r for r in run["rows"] if "attn_entropy" in r]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.8))
     ent = np.array([np.mean(r["attn_entropy"], axis=1) for r in rows])  # (probes, layers)
-    for layer in range(ent.shape[1]):
-        ax.plot([r["step"] for r in rows], ent[:, layer], label=f"L{layer}")
-    ax.set(title=f"mean head entropy per layer ({run['name']})", xlabel="step", ylabel="nats")
-    ax.legend(fontsize=6, ncol=2)
-    return fig
+    ax.plot([r["step"] for r in rows], ent, label=[f"L{layer}" for layer in range(ent.shape[1])])
+    ax.set(ylabel="nats")
+    return titled(fig, [f"mean head entropy per layer ({run['name']})"], "step", 6, ncol=2)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Claims table, figures, report.md and claims.json from "
-                                "maml_gpt.py runs: MAML runs and their --hybrid_ratio 0 twins, paired by "
-                                "seed.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", help="the MAML runs (with --vanilla), or a MAML run and its vanilla "
                    "twin (default: out/demo and, if present, out/demo-vanilla)")
-    p.add_argument("--vanilla", nargs="+", metavar="VANILLA_RUN",
-                   help="the vanilla runs (--hybrid_ratio 0), paired with the MAML runs by --seed")
+    p.add_argument("--vanilla", nargs="+", metavar="VANILLA_RUN", help="the --hybrid_ratio 0 runs")
     p.add_argument("--out", help="output folder (default: FIRST_RUN/analysis)")
     p.add_argument("--ner", nargs="+", metavar="GRID_DIR", help="output folder(s) of `finetune_ner.py "
                    "--sweep` (default: RUN/ner-grid of every run that has one)")
