@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import os
+import pathlib
 import time
 import urllib.error
 import urllib.request
@@ -53,6 +54,13 @@ def pyplot():
     return plt
 
 
+def write_atomic(path, data):
+    """`data` (str or bytes) to `path` through maml_gpt.write_atomically: a kill mid-write leaves the previous
+    file whole."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    write_atomically(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Data: UNER .iob2 files (downloaded and cached, or local), or the toy world's tagged sentences
 
@@ -61,8 +69,8 @@ def read_iob2(path):
     annotator), blank lines between sentences. *OTH* tags and B-O become O."""
     sents, words, tags = [], [], []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip("\r")
+        for n, line in enumerate([*f, ""], 1):  # the blank line added at the end closes the last sentence
+            line = line.rstrip("\r\n")
             if line.startswith("#"):
                 continue
             if not line.strip():
@@ -80,14 +88,11 @@ def read_iob2(path):
                 raise UserError(f"{path}:{n}: unknown tag {cols[2]!r}; expected one of {', '.join(LABELS)}")
             words.append(cols[1])
             tags.append(tag)
-    if words:
-        sents.append((words, tags))
     return sents
 
 
 def uner_file(cfg, split, data_dir, cache_dir):
-    """Path of <cfg>-ud-<split>.iob2: in --data_dir if given, else cached, else downloaded (None if
-    absent)."""
+    """Path of <cfg>-ud-<split>.iob2: in --data_dir if given, else cached, else downloaded; None if absent."""
     name = f"{cfg}-ud-{split}.iob2"
     if data_dir:
         p = os.path.join(data_dir, name)
@@ -108,43 +113,39 @@ def uner_file(cfg, split, data_dir, cache_dir):
         raise UserError(f"cannot download {name} from GitHub ({e}). Offline, run without --train_on "
                         "(the toy NER set) or pass --data_dir with local UNER .iob2 files")
     os.makedirs(cache_dir, exist_ok=True)
-    write_atomic(p, body, mode="wb")
+    write_atomic(p, body)
     return p
 
 
 def load_splits(args):
     """-> dict(train, dev, test: {name: sentences}) for args.train_on."""
+    n, n_dev = args.toy_sentences, args.toy_sentences // 4
     if args.train_on == "toy":
-        data = toyworld.ner_sentences(seed=1337, n=args.toy_sentences + 2 * args.toy_sentences // 4)
-        n_dev = args.toy_sentences // 4
-        return dict(train=data[:args.toy_sentences], dev=data[args.toy_sentences:args.toy_sentences + n_dev],
-                    test={"toy": data[args.toy_sentences + n_dev:],  # unseen sentences; then unseen names
+        data = toyworld.ner_sentences(seed=1337, n=n + 2 * n // 4)
+        return dict(train=data[:n], dev=data[n:n + n_dev],
+                    test={"toy": data[n + n_dev:],  # unseen sentences; then unseen names
                           "toy_heldout": toyworld.ner_sentences(seed=1337, n=n_dev, heldout=True)})
-    cfgs = list(TRAIN_CONFIGS) if args.train_on == "all" else [args.train_on]
     if args.train_on not in TRAIN_CONFIGS and args.train_on != "all":
-        raise UserError(f"--train_on {args.train_on!r}: "
-                        f"choose toy, all, or one of {', '.join(TRAIN_CONFIGS)}")
+        raise UserError(f"--train_on {args.train_on!r}: choose toy, all, or one of "
+                        f"{', '.join(TRAIN_CONFIGS)}")
+    cfgs = list(TRAIN_CONFIGS) if args.train_on == "all" else [args.train_on]
 
     def read(cfg, split):
         p = uner_file(cfg, split, args.data_dir, args.cache_dir)
-        return read_iob2(p) if p else None
+        return read_iob2(p) if p else []
 
     train, dev = [], []
     for cfg in cfgs:
-        tr, dv = read(cfg, "train"), read(cfg, "dev")
-        if tr is None or dv is None:
-            raise UserError(f"{cfg}: no {'train' if tr is None else 'dev'} split found"
-                            f"{' in ' + args.data_dir if args.data_dir else ''}")
-        train += tr
-        dev += dv
-    test = {}  # in-language test sets first, then every other available one (zero-shot)
-    for cfg in cfgs + [c for c in list(TRAIN_CONFIGS) + list(TEST_CONFIGS) if c not in cfgs]:
-        sents = read(cfg, "test")
-        if sents:
-            test[cfg] = sents
-    if args.max_train_sentences:
-        train = train[:args.max_train_sentences]
-    return dict(train=train, dev=dev, test=test)
+        for split, into in (("train", train), ("dev", dev)):
+            got = read(cfg, split)
+            if not got:
+                raise UserError(f"{cfg}: no {split} split found"
+                                f"{' in ' + args.data_dir if args.data_dir else ''}")
+            into += got
+    # in-language test sets first, then every other available one (zero-shot)
+    test = {cfg: sents for cfg in dict.fromkeys(cfgs + list(TRAIN_CONFIGS) + list(TEST_CONFIGS))
+            if (sents := read(cfg, "test"))}
+    return dict(train=train[:args.max_train_sentences or None], dev=dev, test=test)
 
 
 def encode(sentences, max_len=128):
@@ -168,19 +169,16 @@ def encode(sentences, max_len=128):
     return out, truncated
 
 
-def batches(items, batch_size, shuffle_rng=None):
-    """Right-padded (EOT) batches: x (B, T), y (B, T) with -100 on padding. Right padding is safe for a causal
-    model: no real position attends to the pads."""
-    order = shuffle_rng.permutation(len(items)) if shuffle_rng is not None else np.arange(len(items))
-    for i in range(0, len(order), batch_size):
-        chunk = [items[j] for j in order[i:i + batch_size]]
-        T = max(len(c[0]) for c in chunk)
-        x = torch.full((len(chunk), T), EOT_ID, dtype=torch.long)
-        y = torch.full((len(chunk), T), -100, dtype=torch.long)
-        for b, (ids, labels, _) in enumerate(chunk):
-            x[b, :len(ids)] = torch.tensor(ids)
-            y[b, :len(labels)] = torch.tensor(labels)
-        yield x, y, chunk
+def pad(items):
+    """encode() items -> a right-padded (EOT) batch: x (B, T), y (B, T) with -100 on padding. Right padding is
+    safe for a causal model: no real position attends to the pads."""
+    T = max(len(ids) for ids, _, _ in items)
+    x = torch.full((len(items), T), EOT_ID, dtype=torch.long)
+    y = torch.full((len(items), T), -100, dtype=torch.long)
+    for b, (ids, labels, _) in enumerate(items):
+        x[b, :len(ids)] = torch.tensor(ids)
+        y[b, :len(labels)] = torch.tensor(labels)
+    return x, y
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -227,27 +225,20 @@ def entity_f1(gold, pred):
 # Fine-tuning
 
 def features(model, items, batch_size, device):
-    """Hidden states of the frozen backbone at each word's first sub-token: list of (n_words, d) tensors."""
+    """Hidden states (no gradient) at each word's first sub-token: list of (n_words, d) tensors."""
     out = []
     with torch.no_grad():
-        for x, _, chunk in batches(items, batch_size):
-            h = model(x.to(device), return_hidden=True).float()  # (B, T, d)
-            out += [h[b, c[2]].cpu() for b, c in enumerate(chunk)]
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            h = model(pad(chunk)[0].to(device), return_hidden=True).float()  # (B, T, d)
+            out += [h[b, first].cpu() for b, (_, _, first) in enumerate(chunk)]
     return out
 
 
-def predict(model, clf, items, batch_size, device, feats=None):
-    """Predicted tag sequences (truncated words predicted O)."""
-    preds = []
+def predict(clf, feats):
+    """Predicted tag sequences from features() (without the truncated words: score() predicts them O)."""
     with torch.no_grad():
-        if feats is not None:
-            for f in feats:
-                preds.append(clf(f.to(device)).argmax(-1).tolist())
-        else:
-            for x, _, chunk in batches(items, batch_size):
-                logits = clf(model(x.to(device), return_hidden=True).float())
-                preds += [logits[b, c[2]].argmax(-1).tolist() for b, c in enumerate(chunk)]
-    return [[LABELS[i] for i in p] for p in preds]
+        return [[LABELS[i] for i in clf(f.to(clf.weight.device)).argmax(-1).tolist()] for f in feats]
 
 
 def score(preds, sentences):
@@ -265,34 +256,34 @@ def finetune(model, splits, args, device, log=print):
     for p in model.parameters():  # head-only: the backbone gets no gradient and no optimizer state at all
         p.requires_grad_(not head_only)
     model.train(not head_only)
+    trained = [clf] if head_only else [clf, model]
     train, _ = encode(splits["train"], args.max_len)
     dev, _ = encode(splits["dev"], args.max_len)
-    params = list(clf.parameters()) + ([] if head_only else list(model.parameters()))
     lr = args.lr or (3e-5 if args.train_on != "toy" else (1e-3 if head_only else 1e-4))
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    if head_only:  # the backbone is frozen and deterministic: compute its features once
-        tr_f, dev_f = (features(model, train, args.batch_size, device),
-                       features(model, dev, args.batch_size, device))
-        tr_y = [torch.tensor([LABEL_ID[t] for t in tags[:len(f)]])
-                for (_, tags), f in zip(splits["train"], tr_f)]
+    opt = torch.optim.AdamW([p for m in trained for p in m.parameters()], lr=lr, weight_decay=0.0)
     total = args.epochs * ((len(train) + args.batch_size - 1) // args.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total)  # linear decay to 0 (HF default)
+    if head_only:  # the backbone is frozen and deterministic: compute its features once
+        tr_f, dev_f = (features(model, items, args.batch_size, device) for items in (train, dev))
+        tr_y = [torch.tensor(labels)[first] for _, labels, first in train]  # (n_words,) each
     rng = np.random.default_rng(args.seed)
-    def head_batches():  # shuffled batches of cached features: only the classifier runs
-        order = rng.permutation(len(tr_f))
+
+    def epoch_batches():  # shuffled sentences -> (n, 7) logits, (n,) labels
+        order = rng.permutation(len(train))
         for i in range(0, len(order), args.batch_size):
             idx = order[i:i + args.batch_size]
-            yield (clf(torch.cat([tr_f[j] for j in idx]).to(device)),
-                   torch.cat([tr_y[j] for j in idx]).to(device))
+            if head_only:  # cached features: only the classifier runs
+                yield (clf(torch.cat([tr_f[j] for j in idx]).to(device)),
+                       torch.cat([tr_y[j] for j in idx]).to(device))
+            else:  # padded sentences through the whole (trainable) model
+                x, y = pad([train[j] for j in idx])
+                yield (clf(model(x.to(device), return_hidden=True)).flatten(0, 1).float(),
+                       y.to(device).flatten())
 
-    def full_batches():  # padded sentence batches through the whole (trainable) model
-        for x, y, _ in batches(train, args.batch_size, rng):
-            yield clf(model(x.to(device), return_hidden=True)).flatten(0, 1).float(), y.to(device).flatten()
-
-    best, best_state, history, bad = -1.0, None, [], 0
+    best, history = -1.0, []
     for epoch in range(1, args.epochs + 1):
         t0, losses = time.time(), []
-        for logits, y in (head_batches() if head_only else full_batches()):  # (n, 7) logits, (n,) labels
+        for logits, y in epoch_batches():
             loss = F.cross_entropy(logits, y, ignore_index=-100)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -300,25 +291,20 @@ def finetune(model, splits, args, device, log=print):
             sched.step()
             losses.append(loss.item())
         model.eval()
-        f1 = score(predict(model, clf, dev, args.batch_size, device, dev_f if head_only else None),
-                   splits["dev"])["f1"]
+        dev_feats = dev_f if head_only else features(model, dev, args.batch_size, device)
+        f1 = score(predict(clf, dev_feats), splits["dev"])["f1"]
         model.train(not head_only)
         history.append(dict(epoch=epoch, train_loss=float(np.mean(losses)), dev_f1=f1, sec=time.time() - t0))
         log(f"  epoch {epoch:2d}  train loss {history[-1]['train_loss']:.4f}  dev F1 {f1:.4f}"
             f"{'  *' if f1 > best else ''}")
         if f1 > best:  # keep a copy of the best epoch's weights: those are the ones tested
-            best, bad = f1, 0
-            best_state = ({k: v.clone() for k, v in clf.state_dict().items()},
-                          None if head_only else {k: v.clone() for k, v in model.state_dict().items()})
-        else:
-            bad += 1
-            if bad >= args.patience:
-                log(f"  early stop: no dev improvement for {args.patience} epochs; best epoch "
-                    f"{max(history, key=lambda h: h['dev_f1'])['epoch']}")
-                break
-    clf.load_state_dict(best_state[0])  # the best dev epoch's weights are the ones tested
-    if best_state[1] is not None:
-        model.load_state_dict(best_state[1])
+            best, best_epoch = f1, epoch
+            best_state = [{k: v.clone() for k, v in m.state_dict().items()} for m in trained]
+        elif epoch - best_epoch >= args.patience:
+            log(f"  early stop: no dev improvement for {args.patience} epochs; best epoch {best_epoch}")
+            break
+    for m, state in zip(trained, best_state):
+        m.load_state_dict(state)
     model.eval()
     return clf, history
 
@@ -326,67 +312,55 @@ def finetune(model, splits, args, device, log=print):
 def run_one(args, ckpt_path=None, log=print):
     """Fine-tune one checkpoint on one config in one regime; evaluate; -> results dict (also results.json)."""
     device = pick_device(args.device)
-    ck = load_checkpoint(ckpt_path or args.ckpt[0], device)
+    path = ckpt_path or args.ckpt[0]
+    ck = load_checkpoint(path, device)
     model = model_from_checkpoint(ck, device)
-    if args.max_len > model.cfg.max_seq_len:
-        args.max_len = model.cfg.max_seq_len
+    args.max_len = min(args.max_len, model.cfg.max_seq_len)
     splits = load_splits(args)
     t0 = time.time()
-    log(f"fine-tuning {ckpt_path or args.ckpt[0]} ({args.regime}) on {args.train_on}: "
+    log(f"fine-tuning {path} ({args.regime}) on {args.train_on}: "
         f"{len(splits['train'])} train / {len(splits['dev'])} dev sentences")
     clf, history = finetune(model, splits, args, device, log)
-    res = dict(ckpt=ckpt_path or args.ckpt[0], regime=args.regime, train_on=args.train_on, history=history,
+    res = dict(ckpt=path, regime=args.regime, train_on=args.train_on, history=history,
                hybrid_ratio=ck["args"].get("hybrid_ratio"), ckpt_seed=ck["args"].get("seed"), step=ck["step"],
                eval={})
     for name, sents in splits["test"].items():
         items, truncated = encode(sents, args.max_len)
-        res["eval"][name] = dict(**score(predict(model, clf, items, args.batch_size, device), sents),
-                                 sentences=len(sents), truncated_words=truncated)
+        preds = predict(clf, features(model, items, args.batch_size, device))
+        res["eval"][name] = dict(score(preds, sents), sentences=len(sents), truncated_words=truncated)
     res["sec"] = time.time() - t0
     return res
 
 
-def print_table(res, log=print):
-    log(f"{'eval set':14s} {'P':>7s} {'R':>7s} {'F1':>7s}   "
-        + "  ".join(f"{t:>6s}" for t in ("PER", "ORG", "LOC")) + "   truncated words")
+def print_table(res):
+    print(f"{'eval set':14s} {'P':>7s} {'R':>7s} {'F1':>7s}   "
+          + "  ".join(f"{t:>6s}" for t in ("PER", "ORG", "LOC")) + "   truncated words")
     for name, r in res["eval"].items():
         per = "  ".join(f"{r['per_type'].get(t, {}).get('f1', 0):6.3f}" for t in ("PER", "ORG", "LOC"))
-        log(f"{name:14s} {r['precision']:7.3f} {r['recall']:7.3f} {r['f1']:7.3f}   {per}   "
-            f"{r['truncated_words']}")
+        print(f"{name:14s} {r['precision']:7.3f} {r['recall']:7.3f} {r['f1']:7.3f}   {per}   "
+              f"{r['truncated_words']}")
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The grid (paper Figures 13-28, Tables 3-5)
+# The NER grid of `finetune_ner.py --sweep` (paper Figures 13-28, Tables 3-5): cells, tables and heatmaps
 
 # What the cells of one grid must share (grid.json); a different value is another grid.
 SWEEP_KEYS = ("lr", "batch_size", "epochs", "patience", "max_len", "max_train_sentences", "toy_sentences",
               "seed", "data_dir")
 
 
-def write_atomic(path, text, mode="w"):
-    """`text` to `path` through maml_gpt.write_atomically: a kill mid-write leaves the previous file whole."""
-    def write(tmp):
-        with open(tmp, mode, **({} if "b" in mode else dict(newline=""))) as f:
-            f.write(text)
-    write_atomically(path, write)
-
-
 def sweep(args):
     os.makedirs(args.out, exist_ok=True)
-    path, settings_path = os.path.join(args.out, "grid.csv"), os.path.join(args.out, "grid.json")
+    path, settings_path = pathlib.Path(args.out, "grid.csv"), pathlib.Path(args.out, "grid.json")
     settings = {k: getattr(args, k) for k in SWEEP_KEYS}
     rows = []
-    if os.path.exists(path):  # resume: skip cells already in the CSV, if they were made the same way
-        if os.path.exists(settings_path):
-            with open(settings_path) as f:
-                old = json.load(f)
-            diff = [f"--{k} {old.get(k)} there, {settings[k]} now" for k in SWEEP_KEYS
-                    if old.get(k) != settings[k]]
-            if diff:
-                raise UserError(f"{path} holds cells fine-tuned with other settings ({'; '.join(diff)}). "
-                                "Give the same flags to add to that grid, or choose another --out")
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+    if path.exists():  # resume: skip cells already in the CSV, if they were made the same way
+        old = json.loads(settings_path.read_text("utf-8")) if settings_path.exists() else settings
+        diff = [f"--{k} {old.get(k)} there, {v} now" for k, v in settings.items() if old.get(k) != v]
+        if diff:
+            raise UserError(f"{path} holds cells fine-tuned with other settings ({'; '.join(diff)}). "
+                            "Give the same flags to add to that grid, or choose another --out")
+        rows = list(csv.DictReader(path.read_text("utf-8").splitlines()))
     write_atomic(settings_path, json.dumps(settings, indent=1))
     done = {(r["ckpt"], r["regime"], r["train_on"]) for r in rows}
     if args.train_on == "toy":
@@ -396,35 +370,25 @@ def sweep(args):
                    if args.data_dir is None or uner_file(c, "train", args.data_dir, None)]
         configs += ["all"] if len(configs) == len(TRAIN_CONFIGS) else []
     # ckpt_seed: the --seed the checkpoint was pretrained with (analyze.py pairs the arms by it)
-    fields = ["ckpt", "hybrid_ratio", "ckpt_seed", "regime", "train_on", "eval_on", "precision", "recall",
-              "f1"]
-    for ckpt in args.ckpt:
-        for regime in ("head", "full"):
-            for cfg in configs:
-                if (ckpt, regime, cfg) in done:
-                    continue
-                cell = argparse.Namespace(**{**vars(args), "regime": regime, "train_on": cfg})
-                res = run_one(cell, ckpt, log=lambda *_: None)
-                print(f"{ckpt} {regime:4s} {cfg:12s} "
-                      + " ".join(f"{k}={v['f1']:.3f}" for k, v in res["eval"].items()))
-                rows += [dict(ckpt=ckpt, hybrid_ratio=res["hybrid_ratio"], ckpt_seed=res["ckpt_seed"],
-                              regime=regime, train_on=cfg,
-                              eval_on=name, precision=r["precision"], recall=r["recall"], f1=r["f1"])
-                         for name, r in res["eval"].items()]
-                # The whole CSV, rewritten atomically after each cell: a Ctrl-C or a kill mid-write could
-                # otherwise leave a half cell that a resumed sweep would count as done, or a half row.
-                buf = io.StringIO()
-                w = csv.DictWriter(buf, fieldnames=fields)
-                w.writeheader()
-                w.writerows(rows)
-                write_atomic(path, buf.getvalue())
-    with open(path, newline="") as f:  # read back: every value a string, as on a resumed sweep
-        rows = list(csv.DictReader(f))
-    ner_grid_report(rows, args.out)
+    fields = "ckpt hybrid_ratio ckpt_seed regime train_on eval_on precision recall f1".split()
+    todo = [(ckpt, regime, cfg) for ckpt in args.ckpt for regime in ("head", "full") for cfg in configs
+            if (ckpt, regime, cfg) not in done]
+    for ckpt, regime, cfg in todo:
+        res = run_one(argparse.Namespace(**{**vars(args), "regime": regime, "train_on": cfg}), ckpt,
+                      log=lambda *_: None)
+        print(f"{ckpt} {regime:4s} {cfg:12s} "
+              + " ".join(f"{k}={v['f1']:.3f}" for k, v in res["eval"].items()))
+        rows += [dict(res, eval_on=name, **r) for name, r in res["eval"].items()]
+        # The whole CSV, rewritten atomically after each cell: a Ctrl-C or a kill mid-write could otherwise
+        # leave a half cell that a resumed sweep would count as done, or a half row.
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        write_atomic(path, buf.getvalue())
+    # read back: every value a string, as on a resumed sweep
+    ner_grid_report(list(csv.DictReader(path.read_text("utf-8").splitlines())), args.out)
 
-
-# ------------------------------------------------------------------------------------------------------------
-# The NER grid of `finetune_ner.py --sweep` (paper Figures 13-28, Tables 3-5): tables and heatmaps
 
 GROUPS = {"seen": list(TRAIN_CONFIGS) + ["toy"], "pud": [c for c in TEST_CONFIGS if c.endswith("_pud")],
           "other": ["ceb_gja", "tl_trg", "tl_ugnayan", "toy_heldout"]}
@@ -490,63 +454,63 @@ def ner_grid_report(rows, out):
     """grid.md (every cell), one heatmap per checkpoint and regime, MAML-vs-vanilla relative changes."""
     plt = pyplot()
     lines = ["# NER fine-tuning grid (entity micro-F1)", ""]
-    for ckpt in dict.fromkeys(r["ckpt"] for r in rows):
-        for regime in ("head", "full"):
-            cells = [r for r in rows if r["ckpt"] == ckpt and r["regime"] == regime]
-            if not cells:
-                continue
-            tr = list(dict.fromkeys(r["train_on"] for r in cells))
-            ev = list(dict.fromkeys(r["eval_on"] for r in cells))
-            grid = np.full((len(tr), len(ev)), np.nan)
-            for r in cells:
-                grid[tr.index(r["train_on"]), ev.index(r["eval_on"])] = float(r["f1"])
-            lines += [f"## {ckpt} ({regime})", "", "| fine-tuned on | " + " | ".join(ev) + " |",
-                      "|---" * (len(ev) + 1) + "|"]
-            lines += [f"| {t} | " + " | ".join("-" if np.isnan(v) else f"{v:.3f}" for v in grid[i]) + " |"
-                      for i, t in enumerate(tr)]
-            lines.append("")
-            fig, ax = plt.subplots(figsize=(1 + 0.7 * len(ev), 1 + 0.45 * len(tr)))
-            im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(0.01, np.nanmax(grid)))
-            ax.set_xticks(range(len(ev)), ev, rotation=60, ha="right")
-            ax.set_yticks(range(len(tr)), tr)
-            for i in range(len(tr)):
-                for j in range(len(ev)):
-                    if not np.isnan(grid[i, j]):
-                        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
-            name = os.path.basename(os.path.dirname(ckpt))
-            ax.set_title(f"micro-F1: {name or ckpt} ({regime})")
-            fig.colorbar(im)
-            fig.tight_layout()
-            fig.savefig(os.path.join(out, f"heatmap_{name or 'model'}_{regime}.png"), dpi=110)
-            plt.close(fig)
+
+    def section(title, head, body):  # of grid.md: a title, then a table of head and body (rows of cells)
+        lines.extend([f"## {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|",
+                      *("| " + " | ".join(cells) + " |" for cells in body), ""])
+
+    ckpts = list(dict.fromkeys(r["ckpt"] for r in rows))
+    # heatmap_<name>_<regime>.png: name is the checkpoint's folder, numbered where two share one
+    names = [os.path.basename(os.path.dirname(c)) or "model" for c in ckpts]
+    names = [n if names.count(n) == 1 else f"{n}-{names[:i + 1].count(n)}" for i, n in enumerate(names)]
+    for ckpt, name, regime in ((c, n, g) for c, n in zip(ckpts, names) for g in ("head", "full")):
+        cells = [r for r in rows if r["ckpt"] == ckpt and r["regime"] == regime]
+        if not cells:
+            continue
+        tr = list(dict.fromkeys(r["train_on"] for r in cells))
+        ev = list(dict.fromkeys(r["eval_on"] for r in cells))
+        grid = np.full((len(tr), len(ev)), np.nan)
+        for r in cells:
+            grid[tr.index(r["train_on"]), ev.index(r["eval_on"])] = float(r["f1"])
+        section(f"{ckpt} ({regime})", ["fine-tuned on", *ev],
+                [[t, *("-" if np.isnan(v) else f"{v:.3f}" for v in row)] for t, row in zip(tr, grid)])
+        fig, ax = plt.subplots(figsize=(1 + 0.7 * len(ev), 1 + 0.45 * len(tr)))
+        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(0.01, np.nanmax(grid)))
+        ax.set_xticks(range(len(ev)), ev, rotation=60, ha="right")
+        ax.set_yticks(range(len(tr)), tr)
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+        ax.set_title(f"micro-F1: {name} ({regime})")
+        fig.colorbar(im)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"heatmap_{name}_{regime}.png"), dpi=110)
+        plt.close(fig)
     pairs, notes = grid_pairs(rows)
     for n in notes:
         print(f"note: {n}")
+    many = len(pairs) > 1
+
+    def relative(title, rels, cols):  # per regime, the mean over the pairs of each column's change they have
+        body = []
+        for g in ("head", "full"):
+            vals = [[r[g, c][2] for r in rels if r[g, c][2] is not None] for c in cols]
+            body.append([g, *("-" if not x else f"{np.mean(x):+.1f}%" for x in vals)])
+        section(title, ["regime", *cols], body)
 
     rel = [relative_f1(rows, m, v) for _, m, v in pairs]
-
-    def table(rels, cols):  # the mean over the given pairs of each (regime, column) change that they have
-        lines = ["| regime | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        for regime in ("head", "full"):
-            vals = [[r[regime, g][2] for r in rels if r[regime, g][2] is not None] for g in cols]
-            lines.append(f"| {regime} | " + " | ".join("-" if not x else f"{np.mean(x):+.1f}%" for x in vals)
-                         + " |")
-        return lines
     for (seed, m, v), r in zip(pairs, rel):
-        lines += [f"## Relative improvement of MAML ({m}) over vanilla ({v})"
-                  + (f", seed {seed}" if len(pairs) > 1 else "") + ", % of vanilla micro-F1 (Table 3)", ""]
-        lines += table([r], GROUPS) + ([""] if len(pairs) > 1 else [])
-    if len(pairs) > 1:
-        lines += [f"## Mean over the {len(pairs)} seed pairs ({', '.join(str(s) for s, _, _ in pairs)}) of "
-                  "the relative improvement, % (analyze.py adds intervals and a test)", ""]
-        lines += table(rel, GROUPS)
+        relative(f"Relative improvement of MAML ({m}) over vanilla ({v})" + (f", seed {seed}" if many else "")
+                 + ", % of vanilla micro-F1 (Table 3)", [r], GROUPS)
+    if many:
+        relative(f"Mean over the {len(pairs)} seed pairs ({', '.join(str(s) for s, _, _ in pairs)}) of the "
+                 "relative improvement, % (analyze.py adds intervals and a test)", rel, GROUPS)
     if pairs:
         evs = {e: [e] for e in dict.fromkeys(r["eval_on"] for r in rows)}
-        lines += ["", "## Per evaluation set (Tables 4-5), averaged over fine-tuning configs"
-                  + (f" and over the {len(pairs)} seed pairs" if len(pairs) > 1 else ""), ""]
-        lines += table([relative_f1(rows, m, v, evs) for _, m, v in pairs], evs)
-    with open(os.path.join(out, "grid.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+        relative("Per evaluation set (Tables 4-5), averaged over fine-tuning configs"
+                 + (f" and over the {len(pairs)} seed pairs" if many else ""),
+                 [relative_f1(rows, m, v, evs) for _, m, v in pairs], evs)
+    write_atomic(os.path.join(out, "grid.md"), "\n".join(lines))
     print(f"grid: {os.path.join(out, 'grid.csv')}, {os.path.join(out, 'grid.md')}, heatmaps in {out}")
 
 
@@ -555,16 +519,12 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--ckpt", nargs="+", default=["out/demo/ckpt.pt"], help="checkpoint(s); --sweep takes several")
-    a("--train_on", help="toy, all, or a UNER config (da_ddt, en_ewt, ...); default toy offline, en_ewt with "
-      "--data_dir")
-    a("--regime", choices=["head", "full"], default="head",
-      help="head: frozen backbone; full: train everything")
+    a("--train_on", help="toy, all, or a UNER config (da_ddt, ...); default toy, en_ewt with --data_dir")
+    a("--regime", choices=["head", "full"], default="head", help="head: frozen backbone; full: everything")
     a("--data_dir", help="local folder of <cfg>-ud-<split>.iob2 files (no download)")
-    a("--cache_dir", default=os.path.join(HERE, "data", "cache", "uner"),
-      help="where downloads are cached")
-    a("--lr", type=float,
-      help="AdamW learning rate (default 3e-5 as in the paper; the short toy demo uses 1e-3 "
-           "for the head and 1e-4 for full fine-tuning)")
+    a("--cache_dir", default=os.path.join(HERE, "data", "cache", "uner"), help="where downloads are cached")
+    a("--lr", type=float, help="AdamW learning rate (default 3e-5 as in the paper; the short toy demo uses "
+      "1e-3 for the head and 1e-4 for full fine-tuning)")
     a("--batch_size", type=int, default=16)
     a("--epochs", type=int, default=10, help="maximum epochs")
     a("--patience", type=int, default=3, help="stop after this many epochs without a better dev F1")
@@ -573,7 +533,7 @@ def build_parser():
     a("--toy_sentences", type=int, default=2000, help="training sentences of the toy NER set")
     a("--seed", type=int, default=0)
     a("--device", default="auto")
-    a("--out", help="output folder (default: next to the checkpoint, ner/ or ner-grid/)")
+    a("--out", help="output folder (default: beside the first --ckpt, ner-<train_on>-<regime>/ or ner-grid/)")
     a("--sweep", action="store_true", help="the paper's grid: every config x {head, full} for each --ckpt")
     return p
 
