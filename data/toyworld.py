@@ -1,5 +1,6 @@
 """
-The toy world: a deterministic, offline corpus about a fictional world.
+The toy world: a deterministic, offline corpus about a fictional world, a pure function of its seed (Python's
+`random.Random`, stable across platforms and versions).
 
 Everything in maml-gpt runs offline on this corpus (the first run, the tests, the classroom); it stands in for
 web text in no claim. Next-token prediction has structure to learn and a floor well above zero; SMLMT episodes
@@ -8,71 +9,71 @@ at the bakery") across many paragraphs; and the generator emits word-level IOB2 
 with a held-out pool of entity names for a "zero-shot" test set.
 
     python data/toyworld.py              # print a few paragraphs and tagged sentences
-
-The world is a pure function of its seed (Python's `random.Random`, stable across platforms and versions).
 """
 import random
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Vocabulary: attribute tables. Single-token English words (" baker", " rainy") are what SMLMT masks.
 
 # profession -> (what they do, where, a tool they need)
-JOBS = {
-    "baker": ("bakes bread", "bakery", "oven"), "doctor": ("treats patients", "hospital", "stethoscope"),
-    "teacher": ("teaches children", "school", "blackboard"), "farmer": ("grows wheat", "farm", "tractor"),
-    "fisherman": ("catches fish", "harbor", "net"), "pilot": ("flies planes", "airport", "map"),
-    "nurse": ("cares for patients", "clinic", "thermometer"), "lawyer": ("defends clients", "court", "contract"),
-    "painter": ("paints portraits", "studio", "brush"), "tailor": ("sews coats", "shop", "needle"),
-    "miner": ("digs for copper", "mine", "lamp"), "sailor": ("sails ships", "port", "compass"),
-    "judge": ("hears cases", "court", "hammer"), "writer": ("writes novels", "library", "pen"),
-    "singer": ("sings songs", "theatre", "microphone"), "chef": ("cooks meals", "kitchen", "knife"),
-    "banker": ("lends money", "bank", "ledger"), "soldier": ("guards the border", "fort", "rifle"),
-    "engineer": ("builds bridges", "workshop", "drill"), "gardener": ("plants flowers", "garden", "spade"),
-    "butcher": ("cuts meat", "market", "cleaver"), "driver": ("drives buses", "depot", "wheel"),
-    "priest": ("leads prayers", "temple", "candle"), "potter": ("shapes clay", "kiln", "wheel"),
-    "clerk": ("files records", "office", "stamp"), "hunter": ("tracks deer", "forest", "bow"),
-    "carpenter": ("makes chairs", "workshop", "saw"), "librarian": ("lends books", "library", "catalogue"),
-    "dentist": ("fixes teeth", "clinic", "mirror"), "merchant": ("sells spices", "market", "scale"),
-}
-HOBBIES = {"chess": "plays chess", "tennis": "plays tennis", "football": "plays football",
-           "gardening": "grows roses", "fishing": "goes fishing", "hiking": "climbs hills",
-           "music": "plays the guitar", "dancing": "goes dancing", "poetry": "writes poems",
-           "cooking": "bakes cakes", "swimming": "swims in the lake", "cycling": "rides a bicycle",
-           "painting": "paints landscapes", "reading": "reads old books", "singing": "sings in a choir",
-           "running": "runs along the river", "knitting": "knits scarves", "photography": "takes photographs",
-           "sailing": "sails a small boat", "astronomy": "watches the stars", "archery": "shoots arrows",
-           "pottery": "makes bowls", "riding": "rides horses", "climbing": "climbs rocks"}
-PETS = ["cat", "dog", "parrot", "rabbit", "horse", "goat", "turtle", "hamster", "owl", "pony", "duck", "lizard",
-        "donkey", "canary", "ferret", "pig"]
-FOODS = ["soup", "bread", "rice", "apples", "cheese", "noodles", "pie", "fish", "beans", "honey", "porridge",
-         "potatoes", "pears", "sausages", "dumplings", "carrots", "mushrooms", "plums", "cabbage", "lentils",
-         "pancakes", "olives", "walnuts", "figs", "oranges", "chicken", "lamb", "cherries", "tomatoes", "salad"]
-COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "brown", "grey", "pink", "gold"]
-CLIMATES = ["rainy", "sunny", "snowy", "windy", "foggy", "humid", "dry", "cold", "warm", "stormy"]
-LANDMARKS = ["castle", "bridge", "lighthouse", "cathedral", "tower", "market", "harbor", "palace", "fountain",
-             "theatre", "museum", "stadium", "monastery", "windmill", "gardens", "observatory"]
-INDUSTRIES = ["fishing", "mining", "farming", "shipping", "textiles", "timber", "tourism", "banking", "printing",
-              "brewing", "pottery", "salt", "glass", "silk", "wool", "wine", "tea", "paper", "steel", "cheese"]
-FESTIVALS = ["lanterns", "flowers", "bread", "music", "kites", "boats", "masks", "candles", "apples", "horses"]
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
+JOBS = dict(
+    baker=("bakes bread", "bakery", "oven"), doctor=("treats patients", "hospital", "stethoscope"),
+    teacher=("teaches children", "school", "blackboard"), farmer=("grows wheat", "farm", "tractor"),
+    fisherman=("catches fish", "harbor", "net"), pilot=("flies planes", "airport", "map"),
+    nurse=("cares for patients", "clinic", "thermometer"), lawyer=("defends clients", "court", "contract"),
+    painter=("paints portraits", "studio", "brush"), tailor=("sews coats", "shop", "needle"),
+    miner=("digs for copper", "mine", "lamp"), sailor=("sails ships", "port", "compass"),
+    judge=("hears cases", "court", "hammer"), writer=("writes novels", "library", "pen"),
+    singer=("sings songs", "theatre", "microphone"), chef=("cooks meals", "kitchen", "knife"),
+    banker=("lends money", "bank", "ledger"), soldier=("guards the border", "fort", "rifle"),
+    engineer=("builds bridges", "workshop", "drill"), gardener=("plants flowers", "garden", "spade"),
+    butcher=("cuts meat", "market", "cleaver"), driver=("drives buses", "depot", "wheel"),
+    priest=("leads prayers", "temple", "candle"), potter=("shapes clay", "kiln", "wheel"),
+    clerk=("files records", "office", "stamp"), hunter=("tracks deer", "forest", "bow"),
+    carpenter=("makes chairs", "workshop", "saw"), librarian=("lends books", "library", "catalogue"),
+    dentist=("fixes teeth", "clinic", "mirror"), merchant=("sells spices", "market", "scale"),
+)
+HOBBIES = dict(chess="plays chess", tennis="plays tennis", football="plays football",
+               gardening="grows roses", fishing="goes fishing", hiking="climbs hills",
+               music="plays the guitar", dancing="goes dancing", poetry="writes poems",
+               cooking="bakes cakes", swimming="swims in the lake", cycling="rides a bicycle",
+               painting="paints landscapes", reading="reads old books", singing="sings in a choir",
+               running="runs along the river", knitting="knits scarves", photography="takes photographs",
+               sailing="sails a small boat", astronomy="watches the stars", archery="shoots arrows",
+               pottery="makes bowls", riding="rides horses", climbing="climbs rocks")
+PETS = "cat dog parrot rabbit horse goat turtle hamster owl pony duck lizard donkey canary ferret pig".split()
+FOODS = ("soup bread rice apples cheese noodles pie fish beans honey porridge potatoes pears sausages "
+         "dumplings carrots mushrooms plums cabbage lentils pancakes olives walnuts figs oranges chicken "
+         "lamb cherries tomatoes salad").split()
+COLORS = "red blue green yellow purple orange black white brown grey pink gold".split()
+CLIMATES = "rainy sunny snowy windy foggy humid dry cold warm stormy".split()
+LANDMARKS = ("castle bridge lighthouse cathedral tower market harbor palace fountain theatre museum stadium "
+             "monastery windmill gardens observatory").split()
+INDUSTRIES = ("fishing mining farming shipping textiles timber tourism banking printing brewing pottery salt "
+              "glass silk wool wine tea paper steel cheese").split()
+FESTIVALS = "lanterns flowers bread music kites boats masks candles apples horses".split()
+MONTHS = "January February March April May June July August September October November December".split()
 # organisation kind -> (noun, what it does, industry)
 ORG_KINDS = {
-    "Bank": ("bank", "lends money to farmers", "banking"), "Mining Company": ("company", "digs copper", "mining"),
-    "Shipyard": ("shipyard", "builds ships", "shipping"), "Press": ("newspaper", "prints the daily news", "printing"),
+    "Bank": ("bank", "lends money to farmers", "banking"),
+    "Mining Company": ("company", "digs copper", "mining"),
+    "Shipyard": ("shipyard", "builds ships", "shipping"),
+    "Press": ("newspaper", "prints the daily news", "printing"),
     "Railways": ("railway", "runs trains", "transport"), "Foods": ("company", "sells tinned fish", "food"),
     "Brewery": ("brewery", "brews dark beer", "brewing"), "Mills": ("mill", "weaves wool", "textiles"),
-    "Theatre": ("theatre", "stages old plays", "theatre"), "Orchestra": ("orchestra", "performs symphonies", "music"),
-    "Hospital": ("hospital", "treats the sick", "health"), "University": ("university", "teaches students", "education"),
-    "Football Club": ("club", "plays football", "sport"), "Museum": ("museum", "shows old paintings", "culture"),
-    "Glassworks": ("factory", "blows glass", "glass"), "Trading House": ("company", "trades silk", "trade"),
+    "Theatre": ("theatre", "stages old plays", "theatre"),
+    "Orchestra": ("orchestra", "performs symphonies", "music"),
+    "Hospital": ("hospital", "treats the sick", "health"),
+    "University": ("university", "teaches students", "education"),
+    "Football Club": ("club", "plays football", "sport"),
+    "Museum": ("museum", "shows old paintings", "culture"), "Glassworks": ("factory", "blows glass", "glass"),
+    "Trading House": ("company", "trades silk", "trade"),
 }
 RELATIONS = {"she": ("sister", "daughter"), "he": ("brother", "son")}
 
 # Syllables for invented names: names are multi-token in GPT-2 BPE, so NER must use sub-word features.
-_ON = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "sh",
-       "tr", "gr", "h", "j", "w", "c", "fl", "pl"]
-_NU = ["a", "e", "i", "o", "u", "ai", "ei", "ou", "ia", "y"]
+_ON = "b d f g k l m n p r s t v z br dr kr st th sh tr gr h j w c fl pl".split()
+_NU = "a e i o u ai ei ou ia y".split()
 _CO = ["", "", "n", "r", "l", "s", "th", "m", "k", "nd", "rt", "x"]
 _CITY_END = ["", "", "", "ford", "ville", "port", "burg", "haven", "mouth", "stead", "dale", "grad"]
 _RIVER_END = ["", "", "a", "is", "en"]
@@ -93,29 +94,26 @@ def _unique_names(rng, n, taken, make):
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The world: people, places and organisations with consistent attributes and relations.
 
 def build_world(seed=1337, n_people=600, n_cities=80, n_countries=12, n_orgs=150, exclude=()):
     """A world is a dict of lists of dicts. `exclude` is a set of names to avoid (the held-out NER world)."""
-    rng = random.Random(seed)
-    taken = set(exclude)
-    countries = _unique_names(rng, n_countries, taken, lambda r: _name(r, 2, 3) + r.choice(["", "", "ia", "land"]))
+    rng, taken = random.Random(seed), set(exclude)
+    countries = _unique_names(rng, n_countries, taken,
+                              lambda r: _name(r, 2, 3) + r.choice(["", "", "ia", "land"]))
     rivers = _unique_names(rng, n_cities // 2, taken, lambda r: _name(r, 1, 2) + r.choice(_RIVER_END))
-    cities = []
+    cities, capitals = [], {}
     for name in _unique_names(rng, n_cities, taken, lambda r: _name(r, 1, 2) + r.choice(_CITY_END)):
         cities.append(dict(name=name, country=rng.choice(countries), river=rng.choice(rivers),
                            climate=rng.choice(CLIMATES), landmark=rng.choice(LANDMARKS),
                            industry=rng.choice(INDUSTRIES), food=rng.choice(FOODS),
                            festival=rng.choice(FESTIVALS), month=rng.choice(MONTHS),
                            pop=rng.randrange(2, 900) * 1000, built=rng.randint(1100, 1900)))
-    capitals = {}
-    for c in cities:  # the first city drawn in each country is its capital
-        capitals.setdefault(c["country"], c["name"])
+        capitals.setdefault(cities[-1]["country"], name)  # the first city drawn in a country is its capital
     firsts = _unique_names(rng, n_people // 3, taken, lambda r: _name(r, 2, 2))
     lasts = _unique_names(rng, n_people // 2, taken, lambda r: _name(r, 2, 3))
-    people = []
-    full_names = set()
+    people, full_names = [], set()
     while len(people) < n_people:
         full = f"{rng.choice(firsts)} {rng.choice(lasts)}"
         if full in full_names:
@@ -128,8 +126,7 @@ def build_world(seed=1337, n_people=600, n_cities=80, n_countries=12, n_orgs=150
                            hated=rng.choice(FOODS), color=rng.choice(COLORS), month=rng.choice(MONTHS)))
     orgs = []
     for name in _unique_names(rng, n_orgs, taken, lambda r: _name(r, 2, 2)):
-        kind = rng.choice(list(ORG_KINDS))
-        city = rng.randrange(n_cities)
+        kind, city = rng.choice(list(ORG_KINDS)), rng.randrange(n_cities)
         full = f"University of {cities[city]['name']}" if kind == "University" and rng.random() < 0.5 \
             else f"{name} {kind}"
         orgs.append(dict(name=full, kind=kind, city=city, founded=rng.randint(1800, 2010),
@@ -141,7 +138,7 @@ def build_world(seed=1337, n_people=600, n_cities=80, n_countries=12, n_orgs=150
     return dict(people=people, cities=cities, orgs=orgs, countries=countries, capitals=capitals)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Sentence frames. "{x}" slots are filled from a dict; entity slots (see ENTITY_SLOTS) carry an NER type.
 # Each frame is written once, in lower-level words; punctuation is a separate word (like UD tokenisation).
 
@@ -272,56 +269,45 @@ def _slots(world, rng, kind, i):
     P, C, O = world["people"], world["cities"], world["orgs"]
     other_p, other_c, other_o = rng.choice(P), rng.choice(C), rng.choice(O)
     if kind == "person":
-        p = P[i]
-        city, org = C[p["city"]], O[p["org"]]
+        p, city, org = P[i], C[P[i]["city"]], O[P[i]["org"]]
     elif kind == "org":
-        org = O[i]
-        city = C[org["city"]]
-        p = P[org["founder"]]
-    else:
+        p, city, org = P[O[i]["founder"]], C[O[i]["city"]], O[i]
+    else:  # {name}: the city's mayor, someone who lives there
         city = C[i]
         p = rng.choice([q for q in P[:200] if q["city"] == i] or P)
         org = rng.choice([o for o in O if o["city"] == i] or O)
-    sib, friend, emp = P[p["sib"]], P[p["friend"]], rng.choice(P)
-    act, place, tool = JOBS[p["job"]]
+    sib, friend, emp, founder = P[p["sib"]], P[p["friend"]], rng.choice(P), P[org["founder"]]
     press = rng.choice([o for o in O if o["kind"] == "Press"] or O)
     poss = "her" if p["pron"] == "she" else "his"
-    s = dict(name=p["name"], first=p["first"], pron=p["pron"], Pron=p["pron"].capitalize(), poss=poss,
-             Poss=poss.capitalize(), job=p["job"], job_act=act, job_place=place, tool=tool,
-             hobby=p["hobby"], hobby_act=HOBBIES[p["hobby"]], pet=p["pet"], food=p["food"], hated=p["hated"],
-             color=p["color"], born=str(p["born"]), age=str(2024 - p["born"]), month=p["month"],
-             city=city["name"], country=city["country"], river=city["river"], climate=city["climate"],
-             landmark=city["landmark"], industry=city["industry"], festival=city["festival"],
-             pop=f"{city['pop']:,}", built=str(city["built"]), city2=other_c["name"], org=org["name"],
-             org_city=C[org["city"]]["name"], org_act=ORG_KINDS[org["kind"]][1],
-             kind_noun=ORG_KINDS[org["kind"]][0], founded=str(org["founded"]), founder=P[org["founder"]]["name"],
-             founder_job=P[org["founder"]]["job"], size=f"{org['size']:,}", org2=other_o["name"],
-             press=press["name"], emp=emp["name"], emp_job=emp["job"], friend=friend["name"],
-             friend_first=friend["first"], sib=sib["name"], sib_first=sib["first"], sib_job=sib["job"],
-             rel=RELATIONS[p["pron"]][0], rel2=RELATIONS[sib["pron"]][0], name2=other_p["name"],
-             first2=other_p["first"], year=str(rng.randint(1950, 2023)), n=str(rng.randint(2, 40)),
-             dist=str(rng.randint(5, 600)))
-    if kind == "city":  # "{name} is the mayor" and the capital frame must stay true to the world
-        s["name"] = p["name"]
-    return s
+    s = {k: str(p[k]) for k in "name first pron job hobby pet food hated color month born".split()}
+    s |= {k: str(city[k]) for k in "country river climate landmark industry festival built".split()}
+    s["job_act"], s["job_place"], s["tool"] = JOBS[p["job"]]
+    s["kind_noun"], s["org_act"] = ORG_KINDS[org["kind"]][:2]
+    return s | dict(
+        Pron=p["pron"].capitalize(), poss=poss, Poss=poss.capitalize(), hobby_act=HOBBIES[p["hobby"]],
+        age=str(2024 - p["born"]), city=city["name"], pop=f"{city['pop']:,}", city2=other_c["name"],
+        org=org["name"], org_city=C[org["city"]]["name"], org2=other_o["name"], size=f"{org['size']:,}",
+        founded=str(org["founded"]), founder=founder["name"], founder_job=founder["job"], press=press["name"],
+        emp=emp["name"], emp_job=emp["job"], friend=friend["name"], friend_first=friend["first"],
+        sib=sib["name"], sib_first=sib["first"], sib_job=sib["job"], rel=RELATIONS[p["pron"]][0],
+        rel2=RELATIONS[sib["pron"]][0], name2=other_p["name"], first2=other_p["first"],
+        year=str(rng.randint(1950, 2023)), n=str(rng.randint(2, 40)), dist=str(rng.randint(5, 600)))
 
 
 def _render(frame, slots, rng, use_prefix=True):
     """Fill one frame -> list of (word, tag). Entity words get B-/I- tags; everything else is O."""
     words = []
     prefix = rng.choice(PREFIXES).split() if use_prefix else []
-    for j, tok in enumerate(prefix + frame):
+    for tok in prefix + frame:
         if tok.startswith("{") and tok.endswith("}"):
-            key = tok[1:-1]
-            parts = slots[key].split()
-            typ = ENTITY_SLOTS.get(key)
-            words += [(w, "O" if typ is None else ("B-" if k == 0 else "I-") + typ) for k, w in enumerate(parts)]
+            typ = ENTITY_SLOTS.get(tok[1:-1])
+            words += [(w, "O" if typ is None else ("B-" if k == 0 else "I-") + typ)
+                      for k, w in enumerate(slots[tok[1:-1]].split())]
         else:
             words.append((tok, "O"))
-    if prefix and words[len(prefix)][1] == "O" and words[len(prefix)][0] not in ("I",):
-        w, t = words[len(prefix)]  # "Some say that the baker ..." (lower-case the frame's first word)
-        if not any(w == m for m in MONTHS):
-            words[len(prefix)] = (w[0].lower() + w[1:], t)
+    k = len(prefix)  # "Some say that the baker ...": the frame's first word, if each prefix slot is one word
+    if prefix and words[k][1] == "O" and words[k][0] != "I" and words[k][0] not in MONTHS:
+        words[k] = (words[k][0][0].lower() + words[k][0][1:], "O")
     for j in range(len(words) - 1):  # a / an agreement
         if words[j][0] in ("a", "A") and words[j + 1][0][0].lower() in "aeiou":
             words[j] = (words[j][0] + "n", words[j][1])
@@ -330,25 +316,20 @@ def _render(frame, slots, rng, use_prefix=True):
 
 def paragraph(world, rng):
     """A short paragraph (3-6 sentences) about one entity: list of sentences, each a list of (word, tag)."""
-    kind = rng.choices(["person", "org", "city"], weights=[6, 2, 2])[0]
-    pool = {"person": world["people"], "org": world["orgs"], "city": world["cities"]}[kind]
-    i = rng.randrange(len(pool))
-    slots = _slots(world, rng, kind, i)
+    kind, pool = rng.choices([("person", "people"), ("org", "orgs"), ("city", "cities")], [6, 2, 2])[0]
+    slots = _slots(world, rng, kind, rng.randrange(len(world[pool])))
     frames = [f for f in FRAMES[kind] if not (kind == "city" and "capital" in f
                                                and world["capitals"][slots["country"]] != slots["city"])]
-    return [_render(f, slots, rng, use_prefix=k > 0) for k, f in enumerate(rng.sample(frames, rng.randint(3, 6)))]
-
-
-def detokenize(words):
-    """Words -> fluent text: no space before punctuation."""
-    return " ".join(words).replace(" ,", ",").replace(" .", ".")
+    return [_render(f, slots, rng, use_prefix=k > 0)
+            for k, f in enumerate(rng.sample(frames, rng.randint(3, 6)))]
 
 
 def documents(seed=1337, n_docs=1000):
     """Yield `n_docs` paragraphs of plain text (one document each)."""
     world, rng = build_world(seed), random.Random(seed + 1)
     for _ in range(n_docs):
-        yield " ".join(detokenize([w for w, _ in sent]) for sent in paragraph(world, rng))
+        text = " ".join(w for sent in paragraph(world, rng) for w, _ in sent)
+        yield text.replace(" ,", ",").replace(" .", ".")  # fluent text: no space before punctuation
 
 
 def ner_sentences(seed=1337, n=1000, heldout=False):
@@ -356,15 +337,13 @@ def ner_sentences(seed=1337, n=1000, heldout=False):
     places, organisations) never occur in the training world: the toy "zero-shot" test set."""
     world = build_world(seed)
     if heldout:
-        taken = {p["name"] for p in world["people"]} | {c["name"] for c in world["cities"]}
-        taken |= {w for o in world["orgs"] for w in o["name"].split()} | set(world["countries"])
-        taken |= {w for p in world["people"] for w in p["name"].split()}
+        taken = {e["name"] for e in world["people"] + world["cities"]} | set(world["countries"])
+        taken |= {w for e in world["people"] + world["orgs"] for w in e["name"].split()}
         world = build_world(seed + 7919, exclude=taken)
     rng = random.Random(seed + (2 if heldout else 3))
     out = []
     while len(out) < n:
-        for sent in paragraph(world, rng):
-            out.append(([w for w, _ in sent], [t for _, t in sent]))
+        out += [([w for w, _ in sent], [t for _, t in sent]) for sent in paragraph(world, rng)]
     return out[:n]
 
 
