@@ -9,7 +9,6 @@ The meta-learning head is not part of it: it stays in the run's ckpt.pt.
 import argparse
 import json
 import os
-import sys
 
 import torch
 
@@ -18,15 +17,7 @@ import maml_gpt as mg
 
 def hf_state_dict(model):
     """Our Decoder's weights under LlamaForCausalLM's names, fp32, q/k rows in rotate_half order."""
-    cfg = model.cfg
-    hd = cfg.d_model // cfg.n_heads
-
-    def rotate_half_rows(w, n_heads):
-        # We rotate adjacent features (2i, 2i+1) of each head as one pair; HF's rotate_half pairs (i,
-        # i + hd/2). Reordering each head's output rows evens-then-odds makes the same features rotate by the
-        # same angles, and since q and k are permuted alike, every q.k (hence the attention) is unchanged.
-        return w.unflatten(0, (n_heads, hd // 2, 2)).transpose(1, 2).flatten(0, 2)
-
+    hd = model.cfg.d_model // model.cfg.n_heads
     rename = {"embedding_proj": "model.embed_tokens", "layers": "model.layers", "output_norm": "model.norm",
               "de_embedding_proj": "lm_head", "attention_norm": "input_layernorm", "attention": "self_attn",
               "swiglu_norm": "post_attention_layernorm", "swiglu": "mlp", "w_0": "gate_proj",
@@ -35,7 +26,10 @@ def hf_state_dict(model):
     for name, w in model.state_dict().items():
         w = w.detach().float().cpu()
         if name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = rotate_half_rows(w, cfg.n_heads if "q_proj" in name else cfg.n_kv_heads)
+            # We rotate adjacent features (2i, 2i+1) of each head as one pair; HF's rotate_half pairs (i,
+            # i + hd/2). Each head's rows evens-then-odds, (heads, hd/2, 2) -> (heads, 2, hd/2), rotate the
+            # same features by the same angles; q and k permuted alike leave every q.k (the attention) as is.
+            w = w.unflatten(0, (-1, hd // 2, 2)).transpose(1, 2).flatten(0, 2)
         out[".".join(rename.get(part, part) for part in name.split("."))] = w.contiguous()
     return out
 
@@ -52,9 +46,8 @@ def hf_config(cfg):
 
 
 def hf_tokenizer_files(model_max_length):
-    """{file name: content} for GPT-2 + [MASK] as a Hugging Face tokenizer, rebuilt from the tiktoken ranks
-    (no download): vocab.json + merges.txt (GPT-2's own format), tokenizer.json (the fast tokenizer), and its
-    config."""
+    """{file name: content} for GPT-2 + [MASK] as a Hugging Face tokenizer, rebuilt from tiktoken's ranks (no
+    download): vocab.json + merges.txt (GPT-2's own format), tokenizer.json (the fast one) and its config."""
     enc = mg.get_tokenizer()
     # Byte-level BPE files spell every byte as a printable character: bytes that are printable stand for
     # themselves, the others are shifted to 256, 257, ... in order (bytes_to_unicode in GPT-2's encoder.py).
@@ -64,9 +57,7 @@ def hf_tokenizer_files(model_max_length):
     char = {b: chr(b if b in printable else next(shifted)) for b in range(256)}
     ranks = {enc.decode_single_token_bytes(i): i for i in range(mg.EOT_ID)}  # 256 bytes, then 50,000 merges
     merges = []
-    for tok, rank in ranks.items():  # rank order = merge order
-        if rank < 256:
-            continue
+    for tok in list(ranks)[256:]:  # rank order = merge order
         # tiktoken keeps no merge list: the merge that made `tok` is the last step of BPE on its own bytes,
         # using only lower-ranked merges (tiktoken's educational bpe() with max_rank).
         parts = [bytes([b]) for b in tok]
@@ -74,17 +65,15 @@ def hf_tokenizer_files(model_max_length):
             _, i = min((ranks.get(a + b, 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
         merges.append(" ".join("".join(char[b] for b in p) for p in parts))
-    vocab = {"".join(char[b] for b in tok): i for tok, i in ranks.items()}
     special = {"<|endoftext|>": mg.EOT_ID, "[MASK]": mg.MASK_ID}
-    vocab.update(special)
+    vocab = {"".join(char[b] for b in tok): i for tok, i in ranks.items()} | special
+    byte_level = dict(type="ByteLevel", use_regex=True)
     fast = dict(version="1.0", truncation=None, padding=None, normalizer=None,
                 added_tokens=[dict(id=i, content=t, single_word=False, lstrip=False, rstrip=False,
                                    normalized=False, special=True) for t, i in special.items()],
-                pre_tokenizer=dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True,
-                                   use_regex=True),
-                post_processor=dict(type="ByteLevel", add_prefix_space=True, trim_offsets=False,
-                                    use_regex=True),
-                decoder=dict(type="ByteLevel", add_prefix_space=True, trim_offsets=True, use_regex=True),
+                pre_tokenizer=dict(byte_level, add_prefix_space=False, trim_offsets=True),
+                post_processor=dict(byte_level, add_prefix_space=True, trim_offsets=False),
+                decoder=dict(byte_level, add_prefix_space=True, trim_offsets=True),
                 model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix="",
                            end_of_word_suffix="", fuse_unk=False, byte_fallback=False, vocab=vocab,
                            merges=merges))
@@ -123,9 +112,8 @@ def export(out_dir, dest):
     for name, text in {"config.json": json.dumps(hf_config(model.cfg), indent=1),
                        **hf_tokenizer_files(model.cfg.max_seq_len)}.items():
         mg.write_text(os.path.join(dest, name), text)
-    print(f"wrote {dest}: LlamaForCausalLM ({mg.count_params(model) / 1e6:.1f}M params, "
-          f"step {ck['step']} of {path}) and its tokenizer. "
-          f"The meta-learning head is not part of it (it stays in {path}).")
+    print(f"wrote {dest}: LlamaForCausalLM ({mg.count_params(model) / 1e6:.1f}M params, step {ck['step']} of "
+          f"{path}) and its tokenizer. The meta-learning head is not part of it (it stays in {path}).")
 
 
 def main(argv=None):
@@ -133,12 +121,8 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dest", help="the folder to write (new or empty)")
     p.add_argument("--out_dir", default=os.path.join("out", "demo"), help="the run folder holding ckpt.pt")
-    argv = sys.argv[1:] if argv is None else argv
-
-    def body():
-        args = p.parse_args(argv)
-        export(args.out_dir, args.dest)
-    mg.cli(body)
+    args = p.parse_args(argv)  # None: sys.argv[1:]
+    mg.cli(lambda: export(args.out_dir, args.dest))
 
 
 if __name__ == "__main__":
