@@ -7,7 +7,6 @@ Continuations of a prompt by a trained maml-gpt model (the checkpoint in --out_d
 """
 import argparse
 import os
-import sys
 
 import maml_gpt as mg
 
@@ -24,10 +23,9 @@ def main(argv=None):
     p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--seed", type=int, default=1337, help="the samples are a function of it")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)  # None: sys.argv[1:]
 
     def body():
-        args = p.parse_args(argv)
         if args.num_samples < 1 or args.max_new_tokens < 1:
             raise mg.UserError("--num_samples and --max_new_tokens must be >= 1")
         if args.temperature < 0 or args.top_k < 0:
