@@ -279,7 +279,7 @@ def metrics(maml, van, ner_rows, th=THRESHOLDS):
     # (ii) NER: the grid's checkpoint pair inside these runs' folders, else the pair of their seed
     pairs = grid_pairs(ner_rows)[0] if ner_rows else []
     where = [os.path.realpath(r["path"]) if r else None for r in (maml, van)]
-    seed = str((maml or van)["config"]["args"].get("seed"))
+    seed = str(seed_of(maml or van))
     pick = next((p for p in pairs if [os.path.realpath(os.path.dirname(k)) for k in p[1:]] == where), None) \
         or next((p for p in pairs if str(p[0]) == seed or p[0] is None), None)  # None: a grid without seeds
     c["ner_ckpt_maml"], c["ner_ckpt_vanilla"] = pick[1:] if pick else (None, None)
@@ -469,18 +469,19 @@ def split_arms(paths, vanilla):
         free = "seed out_dir data_dir resume overwrite wandb save_every device compile".split()
         for arm, group in (("MAML", runs), ("vanilla", vans)):
             same({r["path"]: {k: v for k, v in r["config"]["args"].items() if k not in free} for r in group},
-                 f"the {arm} runs differ in --{{k}} ({{vals}}); the runs of an arm may differ only in "
-                 "--seed: give runs made with the same flags")
+                 f"the {arm} runs", "the runs of an arm may differ only in --seed: give runs made with the "
+                 "same flags")
     return runs, vans
 
 
-def same(settings, message):
-    """A UserError (message, formatted with k and vals) for the first key whose value differs between the
-    {folder: {key: value}} of settings."""
+def same(settings, what, fix):
+    """A UserError "WHAT differ in --FLAG (each folder's value); FIX" for the first flag whose value differs
+    between the {folder: {flag: value}} of settings."""
     for k in sorted({k for s in settings.values() for k in s}):
         vals = {d: s.get(k) for d, s in settings.items()}
         if len({json.dumps(v, sort_keys=True) for v in vals.values()}) > 1:
-            raise UserError(message.format(k=k, vals=", ".join(f"{d}: {v}" for d, v in vals.items())))
+            raise UserError(f"{what} differ in --{k} (" + ", ".join(f"{d}: {v}" for d, v in vals.items())
+                            + f"); {fix}")
 
 
 def seed_of(run):
@@ -499,8 +500,8 @@ def load_grids(dirs):
             rows += list(csv.DictReader(f))
         if os.path.exists(os.path.join(d, "grid.json")):
             settings[d] = json.load(open(os.path.join(d, "grid.json")))
-    same(settings, "the NER grids were fine-tuned with different settings ({k}: {vals}); give grids made "
-         "with the same `finetune_ner.py --sweep` flags")
+    same(settings, "the NER grids were fine-tuned with different settings: they",
+         "give grids made with the same `finetune_ner.py --sweep` flags")
     return rows
 
 
@@ -605,10 +606,10 @@ def arms(runs):
     return [(g[0]["name"] if len(g) == 1 else f"rho={rho}, {len(g)} seeds", g) for rho, g in groups.items()]
 
 
-def titled(fig, titles, xlabel, fontsize=7, ncol=1):
-    """Every figure's finish: a title and legend per axis, one x label; -> fig."""
-    for a, t in zip(fig.axes, titles):
-        a.set(title=t, xlabel=xlabel)
+def titled(fig, titles, xlabels, fontsize=7, ncol=1):
+    """Every figure's finish: a title, an x label and a legend per axis; -> fig."""
+    for a, t, xl in zip(fig.axes, titles, xlabels):
+        a.set(title=t, xlabel=xl)
         a.legend(fontsize=fontsize, ncol=ncol) if a.get_legend_handles_labels()[0] else None
     return fig
 
@@ -639,10 +640,8 @@ def figure_loss(plt, runs, c):
             band(ax[0], group, "loss_mixed", f"{name} mixed", k=5, color=color, ls="--")
         band(ax[2], group, "eval_ppl", name)
     ax[2].set_yscale("log")
-    titled(fig, ("loss vs step: AR (solid), mixed train/loss (dashed)", "AR loss vs tokens",
-                 "eval perplexity"), "optimizer step")
-    ax[1].set(xlabel="backbone tokens (AR + meta)")
-    return fig
+    return titled(fig, ("loss vs step: AR (solid), mixed train/loss (dashed)", "AR loss vs tokens",
+                        "eval perplexity"), ("optimizer step", "backbone tokens (AR + meta)", "step"))
 
 
 def figure_speedup(plt, runs, c):
@@ -660,7 +659,7 @@ def figure_speedup(plt, runs, c):
     ax.axhline(1, color="grey", lw=0.8)
     ax.invert_xaxis()
     ax.set(ylabel="x sooner (vanilla / MAML)")
-    return titled(fig, ["reaches the same loss N x sooner"], "loss level (of the curve's own metric)")
+    return titled(fig, ["reaches the same loss N x sooner"], ["loss level (of the curve's own metric)"])
 
 
 def figure_meta(plt, runs, c):
@@ -684,7 +683,7 @@ def figure_meta(plt, runs, c):
         ax[1].axvline(c["jump_step"], color="red", lw=0.8, ls="--",
                       label=f"largest rise after a plateau (+{c['jump_rise']:.2f})")
     return titled(fig, ("support accuracy (pre / post adaptation)", "query accuracy (pre / post)",
-                        "held-out few-shot eval"), "optimizer step", 6)
+                        "held-out few-shot eval"), ["optimizer step"] * 3, 6)
 
 
 def figure_per(plt, run, c):
@@ -701,7 +700,7 @@ def figure_per(plt, run, c):
             if w and w["fall"] >= THRESHOLDS["fall"]:
                 a.axvline(w["step"], color=color, ls="--", lw=0.8, label=f"steepest drop ({mod})")
         a.plot(*series(run, f"ref/per_{kind}_attn"), color="grey", lw=1, label="released code's (all attn)")
-    return titled(fig, [f"PER of {kind}s ({run['name']})" for kind in ("weight", "grad")], "step")
+    return titled(fig, [f"PER of {kind}s ({run['name']})" for kind in ("weight", "grad")], ["step"] * 2)
 
 
 def figure_entropy(plt, run, c):
@@ -713,7 +712,7 @@ def figure_entropy(plt, run, c):
     ent = np.array([np.mean(r["attn_entropy"], axis=1) for r in rows])  # (probes, layers)
     ax.plot([r["step"] for r in rows], ent, label=[f"L{layer}" for layer in range(ent.shape[1])])
     ax.set(ylabel="nats")
-    return titled(fig, [f"mean head entropy per layer ({run['name']})"], "step", 6, ncol=2)
+    return titled(fig, [f"mean head entropy per layer ({run['name']})"], ["step"], 6, ncol=2)
 
 
 def main(argv=None):
