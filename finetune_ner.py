@@ -32,18 +32,17 @@ from maml_gpt import (EOT_ID, HERE, UserError, cli, get_tokenizer, load_checkpoi
 
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 LABEL_ID = {t: i for i, t in enumerate(LABELS)}
-# config -> (GitHub repository under UniversalNER, branch). Train/dev/test configs first, then test-only ones.
-TRAIN_CONFIGS = {"da_ddt": ("UNER_Danish-DDT", "main"), "en_ewt": ("UNER_English-EWT", "master"),
-                 "hr_set": ("UNER_Croatian-SET", "main"), "pt_bosque": ("UNER_Portuguese-Bosque", "master"),
-                 "sk_snk": ("UNER_Slovak-SNK", "master"), "sr_set": ("UNER_Serbian-SET", "main"),
-                 "sv_talbanken": ("UNER_Swedish-Talbanken", "master"),
-                 "zh_gsd": ("UNER_Chinese-GSD", "master"), "zh_gsdsimp": ("UNER_Chinese-GSDSIMP", "master")}
-TEST_CONFIGS = {"de_pud": ("UNER_German-PUD", "master"), "en_pud": ("UNER_English-PUD", "master"),
-                "pt_pud": ("UNER_Portuguese-PUD", "master"), "ru_pud": ("UNER_Russian-PUD", "master"),
-                "sv_pud": ("UNER_Swedish-PUD", "master"), "zh_pud": ("UNER_Chinese-PUD", "master"),
-                "ceb_gja": ("UNER_Cebuano-GJA", "master"), "tl_trg": ("UNER_Tagalog-TRG", "master"),
-                "tl_ugnayan": ("UNER_Tagalog-Ugnayan", "master")}
-URL = "https://raw.githubusercontent.com/UniversalNER/{repo}/{branch}/{cfg}-ud-{split}.iob2"
+# config -> its GitHub repository UniversalNER/UNER_<name>, on branch master (main for MAIN_BRANCH).
+# Train/dev/test configs first, then test-only ones.
+TRAIN_CONFIGS = {"da_ddt": "Danish-DDT", "en_ewt": "English-EWT", "hr_set": "Croatian-SET",
+                 "pt_bosque": "Portuguese-Bosque", "sk_snk": "Slovak-SNK", "sr_set": "Serbian-SET",
+                 "sv_talbanken": "Swedish-Talbanken", "zh_gsd": "Chinese-GSD",
+                 "zh_gsdsimp": "Chinese-GSDSIMP"}
+TEST_CONFIGS = {"de_pud": "German-PUD", "en_pud": "English-PUD", "pt_pud": "Portuguese-PUD",
+                "ru_pud": "Russian-PUD", "sv_pud": "Swedish-PUD", "zh_pud": "Chinese-PUD",
+                "ceb_gja": "Cebuano-GJA", "tl_trg": "Tagalog-TRG", "tl_ugnayan": "Tagalog-Ugnayan"}
+MAIN_BRANCH = {"da_ddt", "hr_set", "sr_set"}
+URL = "https://raw.githubusercontent.com/UniversalNER/UNER_{name}/{branch}/{cfg}-ud-{split}.iob2"
 
 
 def pyplot():
@@ -55,8 +54,7 @@ def pyplot():
 
 
 def write_atomic(path, data):
-    """`data` (str or bytes) to `path` through maml_gpt.write_atomically: a kill mid-write leaves the previous
-    file whole."""
+    """`data` (str or bytes) to `path` via write_atomically: a kill mid-write leaves the old file whole."""
     data = data.encode("utf-8") if isinstance(data, str) else data
     write_atomically(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
 
@@ -71,9 +69,7 @@ def read_iob2(path):
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate([*f, ""], 1):  # the blank line added at the end closes the last sentence
             line = line.rstrip("\r\n")
-            if line.startswith("#"):
-                continue
-            if not line.strip():
+            if not line.strip() or line.startswith("#"):  # a blank line ends a sentence, comments open one
                 if words:
                     sents.append((words, tags))
                 words, tags = [], []
@@ -94,16 +90,13 @@ def read_iob2(path):
 def uner_file(cfg, split, data_dir, cache_dir):
     """Path of <cfg>-ud-<split>.iob2: in --data_dir if given, else cached, else downloaded; None if absent."""
     name = f"{cfg}-ud-{split}.iob2"
-    if data_dir:
-        p = os.path.join(data_dir, name)
+    p = os.path.join(data_dir or cache_dir, name)
+    if data_dir or os.path.exists(p):  # --data_dir is never downloaded to; a cached download is reused
         return p if os.path.exists(p) else None
-    p = os.path.join(cache_dir, name)
-    if os.path.exists(p):
-        return p
-    repo, branch = {**TRAIN_CONFIGS, **TEST_CONFIGS}[cfg]
+    url = URL.format(name={**TRAIN_CONFIGS, **TEST_CONFIGS}[cfg], branch="main" if cfg in MAIN_BRANCH
+                     else "master", cfg=cfg, split=split)
     try:
-        with urllib.request.urlopen(URL.format(repo=repo, branch=branch, cfg=cfg, split=split),
-                                    timeout=20) as r:
+        with urllib.request.urlopen(url, timeout=20) as r:
             body = r.read()
     except urllib.error.HTTPError as e:
         if e.code == 404:
@@ -163,22 +156,10 @@ def encode(sentences, max_len=128):
                 truncated += len(words) - i
                 break
             first.append(len(ids))  # where this word's prediction is read
-            labels += [LABEL_ID[t]] + [-100] * (len(pieces) - 1)  # -100: ignored by cross_entropy
+            labels += [LABEL_ID[t]] + [-100] * (len(pieces) - 1)  # -100: no target
             ids += pieces
         out.append((ids[:max_len], labels[:max_len], first))
     return out, truncated
-
-
-def pad(items):
-    """encode() items -> a right-padded (EOT) batch: x (B, T), y (B, T) with -100 on padding. Right padding is
-    safe for a causal model: no real position attends to the pads."""
-    T = max(len(ids) for ids, _, _ in items)
-    x = torch.full((len(items), T), EOT_ID, dtype=torch.long)
-    y = torch.full((len(items), T), -100, dtype=torch.long)
-    for b, (ids, labels, _) in enumerate(items):
-        x[b, :len(ids)] = torch.tensor(ids)
-        y[b, :len(labels)] = torch.tensor(labels)
-    return x, y
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -224,15 +205,20 @@ def entity_f1(gold, pred):
 # ------------------------------------------------------------------------------------------------------------
 # Fine-tuning
 
+def hidden(model, items, device):
+    """Final hidden states at each word's first sub-token, for a batch of encode() items: list of (n_words, d)
+    tensors. The batch is right-padded with EOT: safe for a causal model, no real position attends to pads."""
+    x = nn.utils.rnn.pad_sequence([torch.tensor(ids) for ids, _, _ in items], batch_first=True,
+                                  padding_value=EOT_ID)  # (B, T)
+    h = model(x.to(device), return_hidden=True).float()  # (B, T, d)
+    return [h[b, first] for b, (_, _, first) in enumerate(items)]
+
+
 def features(model, items, batch_size, device):
-    """Hidden states (no gradient) at each word's first sub-token: list of (n_words, d) tensors."""
-    out = []
+    """hidden() of all items, batch by batch, without gradients, kept on the CPU."""
     with torch.no_grad():
-        for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
-            h = model(pad(chunk)[0].to(device), return_hidden=True).float()  # (B, T, d)
-            out += [h[b, first].cpu() for b, (_, _, first) in enumerate(chunk)]
-    return out
+        return [h.cpu() for i in range(0, len(items), batch_size)
+                for h in hidden(model, items[i:i + batch_size], device)]
 
 
 def predict(clf, feats):
@@ -265,26 +251,16 @@ def finetune(model, splits, args, device, log=print):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total)  # linear decay to 0 (HF default)
     if head_only:  # the backbone is frozen and deterministic: compute its features once
         tr_f, dev_f = (features(model, items, args.batch_size, device) for items in (train, dev))
-        tr_y = [torch.tensor(labels)[first] for _, labels, first in train]  # (n_words,) each
+    tr_y = [torch.tensor(labels)[first] for _, labels, first in train]  # (n_words,): the tag ids
     rng = np.random.default_rng(args.seed)
-
-    def epoch_batches():  # shuffled sentences -> (n, 7) logits, (n,) labels
-        order = rng.permutation(len(train))
-        for i in range(0, len(order), args.batch_size):
-            idx = order[i:i + args.batch_size]
-            if head_only:  # cached features: only the classifier runs
-                yield (clf(torch.cat([tr_f[j] for j in idx]).to(device)),
-                       torch.cat([tr_y[j] for j in idx]).to(device))
-            else:  # padded sentences through the whole (trainable) model
-                x, y = pad([train[j] for j in idx])
-                yield (clf(model(x.to(device), return_hidden=True)).flatten(0, 1).float(),
-                       y.to(device).flatten())
-
     best, history = -1.0, []
     for epoch in range(1, args.epochs + 1):
-        t0, losses = time.time(), []
-        for logits, y in epoch_batches():
-            loss = F.cross_entropy(logits, y, ignore_index=-100)
+        t0, losses, order = time.time(), [], rng.permutation(len(train))
+        for i in range(0, len(order), args.batch_size):  # shuffled batches of sentences
+            idx = order[i:i + args.batch_size]
+            # each sentence's (n_words, d): cached features (only the classifier runs), or the whole model's
+            h = [tr_f[j] for j in idx] if head_only else hidden(model, [train[j] for j in idx], device)
+            loss = F.cross_entropy(clf(torch.cat(h).to(device)), torch.cat([tr_y[j] for j in idx]).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -330,15 +306,6 @@ def run_one(args, ckpt_path=None, log=print):
         res["eval"][name] = dict(score(preds, sents), sentences=len(sents), truncated_words=truncated)
     res["sec"] = time.time() - t0
     return res
-
-
-def print_table(res):
-    print(f"{'eval set':14s} {'P':>7s} {'R':>7s} {'F1':>7s}   "
-          + "  ".join(f"{t:>6s}" for t in ("PER", "ORG", "LOC")) + "   truncated words")
-    for name, r in res["eval"].items():
-        per = "  ".join(f"{r['per_type'].get(t, {}).get('f1', 0):6.3f}" for t in ("PER", "ORG", "LOC"))
-        print(f"{name:14s} {r['precision']:7.3f} {r['recall']:7.3f} {r['f1']:7.3f}   {per}   "
-              f"{r['truncated_words']}")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -540,8 +507,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.train_on is None:
-        args.train_on = "en_ewt" if args.data_dir else "toy"
+    args.train_on = args.train_on or ("en_ewt" if args.data_dir else "toy")
     args.out = args.out or os.path.join(os.path.dirname(args.ckpt[0]) or ".",
                                         "ner-grid" if args.sweep else f"ner-{args.train_on}-{args.regime}")
 
@@ -552,7 +518,12 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "results.json")
         write_atomic(path, json.dumps(res, indent=1))
-        print_table(res)
+        print(f"{'eval set':14s} {'P':>7s} {'R':>7s} {'F1':>7s}   "
+              + "  ".join(f"{t:>6s}" for t in ("PER", "ORG", "LOC")) + "   truncated words")
+        for name, r in res["eval"].items():
+            per = "  ".join(f"{r['per_type'].get(t, {}).get('f1', 0):6.3f}" for t in ("PER", "ORG", "LOC"))
+            print(f"{name:14s} {r['precision']:7.3f} {r['recall']:7.3f} {r['f1']:7.3f}   {per}   "
+                  f"{r['truncated_words']}")
         print(f"results: {path} ({res['sec']:.0f}s). Next: python finetune_ner.py --regime "
               f"{'full' if args.regime == 'head' else 'head'}   |   "
               "python finetune_ner.py --sweep --ckpt CKPT ...")
