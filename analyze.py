@@ -221,10 +221,10 @@ def jump(x, y, th, chance=None):
 
 def shape_metrics(c, maml, van, th):
     """The numbers of (iii) and (iv), into c: they alone depend on the thresholds th."""
-    # (iii) per attention matrix: its steepest weight-PER drop and its gradient-PER dip
+    # (iii) diversify-then-compress, per attention matrix: its steepest weight-PER drop, its gradient dip
     drops = {}
     for tag, run in (("maml", maml), ("vanilla", van)):
-        mods, drops[tag], both = attn_modules(run) if run else [], [], []
+        mods, drops[tag], both = attn_modules(run) if run else [], [], []  # both: weight drop and grad dip
         for mod in mods:
             w = weight_drop(*mean_per(run, "weight", mod)) or {}
             g = grad_dip(*mean_per(run, "grad", mod)) or {}
@@ -237,12 +237,12 @@ def shape_metrics(c, maml, van, th):
             both.append(w_ok and g_ok)
         c[f"compress_{tag}"] = int(any(both)) if mods else None
         c[f"weight_drop_{tag}"] = int(bool(drops[tag])) if mods else None
-        x, e = series(run, "attn_entropy_mean")
+        e = series(run, "attn_entropy_mean")[1]
         c[f"entropy_first_{tag}"], c[f"entropy_last_{tag}"] = (e[0], e[-1]) if len(e) else (None, None)
     score = c["compress_maml"]
     c["compress_diff"] = None if score is None else score - (c["weight_drop_vanilla"] or 0)
-    # (iv) kind: 'transition', 'jump without PER drop' (no MAML weight drop within `probes` probes of the
-    # jump) or 'no transition' (no rise >= `rise` after a plateau); None: too few windows for the rule
+    # (iv) phase transition. kind: 'transition', 'jump without PER drop' (no MAML weight drop within
+    # `probes` probes of the jump), 'no transition' (no rise >= `rise` after a plateau); None: too few windows
     xs = mean_per(maml, "weight", attn_modules(maml)[0])[0] if maml and attn_modules(maml) else []
     probe = float(np.median(np.diff(xs))) if len(xs) > 1 else 0.0
     x, y = series(maml, "acc_query_post")
