@@ -1,14 +1,15 @@
 """
 Corpus preparation for maml_gpt.py: the documents of a corpus -> train.bin and val.bin in
-args.data_dir/<name>/, GPT-2 tokens as uint16 behind a small header. A run calls prepare_corpus the first
-time it names a corpus. This file owns what it writes, and maml_gpt.py imports it (never the other way): the
-tokenizer, the token-file format (write_bin, read_bin), and the SMLMT index of a split, cached beside it. Sources (--data): the offline toy world (data/toyworld.py); local files (parquet, json[l][.gz],
-txt) read by `datasets`' own builders; a hub dataset ID, streamed. Tokenizing is sharded over --prep_procs
-processes and resumable: a killed preparation continues where it stopped and writes the same bytes.
+args.data_dir/<name>/, GPT-2 tokens as uint16 behind a small header, the first time a run names the corpus.
+This file owns what it writes, and maml_gpt.py imports it (never the other way): the tokenizer, the token-file
+format (write_bin, read_bin), and the SMLMT index of a split, cached beside it. Sources (--data): the offline
+toy world (data/toyworld.py); local files (parquet, json[l][.gz], txt) read by `datasets`' own builders; a
+hub dataset ID, streamed. Tokenizing is sharded over --prep_procs processes and resumable: a killed
+preparation continues where it stopped and writes the same bytes.
 """
 import base64
-import collections
 import fcntl
+import functools
 import glob
 import hashlib
 import itertools
@@ -16,6 +17,7 @@ import json
 import lzma
 import multiprocessing
 import os
+import pathlib
 import platform
 import re
 import time
@@ -25,8 +27,6 @@ import numpy as np
 from tqdm import tqdm
 
 from . import toyworld
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class UserError(Exception):
@@ -38,20 +38,17 @@ class UserError(Exception):
 
 EOT_ID = 50256  # <|endoftext|> separates documents
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_TOKENIZER = None
 
 
+@functools.cache
 def get_tokenizer():
     """The tiktoken "gpt2" encoding (50,257 ids), built from data/gpt2.tiktoken.xz with no download."""
-    global _TOKENIZER
-    if _TOKENIZER is None:
-        import tiktoken
-        with lzma.open(os.path.join(HERE, "gpt2.tiktoken.xz"), "rb") as f:
-            ranks = {base64.b64decode(tok): int(rank)
-                     for tok, rank in (line.split() for line in f if line.strip())}
-        _TOKENIZER = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                       special_tokens={"<|endoftext|>": EOT_ID})
-    return _TOKENIZER
+    import tiktoken
+    with lzma.open(os.path.join(os.path.dirname(__file__), "gpt2.tiktoken.xz"), "rb") as f:
+        ranks = {base64.b64decode(tok): int(rank)
+                 for tok, rank in (line.split() for line in f if line.strip())}
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT_ID})
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -73,8 +70,7 @@ def write_atomically(path, write):
 
 
 def write_text(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    pathlib.Path(path).write_text(text, encoding="utf-8")
 
 
 def wait_for(path, what):
@@ -87,17 +83,12 @@ def wait_for(path, what):
 
 
 def bin_header(n):
-    header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = BIN_MAGIC, BIN_VERSION, n
-    return header
+    return np.array([BIN_MAGIC, BIN_VERSION, n] + [0] * (HEADER_INTS - 3), dtype=np.int32).tobytes()
 
 
 def write_bin(path, tokens):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(bin_header(len(tokens)).tobytes())
-            f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
-    write_atomically(path, write)
+    data = bin_header(len(tokens)) + np.asarray(tokens, dtype=np.uint16).tobytes()
+    write_atomically(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
 
 
 def read_bin(path):
@@ -106,13 +97,12 @@ def read_bin(path):
         header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     except OSError as e:
         raise UserError(f"cannot read {path}: {e}")
-    n = int(header[2]) if len(header) == HEADER_INTS else -1
     if len(header) < HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION \
-            or os.path.getsize(path) != HEADER_INTS * 4 + 2 * n:
+            or os.path.getsize(path) != HEADER_INTS * 4 + 2 * int(header[2]):
         raise UserError(f"{path} is not a valid token file (wrong header or size); "
                         "delete its folder to re-prepare")
     # A memmap reads only the pages a batch touches: a 1B-token corpus costs no RAM until used.
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(int(header[2]),))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -123,15 +113,14 @@ SHARD_DOCS = 2048  # documents per shard: the unit of work of a process, and all
 
 
 def corpus_name(args):
-    """The cache folder's name, which identifies its content: the toy size, a local corpus's files (path,
-    size, mtime) and text field, or the hub ID, token budget and text field. Change any of them and the
-    corpus is prepared again."""
+    """The cache folder's name, from what its content depends on (change any, and it is prepared again): the
+    toy size; local files (path, size, mtime), text field and token budget; a hub ID, its field and budget."""
     data, field = args.data, "" if args.text_field == "text" else f"-{args.text_field}"
     if data == "toy":
         return f"toy-{args.toy_docs}"
     if is_local(data):
         h = hashlib.sha1("|".join(f"{os.path.abspath(f)}|{os.path.getsize(f)}|{os.path.getmtime(f)}"
-                                  for f in local_files(data)).encode() + field.encode()).hexdigest()[:8]
+                                  for f in local_files(data)[0]).encode() + field.encode()).hexdigest()[:8]
         base = re.sub(r"[^\w.-]", "_", os.path.basename(os.path.normpath(data)))  # a glob's * is no name
         return f"local-{base}-{h}-{args.max_tokens}"
     if re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", data):
@@ -141,13 +130,12 @@ def corpus_name(args):
 
 
 def prepare_corpus(args, rank_is_local_zero=True):
-    """args.data_dir/<name>/, the corpus tokenized into train.bin and val.bin the first time a run names it.
-    One process prepares it (the first local rank 0 to take its lock, on any node); the others wait for its
-    files. -> that folder."""
+    """-> args.data_dir/<name>/: the corpus, tokenized into train.bin and val.bin the first time a run names
+    it, by one process (the first local rank 0 to take its lock, on any node); the others wait for it."""
     name = corpus_name(args)
     out = os.path.join(args.data_dir, name)
     done = os.path.join(out, "val.bin")
-    if not os.path.exists(done) and not rank_is_local_zero:
+    if not rank_is_local_zero:
         wait_for(done, f"the prepared corpus {name}")
     elif not os.path.exists(done):
         with cache_lock(out, f"the corpus {name}"):
@@ -157,8 +145,9 @@ def prepare_corpus(args, rank_is_local_zero=True):
     need = args.seq_len + 2  # at least one window (seq_len inputs + 1 target) and room to draw its start
     for split in ("train", "val"):
         if len(read_bin(os.path.join(out, f"{split}.bin"))) < need:
-            raise UserError(f"--data {args.data}: the {split} split has fewer than {need} tokens; the corpus "
-                            f"is empty or too small (every {VAL_EVERY}th document is held out for validation)")
+            raise UserError(f"--data {args.data}: the {split} split has fewer than {need} tokens; the "
+                            f"corpus is empty or too small (every {VAL_EVERY}th document is held out for "
+                            "validation)")
     return out
 
 
@@ -168,8 +157,8 @@ def tokenize_documents(args, out, desc):
     out/progress.json (documents read, the stream's position, tokens written). A killed run resumes from the
     last commit, the partial files cut back to it, and writes the same bytes as an uninterrupted one."""
     max_tokens, head = args.max_tokens if args.data != "toy" else 1 << 62, HEADER_INTS * 4
-    parts, prog_path = {s: os.path.join(out, f"{s}.partial") for s in ("train", "val")}, \
-        os.path.join(out, "progress.json")
+    parts = {s: os.path.join(out, f"{s}.partial") for s in ("train", "val")}
+    prog_path = os.path.join(out, "progress.json")
     prog = dict(docs=0, state=None, train=0, val=0, end=False)
     if os.path.exists(prog_path):
         resumed = json.load(open(prog_path))
@@ -183,7 +172,7 @@ def tokenize_documents(args, out, desc):
         f.seek(0, os.SEEK_END)
     docs, ds = documents(args, prog["docs"], prog["state"])
     pool = multiprocessing.Pool(args.prep_procs) if args.prep_procs > 1 else None
-    pending = collections.deque()  # (tokens or their AsyncResult, the commit after them), in corpus order
+    pending = []  # (tokens or their AsyncResult, the commit after them), in corpus order
     n_read = prog["docs"]
     bar = tqdm(total=max_tokens if max_tokens < 1 << 40 else None, initial=prog["train"] + prog["val"],
                desc=f"tokenizing {desc}", unit="tok", unit_scale=True, leave=False)
@@ -196,7 +185,7 @@ def tokenize_documents(args, out, desc):
                 pending.append((job, dict(docs=n_read, state=None if ds is None else ds.state_dict(),
                                           end=len(texts) < SHARD_DOCS)))
                 continue
-            job, mark = pending.popleft()
+            job, mark = pending.pop(0)
             for (s, f), toks in zip(files.items(), job.get() if pool else job):
                 f.write(toks.tobytes())
                 f.flush()
@@ -213,7 +202,7 @@ def tokenize_documents(args, out, desc):
         n = min(prog[s], max_tokens) if s == "train" else prog[s]
         f.truncate(head + 2 * n)
         f.seek(0)
-        f.write(bin_header(n).tobytes())
+        f.write(bin_header(n))
         f.close()
     for s in files:  # val.bin last: it marks the corpus complete
         os.replace(parts[s], os.path.join(out, f"{s}.bin"))
@@ -245,9 +234,13 @@ def documents(args, start=0, state=None):
     """The corpus's documents from document `start` on -> (texts, the datasets stream or None). A stream's
     state_dict() is its position after the texts read so far; `state` is the one saved at `start`."""
     if args.data == "toy":  # a plain generator: the demo imports no `datasets`
-        docs = toyworld.documents(seed=1337, n_docs=args.toy_docs)
-        return itertools.islice(docs, start, None), None
-    ds = local_dataset(local_files(args.data)) if is_local(args.data) else hub_dataset(args.data)
+        return itertools.islice(toyworld.documents(seed=1337, n_docs=args.toy_docs), start, None), None
+    if is_local(args.data):
+        files, kind = local_files(args.data)
+        ds = stream(kind, data_files=files, split="train",
+                    **(dict(sample_by="paragraph") if kind == "text" else {}))
+    else:
+        ds = hub_dataset(args.data)
     if state:
         ds.load_state_dict(state)
     return texts(ds, args.text_field, args.data), ds
@@ -264,7 +257,8 @@ def is_local(data):
 
 
 def local_files(data):
-    """--data PATH: a file, a folder (searched recursively) or a glob -> its corpus files, sorted."""
+    """--data PATH: a file, a folder (searched recursively) or a glob -> (its corpus files, sorted; their
+    `datasets` builder)."""
     reader = lambda f: next((r for end, r in READERS.items() if f.endswith(end)), None)  # noqa: E731
     files = sorted(glob.glob(data, recursive=True) if not os.path.exists(data)
                    else [os.path.join(r, f) for r, _, fs in os.walk(data) for f in fs if reader(f)]
@@ -274,7 +268,7 @@ def local_files(data):
         what = ("no files" if not files else "mixes formats" if None not in kinds else
                 f"{next(f for f in files if not reader(f))} has no reader")
         raise UserError(f"--data {data}: {what}; maml-gpt reads {', '.join(READERS)} files (one format)")
-    return files
+    return files, kinds.pop()
 
 
 def stream(*args, **kwargs):
@@ -284,12 +278,6 @@ def stream(*args, **kwargs):
     except ImportError:
         raise UserError("real corpora need the datasets package: pip install datasets (or use --data toy)")
     return datasets.load_dataset(*args, streaming=True, **kwargs)
-
-
-def local_dataset(files):
-    kind = next(r for end, r in READERS.items() if files[0].endswith(end))
-    return stream(kind, data_files=files, split="train",
-                  **(dict(sample_by="paragraph") if kind == "text" else {}))
 
 
 def hub_dataset(spec, split="train"):
@@ -380,29 +368,23 @@ def build_smlmt_index(corpus_dir, args, rank_is_local_zero=True, split="train"):
         words = content_word_ids(counts, args.smlmt_skip_top, min_count)
         is_word = np.zeros(1 << 16, dtype=bool)  # a lookup table: is_word[token id] -> content word?
         is_word[words] = True
-        found = {int(w): [] for w in words}
-        have = dict.fromkeys(found, 0)
+        have = np.zeros(1 << 16, dtype=np.int64)  # positions kept so far, per token id
+        ids, pos = [np.zeros(0, np.uint16)], [np.zeros(0, np.int64)]
         lo, hi = SMLMT_MARGIN, len(tokens) - SMLMT_MARGIN
         # Pass 2: positions, in corpus order, up to the cap (web corpora are document-shuffled, so the first
         # 1,000 occurrences are as good a sample as any). Chunked: a 1B-token corpus needs no 1B-entry arrays.
         for start in range(lo, hi, chunk):
             seg = np.asarray(tokens[start:min(start + chunk, hi)])
-            pos = np.flatnonzero(is_word[seg])  # offsets of content words in this chunk
-            ids = seg[pos]
-            order = np.argsort(ids, kind="stable")  # group by word, keeping corpus order within a word
-            ids, pos = ids[order], pos[order] + start
-            bounds = np.flatnonzero(np.diff(ids)) + 1  # where one word's group ends and the next begins
-            for grp_ids, grp_pos in zip(np.split(ids, bounds), np.split(pos, bounds)):
-                w = int(grp_ids[0]) if len(grp_ids) else None
-                if w is not None and have[w] < args.smlmt_max_occ:
-                    take = grp_pos[:args.smlmt_max_occ - have[w]]
-                    found[w].append(take)
-                    have[w] += len(take)
-        keep = [w for w in found if have[w] >= min_count]  # enough occurrences away from the edges
-        positions = [np.concatenate(found[w]) for w in keep]
-        offsets = np.cumsum([0] + [len(p) for p in positions])
-        write_atomically(path, lambda tmp: np.savez(
-            tmp, words=np.array(keep, dtype=np.int64), offsets=offsets,
-            positions=np.concatenate(positions) if positions else np.zeros(0, np.int64)))
-    z = np.load(path)
-    return {"words": z["words"], "offsets": z["offsets"], "positions": z["positions"]}
+            at = np.flatnonzero(is_word[seg])  # offsets of content words in this chunk
+            order = np.argsort(seg[at], kind="stable")  # group by word, keeping corpus order within a word
+            w, at = seg[at][order], at[order] + start
+            nth = have[w] + np.arange(len(w)) - np.searchsorted(w, w)  # the how-many-th of its word each is
+            ids.append(w[nth < args.smlmt_max_occ])
+            pos.append(at[nth < args.smlmt_max_occ])
+            have += np.bincount(ids[-1], minlength=1 << 16)
+        ids, pos = np.concatenate(ids), np.concatenate(pos)
+        order = np.argsort(ids, kind="stable")  # word by word, each word's positions in corpus order
+        keep = words[have[words] >= min_count]  # enough occurrences away from the edges
+        write_atomically(path, lambda tmp: np.savez(tmp, words=keep, offsets=np.cumsum(np.r_[0, have[keep]]),
+                                                    positions=pos[order][(have >= min_count)[ids[order]]]))
+    return dict(np.load(path))
