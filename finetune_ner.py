@@ -487,19 +487,19 @@ def build_parser():
     a = p.add_argument
     a("--ckpt", nargs="+", default=["out/demo/ckpt.pt"], help="checkpoint(s); --sweep takes several")
     a("--train_on", help="toy, all, or a UNER config (da_ddt, ...); default toy, en_ewt with --data_dir")
-    a("--regime", choices=["head", "full"], default="head", help="head: frozen backbone; full: everything")
+    a("--regime", choices=["head", "full"], default="head", help="head: frozen backbone; full: train all")
     a("--data_dir", help="local folder of <cfg>-ud-<split>.iob2 files (no download)")
     a("--cache_dir", default=os.path.join(HERE, "data", "cache", "uner"), help="where downloads are cached")
     a("--lr", type=float, help="AdamW learning rate (default 3e-5 as in the paper; the short toy demo uses "
       "1e-3 for the head and 1e-4 for full fine-tuning)")
-    a("--batch_size", type=int, default=16)
+    a("--batch_size", type=int, default=16, help="sentences per optimizer step")
     a("--epochs", type=int, default=10, help="maximum epochs")
     a("--patience", type=int, default=3, help="stop after this many epochs without a better dev F1")
     a("--max_len", type=int, default=128, help="tokens per sentence (longer sentences are truncated)")
     a("--max_train_sentences", type=int, default=0, help="use only the first N training sentences (0 = all)")
     a("--toy_sentences", type=int, default=2000, help="training sentences of the toy NER set")
-    a("--seed", type=int, default=0)
-    a("--device", default="auto")
+    a("--seed", type=int, default=0, help="seeds fine-tuning: the head's init, the shuffling")
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--out", help="output folder (default: beside the first --ckpt, ner-<train_on>-<regime>/ or ner-grid/)")
     a("--sweep", action="store_true", help="the paper's grid: every config x {head, full} for each --ckpt")
     return p
