@@ -6,6 +6,7 @@ Speed and memory of maml-gpt's training steps, printed; no run is written.
     python bench.py --vs_hf           # against Hugging Face LlamaForCausalLM (requirements-dev.txt)
 """
 import collections
+import resource
 import statistics
 import sys
 import time
@@ -74,22 +75,6 @@ class count_host_syncs(TorchFunctionMode):
         return not non_blocking or (torch.device(dev).type == "cuda" and not args[0].is_pinned())
 
 
-def peak_memory_gib(device, reset=False):
-    """CUDA: peak allocated; CPU: peak RSS (VmHWM). reset=True restarts the count, -> False where it can't."""
-    if device.type == "cuda":
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
-        return True if reset else torch.cuda.max_memory_allocated(device) / 2 ** 30
-    try:
-        if reset:  # writing 5 to clear_refs restarts VmHWM
-            with open("/proc/self/clear_refs", "w") as f:
-                return f.write("5") > 0
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 2 ** 20  # kB
-    except (OSError, StopIteration):
-        return False if reset else float("nan")
-
-
 # Views: no kernel on a GPU, left out of the launched-op count.
 VIEW_OPS = {"aten::" + n for n in ("view view_as reshape _reshape_alias _unsafe_view t transpose detach "
                                    "alias expand unsqueeze squeeze select slice split split_with_sizes "
@@ -143,16 +128,20 @@ def bench(args, iters=5):
         mg.meta_micro_step(model or run.model, run.head, episode(i), args, 1.0, amp)
         run.optimizer.zero_grad(set_to_none=True)
 
-    steps, syncs = dict(AR=ar, meta=meta), {}
+    steps, syncs, cuda = dict(AR=ar, meta=meta), {}, device.type == "cuda"
     for name, fn in steps.items():  # on the eager model: a compiled graph runs no Python
         with count_host_syncs() as syncs[name]:
             fn(0, model)
     for fn in (ar, meta, ar, meta):  # warm-up (and compilation), not timed
         fn(0)
-    reset = peak_memory_gib(device, reset=True)  # the peak of training itself: preparation, warm-up are over
+    if cuda:  # the peak of training itself: preparation, warm-up are over
+        torch.cuda.reset_peak_memory_stats(device)
     sec = {k: timed(fn, device, iters) for k, fn in steps.items()}
     sec["probe"] = timed(lambda i: mg.learning_dynamics(model, *run.probe, run.modules, amp), device)
-    mem, tok = peak_memory_gib(device), dict(AR=run.micro_tokens["ar"], meta=run.micro_tokens["meta"])
+    # CPU: ru_maxrss, the process's peak RSS since its start (preparation included), kB (bytes on macOS)
+    mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else
+           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (30 if sys.platform == "darwin" else 20))
+    tok = dict(AR=run.micro_tokens["ar"], meta=run.micro_tokens["meta"])
     step = args.grad_accum * (args.hybrid_ratio * sec["meta"] + (1 - args.hybrid_ratio) * sec["AR"])
     ctx = mg.smlmt_ctx(args)
     n_sup = args.n_way * args.k_shot * ctx
@@ -161,8 +150,7 @@ def bench(args, iters=5):
     flops = dict(AR=flops_per_token(model.cfg, args.seq_len) * tok["AR"],
                  meta=flops_per_token(model.cfg, ctx, backward=False, lm_head=False) * n_sup
                  + flops_per_token(model.cfg, ctx, lm_head=False) * (tok["meta"] - n_sup))
-    peak = (peak_of(torch.cuda.get_device_name(device))
-            if device.type == "cuda" and not isinstance(amp, nullcontext) else None)
+    peak = peak_of(torch.cuda.get_device_name(device)) if cuda and not isinstance(amp, nullcontext) else None
     with amp:  # the attention kernel of a forward (on a GPU in bf16: flash or cuDNN, not math)
         every = launched_ops(lambda: model(run.probe[0][:1], run.probe[0][:1]))[2]
     kernel = next((n.removeprefix("aten::_scaled_dot_product_") for n in every
@@ -174,11 +162,11 @@ def bench(args, iters=5):
               f"{tok[k] / sec[k]:10.0f} tok/s  ({shape})")
     print(f"  meta / AR cost per backbone token: {sec['meta'] / tok['meta'] / (sec['AR'] / tok['AR']):.3f}; "
           f"est. step {step:.2f} s at grad_accum {args.grad_accum}, hybrid_ratio {args.hybrid_ratio}")
-    mfu = "  ".join(f"{k} {flops[k] / sec[k] / peak:.1%}" for k in ("AR", "meta")) if peak else ""
-    print(f"  MFU: {mfu}  (peak {peak / 1e12:.0f} TFLOPS bf16)" if peak
-          else "  MFU: unknown (no known bf16 peak for this device/dtype)")
-    print(f"  peak memory: {mem:.2f} GiB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'}, "
-          f"{'after warm-up' if reset else 'since start'})")
+    print("  MFU: " + ("  ".join(f"{k} {flops[k] / sec[k] / peak:.1%}" for k in tok)
+                       + f"  (peak {peak / 1e12:.0f} TFLOPS bf16)" if peak
+                       else "unknown (no known bf16 peak for this device/dtype)"))
+    print(f"  peak memory: {mem:.2f} GiB "
+          + ("(CUDA allocated, after warm-up)" if cuda else "(process RSS, since start)"))
     print("  host syncs per micro-step: " + "; ".join(f"{k} {sum(v.values())}" + "".join(
         f", {n} x{c}" for n, c in sorted(v.items())) for k, v in syncs.items()))
     ep, layerwise = episode(0), args.inner_loop == "layerwise"
