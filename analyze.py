@@ -321,9 +321,8 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 def t975(df):
     """Beyond the table, the Cornish-Fisher expansion of t around z = 1.96 (error < 1e-4 for df > 20)."""
     z = 1.959964
-    if df <= 20:
-        return T975[df - 1]
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df * df)
+    return T975[df - 1] if df <= 20 else \
+        z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df * df)
 
 
 def ci95(xs):
@@ -618,8 +617,7 @@ def figures(runs, out, c):
     """Every figure these runs support, as PNGs in `out`; -> their file names."""
     plt, made = pyplot(), []
     todo = [("loss", figure_loss, runs), ("speedup", figure_speedup, runs), ("meta", figure_meta, runs)]
-    todo += [(f"{kind}_{r['name']}", fig, r) for r in runs for kind, fig in (("per", figure_per),
-                                                                              ("entropy", figure_entropy))]
+    todo += [(f"per_{r['name']}", figure_per, r) for r in runs]
     for name, draw, arg in todo:
         fig = draw(plt, arg, c)
         if fig is not None:
@@ -688,10 +686,11 @@ def figure_meta(plt, runs, c):
 
 def figure_per(plt, run, c):
     """PER of weights and gradients per attention matrix (mean over layers, raw probes), the steepest
-    weight-PER drop marked, and the released code's all-attention variant."""
-    if not attn_modules(run):
+    weight-PER drop marked, the released code's all-attention variant; mean attention entropy per layer."""
+    rows = [r for r in run["rows"] if "attn_entropy" in r]
+    if not (attn_modules(run) or rows):
         return None
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, ax = plt.subplots(1, 3, figsize=(16, 3.8))
     for a, kind in zip(ax, ("weight", "grad")):
         for mod in attn_modules(run):
             x, y = mean_per(run, kind, mod)
@@ -700,19 +699,12 @@ def figure_per(plt, run, c):
             if w and w["fall"] >= THRESHOLDS["fall"]:
                 a.axvline(w["step"], color=color, ls="--", lw=0.8, label=f"steepest drop ({mod})")
         a.plot(*series(run, f"ref/per_{kind}_attn"), color="grey", lw=1, label="released code's (all attn)")
-    return titled(fig, [f"PER of {kind}s ({run['name']})" for kind in ("weight", "grad")], ["step"] * 2)
-
-
-def figure_entropy(plt, run, c):
-    """Mean attention entropy per layer over training (nats)."""
-    rows = [r for r in run["rows"] if "attn_entropy" in r]
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    ent = np.array([np.mean(r["attn_entropy"], axis=1) for r in rows])  # (probes, layers)
-    ax.plot([r["step"] for r in rows], ent, label=[f"L{layer}" for layer in range(ent.shape[1])])
-    ax.set(ylabel="nats")
-    return titled(fig, [f"mean head entropy per layer ({run['name']})"], ["step"], 6, ncol=2)
+    if rows:
+        ent = np.array([np.mean(r["attn_entropy"], axis=1) for r in rows])  # (probes, layers)
+        ax[2].plot([r["step"] for r in rows], ent, label=[f"L{layer}" for layer in range(ent.shape[1])])
+    ax[2].set(ylabel="nats")
+    return titled(fig, [f"PER of {k} ({run['name']})" for k in ("weights", "gradients")]
+                  + ["mean head entropy per layer"], ["step"] * 3, 6, ncol=2)
 
 
 def main(argv=None):

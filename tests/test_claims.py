@@ -96,7 +96,7 @@ def test_fewshot_claims_at_the_last_common_eval(tmp_path):
     assert c["verdict_fewshot_mask"] == "holds" and c["verdict_fewshot_prev"] == "does not hold"
     report = open(os.path.join(out, "report.md")).read()
     assert "adapted head at --read: 0.400 vs 0.200" in report
-    for png in ("meta.png", "loss.png", "speedup.png", "per_maml.png", "entropy_maml.png"):
+    for png in ("meta.png", "loss.png", "speedup.png", "per_maml.png"):
         assert os.path.getsize(os.path.join(out, png)) > 10_000
 
 
