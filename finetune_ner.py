@@ -123,18 +123,14 @@ def load_splits(args):
                         f"{', '.join(TRAIN_CONFIGS)}")
     cfgs = list(TRAIN_CONFIGS) if args.train_on == "all" else [args.train_on]
 
-    def read(cfg, split):
+    def read(cfg, split, needed=False):
         p = uner_file(cfg, split, args.data_dir, args.cache_dir)
-        return read_iob2(p) if p else []
+        sents = read_iob2(p) if p else []
+        if needed and not sents:
+            raise UserError(f"{cfg}: no {split} split found{' in ' + args.data_dir if args.data_dir else ''}")
+        return sents
 
-    train, dev = [], []
-    for cfg in cfgs:
-        for split, into in (("train", train), ("dev", dev)):
-            got = read(cfg, split)
-            if not got:
-                raise UserError(f"{cfg}: no {split} split found"
-                                f"{' in ' + args.data_dir if args.data_dir else ''}")
-            into += got
+    train, dev = ([s for cfg in cfgs for s in read(cfg, split, needed=True)] for split in ("train", "dev"))
     # in-language test sets first, then every other available one (zero-shot)
     test = {cfg: sents for cfg in dict.fromkeys(cfgs + list(TRAIN_CONFIGS) + list(TEST_CONFIGS))
             if (sents := read(cfg, "test"))}
@@ -349,9 +345,7 @@ def sweep(args):
         # The whole CSV, rewritten atomically after each cell: a Ctrl-C or a kill mid-write could otherwise
         # leave a half cell that a resumed sweep would count as done, or a half row.
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+        csv.writer(buf).writerows([fields] + [[r.get(k, "") for k in fields] for r in rows])
         write_atomic(path, buf.getvalue())
     # read back: every value a string, as on a resumed sweep
     ner_grid_report(list(csv.DictReader(path.read_text("utf-8").splitlines())), args.out)
@@ -431,25 +425,21 @@ def ner_grid_report(rows, out):
     names = [os.path.basename(os.path.dirname(c)) or "model" for c in ckpts]
     names = [n if names.count(n) == 1 else f"{n}-{names[:i + 1].count(n)}" for i, n in enumerate(names)]
     for ckpt, name, regime in ((c, n, g) for c, n in zip(ckpts, names) for g in ("head", "full")):
-        cells = [r for r in rows if r["ckpt"] == ckpt and r["regime"] == regime]
-        if not cells:
+        f1 = {(r["train_on"], r["eval_on"]): float(r["f1"]) for r in rows
+              if r["ckpt"] == ckpt and r["regime"] == regime}
+        if not f1:
             continue
-        tr = list(dict.fromkeys(r["train_on"] for r in cells))
-        ev = list(dict.fromkeys(r["eval_on"] for r in cells))
-        grid = np.full((len(tr), len(ev)), np.nan)
-        for r in cells:
-            grid[tr.index(r["train_on"]), ev.index(r["eval_on"])] = float(r["f1"])
+        tr, ev = (list(dict.fromkeys(cell[i] for cell in f1)) for i in (0, 1))
+        grid = np.array([[f1.get((t, e), np.nan) for e in ev] for t in tr])  # (fine-tuned on, evaluated on)
         section(f"{ckpt} ({regime})", ["fine-tuned on", *ev],
                 [[t, *("-" if np.isnan(v) else f"{v:.3f}" for v in row)] for t, row in zip(tr, grid)])
         fig, ax = plt.subplots(figsize=(1 + 0.7 * len(ev), 1 + 0.45 * len(tr)))
-        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(0.01, np.nanmax(grid)))
+        fig.colorbar(ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(0.01, np.nanmax(grid))))
         ax.set_xticks(range(len(ev)), ev, rotation=60, ha="right")
         ax.set_yticks(range(len(tr)), tr)
-        for (i, j), v in np.ndenumerate(grid):
-            if not np.isnan(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+        for i, j in zip(*np.nonzero(~np.isnan(grid))):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
         ax.set_title(f"micro-F1: {name} ({regime})")
-        fig.colorbar(im)
         fig.tight_layout()
         fig.savefig(os.path.join(out, f"heatmap_{name}_{regime}.png"), dpi=110)
         plt.close(fig)
@@ -459,11 +449,10 @@ def ner_grid_report(rows, out):
     many = len(pairs) > 1
 
     def relative(title, rels, cols):  # per regime, the mean over the pairs of each column's change they have
-        body = []
-        for g in ("head", "full"):
-            vals = [[r[g, c][2] for r in rels if r[g, c][2] is not None] for c in cols]
-            body.append([g, *("-" if not x else f"{np.mean(x):+.1f}%" for x in vals)])
-        section(title, ["regime", *cols], body)
+        changes = {g: [[r[g, c][2] for r in rels if r[g, c][2] is not None] for c in cols]
+                   for g in ("head", "full")}
+        section(title, ["regime", *cols],
+                [[g, *("-" if not x else f"{np.mean(x):+.1f}%" for x in xs)] for g, xs in changes.items()])
 
     rel = [relative_f1(rows, m, v) for _, m, v in pairs]
     for (seed, m, v), r in zip(pairs, rel):
@@ -518,8 +507,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "results.json")
         write_atomic(path, json.dumps(res, indent=1))
-        print(f"{'eval set':14s} {'P':>7s} {'R':>7s} {'F1':>7s}   "
-              + "  ".join(f"{t:>6s}" for t in ("PER", "ORG", "LOC")) + "   truncated words")
+        print("eval set             P       R      F1      PER     ORG     LOC   truncated words")
         for name, r in res["eval"].items():
             per = "  ".join(f"{r['per_type'].get(t, {}).get('f1', 0):6.3f}" for t in ("PER", "ORG", "LOC"))
             print(f"{name:14s} {r['precision']:7.3f} {r['recall']:7.3f} {r['f1']:7.3f}   {per}   "
