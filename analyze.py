@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -65,20 +66,18 @@ P_LEVEL = 0.05
 
 def load_run(path):
     """-> dict(name, path, config, rows, ratio, vanilla). A clear error for a folder that is not a run."""
-    mfile = os.path.join(path, "metrics.jsonl")
-    if not os.path.exists(mfile):
+    mfile, cfile = Path(path, "metrics.jsonl"), Path(path, "config.json")
+    if not mfile.exists():
         raise UserError(f"{path} has no metrics.jsonl; pass a run folder of maml_gpt.py (its --out_dir)")
     rows = []
-    with open(mfile) as f:
-        for i, line in enumerate(f, 1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UserError(f"{mfile}:{i}: not a JSON line (truncated run?); delete that line and retry")
+    for i, line in enumerate(mfile.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserError(f"{mfile}:{i}: not a JSON line (truncated run?); delete that line and retry")
     if not rows:
         raise UserError(f"{mfile} is empty; let the run log at least one window")
-    cfile = os.path.join(path, "config.json")
-    config = json.load(open(cfile)) if os.path.exists(cfile) else {"args": {}}
+    config = json.loads(cfile.read_text()) if cfile.exists() else {"args": {}}
     ratio = config["args"].get("hybrid_ratio", 0.5 if any("loss_query" in r for r in rows) else 0.0)
     return dict(name=os.path.basename(os.path.normpath(path)), path=path, config=config, rows=rows,
                 ratio=ratio, vanilla=ratio == 0)
@@ -119,10 +118,9 @@ def first_reach(x, y, level):
 
 
 def speedup(xv, yv, xm, ym, n_levels=50):
-    """-> dict(levels, ratios, max, at_final, reached), ratios = x_vanilla(L) / x_maml(L), or None.
-    at_final: where vanilla ends over where MAML first reaches vanilla's final loss (reached=True); if MAML
-    never gets there, where vanilla first reaches MAML's final loss over where MAML ends (reached=False,
-    then < 1: "vanilla reached MAML's final loss in that fraction of the steps")."""
+    """-> dict(levels, ratios = x_vanilla(L) / x_maml(L), max, at_final, reached) or None. at_final: vanilla's
+    end over MAML's first reach of vanilla's final loss (reached); else vanilla's first reach of MAML's final
+    loss over MAML's end (< 1: "vanilla reached MAML's final loss in that fraction of the steps")."""
     if len(yv) < 2 or len(ym) < 2:
         return None
     bv, bm = np.minimum.accumulate(smooth(yv)), np.minimum.accumulate(smooth(ym))
@@ -284,10 +282,9 @@ def metrics(maml, van, ner_rows, th=THRESHOLDS):
         or next((p for p in pairs if str(p[0]) == seed or p[0] is None), None)  # None: a grid without seeds
     c["ner_ckpt_maml"], c["ner_ckpt_vanilla"] = pick[1:] if pick else (None, None)
     rel = relative_f1(ner_rows, *pick[1:]) if pick else {}
-    for regime in ("head", "full"):
-        for g in GROUPS:
-            c[f"ner_f1_{regime}_{g}_maml"], c[f"ner_f1_{regime}_{g}_vanilla"], c[f"ner_rel_{regime}_{g}"] = \
-                rel.get((regime, g), (None, None, None))
+    for regime, g in [(regime, g) for regime in ("head", "full") for g in GROUPS]:
+        c[f"ner_f1_{regime}_{g}_maml"], c[f"ner_f1_{regime}_{g}_vanilla"], c[f"ner_rel_{regime}_{g}"] = \
+            rel.get((regime, g), (None, None, None))
     cells = [v for _, _, v in rel.values() if v is not None]
     c["ner_rel_avg"] = float(np.mean(cells)) if cells else None
     c["ner_toy_only"] = bool(pick) and not any(r["eval_on"] not in ("toy", "toy_heldout") for r in ner_rows)
@@ -410,8 +407,7 @@ def summarize(per):
         elif have and all(isinstance(v, (int, float)) for v in have):
             ratio = k.startswith("speedup_") and all(v > 0 for v in have)
             m, ci = ci95(np.log(have) if ratio else have)
-            out[k], out[f"{k}_ci95"] = (math.exp(m), ci and [math.exp(ci[0]), math.exp(ci[1])]) if ratio \
-                else (m, ci)
+            out[k], out[f"{k}_ci95"] = (math.exp(m), ci and [math.exp(v) for v in ci]) if ratio else (m, ci)
         else:  # text, or nothing measured
             out[k] = have[0] if have and all(v == have[0] for v in have) else None
     return out
@@ -453,13 +449,11 @@ def split_arms(paths, vanilla):
     runs, vans = [load_run(p) for p in paths], [load_run(p) for p in vanilla or []]
     if vanilla is None:
         runs, vans = [r for r in runs if not r["vanilla"]], [r for r in runs if r["vanilla"]]
-    for r in runs:
-        if r["vanilla"]:
-            raise UserError(f"{r['path']} is a vanilla run (--hybrid_ratio 0); list it after --vanilla")
-    for r in vans:
-        if not r["vanilla"]:
-            raise UserError(f"{r['path']} (after --vanilla) has --hybrid_ratio {r['ratio']}; list MAML runs "
-                            "before --vanilla and their --hybrid_ratio 0 twins after it")
+    for r in [r for r in runs if r["vanilla"]] + [r for r in vans if not r["vanilla"]]:
+        raise UserError(f"{r['path']} is a vanilla run (--hybrid_ratio 0); list it after --vanilla"
+                        if r["vanilla"] else f"{r['path']} (after --vanilla) has --hybrid_ratio "
+                        f"{r['ratio']}; list MAML runs before --vanilla and their --hybrid_ratio 0 twins "
+                        "after it")
     if len(runs) > 1 or len(vans) > 1:
         if not (runs and vans):
             raise UserError(f"{len(runs or vans)} {'MAML' if runs else 'vanilla'} runs and no "
@@ -492,13 +486,12 @@ def load_grids(dirs):
     grid.csv, or for grids fine-tuned with different settings (grid.json): their F1s do not compare."""
     rows, settings = [], {}
     for d in dirs:
-        if not os.path.exists(os.path.join(d, "grid.csv")):
+        if not Path(d, "grid.csv").exists():
             raise UserError(f"{d} has no grid.csv; pass the --out folder of "
                             "`finetune_ner.py --sweep --ckpt MAML/ckpt.pt VANILLA/ckpt.pt`")
-        with open(os.path.join(d, "grid.csv")) as f:
-            rows += list(csv.DictReader(f))
-        if os.path.exists(os.path.join(d, "grid.json")):
-            settings[d] = json.load(open(os.path.join(d, "grid.json")))
+        rows += list(csv.DictReader(Path(d, "grid.csv").read_text().splitlines()))
+        if Path(d, "grid.json").exists():
+            settings[d] = json.loads(Path(d, "grid.json").read_text())
     same(settings, "the NER grids were fine-tuned with different settings: they",
          "give grids made with the same `finetune_ner.py --sweep` flags")
     return rows
@@ -534,8 +527,7 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
     c.update(n_pairs=len(pairs) if pairs[0][1] and pairs[0][2] else 0, seeds=seeds, left_out=notes,
              ner_grids=grids, speedup_words=speedup_words(c), thresholds=THRESHOLDS, threshold_ranges=RANGES)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "claims.json"), "w") as f:
-        json.dump(c, f, indent=1)
+    Path(out, "claims.json").write_text(json.dumps(c, indent=1))
     runs = mamls + vans
     made = figures(runs, out, c) if draw else []
     what = (f"{len(pairs)} pairs by seed ({', '.join(map(str, seeds))})" if len(pairs) > 1 else
@@ -557,9 +549,8 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
     runs_md = table("run | seed | rho | steps | AR loss (last window) | eval ppl | query acc post (last)", [
         (r["name"], seed_of(r), r["ratio"], r["rows"][-1]["step"], fmt(last(r, "loss_ar")),
          fmt(last(r, "eval_ppl"), 1), fmt(last(r, "acc_query_post"))) for r in runs])
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(["# maml-gpt analysis", ""] + md + ["", "## Runs", ""] + runs_md
-                          + ["", "## Figures", ""] + [f"![{m}]({m})" for m in made]) + "\n")
+    report = ["# maml-gpt analysis", ""] + md + ["", "## Runs", ""] + runs_md + ["", "## Figures", ""]
+    Path(out, "report.md").write_text("\n".join(report + [f"![{m}]({m})" for m in made]) + "\n")
     print("\n".join(md + [""] + runs_md))
     print(f"speed-up per step: {speedup_words(c)}")
     print(f"report: {os.path.join(out, 'report.md')} ({len(made)} figures), claims.json beside it")
@@ -599,9 +590,7 @@ def band(ax, runs, key, label, x="step", k=1, color=None, ls="-"):
 
 
 def arms(runs):
-    groups = {}
-    for r in runs:
-        groups.setdefault(r["ratio"], []).append(r)
+    groups = {rho: [r for r in runs if r["ratio"] == rho] for rho in dict.fromkeys(r["ratio"] for r in runs)}
     return [(g[0]["name"] if len(g) == 1 else f"rho={rho}, {len(g)} seeds", g) for rho, g in groups.items()]
 
 
