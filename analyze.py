@@ -299,8 +299,7 @@ def metrics(maml, van, ner_rows, th=THRESHOLDS):
                                    None) if run and common else None
     for d, k in (("fewshot_mask_diff", "eval_proto_acc_mask"), ("fewshot_prev_diff", "eval_proto_acc_prev"),
                  ("eval_fewshot_acc_diff", "eval_fewshot_acc")):
-        a, b = c[f"{k}_maml"], c[f"{k}_vanilla"]
-        c[d] = a - b if a is not None and b is not None else None
+        c[d] = None if None in (c[f"{k}_maml"], c[f"{k}_vanilla"]) else c[f"{k}_maml"] - c[f"{k}_vanilla"]
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in c.items()}
 
 
@@ -443,9 +442,8 @@ def shows(c, cid):
 
 
 def split_arms(paths, vanilla):
-    """-> (MAML runs, vanilla runs); without --vanilla the hybrid ratio sorts them (0: vanilla). A UserError
-    for a run in the wrong arm, an arm of several runs without the other, or the runs of an arm that differ
-    in a training flag (not seed, folders, logging)."""
+    """-> (MAML runs, vanilla runs), sorted by hybrid ratio (0: vanilla) without --vanilla. A UserError for a
+    run in the wrong arm, one arm of several runs alone, or an arm's runs that differ in a training flag."""
     runs, vans = [load_run(p) for p in paths], [load_run(p) for p in vanilla or []]
     if vanilla is None:
         runs, vans = [r for r in runs if not r["vanilla"]], [r for r in runs if r["vanilla"]]
@@ -489,7 +487,8 @@ def load_grids(dirs):
         if not Path(d, "grid.csv").exists():
             raise UserError(f"{d} has no grid.csv; pass the --out folder of "
                             "`finetune_ner.py --sweep --ckpt MAML/ckpt.pt VANILLA/ckpt.pt`")
-        rows += list(csv.DictReader(Path(d, "grid.csv").read_text().splitlines()))
+        with open(Path(d, "grid.csv")) as f:
+            rows += list(csv.DictReader(f))
         if Path(d, "grid.json").exists():
             settings[d] = json.loads(Path(d, "grid.json").read_text())
     same(settings, "the NER grids were fine-tuned with different settings: they",
@@ -502,10 +501,8 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
     mamls, vans = split_arms(paths, vanilla)
     grids = [ner] if isinstance(ner, str) else list(ner or [])
     ner_rows = load_grids(grids) or None
-    if mamls and vans:
-        pairs, notes = pair_by_seed(mamls, vans, seed_of, lambda r: r["path"])
-    else:
-        pairs, notes = [(seed_of((mamls or vans)[0]), (mamls or [None])[0], (vans or [None])[0])], []
+    pairs, notes = pair_by_seed(mamls, vans, seed_of, lambda r: r["path"]) if mamls and vans else \
+        ([(seed_of((mamls or vans)[0]), (mamls or [None])[0], (vans or [None])[0])], [])
     for n in notes:
         print(f"note: {n}")
     per = [metrics(m, v, ner_rows) for _, m, v in pairs]
@@ -521,8 +518,7 @@ def analyze(paths, out, ner=None, vanilla=None, draw=True):
         c[f"verdict_{claim['id']}"] = kind
         c[f"{claim['key']}_p"], c[f"{claim['key']}_p_opposite"] = test["p"], test["p_opposite"]
         rows.append((claim, f"**{kind}**: {why}"))
-    for k, p in zip(keys, holm([c[f"{k}_p"] for k in keys])):
-        c[f"{k}_p_holm"] = p
+    c.update({f"{k}_p_holm": p for k, p in zip(keys, holm([c[f"{k}_p"] for k in keys]))})
     seeds = [s for s, _, _ in pairs]
     c.update(n_pairs=len(pairs) if pairs[0][1] and pairs[0][2] else 0, seeds=seeds, left_out=notes,
              ner_grids=grids, speedup_words=speedup_words(c), thresholds=THRESHOLDS, threshold_ranges=RANGES)
@@ -595,10 +591,11 @@ def arms(runs):
 
 
 def titled(fig, titles, xlabels, fontsize=7, ncol=1):
-    """Every figure's finish: a title, an x label and a legend per axis; -> fig."""
+    """Every figure's finish: a title, an x label and a legend per axis, a tight layout; -> fig."""
     for a, t, xl in zip(fig.axes, titles, xlabels):
         a.set(title=t, xlabel=xl)
         a.legend(fontsize=fontsize, ncol=ncol) if a.get_legend_handles_labels()[0] else None
+    fig.tight_layout()
     return fig
 
 
@@ -610,7 +607,6 @@ def figures(runs, out, c):
     for name, draw, arg in todo:
         fig = draw(plt, arg, c)
         if fig is not None:
-            fig.tight_layout()
             fig.savefig(os.path.join(out, f"{name}.png"), dpi=110)
             plt.close(fig)
             made.append(f"{name}.png")
