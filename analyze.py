@@ -384,10 +384,9 @@ def ruler(claim, pairs, base):
             per = [shape_metrics({}, m, van, {**THRESHOLDS, name: v}) for _, m, van in pairs]
             seen.append((f"{name} = {v}", verdict(claim, per)[0]))
     flips = [f"{at}: {v}" for at, v in seen if v != base]
-    stand = ", ".join(f"{k} {RANGES[k][0]}-{RANGES[k][1]}" for k in claim["ruler"])
     if flips:
         return f"inconclusive (n = {len(pairs)})", f"{base} at the defaults, but {'; '.join(flips)}"
-    return base, f"stands for {stand}"
+    return base, "stands for " + ", ".join(f"{k} {RANGES[k][0]}-{RANGES[k][1]}" for k in claim["ruler"])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -447,7 +446,7 @@ def split_arms(paths, vanilla):
     runs, vans = [load_run(p) for p in paths], [load_run(p) for p in vanilla or []]
     if vanilla is None:
         runs, vans = [r for r in runs if not r["vanilla"]], [r for r in runs if r["vanilla"]]
-    for r in [r for r in runs if r["vanilla"]] + [r for r in vans if not r["vanilla"]]:
+    for r in [r for r in runs if r["vanilla"]] + [r for r in vans if not r["vanilla"]]:  # the first misplaced
         raise UserError(f"{r['path']} is a vanilla run (--hybrid_ratio 0); list it after --vanilla"
                         if r["vanilla"] else f"{r['path']} (after --vanilla) has --hybrid_ratio "
                         f"{r['ratio']}; list MAML runs before --vanilla and their --hybrid_ratio 0 twins "
