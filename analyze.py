@@ -131,10 +131,8 @@ def speedup(xv, yv, xm, ym, n_levels=50):
     reached = bool(bm[-1] <= bv[-1])
     hit = first_reach(xm, ym, bv[-1]) if reached else first_reach(xv, yv, bm[-1])
     at_final = float(xv[-1] / hit if reached else hit / xm[-1]) if hit else None
-    if not np.isfinite(ratios).any():
-        return None
     return dict(levels=levels, ratios=ratios, max=float(np.nanmax(ratios)), at_final=at_final,
-                reached=reached)
+                reached=reached) if np.isfinite(ratios).any() else None
 
 
 # (key in claims.json, x axis, MAML's metric, label); vanilla's is always loss_ar (its mixed loss is its AR
@@ -415,8 +413,7 @@ def shows(c, cid):
     """The 'these runs' cell of one claim."""
     f = (lambda k, nd=3: "-" if c.get(k) is None else f"{c[k]:.{nd}f}")
     if cid == "speedup":
-        return "; ".join(f"{lab}: {speedup_words(c, n)}" for n, _, _, lab in SPEEDUPS
-                         if c.get(f"speedup_{n}"))
+        return "; ".join(f"{lab}: {speedup_words(c, n)}" for n, *_, lab in SPEEDUPS if c.get(f"speedup_{n}"))
     if cid == "ner":
         cells = [f"{r} {g} {c[f'ner_rel_{r}_{g}']:+.1f} %" for r in ("head", "full") for g in GROUPS
                  if c.get(f"ner_rel_{r}_{g}") is not None]
