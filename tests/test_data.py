@@ -193,7 +193,8 @@ def test_killed_preparation_resumes_where_it_stopped_byte_identical(tmp_path, mo
     progress = json.load(open(os.path.join(out, "progress.json")))
     assert progress["docs"] == 112 and not os.path.exists(os.path.join(out, "val.bin"))
     # the 8th shard's tokens were appended, uncommitted: the rerun must cut them off
-    assert os.path.getsize(os.path.join(out, "train.partial")) > 4 * prepare.HEADER_INTS + 2 * progress["train"]
+    partial = os.path.getsize(os.path.join(out, "train.partial"))
+    assert partial > 4 * prepare.HEADER_INTS + 2 * progress["train"]
     firsts = []
     encode = prepare.encode_shard
     monkeypatch.setattr(prepare, "encode_shard",
