@@ -289,9 +289,9 @@ def hub_dataset(spec, split="train"):
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"cannot stream hub dataset {spec!r} ({str(e).strip().splitlines()[0]}). Offline, "
-                        f"use --data toy (the built-in toy world) or --data PATH (a local download: "
-                        f"{', '.join(READERS)} files)")
+        why = (str(e).strip() or repr(e)).splitlines()[0]
+        raise UserError(f"cannot stream hub dataset {spec!r} ({why}). Offline, use --data toy (the built-in toy "
+                        f"world) or --data PATH (a local download: {', '.join(READERS)} files)")
 
 
 def texts(ds, field, data):
