@@ -290,8 +290,8 @@ def hub_dataset(spec, split="train"):
         raise
     except Exception as e:
         why = (str(e).strip() or repr(e)).splitlines()[0]
-        raise UserError(f"cannot stream hub dataset {spec!r} ({why}). Offline, use --data toy (the built-in toy "
-                        f"world) or --data PATH (a local download: {', '.join(READERS)} files)")
+        raise UserError(f"cannot stream hub dataset {spec!r} ({why}). Offline, use --data toy (the built-in "
+                        f"toy world) or --data PATH (a local download: {', '.join(READERS)} files)")
 
 
 def texts(ds, field, data):
