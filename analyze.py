@@ -12,6 +12,7 @@ number that decides it, against the claim's rule (one pair) or by the exact sign
 """
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -280,7 +281,7 @@ def metrics(maml, van, ner_rows, th=THRESHOLDS):
         or next((p for p in pairs if str(p[0]) == seed or p[0] is None), None)  # None: a grid without seeds
     c["ner_ckpt_maml"], c["ner_ckpt_vanilla"] = pick[1:] if pick else (None, None)
     rel = relative_f1(ner_rows, *pick[1:]) if pick else {}
-    for regime, g in [(regime, g) for regime in ("head", "full") for g in GROUPS]:
+    for regime, g in itertools.product(("head", "full"), GROUPS):
         c[f"ner_f1_{regime}_{g}_maml"], c[f"ner_f1_{regime}_{g}_vanilla"], c[f"ner_rel_{regime}_{g}"] = \
             rel.get((regime, g), (None, None, None))
     cells = [v for _, _, v in rel.values() if v is not None]
@@ -443,11 +444,11 @@ def split_arms(paths, vanilla):
     runs, vans = [load_run(p) for p in paths], [load_run(p) for p in vanilla or []]
     if vanilla is None:
         runs, vans = [r for r in runs if not r["vanilla"]], [r for r in runs if r["vanilla"]]
-    for r in [r for r in runs if r["vanilla"]] + [r for r in vans if not r["vanilla"]]:  # the first misplaced
-        raise UserError(f"{r['path']} is a vanilla run (--hybrid_ratio 0); list it after --vanilla"
-                        if r["vanilla"] else f"{r['path']} (after --vanilla) has --hybrid_ratio "
-                        f"{r['ratio']}; list MAML runs before --vanilla and their --hybrid_ratio 0 twins "
-                        "after it")
+    for r in (r for r in runs if r["vanilla"]):
+        raise UserError(f"{r['path']} is a vanilla run (--hybrid_ratio 0); list it after --vanilla")
+    for r in (r for r in vans if not r["vanilla"]):
+        raise UserError(f"{r['path']} (after --vanilla) has --hybrid_ratio {r['ratio']}; list MAML runs "
+                        "before --vanilla and their --hybrid_ratio 0 twins after it")
     if len(runs) > 1 or len(vans) > 1:
         if not (runs and vans):
             raise UserError(f"{len(runs or vans)} {'MAML' if runs else 'vanilla'} runs and no "
@@ -590,7 +591,8 @@ def titled(fig, titles, xlabels, fontsize=7, ncol=1):
     """Every figure's finish: a title, an x label and a legend per axis, a tight layout; -> fig."""
     for a, t, xl in zip(fig.axes, titles, xlabels):
         a.set(title=t, xlabel=xl)
-        a.legend(fontsize=fontsize, ncol=ncol) if a.get_legend_handles_labels()[0] else None
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=fontsize, ncol=ncol)
     fig.tight_layout()
     return fig
 

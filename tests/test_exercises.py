@@ -493,7 +493,7 @@ def test_marker_tests_fail_on_blanks_and_plants_and_pass_on_the_original(tmp_pat
 
 
 # Lessons blanked together for the blank check: no lesson's tests call another lesson of its group (a test
-# that did would be skipped as needing the other, and the check would report it), so one pytest session per
+# that did would be skipped as needing the other, and the check would report it), so one pytest run per
 # group serves every lesson in it.
 BLANK_TOGETHER = [("rms_norm", "apply_rope", "sample_episode", "episode_init", "effective_rank", "entity_f1"),
                   ("attention", "inner_loop"), ("attention_entropy", "meta_micro_step", "lm_loss")]
@@ -582,7 +582,7 @@ def grade_all(root, out, names=()):
             results.append((name, f"plant: {desc}", *run("-m", name, "--maxfail=1", *files_of[name])))
         with open(path, "w") as f:
             f.write(original)
-    # the restored originals: every marker's tests pass, graded as `grade` runs them (one session for all)
+    # the restored originals: every marker's tests pass, graded as `grade` runs them (one pytest run for all)
     files = sorted({f for n in present for f in files_of[n]})
     results.append(("every lesson", "restored", *run("-m", " or ".join(present), *files)))
     if not names or "rms_norm" in names:
